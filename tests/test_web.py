@@ -1,0 +1,263 @@
+"""The web: log browser, status and change API/pages against a real ZooKeeper,
+and the real uvicorn server on a loopback port."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from nodepool_lite.zk import ZooKeeper
+from nodepool_lite.zkserver import free_port
+from zuul_lite.web.app import create_app
+from zuul_lite.web.server import WebServer
+
+BUILD = "3/1/check/kernel-build/5f0c"
+
+
+@pytest.fixture
+def log_root(tmp_path: Path) -> Path:
+    """A build's log directory as the launcher leaves it, plus a secret outside the root."""
+    (tmp_path / "secret.txt").write_text("top secret\n")
+    root = tmp_path / "logs"
+    build = root / BUILD
+    (build / "_ansible").mkdir(parents=True)
+    (build / "artifacts").mkdir()
+    (build / "console").mkdir()
+    (build / "job-output.txt").write_text("2026-11-26 01:00:00 | make -j2\n<b>not html</b>\n")
+    (build / "job-output.json").write_text(json.dumps([{"play": "run"}]))
+    (build / "_ansible" / "inventory.yaml").write_text("all:\n  hosts: {node: {}}\n")
+    (build / "_ansible" / "ansible.cfg").write_text("[defaults]\nforks = 1\n")
+    (build / "artifacts" / ".config").write_text("CONFIG_64BIT=y\n")
+    (build / "artifacts" / "bzImage").write_bytes(b"MZ\x00\x01\x02" * 1000)
+    (build / "console" / "serial").write_text("Linux version 6.12\nzuul-boot-ok\n")
+    (build / "outside").symlink_to(tmp_path / "secret.txt")
+    return root
+
+
+@pytest.fixture
+def client(zk: ZooKeeper, log_root: Path) -> TestClient:
+    return TestClient(create_app(zk, log_root))
+
+
+def queue_item(uuid: str, change: int, enqueue_time: float, **build: object) -> dict:
+    """A queue item in the shape of doc/architecture.md, with one kernel-build build."""
+    return {
+        "uuid": uuid, "pipeline": "check", "project": "linux", "branch": "master",
+        "change": change, "patchset": 1, "subject": f"Fix {change}", "owner": "dev",
+        "enqueue_time": enqueue_time, "event_id": "e1", "state": "running",
+        "git_ref": f"refs/zuul/check/{change}/1/{uuid}", "base_sha": "abc", "merge_error": None,
+        "builds": {"kernel-build": {
+            "uuid": "b-" + uuid, "job": "kernel-build", "node_type": "kernel-debian",
+            "state": "running", "result": None, "log_url": None, "start_time": 100.0,
+            "end_time": None, "elapsed": None, "summary": "", **build}},
+    }  # fmt: skip
+
+
+LOCAL_CHANGE = {
+    "number": 7, "project": "linux", "branch": "master",
+    "subject": "mm: fix <leak>", "owner": "dev", "status": "NEW",
+    "patchsets": [
+        {"number": 1, "ref": "refs/changes/07/7/1", "revision": "aaa", "created": 1764100000.0},
+        {"number": 2, "ref": "refs/changes/07/7/2", "revision": "bbb", "created": 1764100100.0},
+    ],
+    "votes": [
+        {"patchset": 1, "pipeline": "check", "value": -1, "time": 1764100050.0,
+         "message": "Build failed.\n\n- kernel-build http://x/logs/7/1/ : FAILURE"},
+        {"patchset": 2, "pipeline": "check", "value": 1, "time": 1764100200.0,
+         "message": "Build succeeded.\n\n- kernel-build http://x/logs/7/2/ : SUCCESS"},
+    ],
+    "comments": [{"author": "dev", "patchset": 2, "message": "recheck", "time": 1764100150.0}],
+}  # fmt: skip
+
+
+# -- log browser --------------------------------------------------------------
+
+
+def test_directory_listing_links_every_entry(client: TestClient) -> None:
+    response = client.get(f"/logs/{BUILD}/")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    for href in ('"_ansible/"', '"artifacts/"', '"console/"', '"job-output.txt"', '"../"'):
+        assert f"href={href}" in response.text
+    assert "Modified (UTC)" in response.text
+    ansible = client.get(f"/logs/{BUILD}/_ansible/")
+    assert 'href="inventory.yaml"' in ansible.text and 'href="ansible.cfg"' in ansible.text
+    top = client.get("/logs/")
+    assert 'href="3/"' in top.text and 'href="../"' not in top.text
+
+
+def test_directory_without_slash_redirects(client: TestClient) -> None:
+    response = client.get(f"/logs/{BUILD}", follow_redirects=False)
+    assert response.status_code in (301, 302, 307, 308)
+    assert response.headers["location"] == f"/logs/{BUILD}/"
+    assert client.get("/logs", follow_redirects=False).headers["location"] == "/logs/"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["job-output.txt", "job-output.json", "_ansible/inventory.yaml", "_ansible/ansible.cfg",
+     "artifacts/.config", "console/serial"],
+)  # fmt: skip
+def test_text_files_open_in_browser(client: TestClient, log_root: Path, name: str) -> None:
+    response = client.get(f"/logs/{BUILD}/{name}")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/plain; charset=utf-8"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.content == (log_root / BUILD / name).read_bytes()
+
+
+def test_binary_files_download(client: TestClient) -> None:
+    response = client.get(f"/logs/{BUILD}/artifacts/bzImage")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/octet-stream"
+    assert response.content.startswith(b"MZ\x00")
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/logs/%2e%2e/secret.txt", "/logs/..%2fsecret.txt", "/logs/3/%2e%2e/%2e%2e/secret.txt",
+     "/logs//secret.txt", f"/logs/{BUILD}/outside"],
+)  # fmt: skip
+def test_no_path_traversal(client: TestClient, path: str) -> None:
+    response = client.get(path)
+    assert response.status_code == 404
+    assert "top secret" not in response.text
+
+
+def test_absolute_path_stays_inside(client: TestClient, tmp_path: Path) -> None:
+    response = client.get(f"/logs/{tmp_path}/secret.txt")
+    assert response.status_code == 404
+
+
+def test_missing_log_is_one_sentence(client: TestClient) -> None:
+    response = client.get("/logs/9/9/check/nope/")
+    assert response.status_code == 404
+    assert response.text == "There is no log file or directory at /logs/9/9/check/nope/."
+
+
+# -- status -------------------------------------------------------------------
+
+
+def test_status_without_pipelines(client: TestClient) -> None:
+    response = client.get("/api/status")
+    assert response.status_code == 200
+    assert response.json()["pipelines"] == []
+
+
+def test_status_lists_items_oldest_first(client: TestClient, zk: ZooKeeper) -> None:
+    zk.create("/zuul/pipelines/gate/items/g1", queue_item("g1", 5, 300.0))
+    zk.create("/zuul/pipelines/check/items/c2", queue_item("c2", 4, 200.0))
+    zk.create(
+        "/zuul/pipelines/check/items/c1",
+        queue_item("c1", 3, 100.0, state="completed", result="SUCCESS",
+                   log_url="http://127.0.0.1:9000/logs/3/1/check/kernel-build/b-c1/",
+                   end_time=160.0, elapsed=60.0),
+    )  # fmt: skip
+    status = client.get("/api/status").json()
+    assert status["now"] > 0
+    assert [p["name"] for p in status["pipelines"]] == ["check", "gate"]
+    check = status["pipelines"][0]["items"]
+    assert [item["uuid"] for item in check] == ["c1", "c2"]
+    build = check[0]["builds"]["kernel-build"]
+    assert (build["state"], build["result"], build["elapsed"]) == ("completed", "SUCCESS", 60.0)
+    assert build["log_url"].endswith("/logs/3/1/check/kernel-build/b-c1/")
+    assert check[1]["builds"]["kernel-build"]["state"] == "running"
+
+
+def test_status_page_and_script(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200
+    assert '<script src="/static/status.js">' in page.text
+    assert 'data-local-changes="true"' in page.text
+    script = client.get("/static/status.js")
+    assert script.status_code == 200
+    assert "/api/status" in script.text and "textContent" in script.text
+
+
+def test_health(client: TestClient, zk_hosts: str, log_root: Path) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    other = ZooKeeper(zk_hosts)
+    other.connect()
+    other.disconnect()
+    response = TestClient(create_app(other, log_root)).get("/health")
+    assert response.status_code == 503
+
+
+def test_unknown_page_is_one_sentence(client: TestClient) -> None:
+    response = client.get("/nowhere")
+    assert response.status_code == 404
+    assert response.text == "Nothing is served at /nowhere."
+
+
+# -- local changes ------------------------------------------------------------
+
+
+def test_changes_api(client: TestClient, zk: ZooKeeper) -> None:
+    assert client.get("/api/changes").json() == []
+    zk.create("/zuul/local/changes/7", LOCAL_CHANGE)
+    zk.create("/zuul/local/changes/8", {**LOCAL_CHANGE, "number": 8, "votes": []})
+    changes = client.get("/api/changes").json()
+    assert [c["number"] for c in changes] == [8, 7]
+    assert changes[1]["patchset"] == 2 and changes[1]["votes"] == {"check": 1}
+    assert client.get("/api/change/7").json() == LOCAL_CHANGE
+    missing = client.get("/api/change/99")
+    assert missing.status_code == 404
+    assert missing.json() == {"detail": "There is no change 99 in the local inbox."}
+
+
+def test_change_page_shows_votes_preformatted(client: TestClient, zk: ZooKeeper) -> None:
+    zk.create("/zuul/local/changes/7", LOCAL_CHANGE)
+    page = client.get("/change/7")
+    assert page.status_code == 200
+    assert "mm: fix &lt;leak&gt;" in page.text
+    assert "<pre>Build failed.\n\n- kernel-build http://x/logs/7/1/ : FAILURE</pre>" in page.text
+    assert "+1" in page.text and "-1" in page.text and "recheck" in page.text
+    assert "2025-11-25 19:47:30 UTC" in page.text
+    listing = client.get("/changes")
+    assert 'href="/change/7"' in listing.text
+    assert client.get("/change/99").text == "There is no change 99 in the local inbox."
+
+
+def test_local_changes_off(zk: ZooKeeper, log_root: Path) -> None:
+    client = TestClient(create_app(zk, log_root, local_changes=False))
+    assert client.get("/api/changes").status_code == 404
+    assert client.get("/change/7").status_code == 404
+    assert 'data-local-changes="false"' in client.get("/").text
+
+
+# -- the real server ----------------------------------------------------------
+
+
+def test_real_server_serves_logs(zk: ZooKeeper, log_root: Path) -> None:
+    server = WebServer(create_app(zk, log_root), port=0)
+    server.start()
+    try:
+        assert server.port != 0
+        response = httpx.get(f"{server.url}/logs/{BUILD}/job-output.txt")
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "text/plain; charset=utf-8"
+        assert "make -j2" in response.text
+        # http.client sends the path as written: no client-side `..` clean-up.
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=5)
+        conn.request("GET", "/logs/../secret.txt")
+        assert conn.getresponse().status == 404
+        conn.close()
+    finally:
+        server.stop()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.url}/health")
+
+
+def test_real_server_port_in_use(zk: ZooKeeper, log_root: Path) -> None:
+    first = WebServer(create_app(zk, log_root), port=free_port())
+    first.start()
+    try:
+        with pytest.raises(OSError, match="Cannot listen on 127.0.0.1"):
+            WebServer(create_app(zk, log_root), port=first.port).start()
+    finally:
+        first.stop()

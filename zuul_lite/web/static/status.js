@@ -1,0 +1,90 @@
+// Live status: fetch /api/status every few seconds and redraw the queues.
+// Everything from the API goes in through textContent: subjects and job names
+// come from patch authors and must never be parsed as HTML.
+"use strict";
+
+const REFRESH_MS = 5000;
+const root = document.getElementById("pipelines");
+const localChanges = root.dataset.localChanges === "true";
+
+function el(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = text;
+  if (className) node.className = className;
+  return node;
+}
+
+function link(href, text) {
+  const a = el("a", text);
+  a.href = href;
+  return a;
+}
+
+function duration(seconds) {
+  if (seconds === null || seconds === undefined) return "";
+  const s = Math.max(0, Math.round(seconds));
+  const m = Math.floor(s / 60);
+  return m ? `${m}m ${String(s % 60).padStart(2, "0")}s` : `${s}s`;
+}
+
+function elapsed(build, now) {
+  if (build.elapsed !== null && build.elapsed !== undefined) return build.elapsed;
+  if (!build.start_time) return null;
+  return (build.end_time || now) - build.start_time;
+}
+
+function renderBuild(build, now) {
+  const row = el("tr");
+  row.appendChild(el("td", build.job));
+  row.appendChild(el("td", build.state, build.state));
+  row.appendChild(el("td", build.result || "", build.result || ""));
+  row.appendChild(el("td", duration(elapsed(build, now)), "num"));
+  const logs = el("td");
+  if (build.log_url) logs.appendChild(link(build.log_url, "logs"));
+  row.appendChild(logs);
+  return row;
+}
+
+function renderItem(item, now) {
+  const box = el("div", null, "item");
+  const title = el("div");
+  const label = `${item.change},${item.patchset}`;
+  title.appendChild(localChanges ? link(`/change/${item.change}`, label) : el("b", label));
+  title.appendChild(document.createTextNode(` ${item.subject || ""}`));
+  box.appendChild(title);
+  const meta = `${item.project} ${item.branch} · ${item.owner || ""} · ${item.state}` +
+    ` · queued ${duration(now - item.enqueue_time)} ago`;
+  box.appendChild(el("div", meta, "meta"));
+  if (item.merge_error) box.appendChild(el("pre", item.merge_error));
+  const table = el("table");
+  for (const build of Object.values(item.builds || {})) table.appendChild(renderBuild(build, now));
+  box.appendChild(table);
+  return box;
+}
+
+function render(status) {
+  root.replaceChildren();
+  if (!status.pipelines.length) root.appendChild(el("p", "No pipelines have run yet.", "muted"));
+  for (const pipeline of status.pipelines) {
+    const section = el("section", null, "pipeline");
+    section.appendChild(el("h2", `${pipeline.name} (${pipeline.items.length})`));
+    if (!pipeline.items.length) section.appendChild(el("p", "Queue is empty.", "muted"));
+    for (const item of pipeline.items) section.appendChild(renderItem(item, status.now));
+    root.appendChild(section);
+  }
+}
+
+async function refresh() {
+  const updated = document.getElementById("updated");
+  try {
+    const response = await fetch("/api/status", {cache: "no-store"});
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    render(await response.json());
+    updated.textContent = `Updated ${new Date().toLocaleTimeString()}`;
+  } catch (err) {
+    updated.textContent = `Could not load /api/status (${err.message}); retrying.`;
+  }
+  setTimeout(refresh, REFRESH_MS);
+}
+
+refresh();
