@@ -35,3 +35,7 @@ class ConfigError(NodepoolError):
 
 class LaunchError(NodepoolError):
     """A node could not be booted."""
+
+
+class InvalidStateError(NodepoolError):
+    """A model object was asked to make a state transition it does not allow."""
