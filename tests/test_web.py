@@ -15,6 +15,7 @@ from nodepool_lite.zk import ZooKeeper
 from nodepool_lite.zkserver import free_port
 from zuul_lite.web.app import create_app
 from zuul_lite.web.server import WebServer
+from zuul_lite.web.templating import linkify
 
 BUILD = "3/1/check/kernel-build/5f0c"
 
@@ -85,6 +86,7 @@ def test_directory_listing_links_every_entry(client: TestClient) -> None:
     for href in ('"_ansible/"', '"artifacts/"', '"console/"', '"job-output.txt"', '"../"'):
         assert f"href={href}" in response.text
     assert "Modified (UTC)" in response.text
+    assert "outside" not in response.text  # a symlink out of the root is not listed
     ansible = client.get(f"/logs/{BUILD}/_ansible/")
     assert 'href="inventory.yaml"' in ansible.text and 'href="ansible.cfg"' in ansible.text
     top = client.get("/logs/")
@@ -109,6 +111,9 @@ def test_text_files_open_in_browser(client: TestClient, log_root: Path, name: st
     assert response.headers["content-type"] == "text/plain; charset=utf-8"
     assert response.headers["x-content-type-options"] == "nosniff"
     assert response.content == (log_root / BUILD / name).read_bytes()
+    head = client.head(f"/logs/{BUILD}/{name}")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(len(response.content))
 
 
 def test_binary_files_download(client: TestClient) -> None:
@@ -215,7 +220,10 @@ def test_change_page_shows_votes_preformatted(client: TestClient, zk: ZooKeeper)
     page = client.get("/change/7")
     assert page.status_code == 200
     assert "mm: fix &lt;leak&gt;" in page.text
-    assert "<pre>Build failed.\n\n- kernel-build http://x/logs/7/1/ : FAILURE</pre>" in page.text
+    assert (
+        '<pre>Build failed.\n\n- kernel-build <a href="http://x/logs/7/1/">http://x/logs/7/1/</a>'
+        " : FAILURE</pre>" in page.text
+    )
     assert "+1" in page.text and "-1" in page.text and "recheck" in page.text
     assert "2025-11-25 19:47:30 UTC" in page.text
     listing = client.get("/changes")
@@ -228,6 +236,14 @@ def test_local_changes_off(zk: ZooKeeper, log_root: Path) -> None:
     assert client.get("/api/changes").status_code == 404
     assert client.get("/change/7").status_code == 404
     assert 'data-local-changes="false"' in client.get("/").text
+
+
+def test_linkify_escapes_text_and_links_urls() -> None:
+    html = linkify('<img> see https://h/logs/1/?a=1&b="2" (http://h/x).')
+    assert html == (
+        '&lt;img&gt; see <a href="https://h/logs/1/?a=1&amp;b=">https://h/logs/1/?a=1&amp;b=</a>'
+        '&#34;2&#34; (<a href="http://h/x">http://h/x</a>).'
+    )
 
 
 # -- the real server ----------------------------------------------------------

@@ -7,7 +7,6 @@ it (a thread in the scheduler, or `zuul-lite web` on its own) is `server.py`'s j
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +19,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nodepool_lite.exceptions import ZKError
 from nodepool_lite.zk import ZooKeeper
 from zuul_lite.web import logs, status
+from zuul_lite.web.templating import make_templates
 
 log = logging.getLogger("zuul_lite.web")
 
 HERE = Path(__file__).parent
-
-
-def _when(value: Any) -> str:
-    """Epoch seconds as UTC text; anything else (an ISO string already) as it is."""
-    if isinstance(value, int | float):
-        return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return "" if value is None else str(value)
 
 
 def _not_found(request: Request, exc: StarletteHTTPException) -> Response:
@@ -56,9 +49,7 @@ def create_app(zk: ZooKeeper, log_root: Path, local_changes: bool = True) -> Fas
     pages exist only when the built-in local inbox is the source of changes.
     """
     app = FastAPI(title="zuul-lite", docs_url="/api/docs", redoc_url=None)
-    templates = Jinja2Templates(directory=HERE / "templates")
-    templates.env.globals["local_changes"] = local_changes
-    templates.env.filters["when"] = _when
+    templates = make_templates(local_changes)
     app.add_exception_handler(StarletteHTTPException, _not_found)
     app.add_exception_handler(ZKError, _zk_unavailable)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from stat import S_ISDIR
 from urllib.parse import quote
 
 from fastapi import APIRouter, Request
@@ -98,22 +99,31 @@ def _human_size(size: int) -> str:
     return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
 
 
-def list_directory(directory: Path) -> list[Entry]:
-    """Directories first, then files, each sorted by name, as the template shows them."""
+def list_directory(log_root: Path, directory: Path) -> list[Entry]:
+    """Directories first, then files, each sorted by name, as the template shows them.
+
+    Entries that `resolve` refuses (dangling, or symlinks out of the root) are
+    left out, so every row's link opens.
+    """
+    root = log_root.resolve()
     entries = []
     for child in directory.iterdir():
+        target = resolve(log_root, str(child.relative_to(root)))
         try:
-            stat = child.stat()
-        except OSError:  # removed or a dangling symlink: not worth a row
+            info = target.stat() if target else None
+        except FileNotFoundError:  # removed since iterdir()
+            info = None
+        if info is None:
             continue
-        is_dir = child.is_dir()
+        is_dir = S_ISDIR(info.st_mode)
+        slash = "/" if is_dir else ""
         entries.append(
             Entry(
-                name=child.name + ("/" if is_dir else ""),
-                href=quote(child.name) + ("/" if is_dir else ""),
+                name=child.name + slash,
+                href=quote(child.name) + slash,
                 is_dir=is_dir,
-                size="-" if is_dir else _human_size(stat.st_size),
-                mtime=datetime.fromtimestamp(stat.st_mtime, UTC).strftime("%Y-%m-%d %H:%M:%S"),
+                size="-" if is_dir else _human_size(info.st_size),
+                mtime=datetime.fromtimestamp(info.st_mtime, UTC).strftime("%Y-%m-%d %H:%M:%S"),
             )
         )
     entries.sort(key=lambda entry: (not entry.is_dir, entry.name))
@@ -142,7 +152,8 @@ def make_router(log_root: Path, templates: Jinja2Templates) -> APIRouter:
     def logs_root() -> RedirectResponse:
         return RedirectResponse("/logs/")
 
-    @router.get("/logs/{rel:path}")
+    # HEAD too, so `curl -I` and link checkers work on log URLs.
+    @router.api_route("/logs/{rel:path}", methods=["GET", "HEAD"])
     def logs(request: Request, rel: str) -> Response:
         target = resolve(log_root, rel)
         if target is None:
@@ -155,7 +166,11 @@ def make_router(log_root: Path, templates: Jinja2Templates) -> APIRouter:
             return templates.TemplateResponse(
                 request,
                 "listing.html",
-                {"crumbs": _breadcrumbs(rel), "entries": list_directory(target), "top": not rel},
+                {
+                    "crumbs": _breadcrumbs(rel),
+                    "entries": list_directory(log_root, target),
+                    "top": not rel,
+                },
                 headers=NO_SNIFF,
             )
         return FileResponse(target, media_type=media_type(target), headers=NO_SNIFF)

@@ -57,6 +57,9 @@ function renderItem(item, now) {
   box.appendChild(el("div", meta, "meta"));
   if (item.merge_error) box.appendChild(el("pre", item.merge_error));
   const table = el("table");
+  const head = el("tr");
+  for (const name of ["Job", "State", "Result", "Elapsed", "Logs"]) head.appendChild(el("th", name));
+  table.appendChild(head);
   for (const build of Object.values(item.builds || {})) table.appendChild(renderBuild(build, now));
   box.appendChild(table);
   return box;

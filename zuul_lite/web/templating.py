@@ -1,0 +1,44 @@
+"""The Jinja2 environment of the HTML pages, and the filters they share."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fastapi.templating import Jinja2Templates
+from markupsafe import Markup, escape
+
+# A URL ends before whitespace, quotes or brackets, and never on the
+# punctuation that closes the sentence around it.
+URL = re.compile(r"""https?://[^\s<>"']*[^\s<>"'.,;:!?)\]]""")
+
+
+def when(value: Any) -> str:
+    """Epoch seconds as UTC text; anything else (an ISO string already) as it is."""
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return "" if value is None else str(value)
+
+
+def linkify(text: Any) -> Markup:
+    """Escape plain text and make its URLs clickable: vote messages carry log URLs."""
+    text = "" if text is None else str(text)
+    parts: list[Markup] = []
+    last = 0
+    for match in URL.finditer(text):
+        parts.append(escape(text[last : match.start()]))
+        parts.append(Markup('<a href="{0}">{0}</a>').format(match.group(0)))
+        last = match.end()
+    parts.append(escape(text[last:]))
+    return Markup("").join(parts)
+
+
+def make_templates(local_changes: bool) -> Jinja2Templates:
+    """Templates that know whether the local inbox pages exist (for the menu and links)."""
+    templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
+    templates.env.globals["local_changes"] = local_changes
+    templates.env.filters["when"] = when
+    templates.env.filters["linkify"] = linkify
+    return templates
