@@ -35,10 +35,19 @@ def linkify(text: Any) -> Markup:
     return Markup("").join(parts)
 
 
+def vote(value: int | None) -> Markup:
+    """A vote as "+1"/"-1" coloured by sign; a report without a vote shows nothing."""
+    if value is None:
+        return Markup("")
+    css = "positive" if value > 0 else "negative" if value < 0 else "muted"
+    return Markup('<span class="{0}">{1:+d}</span>').format(css, value)
+
+
 def make_templates(local_changes: bool) -> Jinja2Templates:
     """Templates that know whether the local inbox pages exist (for the menu and links)."""
     templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
     templates.env.globals["local_changes"] = local_changes
     templates.env.filters["when"] = when
     templates.env.filters["linkify"] = linkify
+    templates.env.filters["vote"] = vote
     return templates
