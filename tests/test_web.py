@@ -64,15 +64,18 @@ LOCAL_CHANGE = {
     "subject": "mm: fix <leak>", "owner": "dev", "status": "NEW",
     "patchsets": [
         {"number": 1, "ref": "refs/changes/07/7/1", "revision": "aaa", "created": 1764100000.0},
-        {"number": 2, "ref": "refs/changes/07/7/2", "revision": "bbb", "created": 1764100100.0},
+        {"number": 2, "ref": "refs/changes/07/7/2", "revision": "bbb", "created": 1764100100.0,
+         "patches": ["mm: add helper", "mm: fix <leak>"]},
     ],
     "votes": [
         {"patchset": 1, "pipeline": "check", "value": -1, "time": 1764100050.0,
          "message": "Build failed.\n\n- kernel-build http://x/logs/7/1/ : FAILURE"},
         {"patchset": 2, "pipeline": "check", "value": 1, "time": 1764100200.0,
          "message": "Build succeeded.\n\n- kernel-build http://x/logs/7/2/ : SUCCESS"},
+        {"patchset": 2, "pipeline": "gate", "value": None, "time": 1764100300.0,
+         "message": "Merged."},
     ],
-    "comments": [{"author": "dev", "patchset": 2, "message": "recheck", "time": 1764100150.0}],
+    "comments": [{"patchset": 2, "message": "recheck", "time": 1764100150.0}],
 }  # fmt: skip
 
 
@@ -208,7 +211,8 @@ def test_changes_api(client: TestClient, zk: ZooKeeper) -> None:
     zk.create("/zuul/local/changes/8", {**LOCAL_CHANGE, "number": 8, "votes": []})
     changes = client.get("/api/changes").json()
     assert [c["number"] for c in changes] == [8, 7]
-    assert changes[1]["patchset"] == 2 and changes[1]["votes"] == {"check": 1}
+    assert changes[1]["patchset"] == 2
+    assert changes[1]["votes"] == {"check": 1, "gate": None}
     assert client.get("/api/change/7").json() == LOCAL_CHANGE
     missing = client.get("/api/change/99")
     assert missing.status_code == 404
@@ -224,10 +228,15 @@ def test_change_page_shows_votes_preformatted(client: TestClient, zk: ZooKeeper)
         '<pre>Build failed.\n\n- kernel-build <a href="http://x/logs/7/1/">http://x/logs/7/1/</a>'
         " : FAILURE</pre>" in page.text
     )
-    assert "+1" in page.text and "-1" in page.text and "recheck" in page.text
+    assert '<span class="negative">-1</span> <b>check</b> on patchset 1' in page.text
+    assert '<span class="positive">+1</span> <b>check</b> on patchset 2' in page.text
+    assert " <b>gate</b> on patchset 2" in page.text and "<pre>Merged.</pre>" in page.text
+    assert "mm: add helper<br>mm: fix &lt;leak&gt;" in page.text
+    assert "<pre>recheck</pre>" in page.text
     assert "2025-11-25 19:47:30 UTC" in page.text
     listing = client.get("/changes")
     assert 'href="/change/7"' in listing.text
+    assert 'check <span class="positive">+1</span>' in listing.text
     assert client.get("/change/99").text == "There is no change 99 in the local inbox."
 
 
