@@ -11,33 +11,19 @@ import time
 from typing import Any
 
 from nodepool_lite.zk import ZooKeeper
+from zuul_lite import scheduler
 
-PIPELINES = "/zuul/pipelines"
 LOCAL_CHANGES = "/zuul/local/changes"
 
 
-def _read_all(zk: ZooKeeper, parent: str) -> list[dict[str, Any]]:
-    """Every child's JSON (none if `parent` does not exist yet).
-
-    A child removed between the listing and the read (an item just reported)
-    is skipped rather than failing the whole page.
-    """
-    values = (zk.get_or_none(f"{parent}/{name}") for name in zk.get_children(parent))
-    return [value for value in values if value is not None]
-
-
 def read_status(zk: ZooKeeper) -> dict[str, Any]:
-    """Pipelines by name, each with its queue items oldest first, as stored.
+    """The scheduler's view of its queues, plus `now` from the server's clock.
 
-    `now` is the server's clock, so a browser with a skewed clock still shows
-    the right elapsed time for running builds.
+    `now` lets a browser with a skewed clock still show the right elapsed time
+    for running builds. The queues are read by the scheduler's own function,
+    so the znode layout of queue items has a single owner.
     """
-    pipelines = []
-    for name in zk.get_children(PIPELINES):
-        items = _read_all(zk, f"{PIPELINES}/{name}/items")
-        items.sort(key=lambda item: item.get("enqueue_time") or 0)
-        pipelines.append({"name": name, "items": items})
-    return {"now": time.time(), "pipelines": pipelines}
+    return {**scheduler.status(zk), "now": time.time()}
 
 
 def read_change(zk: ZooKeeper, number: int) -> dict[str, Any] | None:
@@ -60,6 +46,8 @@ def _summary(change: dict[str, Any]) -> dict[str, Any]:
 
 def read_changes(zk: ZooKeeper) -> list[dict[str, Any]]:
     """Summaries of all local inbox changes, newest first."""
-    changes = [_summary(change) for change in _read_all(zk, LOCAL_CHANGES)]
+    found = (zk.get_or_none(f"{LOCAL_CHANGES}/{name}") for name in zk.get_children(LOCAL_CHANGES))
+    # A change deleted between the listing and the read is simply skipped.
+    changes = [_summary(change) for change in found if change is not None]
     changes.sort(key=lambda change: change.get("number") or 0, reverse=True)
     return changes
