@@ -1,0 +1,217 @@
+"""`zuul-lite quickstart`: the embedded default, end to end, on this machine.
+
+Starts ZooKeeper and the five daemons, makes sure a node image exists, imports
+the Debian kernel tree as project `linux`, submits the sample series and
+prints each vote. Every step reuses what an earlier run left, so running it
+twice costs only the wait for votes (and submits nothing twice).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from nodepool_lite import config as npconfig
+from nodepool_lite.zk import ZooKeeper
+from nodepool_lite.zkserver import ZooKeeperServer
+from zuul_lite import config as zconfig
+from zuul_lite.cmd import services
+from zuul_lite.connections.local import LocalConnection
+from zuul_lite.reporter import format_duration
+from zuul_lite.series import read_series
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLES = REPO / "doc" / "examples" / "patches"
+SAMPLE_ORDER = ("good", "build-failure", "checkpatch-failure")
+IMAGE_WAIT = 3600
+VOTE_WAIT = 3600
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _wait(what: str, done, timeout: float, every: float = 20.0, detail=None) -> None:
+    """Wait on `done()` (an Event-backed check), printing a line every `every` s."""
+    start = time.monotonic()
+    while not done(every):
+        took = time.monotonic() - start
+        if took > timeout:
+            raise SystemExit(f"zuul-lite: gave up waiting for {what} after {int(took)}s.")
+        extra = f": {detail()}" if detail else ""
+        say(f"  ... still waiting for {what} ({format_duration(took)}){extra}")
+
+
+def ensure_keypair(state_dir: Path) -> Path:
+    key = state_dir / "keys" / "id_ed25519"
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "zuul-lite",
+                        "-f", str(key)], check=True)
+    return key
+
+
+def _zk_port(hosts: str) -> int:
+    return int(hosts.split(",")[0].split("/")[0].rsplit(":", 1)[1])
+
+
+def ensure_image(zk: ZooKeeper, image: str) -> None:
+    def ready() -> bool:
+        return any(b.state == "ready" for b in zk.get_image_builds(image))
+
+    if ready():
+        say(f"Node image {image}: ready (reused).")
+        return
+    say(f"Node image {image}: building with diskimage-builder "
+        "(a few minutes the first time; the builder log is in run/nodepool-builder.log)")
+    zk.request_image_build(image)
+    event = threading.Event()
+    zk.watch_children(f"/nodepool/images/{image}/builds", lambda c: event.set())
+
+    def done(timeout: float) -> bool:
+        event.wait(timeout)
+        event.clear()
+        builds = zk.get_image_builds(image)
+        if builds and all(b.state == "failed" for b in builds[-1:]):
+            raise SystemExit(f"zuul-lite: the image build failed; see {builds[-1].log_path}.")
+        return ready()
+
+    _wait(f"image {image}", done, IMAGE_WAIT)
+    say(f"Node image {image}: ready.")
+
+
+def series_key(path: Path) -> str:
+    """The git blob id the inbox stores the series under (its patchset revision)."""
+    data = read_series(path).mbox()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def submit_samples(local: LocalConnection) -> list[tuple[str, int]]:
+    """Submit each sample once; a rerun finds the change it made before."""
+    known = {}
+    for number in local.list_changes():
+        change = local.get_change(number)
+        for ps in change["patchsets"]:
+            known[ps["revision"]] = number
+    out = []
+    for name in SAMPLE_ORDER:
+        path = SAMPLES / name
+        key = series_key(path)
+        if key in known:
+            say(f"Sample {name}: already submitted as change {known[key]}.")
+            out.append((name, known[key]))
+            continue
+        number, ps = local.submit(path, "linux")
+        say(f"Sample {name}: submitted as change {number}, patchset {ps}.")
+        out.append((name, number))
+    return out
+
+
+def _progress(zk: ZooKeeper) -> str:
+    from zuul_lite.scheduler import status
+
+    parts = []
+    for pipeline in status(zk)["pipelines"]:
+        for item in pipeline["items"]:
+            jobs = ", ".join(f"{b['job']} {b['result'] or b['state']}"
+                             for b in item["builds"].values())
+            parts.append(f"change {item['change']} [{item['state']}] {jobs}")
+    return "; ".join(parts) or "no items queued"
+
+
+def wait_for_votes(zk: ZooKeeper, local: LocalConnection, changes: list[tuple[str, int]]):
+    event = threading.Event()
+    for _, number in changes:
+        zk.watch_data(f"/zuul/local/changes/{number}", lambda d, v: event.set())
+
+    def voted(number: int) -> bool:
+        change = local.get_change(number)
+        latest = len(change["patchsets"])
+        return any(v["patchset"] == latest for v in change["votes"])
+
+    def done(timeout: float) -> bool:
+        event.wait(timeout)
+        event.clear()
+        return all(voted(n) for _, n in changes)
+
+    say("Waiting for votes (kernel builds and QEMU boots run on throwaway nodes; "
+        "the first build fills the ccache and takes a few minutes).")
+    _wait("votes", done, VOTE_WAIT, every=30.0, detail=lambda: _progress(zk))
+
+
+def print_votes(local: LocalConnection, changes: list[tuple[str, int]]) -> None:
+    print()
+    for name, number in changes:
+        change = local.get_change(number)
+        latest = len(change["patchsets"])
+        vote = [v for v in change["votes"] if v["patchset"] == latest][-1]
+        value = vote["value"]
+        shown = f"{value:+d}" if isinstance(value, int) else "0"
+        print(f"Change {number} ({name}): {change['subject']}")
+        print(f"  Verified {shown}")
+        for line in vote["message"].splitlines()[1:]:
+            if line.strip():
+                print(f"  {line}")
+        print()
+
+
+def stop_all(zcfg: zconfig.ZuulConfig, npconf: Path) -> int:
+    run_dir = zcfg.state_dir / "run"
+    for service in reversed(services.services(zcfg.path, npconf, run_dir)):
+        if services.stop(service, run_dir):
+            say(f"Stopped {service.name}.")
+    ZooKeeperServer(zcfg.state_dir / "zk", port=_zk_port(zcfg.zk_hosts)).stop()
+    say("Stopped ZooKeeper. Nodes are destroyed by the nodepool launcher; "
+        f"state stays in {zcfg.state_dir}.")
+    return 0
+
+
+def run(args) -> int:
+    from zuul_lite.kerneltree import ensure_kernel_repo
+
+    zcfg = zconfig.load(args.config)
+    npconf = Path(args.config).resolve().parent / "nodepool.yaml"
+    if args.stop:
+        return stop_all(zcfg, npconf)
+    ncfg = npconfig.load(npconf)
+    state = zcfg.state_dir
+    run_dir = state / "run"
+    say(f"State directory {state}; daemon logs in {run_dir}.")
+
+    zkserver = ZooKeeperServer(state / "zk", port=_zk_port(zcfg.zk_hosts))
+    was_running = zkserver.running()
+    zkserver.start()
+    say(f"ZooKeeper on {zkserver.hosts}: {'reused' if was_running else 'started'}.")
+    ensure_keypair(state)
+    for sub in ("logs", "ccache", "merger"):
+        (state / sub).mkdir(parents=True, exist_ok=True)
+
+    for service in services.services(zcfg.path, npconf, run_dir):
+        pid, new = services.start(service, run_dir)
+        say(f"{service.name}: {'started' if new else 'reused'} (pid {pid}).")
+
+    zk = ZooKeeper(zcfg.zk_hosts)
+    zk.connect()
+    try:
+        for image in [d.name for d in ncfg.diskimages]:
+            ensure_image(zk, image)
+        say("Kernel tree: importing Debian's linux-source-6.1 (once; reused afterwards).")
+        tree = ensure_kernel_repo(progress=lambda m: say(f"  {m}"))
+        local = LocalConnection("local", zk, state)
+        local.import_project("linux", tree)
+        say(f"Project linux: served from {local.repo_path('linux')}.")
+        for service in services.services(zcfg.path, npconf, run_dir):
+            problem = services.check_alive(service, run_dir)
+            if problem:
+                raise SystemExit(f"zuul-lite: {problem}")
+        changes = submit_samples(local)
+        wait_for_votes(zk, local, changes)
+        print_votes(local, changes)
+    finally:
+        zk.disconnect()
+    say(f"Browse the logs and the live status at {zcfg.web_url}/ .")
+    say("Everything keeps running. Stop it all with: ./tools/quickstart.sh stop")
+    return 0
