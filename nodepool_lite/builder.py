@@ -1,0 +1,442 @@
+"""The nodepool builder: diskimage-builder runs that turn `diskimages:` into node rootfs dirs.
+
+One build is one `disk-image-create -t tar` subprocess, recorded in ZooKeeper
+before it starts (state `building`) so that `nodepool dib-image-list` shows it
+and a restarted builder can fail what it left behind. Its output lives in
+`<images dir>/<image>-<build id>/`:
+
+    build.log     everything disk-image-create printed
+    <image>.tar   the partitionless image diskimage-builder made
+    rootfs/       the tar extracted (numeric owners, xattrs): what nodes boot
+
+The daemon (`NodePoolBuilder`) runs the Nodepool threads: a BuildWorker that
+builds on request (`nodepool image-build`) and when the newest ready build is
+older than `rebuild-age`, and a CleanupWorker that keeps the newest
+`KEEP_READY` ready builds. `build_image()` is the same build, synchronous, for
+`nodepool image-build --wait` and the tests.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from nodepool_lite import exceptions as exc
+from nodepool_lite.config import Config, DiskImage
+from nodepool_lite.model import BuildState, ImageBuild
+from nodepool_lite.zk import IMAGE_BUILD_REQUEST_ROOT, ZooKeeper
+
+log = logging.getLogger("nodepool_lite.builder")
+
+REPO_ELEMENTS = Path(__file__).resolve().parent.parent / "elements"
+KEEP_READY = 2
+# Mirrors that answer on these hosts (security.debian.org does not); config wins.
+DEFAULT_DIB_ENV = {
+    "DIB_DEBIAN_MIRROR": "http://deb.debian.org/debian",
+    "DIB_DEBIAN_SECURITY_MIRROR": "http://deb.debian.org/debian-security",
+    # Reuse the debootstrap result across builds: dist-upgrade still runs after it.
+    "DIB_DEBOOTSTRAP_CACHE": "1",
+    "DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE": "1",
+}
+
+Progress = Callable[[str], None]
+
+
+def cache_root() -> Path:
+    """The machine-wide cache shared by every state dir (architecture.md)."""
+    return Path(os.environ.get("ZUUL_LITE_CACHE", "/var/cache/zuul-lite"))
+
+
+def images_dir(config: Config) -> Path:
+    return Path(config.state_dir) / "images"
+
+
+def get_diskimage(config: Config, image_name: str) -> DiskImage:
+    """The `diskimages:` entry named `image_name`; a user error if there is none."""
+    diskimage = config.diskimage(image_name)
+    if diskimage is None:
+        raise exc.ConfigError(
+            f"Unknown image {image_name!r}: no such entry under diskimages in nodepool.yaml."
+        )
+    return diskimage
+
+
+def image_names(config: Config) -> list[str]:
+    return [d.name for d in config.diskimages]
+
+
+def rootfs_path(build: ImageBuild) -> Path:
+    """Where nodes of `build` find their root filesystem."""
+    return Path(build.path) / "rootfs"
+
+
+def dib_env(diskimage: DiskImage) -> dict[str, str]:
+    """The environment of disk-image-create: our elements first, mirrors, caches,
+    then the image's `env-vars` (which may override any of these)."""
+    env = dict(os.environ)
+    venv_bin = str(Path(sys.executable).parent)
+    # disk-image-create calls its helpers (dib-run-parts, element-info) by name.
+    env["PATH"] = f"{venv_bin}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+    env.update(DEFAULT_DIB_ENV)
+    env["DIB_IMAGE_CACHE"] = str(cache_root() / "dib")
+    env["DIB_RELEASE"] = diskimage.release
+    env.update({k: str(v) for k, v in diskimage.env_vars.items()})
+    extra = diskimage.env_vars.get("ELEMENTS_PATH")
+    env["ELEMENTS_PATH"] = f"{REPO_ELEMENTS}:{extra}" if extra else str(REPO_ELEMENTS)
+    env.setdefault("DIB_DISTRIBUTION_MIRROR", env["DIB_DEBIAN_MIRROR"])
+    return env
+
+
+def formats(diskimage: DiskImage) -> list[str]:
+    """dib output types: always `tar`, the one nodes boot from (once extracted)."""
+    return ["tar", *(f for f in diskimage.formats if f != "tar")]
+
+
+def dib_command(diskimage: DiskImage, output: Path) -> list[str]:
+    venv_dib = Path(sys.executable).parent / "disk-image-create"
+    dib = str(venv_dib) if venv_dib.exists() else shutil.which("disk-image-create")
+    if dib is None:
+        raise exc.NodepoolError(
+            "disk-image-create is not installed (pip install diskimage-builder)."
+        )
+    return [dib, "-t", ",".join(formats(diskimage)), "-o", str(output), *diskimage.elements]
+
+
+@contextmanager
+def machine_lock(name: str) -> Iterator[None]:
+    """One dib run per machine: concurrent runs would share (and lock) the apt cache
+    bind-mounted from DIB_IMAGE_CACHE, and compete for the same two cores."""
+    path = cache_root() / "dib" / f".{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class BuildRun:
+    """One running disk-image-create; `cancel()` from another thread kills it."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        if self.process is not None and self.process.poll() is None:
+            # dib starts sudo/chroot children: kill the whole session.
+            os.killpg(self.process.pid, 15)
+
+    def run(self, cmd: list[str], env: dict[str, str], log_path: Path, progress: Progress | None):
+        """Run `cmd`, its output to `log_path` (and `progress`); return its exit code."""
+        with open(log_path, "ab") as out:
+            out.write(f"$ {' '.join(cmd)}\n".encode())
+            out.flush()
+            self.process = subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            if self.cancelled.is_set():
+                self.cancel()
+            assert self.process.stdout is not None
+            for line in self.process.stdout:
+                out.write(line)
+                if progress is not None:
+                    progress(line.decode(errors="replace").rstrip("\n"))
+            return self.process.wait()
+
+
+def extract(tarball: Path, rootfs: Path) -> None:
+    """Unpack a dib tar as nodes need it: owners by number (the image's uids, not
+    the host's names), permissions, xattrs (file capabilities such as ping's)."""
+    rootfs.mkdir()
+    subprocess.run(
+        [
+            "tar", "--numeric-owner", "--same-permissions", "--xattrs",
+            "--xattrs-include=*", "-xf", str(tarball), "-C", str(rootfs),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+
+
+def build_image(
+    config: Config,
+    zk: ZooKeeper,
+    image_name: str,
+    progress: Progress | None = None,
+    *,
+    output_dir: Path | None = None,
+    run: BuildRun | None = None,
+) -> ImageBuild:
+    """Build `image_name` now and return its ImageBuild (`ready` or `failed`).
+
+    `output_dir` replaces `<state>/images` (the tests' machine-wide image cache);
+    `run` lets a daemon thread cancel the build on stop.
+    """
+    diskimage = get_diskimage(config, image_name)
+    base = output_dir or images_dir(config)
+    build = ImageBuild(
+        builder=socket.gethostname(),
+        formats=formats(diskimage),
+        elements=list(diskimage.elements),
+    )
+    zk.store_image_build(image_name, build)
+    build_dir = base / f"{image_name}-{build.id}"
+    build.path = str(build_dir)
+    build.log_path = str(build_dir / "build.log")
+    zk.store_image_build(image_name, build)
+    blog = log.getChild(f"{image_name}-{build.id}")
+    blog.info("Building %s with elements %s", build_dir, " ".join(diskimage.elements))
+    start = time.monotonic()
+    try:
+        build_dir.mkdir(parents=True)
+        env = dib_env(diskimage)
+        cmd = dib_command(diskimage, build_dir / image_name)
+        with machine_lock("disk-image-create"):
+            rc = (run or BuildRun()).run(cmd, env, Path(build.log_path), progress)
+        if rc != 0:
+            raise exc.NodepoolError(f"disk-image-create exited with {rc}; see {build.log_path}.")
+        built = time.monotonic()
+        extract(build_dir / f"{image_name}.tar", build_dir / "rootfs")
+        blog.info(
+            "Built in %.0f s, extracted in %.1f s",
+            built - start,
+            time.monotonic() - built,
+        )
+        build.state = BuildState.READY
+    except (OSError, subprocess.CalledProcessError, exc.NodepoolError) as e:
+        blog.error("Build failed: %s", e)
+        with open(build_dir / "build.log", "a") as out:
+            out.write(f"\nzuul-lite builder: build failed: {e}\n")
+        shutil.rmtree(build_dir / "rootfs", ignore_errors=True)
+        build.state = BuildState.FAILED
+    zk.store_image_build(image_name, build)
+    return build
+
+
+def remove_build(config: Config, zk: ZooKeeper, build: ImageBuild) -> None:
+    """Delete a build: record `deleting`, its dir if it is ours, then the record.
+
+    Dirs outside `<state>/images` (the tests' shared image cache) are left alone:
+    other state dirs may point at them."""
+    build.state = BuildState.DELETING
+    zk.store_image_build(build.image, build)
+    if build.path and Path(build.path).parent == images_dir(config):
+        shutil.rmtree(build.path, ignore_errors=True)
+    zk.delete_image_build(build.image, build.id)
+    log.info("Deleted image build %s-%s", build.image, build.id)
+
+
+def _build_key(build: ImageBuild) -> str:
+    return f"{build.image}-{build.id}"
+
+
+def all_builds(config: Config, zk: ZooKeeper) -> list[ImageBuild]:
+    """Builds of every image in ZooKeeper or in the config, oldest first per image."""
+    names = sorted(set(zk.get_image_names()) | set(image_names(config)))
+    return [b for name in names for b in zk.get_image_builds(name)]
+
+
+def machine_building() -> bool:
+    """True while some process on this machine runs disk-image-create."""
+    path = cache_root() / "dib" / ".disk-image-create.lock"
+    if not path.exists():
+        return False
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+def reconcile(config: Config, zk: ZooKeeper) -> None:
+    """After a builder restart: builds this host left `building` can only be dead
+    ones (unless a CLI build runs right now), so mark them failed and drop their
+    partial output but keep the log."""
+    if machine_building():
+        log.info("A build runs on this machine; leaving building records alone")
+        return
+    host = socket.gethostname()
+    for build in all_builds(config, zk):
+        if build.state == BuildState.BUILDING and build.builder == host:
+            log.warning("Build %s was left building by a dead builder: failed", _build_key(build))
+            build.state = BuildState.FAILED
+            zk.store_image_build(build.image, build)
+            if build.path:
+                shutil.rmtree(Path(build.path) / "rootfs", ignore_errors=True)
+                Path(build.path, f"{build.image}.tar").unlink(missing_ok=True)
+
+
+def cleanup(config: Config, zk: ZooKeeper) -> None:
+    """Retention, as Nodepool's CleanupWorker: keep the newest KEEP_READY ready
+    builds of each configured image (and any build a node still boots from),
+    failed builds until a newer build is ready (their log explains the failure),
+    and nothing of images no longer configured; then remove dirs with no record."""
+    leftovers = sorted(images_dir(config).glob("*-*"))  # before the records: see below
+    in_use = {n.image_build for n in zk.nodes() if n.image_build}
+    builds = all_builds(config, zk)
+    for build in builds:
+        if _build_key(build) in in_use or build.state == BuildState.BUILDING:
+            continue
+        if build.state == BuildState.DELETING or _expired(config, build, builds):
+            remove_build(config, zk, build)
+    # A dir listed before the records were read had its record stored already
+    # (build_image stores it before mkdir), so "no record" means leaked.
+    known = {_build_key(b) for b in builds}
+    for path in leftovers:
+        if path.is_dir() and path.name not in known:
+            log.info("Removing leftover image dir %s", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _expired(config: Config, build: ImageBuild, builds: list[ImageBuild]) -> bool:
+    if config.diskimage(build.image) is None:
+        return True
+    ready = [b for b in builds if b.image == build.image and b.state == BuildState.READY]
+    if build.state == BuildState.READY:
+        return build not in ready[-KEEP_READY:]
+    return bool(ready) and ready[-1].created_time > build.created_time
+
+
+def build_due(config: Config, zk: ZooKeeper, image_name: str, now: float) -> bool:
+    """An image needs a build when it has none, or when its newest ready build is
+    older than `rebuild-age`. A failure is retried after `rebuild-age` too (at
+    most an hour), so a broken mirror does not turn the builder into a busy loop."""
+    diskimage = get_diskimage(config, image_name)
+    builds = zk.get_image_builds(image_name)
+    if any(b.state == BuildState.BUILDING for b in builds):
+        return False
+    ready = [b for b in builds if b.state == BuildState.READY]
+    failed = [b for b in builds if b.state == BuildState.FAILED]
+    if failed and (not ready or failed[-1].created_time > ready[-1].created_time):
+        return now - failed[-1].created_time > min(diskimage.rebuild_age, 3600)
+    return not ready or now - ready[-1].created_time > diskimage.rebuild_age
+
+
+class BuildWorker(threading.Thread):
+    """Builds requested images at once (ZK watch on the request path) and stale
+    ones on a tick; one build at a time, like Nodepool's BuildWorker."""
+
+    def __init__(self, config: Config, zk: ZooKeeper, interval: float = 60.0):
+        super().__init__(name="nodepool-builder-build", daemon=True)
+        self.config = config
+        self.zk = zk
+        self.interval = interval
+        self.wake = threading.Event()
+        self.stop_event = threading.Event()
+        self.current: BuildRun | None = None
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.wake.set()
+        if self.current is not None:
+            self.current.cancel()
+
+    def run(self) -> None:
+        self.zk.watch_children(IMAGE_BUILD_REQUEST_ROOT, self._on_requests)
+        while not self.stop_event.is_set():
+            self.wake.clear()
+            try:
+                self._work()
+            except exc.NodepoolError:
+                log.exception("Build worker pass failed")
+            self.wake.wait(self.interval)
+
+    def _on_requests(self, children: list[str]) -> bool:
+        if children:
+            self.wake.set()
+        return not self.stop_event.is_set()
+
+    def _work(self) -> None:
+        requested = self.zk.get_image_build_requests()
+        for name in requested:
+            if self.config.diskimage(name) is None:
+                log.warning("Ignoring build request for unknown image %s", name)
+                self.zk.remove_image_build_request(name)
+        for name in image_names(self.config):
+            if self.stop_event.is_set():
+                return
+            if name in requested or build_due(self.config, self.zk, name, time.time()):
+                self._build(name)
+                self.zk.remove_image_build_request(name)
+
+    def _build(self, name: str) -> None:
+        """Build under the image's ZK lock, so two builders never build one image."""
+        try:
+            lock = self.zk.lock_image(name, socket.gethostname(), blocking=False)
+        except exc.LockError:
+            log.info("Another builder is building %s", name)
+            return
+        try:
+            self.current = BuildRun()
+            if not self.stop_event.is_set():
+                build_image(self.config, self.zk, name, run=self.current)
+        finally:
+            self.current = None
+            lock.release()
+
+
+class CleanupWorker(threading.Thread):
+    """Runs `cleanup()` every `interval` seconds."""
+
+    def __init__(self, config: Config, zk: ZooKeeper, interval: float = 60.0):
+        super().__init__(name="nodepool-builder-cleanup", daemon=True)
+        self.config = config
+        self.zk = zk
+        self.interval = interval
+        self.stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                cleanup(self.config, self.zk)
+            except (exc.NodepoolError, OSError):
+                log.exception("Cleanup pass failed")
+            self.stop_event.wait(self.interval)
+
+
+class NodePoolBuilder:
+    """The `nodepool builder` daemon: reconcile, then the build and cleanup workers."""
+
+    def __init__(self, config: Config, zk: ZooKeeper, interval: float = 60.0):
+        self.config = config
+        self.zk = zk
+        self.build_worker = BuildWorker(config, zk, interval)
+        self.cleanup_worker = CleanupWorker(config, zk, interval)
+
+    def start(self) -> None:
+        images_dir(self.config).mkdir(parents=True, exist_ok=True)
+        reconcile(self.config, self.zk)
+        self.cleanup_worker.start()
+        self.build_worker.start()
+        log.info("Builder started for images %s", ", ".join(image_names(self.config)))
+
+    def stop(self) -> None:
+        self.build_worker.stop()
+        self.cleanup_worker.stop()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.build_worker.join(timeout)
+        self.cleanup_worker.join(timeout)

@@ -1,0 +1,78 @@
+"""The node image for tests, built at most once per machine per elements/ content.
+
+A real build takes minutes, so every test that needs nodes (builder, nodepool
+launcher, end to end) shares one: `ensure_node_image()` keeps builds under
+`<cache>/images/<image>-<key>/` (`<cache>` is /var/cache/zuul-lite or
+$ZUUL_LITE_CACHE), where `key` hashes the elements/ tree and the diskimage's
+config. A changed element means a new key, hence a new real build; an unchanged
+one means the cached rootfs is registered in the test's ZooKeeper as a `ready`
+build of its own and returned at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from nodepool_lite import config as nodepool_config
+from nodepool_lite.builder import REPO_ELEMENTS, Progress, build_image, cache_root, get_diskimage
+from nodepool_lite.config import Config, DiskImage
+from nodepool_lite.model import BuildState, ImageBuild
+from nodepool_lite.zk import ZooKeeper
+
+MARKER = "ready.json"
+EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "etc" / "nodepool.yaml"
+
+
+def node_config(state_dir: Path) -> Config:
+    """etc/nodepool.yaml (which defines kernel-ci-debian) with its state dir moved."""
+    return dataclasses.replace(nodepool_config.load(EXAMPLE_CONFIG), state_dir=Path(state_dir))
+
+
+def image_key(diskimage: DiskImage) -> str:
+    """Hash of what decides the image's content: every file of elements/ (path,
+    exec bit, bytes) and the diskimage's elements, release and env-vars."""
+    digest = hashlib.sha256()
+    settings = [diskimage.elements, diskimage.release, sorted(diskimage.env_vars.items())]
+    digest.update(json.dumps(settings).encode())
+    for path in sorted(REPO_ELEMENTS.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            digest.update(str(path.relative_to(REPO_ELEMENTS)).encode())
+            digest.update(b"x" if path.stat().st_mode & 0o111 else b"-")
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def ensure_node_image(
+    zk: ZooKeeper,
+    config: Config,
+    image_name: str = "kernel-ci-debian",
+    progress: Progress | None = None,
+) -> ImageBuild:
+    """A `ready` ImageBuild of `image_name` stored in `zk`, its `path` in the
+    machine-wide cache (rootfs at `<path>/rootfs`). Builds with disk-image-create
+    only when no cached build matches; concurrent callers (other pytest runs)
+    wait for the one that builds."""
+    diskimage = get_diskimage(config, image_name)
+    slot = cache_root() / "images" / f"{image_name}-{image_key(diskimage)}"
+    slot.parent.mkdir(parents=True, exist_ok=True)
+    with open(slot.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        marker = slot / MARKER
+        if not marker.exists():
+            shutil.rmtree(slot, ignore_errors=True)  # a build that died half-way
+            slot.mkdir()
+            build = build_image(config, zk, image_name, progress, output_dir=slot)
+            if build.state != BuildState.READY:
+                raise RuntimeError(f"The test image build failed; see {build.log_path}.")
+            marker.write_text(json.dumps(build.to_dict(), indent=2))
+            return build
+        data = json.loads(marker.read_text())
+    data.pop("id")
+    build = ImageBuild.from_dict(data)
+    zk.store_image_build(image_name, build)
+    return build

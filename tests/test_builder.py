@@ -1,0 +1,245 @@
+"""The builder against real ZooKeeper: one real disk-image-create per machine
+(shared through tests/images.py), the rest with a stand-in for dib that writes a
+tiny tar in milliseconds, so states, logs, retention and the daemon are tested
+without minutes of apt."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nodepool_lite import builder
+from nodepool_lite.builder import NodePoolBuilder, build_image, cleanup, reconcile, rootfs_path
+from nodepool_lite.config import Config, load
+from nodepool_lite.exceptions import ConfigError
+from nodepool_lite.model import BuildState, ImageBuild, Node
+from tests.images import ensure_node_image, node_config
+
+FAKE_DIB = """
+import sys, tarfile, io, time
+out = sys.argv[sys.argv.index("-o") + 1]
+print("fake dib building", out, "with", *sys.argv[sys.argv.index("-o") + 2:], flush=True)
+if "fail" in sys.argv:
+    print("ERROR: element failed", flush=True)
+    sys.exit(1)
+if "slow" in sys.argv:
+    time.sleep(30)
+with tarfile.open(out + ".tar", "w") as tar:
+    info = tarfile.TarInfo("etc/hostname")
+    data = b"node\\n"
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+"""
+
+
+def small_config(
+    tmp_path: Path, elements: tuple[str, ...] = ("base",), rebuild_age: int = 86400
+) -> Config:
+    """Images `small` (`elements`) and `slow` (a dib that runs until killed)."""
+    path = tmp_path / f"nodepool-{len(list(tmp_path.glob('nodepool-*')))}.yaml"
+    path.write_text(
+        f"state-dir: {tmp_path / 'state'}\n"
+        "diskimages:\n"
+        f"  - {{name: small, elements: [{', '.join(elements)}], rebuild-age: {rebuild_age}}}\n"
+        "  - {name: slow, elements: [slow], rebuild-age: 1000000000}\n"
+    )
+    return load(path)
+
+
+@pytest.fixture
+def fake_dib(tmp_path, monkeypatch):
+    """disk-image-create replaced by FAKE_DIB; the machine cache moved to tmp."""
+    script = tmp_path / "fake-dib.py"
+    script.write_text(FAKE_DIB)
+    monkeypatch.setenv("ZUUL_LITE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(
+        builder,
+        "dib_command",
+        lambda diskimage, output: (
+            [sys.executable, str(script), "-o", str(output)] + list(diskimage.elements)
+        ),
+    )
+    return script
+
+
+def test_build_records_log_and_rootfs(zk, tmp_path, fake_dib):
+    config = small_config(tmp_path, elements=("debian-minimal", "kernel-ci-node"))
+    seen: list[str] = []
+    build = build_image(config, zk, "small", progress=seen.append)
+    assert build.state == BuildState.READY
+    stored = zk.get_image_build("small", build.id)
+    assert stored.state == BuildState.READY
+    assert stored.builder == socket.gethostname()
+    assert stored.elements == ["debian-minimal", "kernel-ci-node"]
+    assert Path(stored.path) == tmp_path / "state" / "images" / f"small-{build.id}"
+    assert (rootfs_path(stored) / "etc" / "hostname").read_text() == "node\n"
+    log_text = Path(stored.log_path).read_text()
+    assert "fake dib building" in log_text
+    assert any("fake dib building" in line for line in seen)
+
+
+def test_failed_build_keeps_log_only(zk, tmp_path, fake_dib):
+    config = small_config(tmp_path, elements=("fail",))
+    build = build_image(config, zk, "small")
+    assert zk.get_image_build("small", build.id).state == BuildState.FAILED
+    assert "ERROR: element failed" in Path(build.log_path).read_text()
+    assert not rootfs_path(build).exists()
+
+
+def test_unknown_image_is_one_sentence(zk, tmp_path):
+    with pytest.raises(ConfigError, match=r"^Unknown image 'nope'.*\.$"):
+        build_image(small_config(tmp_path), zk, "nope")
+
+
+def test_cleanup_keeps_two_newest_ready_and_in_use(zk, tmp_path, fake_dib):
+    config = small_config(tmp_path)
+    builds = [build_image(config, zk, "small") for _ in range(4)]
+    failed = build_image(small_config(tmp_path, elements=("fail",)), zk, "small")
+    zk.store_node(Node(type="small", image_build=f"small-{builds[0].id}"))
+    leftover = tmp_path / "state" / "images" / "small-9999999999"
+    leftover.mkdir()
+    cleanup(config, zk)
+    remaining = {b.id for b in zk.get_image_builds("small")}
+    # builds[1] is superseded and unused; a failure newer than every ready build stays.
+    assert remaining == {builds[0].id, builds[2].id, builds[3].id, failed.id}
+    assert not Path(builds[1].path).exists()
+    assert not leftover.exists()
+
+
+def test_reconcile_fails_dead_builds_of_this_host(zk, tmp_path, fake_dib):
+    config = small_config(tmp_path)
+    mine = ImageBuild(builder=socket.gethostname())
+    other = ImageBuild(builder="elsewhere")
+    zk.store_image_build("small", mine)
+    zk.store_image_build("small", other)
+    reconcile(config, zk)
+    assert zk.get_image_build("small", mine.id).state == BuildState.FAILED
+    assert zk.get_image_build("small", other.id).state == BuildState.BUILDING
+
+
+def test_build_due_by_age_and_failure_backoff(zk, tmp_path, fake_dib):
+    config = small_config(tmp_path, rebuild_age=100)
+    now = time.time()
+    assert builder.build_due(config, zk, "small", now)
+    build = build_image(config, zk, "small")
+    assert not builder.build_due(config, zk, "small", now + 50)
+    assert builder.build_due(config, zk, "small", build.created_time + 101)
+
+
+def test_daemon_builds_on_request_and_stops_a_running_build(zk, tmp_path, fake_dib):
+    config = small_config(tmp_path, rebuild_age=10**9)
+    zk.store_image_build("slow", ImageBuild(state=BuildState.READY))  # not due
+    daemon = NodePoolBuilder(config, zk, interval=3600)
+    daemon.start()
+    try:
+        deadline = time.time() + 30  # "small" has no build: built at start
+        while not zk.get_image_builds("small", [BuildState.READY]):
+            assert time.time() < deadline, "no build of a due image"
+            time.sleep(0.1)
+        zk.request_image_build("small")
+        while len(zk.get_image_builds("small", [BuildState.READY])) < 2:
+            assert time.time() < deadline, "request not served"
+            time.sleep(0.1)
+        zk.request_image_build("slow")
+        while not zk.get_image_builds("slow", [BuildState.BUILDING]):
+            assert time.time() < deadline, "slow build did not start"
+            time.sleep(0.1)
+    finally:
+        started = time.time()
+        daemon.stop()
+        daemon.join(10)
+    assert time.time() - started < 10, "stop did not cancel the running build"
+    assert "small" not in zk.get_image_build_requests()
+    assert [b.state for b in zk.get_image_builds("slow")][-1] == BuildState.FAILED
+
+
+# -- the real image: built once per machine per elements/ hash -------------------
+
+
+@pytest.fixture
+def node_image(zk, tmp_path) -> ImageBuild:
+    return ensure_node_image(zk, node_config(tmp_path))
+
+
+def test_real_image_build(node_image, zk):
+    stored = zk.get_image_build("kernel-ci-debian", node_image.id)
+    assert stored.state == BuildState.READY
+    assert stored.elements == ["debian-minimal", "kernel-ci-node"]
+    log_text = Path(stored.log_path).read_text()
+    assert "disk-image-create" in log_text and "kernel-ci-node" in log_text
+    root = rootfs_path(stored)
+    for tool in ("usr/sbin/sshd", "usr/bin/gcc", "usr/bin/qemu-system-x86_64", "bin/busybox",
+                 "usr/bin/ccache", "usr/bin/python3", "usr/bin/make", "usr/bin/git",
+                 "usr/bin/sudo", "usr/bin/bc", "usr/bin/flex", "usr/bin/bison"):  # fmt: skip
+        assert (root / tool).exists(), tool
+    passwd = (root / "etc/passwd").read_text()
+    assert "zuul:x:2000:2000::/home/zuul:/bin/bash" in passwd.splitlines()
+    assert (root / "home/zuul/.ssh").stat().st_uid == 2000
+    assert (root / "etc/ssh/ssh_host_ed25519_key").exists()
+    assert not list((root / "etc/ssh").glob("ssh_host_rsa_key*"))
+    assert not list((root / "boot").glob("vmlinuz*")), "container images carry no kernel"
+
+
+def test_real_image_accepts_zuul_over_ssh(node_image, tmp_path):
+    """The nspawn driver's way of booting a node, by hand: overlay, nspawn, sshd."""
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    layers = {n: tmp_path / n for n in ("upper", "work", "root")}
+    for path in layers.values():
+        path.mkdir()
+    lower = rootfs_path(node_image)
+    opts = f"lowerdir={lower},upperdir={layers['upper']},workdir={layers['work']}"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(layers["root"])],
+                   check=True)  # fmt: skip
+    root = layers["root"]
+    sshd = None
+    try:
+        auth = root / "home/zuul/.ssh/authorized_keys"
+        auth.write_text(Path(f"{key}.pub").read_text())
+        os.chown(auth, 2000, 2000)
+        port = _free_port()
+        sshd = subprocess.Popen(
+            ["systemd-nspawn", "-q", "-D", str(root), "--register=no", "--keep-unit",
+             "--as-pid2", "/bin/sh", "-c",
+             f"mkdir -p /run/sshd && exec /usr/sbin/sshd -D -e -p {port} "
+             "-o ListenAddress=127.0.0.1"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        ssh = ["ssh", "-i", str(key), "-p", str(port), "-o", "BatchMode=yes",
+               "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+               "zuul@127.0.0.1"]  # fmt: skip
+        deadline = time.time() + 20
+        while True:
+            result = subprocess.run(
+                [*ssh, "sudo -n id -un && python3 -c 'print(42)' && echo $HOME"],
+                capture_output=True, text=True,
+            )  # fmt: skip
+            if result.returncode == 0 or time.time() > deadline:
+                break
+            time.sleep(0.2)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["root", "42", "/home/zuul"]
+    finally:
+        if sshd is not None:
+            sshd.terminate()
+            sshd.wait(10)
+        subprocess.run(["umount", str(root)], check=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ensure_node_image_reuses_the_cached_build(node_image, zk, tmp_path):
+    again = ensure_node_image(zk, node_config(tmp_path))
+    assert again.id != node_image.id
+    assert again.path == node_image.path
+    assert zk.get_image_build("kernel-ci-debian", again.id).state == BuildState.READY
