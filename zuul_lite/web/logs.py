@@ -140,7 +140,7 @@ def _breadcrumbs(rel: str) -> list[tuple[str, str]]:
     return crumbs
 
 
-def not_found(request: Request) -> PlainTextResponse:
+def _not_found(request: Request) -> PlainTextResponse:
     return PlainTextResponse(f"There is no log file or directory at {request.url.path}.", 404)
 
 
@@ -158,7 +158,7 @@ def make_router(log_root: Path, templates: Jinja2Templates) -> APIRouter:
         target = resolve(log_root, rel)
         if target is None:
             log.debug("Log path %r not found or outside %s", rel, log_root)
-            return not_found(request)
+            return _not_found(request)
         if target.is_dir():
             if not request.url.path.endswith("/"):
                 # Relative links in the index only work below a trailing slash.
