@@ -1,0 +1,73 @@
+"""`zuul-launcher -c etc/zuul.yaml`: run the launcher until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.config
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import yaml
+
+from launcher.config import ConfigError, load
+from launcher.server import LauncherServer
+
+log = logging.getLogger("launcher.cmd")
+
+
+def _setup_logging(path: str | None, debug: bool) -> None:
+    if path:
+        logging.config.dictConfig(yaml.safe_load(Path(path).read_text()))
+        return
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("gear").setLevel(logging.INFO if debug else logging.WARNING)
+    logging.getLogger("kazoo").setLevel(logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="zuul-launcher", description=__doc__)
+    parser.add_argument(
+        "-c",
+        "--config",
+        default="/etc/zuul-lite/zuul.yaml",
+        help="zuul.yaml (reads launcher:, gearman:, zookeeper:)",
+    )
+    parser.add_argument("--log-config", help="logging dictConfig YAML")
+    parser.add_argument("-d", "--debug", action="store_true", help="debug logging")
+    opts = parser.parse_args(argv)
+    _setup_logging(opts.log_config, opts.debug)
+    try:
+        config = load(opts.config)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    if not config.private_key.exists():
+        print(
+            f"The private key {config.private_key} does not exist; set launcher/private-key.",
+            file=sys.stderr,
+        )
+        return 2
+    server = LauncherServer(config)
+    stopped = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("Signal %s received", signum)
+        stopped.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    server.start()
+    stopped.wait()
+    server.stop()
+    server.join()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

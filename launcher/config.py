@@ -1,0 +1,119 @@
+"""The launcher's view of etc/zuul.yaml: its own `launcher:` section plus the
+shared `gearman:`, `zookeeper:`, `state-dir` and `web:` keys.
+
+The scheduler validates the whole file; this schema checks only the
+`launcher:` section (and lets the rest through), so the two can evolve apart.
+Defaults match the scheduler's: log root `<state-dir>/logs`, log URL
+`<web url>/logs`, jobs dir `../jobs` beside the config file.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import voluptuous as v
+import yaml
+
+LAUNCHER_SCHEMA = v.Schema(
+    {
+        "name": str,
+        "state-dir": str,
+        "log-root": str,
+        "log-url": str,
+        "jobs-dir": str,
+        "max-builds": v.All(int, v.Range(min=1)),
+        "private-key": str,
+        "attempts": v.All(int, v.Range(min=1)),
+        "node-timeout": v.All(v.Coerce(float), v.Range(min=1)),
+        "connect-timeout": v.All(int, v.Range(min=1)),
+        "setup-timeout": v.All(v.Coerce(float), v.Range(min=1)),
+        "post-timeout": v.All(v.Coerce(float), v.Range(min=1)),
+        "ansible-playbook": str,
+    },
+    extra=v.PREVENT_EXTRA,
+)
+
+
+class ConfigError(Exception):
+    """The config file is unreadable or invalid; the message names file and key."""
+
+
+@dataclass
+class LauncherConfig:
+    """Everything a LauncherServer needs; tests build one directly."""
+
+    zk_hosts: str
+    gearman_server: str
+    gearman_port: int
+    work_root: Path
+    log_root: Path
+    log_url: str
+    jobs_dir: Path
+    private_key: Path
+    name: str = socket.gethostname()
+    max_builds: int = 2
+    attempts: int = 3
+    node_timeout: float = 3600.0
+    connect_timeout: int = 120
+    setup_timeout: float = 900.0
+    post_timeout: float = 900.0
+    ansible_playbook: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.ansible_playbook:
+            self.ansible_playbook = default_ansible_playbook()
+
+
+def default_ansible_playbook() -> str:
+    """The ansible-playbook of our own venv first: it is the one we tested with."""
+    beside = Path(sys.executable).parent / "ansible-playbook"
+    if beside.exists():
+        return str(beside)
+    return shutil.which("ansible-playbook") or "ansible-playbook"
+
+
+def load(path: Path | str) -> LauncherConfig:
+    """Read zuul.yaml; raise ConfigError with one sentence naming the bad key."""
+    path = Path(path).resolve()
+    try:
+        data: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"Cannot read {path}: {error}") from error
+    try:
+        section = LAUNCHER_SCHEMA(data.get("launcher") or {})
+    except v.Invalid as error:
+        where = "/".join(str(p) for p in ["launcher", *error.path])
+        raise ConfigError(f"{path}: {where}: {error.msg}.") from error
+    try:
+        zk_hosts = data["zookeeper"]["hosts"]
+    except (KeyError, TypeError):
+        raise ConfigError(f"{path}: zookeeper/hosts is required.") from None
+    here = path.parent
+    gearman = data.get("gearman") or {}
+    state_dir = here / section.get("state-dir", data.get("state-dir", "/var/lib/zuul-lite"))
+    web = data.get("web") or {}
+    web_url = web.get("url", f"http://{web.get('listen', '127.0.0.1')}:{web.get('port', 9000)}")
+    jobs_dir = section.get("jobs-dir") or (data.get("scheduler") or {}).get("jobs-dir", "../jobs")
+    return LauncherConfig(
+        zk_hosts=zk_hosts,
+        gearman_server=gearman.get("server", "127.0.0.1"),
+        gearman_port=gearman.get("port", 4730),
+        work_root=state_dir / "launcher" / "builds",
+        log_root=here / section.get("log-root", state_dir / "logs"),
+        log_url=section.get("log-url", web_url.rstrip("/") + "/logs"),
+        jobs_dir=(here / jobs_dir).resolve(),
+        private_key=here / section.get("private-key", state_dir / "keys" / "id_ed25519"),
+        name=section.get("name", socket.gethostname()),
+        max_builds=section.get("max-builds", 2),
+        attempts=section.get("attempts", 3),
+        node_timeout=section.get("node-timeout", 3600.0),
+        connect_timeout=section.get("connect-timeout", 120),
+        setup_timeout=section.get("setup-timeout", 900.0),
+        post_timeout=section.get("post-timeout", 900.0),
+        ansible_playbook=section.get("ansible-playbook", ""),
+    )

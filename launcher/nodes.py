@@ -1,0 +1,139 @@
+"""The requestor's side of a node request, through the nodepool ZooKeeper facade.
+
+Nodepool v3's handshake (doc/architecture.md): create an ephemeral request,
+wait for its DataWatch to report `fulfilled` or `failed`, lock the node and
+mark it `in-use`, delete the request; after the build mark it `used` and
+unlock, and nodepool destroys it. Waiting is one threading.Event set by the
+watch (or by cancel()), never a polling loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from nodepool_lite import exceptions as npexc
+from nodepool_lite.model import Node, NodeRequest, NodeState, RequestState
+from nodepool_lite.zk import NODE_ROOT, ZooKeeper
+
+log = logging.getLogger("launcher.nodes")
+
+NODE_LOCK_TIMEOUT = 30.0
+
+
+class NodeError(Exception):
+    """No usable node: the message is the one sentence the vote shows."""
+
+
+class NodeRequestCancelled(Exception):
+    """The build was cancelled while it waited for a node."""
+
+
+class NodeRequester:
+    """Gets one node of a label for one build, and gives it back afterwards."""
+
+    def __init__(self, zk: ZooKeeper, requestor: str) -> None:
+        self.zk = zk
+        self.requestor = requestor
+        self._wake = threading.Event()
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        """Wake a waiting request() so it gives up; safe from any thread."""
+        self._cancelled = True
+        self._wake.set()
+
+    def request(self, node_type: str, timeout: float) -> Node:
+        """Block until nodepool fulfils a request for `node_type`; return the node in use.
+
+        Raises NodeError when the request fails, times out or the node vanished,
+        NodeRequestCancelled when cancel() was called.
+        """
+        self._wake.clear()
+        outcome: dict[str, NodeRequest | None] = {}
+
+        def watcher(req: NodeRequest | None) -> bool | None:
+            if req is None or req.state in (RequestState.FULFILLED, RequestState.FAILED):
+                outcome["request"] = req
+                self._wake.set()
+                return False
+            return None
+
+        req = NodeRequest(node_types=[node_type], requestor=self.requestor)
+        self.zk.submit_node_request(req, watcher)
+        log.info("Node request %s for %s submitted", req.id, node_type)
+        try:
+            if not self._wake.wait(timeout) and "request" not in outcome:
+                raise NodeError(f"No {node_type} node was provided within {timeout:.0f} seconds.")
+            if self._cancelled:
+                raise NodeRequestCancelled()
+            done = outcome.get("request")
+            if done is None:
+                raise NodeError(f"Node request {req.id} for {node_type} vanished.")
+            if done.state == RequestState.FAILED:
+                reason = (done.reason or "no provider could serve it").rstrip(".")
+                raise NodeError(f"Node request for {node_type} failed: {reason}.")
+            return self._accept(done, node_type)
+        finally:
+            self.zk.delete_node_request(req)
+
+    def _accept(self, req: NodeRequest, node_type: str) -> Node:
+        if not req.nodes:
+            raise NodeError(f"Node request {req.id} for {node_type} was fulfilled with no node.")
+        node = self.zk.get_node(req.nodes[0])
+        if node is None:
+            raise NodeError(f"Node {req.nodes[0]} for {node_type} was deleted before use.")
+        try:
+            self.zk.lock_node(node, blocking=True, timeout=NODE_LOCK_TIMEOUT)
+        except (npexc.LockError, npexc.NoNodeError) as error:
+            raise NodeError(
+                f"Node {node.id} for {node_type} could not be locked: {error}"
+            ) from error
+        try:
+            node.state = NodeState.IN_USE
+            self.zk.store_node(node)
+        except npexc.NodepoolError as error:
+            self.zk.unlock_node(node)
+            raise NodeError(f"Node {node.id} for {node_type} is not usable: {error}") from error
+        log.info("Node %s (%s:%s) in use", node.id, node.interface_ip, node.connection_port)
+        return node
+
+    def watch_lost(self, node: Node, on_lost: Callable[[str], None]) -> Callable[[], None]:
+        """Call `on_lost(reason)` once if nodepool deletes or fails the node mid-build.
+
+        Returns a function that stops watching (call it before releasing the node).
+        """
+        stopped = threading.Event()
+        path = f"{NODE_ROOT}/{node.id}"
+
+        def on_data(data: dict | None, version: int | None) -> bool | None:
+            if stopped.is_set():
+                return False
+            if data is None:
+                on_lost(f"Node {node.id} was deleted while the build ran.")
+                return False
+            if data.get("state") in (NodeState.DELETING.value, NodeState.FAILED.value):
+                on_lost(f"Node {node.id} went {data['state']} while the build ran.")
+                return False
+            return None
+
+        self.zk.watch_data(path, on_data)
+        return stopped.set
+
+    def release(self, node: Node) -> None:
+        """Mark the node `used` and unlock it, so nodepool destroys it."""
+        try:
+            if self.zk.get_node(node.id or "") is None:
+                log.info("Node %s is already gone", node.id)
+                return
+            node.state = NodeState.USED
+            self.zk.store_node(node)
+            log.info("Node %s released (used)", node.id)
+        except npexc.NodepoolError:
+            log.exception("Could not mark node %s used", node.id)
+        finally:
+            try:
+                self.zk.unlock_node(node)
+            except npexc.NodepoolError:
+                log.exception("Could not unlock node %s", node.id)

@@ -1,0 +1,258 @@
+"""Synthesis of everything ansible-playbook reads for one build.
+
+The files land in the JobDir's `ansible/` and are published as `_ansible/`, so
+a developer can see exactly what ran. The launcher's own steps (setup and
+log collection) are written here as data; the job's playbooks come from the
+trusted jobs dir, never from the change under test, and every task targets the
+node: the launcher host only runs ansible itself and untars collected logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launcher.jobdir import PHASES, JobDir
+
+log = logging.getLogger("launcher.playbooks")
+
+CALLBACK_DIR = Path(__file__).parent / "callback"
+NODE_LOGS_ARCHIVE = "zuul-node-logs.tar.gz"
+
+
+@dataclass(slots=True)
+class NodeAddress:
+    """How ansible reaches the node: what the inventory and known_hosts need."""
+
+    host: str
+    port: int
+    username: str
+    host_keys: list[str]
+
+
+class PlaybookError(Exception):
+    """A job names a playbook that the jobs dir does not have (a config error)."""
+
+
+def _dump(path: Path, data: Any) -> None:
+    path.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+
+
+def _setup_playbook(connect_timeout: int) -> list[dict]:
+    """Wait for ssh, check out the change under test and copy dependency artifacts."""
+    src = "~/src/{{ zuul.project }}"
+    return [
+        {
+            "name": "Prepare the node's workspace",
+            "hosts": "node",
+            "gather_facts": False,
+            "tasks": [
+                {
+                    "name": "Wait for the node to answer over ssh",
+                    "ansible.builtin.wait_for_connection": {"timeout": connect_timeout},
+                },
+                {
+                    "name": "Create the workspace directories",
+                    "ansible.builtin.file": {"path": "~/{{ item }}", "state": "directory"},
+                    "loop": ["src", "artifacts", "console", "deps"],
+                },
+                {
+                    "name": "Clone the project from the merger (shared, read-only objects)",
+                    "ansible.builtin.command": {
+                        "argv": [
+                            "git",
+                            "clone",
+                            "--shared",
+                            "--no-checkout",
+                            "{{ zuul.git_url }}",
+                            src,
+                        ],
+                        "creates": src + "/.git",
+                    },
+                },
+                {
+                    "name": "Fetch the change under test",
+                    "ansible.builtin.command": {
+                        "argv": [
+                            "git",
+                            "fetch",
+                            "--quiet",
+                            "{{ zuul.git_url }}",
+                            "{{ zuul.git_ref }}",
+                        ],
+                        "chdir": src,
+                    },
+                },
+                {
+                    "name": "Check out the change under test",
+                    "ansible.builtin.command": {
+                        "argv": [
+                            "git",
+                            "checkout",
+                            "--quiet",
+                            "--force",
+                            "--detach",
+                            "FETCH_HEAD",
+                        ],
+                        "chdir": src,
+                    },
+                },
+                {
+                    "name": "Copy the artifacts of the builds this job depends on",
+                    "ansible.builtin.copy": {
+                        "src": "{{ item.value }}/artifacts/",
+                        "dest": "~/deps/{{ item.key }}/artifacts/",
+                    },
+                    "loop": "{{ zuul.artifacts | default({}) | dict2items }}",
+                },
+            ],
+        }
+    ]
+
+
+def _collect_playbook(archive: Path) -> list[dict]:
+    """Pack ~/artifacts and ~/console on the node and fetch the one archive.
+
+    A single archive keeps the transfer to one file (ansible's fetch copies
+    single files; synchronize is not in ansible-core); logs.py unpacks it with
+    tarfile's `data` filter so nothing in it can escape the log dir.
+    """
+    node_archive = f"/tmp/{NODE_LOGS_ARCHIVE}"
+    return [
+        {
+            "name": "Collect the node's logs",
+            "hosts": "node",
+            "gather_facts": False,
+            "tasks": [
+                {
+                    "name": "Pack artifacts and console logs",
+                    "ansible.builtin.shell": (
+                        "mkdir -p ~/artifacts ~/console && "
+                        f"tar -czf {node_archive} -C ~ artifacts console"
+                    ),
+                },
+                {
+                    "name": "Fetch them to the launcher",
+                    "ansible.builtin.fetch": {
+                        "src": node_archive,
+                        "dest": str(archive),
+                        "flat": True,
+                    },
+                },
+            ],
+        }
+    ]
+
+
+def known_hosts_lines(node: NodeAddress) -> list[str]:
+    """known_hosts entries for the node; ssh writes non-22 ports as [host]:port."""
+    name = node.host if node.port == 22 else f"[{node.host}]:{node.port}"
+    return [f"{name} {key.strip()}" for key in node.host_keys if key.strip()]
+
+
+def resolve_playbooks(args: dict, jobs_dir: Path) -> dict[str, list[Path]]:
+    """The job's pre/run/post playbooks as files in the jobs dir.
+
+    Checked before a node is requested, so a config error costs no node.
+    Raises PlaybookError when a path is missing or leaves the jobs dir.
+    """
+    declared = args.get("playbooks") or {}
+    resolved: dict[str, list[Path]] = {}
+    for phase in PHASES:
+        resolved[phase] = []
+        for rel in declared.get(phase) or []:
+            source = (jobs_dir / rel).resolve()
+            if not source.is_relative_to(jobs_dir.resolve()) or not source.is_file():
+                raise PlaybookError(
+                    f"Job {args.get('job')} names playbook {rel}, which is not a file "
+                    f"in the jobs dir {jobs_dir}."
+                )
+            resolved[phase].append(source)
+    return resolved
+
+
+def write_ansible_dir(
+    jobdir: JobDir,
+    args: dict,
+    node: NodeAddress,
+    *,
+    jobs_dir: Path,
+    private_key: Path,
+    connect_timeout: int,
+) -> dict[str, list[Path]]:
+    """Write inventory, config, vars and playbooks; return the playbooks by phase.
+
+    Phases are `setup`, `pre`, `run`, `post`, `collect`, in the order they run.
+    """
+    sources = resolve_playbooks(args, jobs_dir)
+    jobdir.prepare()
+    keys = known_hosts_lines(node)
+    jobdir.known_hosts.write_text("".join(line + "\n" for line in keys))
+    strict = "yes" if keys else "accept-new"
+    if not keys:
+        log.warning(
+            "Node %s:%s has no recorded host keys; accepting the first one seen",
+            node.host,
+            node.port,
+        )
+    _dump(
+        jobdir.inventory,
+        {
+            "all": {
+                "hosts": {
+                    "node": {
+                        "ansible_connection": "ssh",
+                        "ansible_host": node.host,
+                        "ansible_port": node.port,
+                        "ansible_user": node.username,
+                        "ansible_ssh_private_key_file": str(private_key),
+                    }
+                }
+            }
+        },
+    )
+    ssh_args = (
+        f"-o ControlMaster=auto -o ControlPersist=60s "
+        f"-o UserKnownHostsFile={jobdir.known_hosts} "
+        f"-o StrictHostKeyChecking={strict} -o BatchMode=yes"
+    )
+    jobdir.config.write_text(
+        "[defaults]\n"
+        f"inventory = {jobdir.inventory}\n"
+        "stdout_callback = default\n"
+        "callbacks_enabled = zuul_json\n"
+        f"callback_plugins = {CALLBACK_DIR}\n"
+        f"local_tmp = {jobdir.tmp}\n"
+        f"roles_path = {jobs_dir / 'roles'}:{jobs_dir / 'playbooks' / 'roles'}\n"
+        "retry_files_enabled = False\n"
+        "host_key_checking = True\n"
+        "interpreter_python = auto_silent\n"
+        "nocows = 1\n"
+        "timeout = 30\n"
+        "\n[ssh_connection]\n"
+        "pipelining = True\n"
+        f"ssh_args = {ssh_args}\n"
+        f"control_path_dir = {jobdir.control_dir}\n"
+    )
+    zuul_vars = {
+        "zuul": args,
+        "zuul_log_dir": str(jobdir.logs),
+        "zuul_artifacts_dir": "~/artifacts",
+    }
+    _dump(jobdir.vars, {**(args.get("vars") or {}), **zuul_vars})
+    _dump(jobdir.setup_playbook, _setup_playbook(connect_timeout))
+    _dump(jobdir.collect_playbook, _collect_playbook(jobdir.node_logs_archive))
+    phases: dict[str, list[Path]] = {"setup": [jobdir.setup_playbook]}
+    for phase in PHASES:
+        phases[phase] = []
+        for index, source in enumerate(sources[phase]):
+            target = jobdir.playbook(phase, index)
+            shutil.copyfile(source, target)
+            phases[phase].append(target)
+    phases["collect"] = [jobdir.collect_playbook]
+    return phases

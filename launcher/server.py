@@ -1,0 +1,164 @@
+"""LauncherServer: the gear worker for `launcher:execute`, one thread per build.
+
+`max-builds` threads each block in getJob(); gear only grabs a job for a
+thread that waits, so at most that many builds run at once. Running builds
+are stopped through a second worker registered as `launcher:stop:<name>`
+(Zuul 2.5's `stop:<worker>`): its own connection and thread, so a stop
+arrives even while every build thread is busy. The first WORK_DATA of each
+build names that function, so the scheduler knows where to send the stop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any
+
+import gear
+
+from launcher.build import Build
+from launcher.config import LauncherConfig
+from launcher.gearworker import NoDelayWorker
+from nodepool_lite.zk import ZooKeeper
+
+EXECUTE = "launcher:execute"
+STOP_PREFIX = "launcher:stop:"
+REQUIRED_ARGS = ("uuid", "job", "node_type", "log_path")
+
+log = logging.getLogger("launcher.server")
+
+
+class LauncherServer:
+    """start() / stop() / join(); builds run on `max_builds` threads."""
+
+    def __init__(self, config: LauncherConfig, zk: ZooKeeper | None = None) -> None:
+        self.config = config
+        self.zk = zk or ZooKeeper(config.zk_hosts)
+        self._own_zk = zk is None
+        self.stop_function = STOP_PREFIX + config.name
+        self.worker = NoDelayWorker(client_id=f"zuul-launcher-{config.name}")
+        self.stop_worker = NoDelayWorker(client_id=f"zuul-launcher-{config.name}-stop")
+        self.builds: dict[str, Build] = {}
+        self._builds_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        """Connect to ZooKeeper and gearman and start taking builds."""
+        self.zk.connect()
+        for worker in (self.worker, self.stop_worker):
+            worker.addServer(self.config.gearman_server, self.config.gearman_port)
+        self.worker.registerFunction(EXECUTE)
+        self.stop_worker.registerFunction(self.stop_function)
+        for index in range(self.config.max_builds):
+            self._spawn(self._serve, f"launcher-build-{index}")
+        self._spawn(self._serve_stops, "launcher-stop")
+        log.info(
+            "Launcher %s taking up to %s builds from %s:%s",
+            self.config.name,
+            self.config.max_builds,
+            self.config.gearman_server,
+            self.config.gearman_port,
+        )
+
+    def _spawn(self, target: Any, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Take no new builds, abort the running ones (they report ABORTED), disconnect."""
+        log.info("Stopping launcher %s", self.config.name)
+        self._stopping.set()
+        self.worker.setFunctions([])
+        with self._builds_lock:
+            running = list(self.builds.values())
+        for build in running:
+            build.cancel()
+        for worker in (self.worker, self.stop_worker):
+            worker.stopWaitingForJobs()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for build threads to finish, then close the gearman connections."""
+        for thread in self._threads:
+            thread.join(timeout)
+        self.worker.shutdown()
+        self.stop_worker.shutdown()
+        if self._own_zk:
+            self.zk.disconnect()
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                job = self.worker.getJob()
+            except gear.InterruptedError:
+                continue
+            if self._stopping.is_set():
+                job.sendWorkFail()
+                return
+            self._execute(job)
+
+    def _execute(self, job: gear.WorkerJob) -> None:
+        try:
+            args = json.loads(job.arguments)
+            missing = [key for key in REQUIRED_ARGS if key not in args]
+            if missing:
+                raise ValueError(f"missing {', '.join(missing)}")
+        except ValueError as error:
+            log.error("Refusing a build with bad arguments: %s", error)
+            job.sendWorkException(f"The build arguments are invalid: {error}.".encode())
+            return
+        build = Build(self.config, self.zk, args, lambda *s: self._status(job, build, *s))
+        with self._builds_lock:
+            self.builds[build.uuid] = build
+        try:
+            result = build.run()
+            job.sendWorkComplete(json.dumps(result).encode())
+        except Exception as error:
+            log.exception("Build %s failed inside the launcher", build.uuid)
+            self._send_safely(job.sendWorkException, f"Launcher error: {error}".encode())
+        finally:
+            with self._builds_lock:
+                self.builds.pop(build.uuid, None)
+
+    def _status(
+        self, job: gear.WorkerJob, build: Build, phase: str, step: int, steps: int
+    ) -> None:
+        """WORK_DATA with the phase (and where to stop us), WORK_STATUS with step/steps."""
+        data = {
+            "phase": phase,
+            "launcher": self.config.name,
+            "stop": self.stop_function,
+            "uuid": build.uuid,
+            "log_url": build.log_url,
+        }
+        self._send_safely(job.sendWorkData, json.dumps(data).encode())
+        self._send_safely(job.sendWorkStatus, step, steps)
+
+    @staticmethod
+    def _send_safely(send: Any, *args: Any) -> None:
+        """A lost gearman connection must not kill the build: the result is in ZK."""
+        try:
+            send(*args)
+        except Exception as error:  # gear raises plain socket errors as well as its own
+            log.warning("Could not send %s: %s", getattr(send, "__name__", send), error)
+
+    def _serve_stops(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                job = self.stop_worker.getJob()
+            except gear.InterruptedError:
+                continue
+            self._stop_build(job)
+
+    def _stop_build(self, job: gear.WorkerJob) -> None:
+        try:
+            uuid = json.loads(job.arguments).get("uuid")
+        except (ValueError, AttributeError):
+            uuid = None
+        with self._builds_lock:
+            build = self.builds.get(uuid or "")
+        if build is not None:
+            build.cancel()
+        job.sendWorkComplete(json.dumps({"uuid": uuid, "cancelled": build is not None}).encode())

@@ -1,0 +1,471 @@
+"""The launcher end to end through its real engines.
+
+Real: gear server and client, ZooKeeper, ansible-playbook over ssh (pipelining)
+to a host sshd on a loopback port, git. Stand-in: `FakeNodepool` plays
+nodepool's part of the request handshake by writing a ready Node for each
+request (pointing at that sshd) or failing requests for unknown labels, so the
+launcher's own request, lock, in-use, used, unlock path runs for real.
+The "node" is this host, so every test's sshd sets HOME to a tmp dir.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import queue
+import re
+import subprocess
+import threading
+import uuid as uuidlib
+from pathlib import Path
+
+import gear
+import pytest
+import yaml
+
+from launcher.config import LauncherConfig
+from launcher.gearworker import NoDelayClient
+from launcher.server import EXECUTE, LauncherServer
+from nodepool_lite.model import Node, NodeState, RequestState
+from nodepool_lite.zk import REQUEST_ROOT, ZooKeeper
+from nodepool_lite.zkserver import free_port
+
+LABEL = "test-label"
+
+
+class SshHost:
+    """A host sshd on 127.0.0.1 with its own host key and one authorised key."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.home = root / "home"
+        self.home.mkdir(parents=True)
+        self.port = free_port()
+        self.client_key = root / "id_ed25519"
+        host_key = root / "ssh_host_ed25519_key"
+        for key in (self.client_key, host_key):
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True
+            )
+        (root / "authorized_keys").write_text(Path(f"{self.client_key}.pub").read_text())
+        self.host_key = " ".join(Path(f"{host_key}.pub").read_text().split()[:2])
+        conf = root / "sshd_config"
+        conf.write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {host_key}\n"
+            f"AuthorizedKeysFile {root / 'authorized_keys'}\nPidFile {root / 'sshd.pid'}\n"
+            "UsePAM no\nStrictModes no\nPasswordAuthentication no\n"
+            f"SetEnv HOME={self.home}\n"
+        )
+        Path("/run/sshd").mkdir(exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["/usr/sbin/sshd", "-f", str(conf), "-D", "-e"], stderr=subprocess.PIPE, text=True
+        )
+        for line in self.proc.stderr:  # "Server listening on 127.0.0.1 port N."
+            if "Server listening" in line:
+                break
+        else:
+            raise RuntimeError("sshd did not start")
+        threading.Thread(target=self.proc.stderr.read, daemon=True).start()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class FakeNodepool:
+    """Fulfils node requests the way nodepool's pool worker does (see module doc)."""
+
+    def __init__(self, zk: ZooKeeper, host: SshHost) -> None:
+        self.zk = zk
+        self.host = host
+        self.port = host.port
+        self.nodes: list[str] = []
+        self.seen: set[str] = set()
+        self.todo: queue.Queue[str | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        zk.watch_children(REQUEST_ROOT, self._on_children)
+
+    def _on_children(self, children: list[str]) -> None:
+        for child in children:
+            if child not in self.seen:
+                self.seen.add(child)
+                self.todo.put(child)
+
+    def _run(self) -> None:
+        while (request_id := self.todo.get()) is not None:
+            req = self.zk.get_node_request(request_id)
+            if req is None:
+                continue
+            self.zk.lock_node_request(req)
+            req.state = RequestState.PENDING
+            self.zk.store_node_request(req)
+            if req.node_types != [LABEL]:
+                req.state = RequestState.FAILED
+                req.reason = f"No provider supports label {req.node_types[0]}"
+            else:
+                node = Node(
+                    state=NodeState.READY,
+                    type=LABEL,
+                    provider="fake",
+                    interface_ip="127.0.0.1",
+                    connection_port=self.port,
+                    username=getpass.getuser(),
+                    host_keys=[self.host.host_key],
+                    allocated_to=req.id,
+                )
+                self.zk.store_node(node)
+                self.nodes.append(node.id)
+                req.nodes = [node.id]
+                req.state = RequestState.FULFILLED
+            self.zk.store_node_request(req)
+            self.zk.unlock_node_request(req)
+
+    def stop(self) -> None:
+        self.todo.put(None)
+        self.thread.join(10)
+
+
+class BuildClient(NoDelayClient):
+    """Submits one job and lets the test wait on events instead of polling."""
+
+    def __init__(self) -> None:
+        super().__init__(client_id="test-launcher")
+        self.done: dict[str, threading.Event] = {}
+        self.phases: dict[str, list[str]] = {}
+        self.phase_event = threading.Condition()
+
+    def submit(self, name: str, args: dict) -> gear.TextJob:
+        job = gear.TextJob(name, json.dumps(args), unique=str(uuidlib.uuid4()))
+        self.done[job.unique] = threading.Event()
+        self.phases[job.unique] = []
+        self.submitJob(job)
+        return job
+
+    def wait(self, job: gear.TextJob, timeout: float = 180) -> dict:
+        assert self.done[job.unique].wait(timeout), "build did not complete"
+        assert job.complete and not job.failure, f"job failed: {job.exception}"
+        return json.loads(job.data[-1])
+
+    def wait_phase(self, job: gear.TextJob, phase: str, timeout: float = 60) -> None:
+        with self.phase_event:
+            assert self.phase_event.wait_for(lambda: phase in self.phases[job.unique], timeout)
+
+    def _finished(self, packet: gear.Packet) -> None:
+        self.done[packet.getJob().unique].set()
+
+    def handleWorkData(self, packet):  # noqa: N802
+        job = super().handleWorkData(packet)
+        with self.phase_event:
+            self.phases[job.unique].append(json.loads(job.data[-1])["phase"])
+            self.phase_event.notify_all()
+        return job
+
+    def handleWorkComplete(self, packet):  # noqa: N802
+        job = super().handleWorkComplete(packet)
+        self.done[job.unique].set()
+        return job
+
+    def handleWorkFail(self, packet):  # noqa: N802
+        job = super().handleWorkFail(packet)
+        self.done[job.unique].set()
+        return job
+
+    def handleWorkException(self, packet):  # noqa: N802
+        job = super().handleWorkException(packet)
+        self.done[job.unique].set()
+        return job
+
+
+PLAYBOOKS = {
+    "ok.yaml": [
+        {
+            "hosts": "node",
+            "gather_facts": False,
+            "tasks": [
+                {
+                    "name": "Read the change",
+                    "ansible.builtin.command": "cat README",
+                    "args": {"chdir": "~/src/{{ zuul.project }}"},
+                },
+                {
+                    "name": "Leave an artifact",
+                    "ansible.builtin.shell": "echo {{ greeting }} > ~/artifacts/hello.txt; echo boot > ~/console/serial.log",
+                },
+            ],
+        }
+    ],
+    "compile-error.yaml": [
+        {
+            "hosts": "node",
+            "gather_facts": False,
+            "tasks": [
+                {
+                    "name": "Build",
+                    "ansible.builtin.shell": "echo 'CC kernel/fork.o'; "
+                    "echo \"kernel/fork.c:42:1: error: expected ';' before '}' token\" >&2; exit 2",
+                },
+            ],
+        }
+    ],
+    "sleep.yaml": [
+        {
+            "hosts": "node",
+            "gather_facts": False,
+            "tasks": [{"name": "Sleep", "ansible.builtin.command": "sleep 120"}],
+        }
+    ],
+    "fail.yaml": [
+        {
+            "hosts": "node",
+            "gather_facts": False,
+            "tasks": [{"name": "Fail", "ansible.builtin.fail": {"msg": "ERROR: pre step broke"}}],
+        }
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def ssh_host(tmp_path_factory):
+    host = SshHost(tmp_path_factory.mktemp("sshd"))
+    yield host
+    host.stop()
+
+
+@pytest.fixture
+def git_repo(tmp_path) -> tuple[Path, str]:
+    """A merger-like repo with the change under test at a zuul ref."""
+    repo = tmp_path / "merger" / "linux"
+    repo.mkdir(parents=True)
+    run = lambda *a: subprocess.run(
+        ["git", "-C", str(repo), *a],
+        check=True,  # noqa: E731
+        capture_output=True,
+    )
+    run("init", "-q", "-b", "master")
+    (repo / "README").write_text("base\n")
+    run("add", "README")
+    run("-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "base")
+    (repo / "README").write_text("the change under test\n")
+    run("-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qam", "change")
+    run("update-ref", "refs/zuul/check/1/1/item", "HEAD")
+    run("reset", "-q", "--hard", "HEAD~1")
+    return repo, "refs/zuul/check/1/1/item"
+
+
+@pytest.fixture
+def launcher_env(tmp_path, zk, zk_hosts, gear_server, ssh_host, git_repo):
+    jobs = tmp_path / "jobs"
+    (jobs / "playbooks").mkdir(parents=True)
+    for name, content in PLAYBOOKS.items():
+        (jobs / "playbooks" / name).write_text(yaml.safe_dump(content, sort_keys=False))
+    nodepool = FakeNodepool(zk, ssh_host)
+    config = LauncherConfig(
+        zk_hosts=zk_hosts,
+        gearman_server="127.0.0.1",
+        gearman_port=gear_server.port,
+        work_root=tmp_path / "work",
+        log_root=tmp_path / "logs",
+        log_url="http://logs.example/logs",
+        jobs_dir=jobs,
+        private_key=ssh_host.client_key,
+        name="test-launcher",
+        max_builds=2,
+        attempts=1,
+        node_timeout=30,
+        connect_timeout=3,
+    )
+    client = BuildClient()
+    client.addServer("127.0.0.1", gear_server.port)
+    client.waitForServer()
+    env = {
+        "config": config,
+        "zk": zk,
+        "nodepool": nodepool,
+        "client": client,
+        "git": git_repo,
+        "servers": [],
+    }
+
+    def start(**overrides) -> LauncherServer:
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        server = LauncherServer(config, ZooKeeper(zk_hosts))
+        server.start()
+        server.worker.waitForServer()
+        env["servers"].append(server)
+        return server
+
+    env["start"] = start
+    yield env
+    for server in env["servers"]:
+        server.stop()
+        server.join(30)
+    client.shutdown()
+    nodepool.stop()
+
+
+def build_args(env, playbooks: dict, **extra) -> dict:
+    repo, ref = env["git"]
+    build = uuidlib.uuid4().hex
+    args = {
+        "uuid": build,
+        "job": "test-job",
+        "node_type": LABEL,
+        "project": "linux",
+        "branch": "master",
+        "change": 1,
+        "patchset": 1,
+        "pipeline": "check",
+        "git_ref": ref,
+        "git_url": str(repo),
+        "base_ref": "master",
+        "vars": {"greeting": "hello"},
+        "timeout": 120,
+        "playbooks": playbooks,
+        "artifacts": {},
+        "log_path": f"1/1/check/test-job/{build}",
+    }
+    args.update(extra)
+    return args
+
+
+def run_build(env, playbooks: dict, **extra) -> tuple[dict, dict]:
+    args = build_args(env, playbooks, **extra)
+    job = env["client"].submit(EXECUTE, args)
+    return args, env["client"].wait(job)
+
+
+def assert_nodes_used(env) -> None:
+    for node_id in env["nodepool"].nodes:
+        node = env["zk"].get_node(node_id)
+        assert node.state == NodeState.USED
+    assert env["zk"].get_children("/nodepool/nodes/" + env["nodepool"].nodes[0] + "/lock") == []
+
+
+def test_success_publishes_logs_and_result(launcher_env):
+    env = launcher_env
+    env["start"]()
+    args, result = run_build(env, {"run": ["playbooks/ok.yaml"]})
+    assert result["result"] == "SUCCESS", result
+    assert result["log_url"] == f"http://logs.example/logs/{args['log_path']}/"
+    assert result["summary"] == ""
+    logdir = env["config"].log_root / args["log_path"]
+    text = (logdir / "job-output.txt").read_text()
+    assert "the change under test" in text
+    line = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6} \| ")
+    assert all(line.match(row) for row in text.splitlines())
+    assert (logdir / "artifacts" / "hello.txt").read_text() == "hello\n"
+    assert (logdir / "console" / "serial.log").read_text() == "boot\n"
+    records = json.loads((logdir / "job-output.json").read_text())
+    assert [r["phase"] for r in records] == ["setup", "run", "collect"]
+    published = {p.name for p in (logdir / "_ansible").iterdir()}
+    assert {
+        "inventory.yaml",
+        "ansible.cfg",
+        "vars.yaml",
+        "setup.yaml",
+        "run-0.yaml",
+        "collect-logs.yaml",
+        "known_hosts",
+    } <= published
+    assert "tmp" not in published
+    assert (
+        "id_ed25519"
+        not in (logdir / "_ansible" / "inventory.yaml")
+        .read_text()
+        .split("ansible_ssh_private_key_file")[0]
+    )
+    assert env["zk"].get_or_none(f"/zuul/builds/{args['uuid']}/result") == result
+    assert not env["zk"].exists(f"/zuul/builds/{args['uuid']}/running")
+    assert_nodes_used(env)
+    assert not (env["config"].work_root / args["uuid"]).exists()
+
+
+def test_run_failure_quotes_compiler_error(launcher_env):
+    env = launcher_env
+    env["start"]()
+    _, result = run_build(env, {"run": ["playbooks/compile-error.yaml"]})
+    assert result["result"] == "FAILURE"
+    assert "kernel/fork.c:42:1: error: expected ';' before '}' token" in result["summary"]
+    assert result["summary"].splitlines()[0] == "Task 'Build' failed in run-0.yaml:"
+    assert_nodes_used(env)
+
+
+def test_unreachable_node_is_node_failure(launcher_env):
+    env = launcher_env
+    env["nodepool"].port = free_port()  # nothing listens there
+    env["start"]()
+    _, result = run_build(env, {"run": ["playbooks/ok.yaml"]})
+    assert result["result"] == "NODE_FAILURE", result
+    assert_nodes_used(env)
+
+
+def test_unreachable_retries_on_new_node_then_retry_limit(launcher_env):
+    env = launcher_env
+    env["nodepool"].port = free_port()
+    env["start"](attempts=2)
+    _, result = run_build(env, {"run": ["playbooks/ok.yaml"]})
+    assert result["result"] == "RETRY_LIMIT", result
+    assert len(env["nodepool"].nodes) == 2
+
+
+def test_failed_request_is_node_failure_with_reason(launcher_env):
+    env = launcher_env
+    env["start"]()
+    _, result = run_build(env, {"run": ["playbooks/ok.yaml"]}, node_type="no-such-label")
+    assert result["result"] == "NODE_FAILURE"
+    assert result["summary"] == (
+        "Node request for no-such-label failed: No provider supports label no-such-label."
+    )
+
+
+def test_resubmission_returns_stored_result(launcher_env):
+    env = launcher_env
+    env["start"]()
+    args, first = run_build(env, {"run": ["playbooks/ok.yaml"]})
+    again = env["client"].wait(env["client"].submit(EXECUTE, args))
+    assert again == first
+    assert len(env["nodepool"].nodes) == 1
+
+
+def test_timeout_and_post_failure(launcher_env):
+    env = launcher_env
+    env["start"]()
+    _, result = run_build(env, {"run": ["playbooks/sleep.yaml"]}, timeout=5)
+    assert result["result"] == "TIMED_OUT"
+    assert result["summary"] == "The job exceeded its timeout of 5 seconds."
+    _, result = run_build(env, {"run": ["playbooks/ok.yaml"], "post": ["playbooks/fail.yaml"]})
+    assert result["result"] == "POST_FAILURE"
+    assert "ERROR: pre step broke" in result["summary"]
+
+
+def test_pre_failure_is_retried(launcher_env):
+    env = launcher_env
+    env["start"](attempts=2)
+    _, result = run_build(env, {"pre": ["playbooks/fail.yaml"], "run": ["playbooks/ok.yaml"]})
+    assert result["result"] == "RETRY_LIMIT"
+    assert "ERROR: pre step broke" in result["summary"]
+    assert len(env["nodepool"].nodes) == 2
+
+
+def test_stop_aborts_a_running_build(launcher_env):
+    env = launcher_env
+    server = env["start"]()
+    args = build_args(env, {"run": ["playbooks/sleep.yaml"]})
+    job = env["client"].submit(EXECUTE, args)
+    env["client"].wait_phase(job, "run")
+    stop = env["client"].submit(server.stop_function, {"uuid": args["uuid"]})
+    assert env["client"].wait(stop) == {"uuid": args["uuid"], "cancelled": True}
+    result = env["client"].wait(job)
+    assert result["result"] == "ABORTED"
+    assert_nodes_used(env)
+
+
+def test_unknown_playbook_fails_without_a_node(launcher_env):
+    env = launcher_env
+    env["start"]()
+    _, result = run_build(env, {"run": ["playbooks/missing.yaml"]})
+    assert result["result"] == "FAILURE"
+    assert "names playbook playbooks/missing.yaml" in result["summary"]
+    assert env["nodepool"].nodes == []
