@@ -111,6 +111,21 @@ class AnsibleRunner:
     def aborted(self) -> bool:
         return self._aborted
 
+    def close_connections(self) -> None:
+        """Stop the ssh ControlMasters of this build.
+
+        ansible's ssh clients run in their own sessions, so killing
+        ansible-playbook's process group leaves them (and the node's command)
+        alive until the master goes; closing the master ends them all now.
+        """
+        for sock in self.jobdir.control_dir.glob("*"):
+            subprocess.run(
+                ["ssh", "-O", "exit", "-o", f"ControlPath={sock}", "node"],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=30,
+            )
+
     def run(self, playbook: Path, phase: str, timeout: float | None) -> Outcome:
         """Run one playbook against the node; `timeout` seconds or None for no limit."""
         cmd = [self.ansible_playbook, "-e", f"@{self.jobdir.vars}", str(playbook)]

@@ -225,6 +225,7 @@ class Build:
                 self._collect(phases["collect"][0])
             return attempt
         finally:
+            self.runner.close_connections()
             self.records.extend(logs.read_results(self.jobdir))
             self.jobdir.results.unlink(missing_ok=True)
 

@@ -97,12 +97,15 @@ def unpack_node_logs(jobdir: JobDir) -> None:
         return
     try:
         with tarfile.open(archive) as tar:
-            members = [
-                m for m in tar.getmembers() if m.name.split("/", 1)[0] in ("artifacts", "console")
-            ]
-            tar.extractall(jobdir.logs, members=members, filter="data")
-    except (tarfile.TarError, OSError) as exc:
-        log.warning("Could not unpack the node's logs from %s: %s", archive, exc)
+            for member in tar:
+                if member.name.split("/", 1)[0] not in ("artifacts", "console"):
+                    continue
+                try:
+                    tar.extract(member, jobdir.logs, filter="data")
+                except tarfile.FilterError as error:
+                    log.warning("Skipping %s from the node's logs: %s", member.name, error)
+    except (tarfile.TarError, OSError) as error:
+        log.warning("Could not unpack the node's logs from %s: %s", archive, error)
     finally:
         archive.unlink(missing_ok=True)
 

@@ -1,0 +1,195 @@
+"""Launcher pieces that need no engines: summary, playbook files, publishing, config."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher import logs
+from launcher.config import ConfigError, load
+from launcher.jobdir import JobDir
+from launcher.playbooks import (
+    NodeAddress,
+    PlaybookError,
+    known_hosts_lines,
+    resolve_playbooks,
+    write_ansible_dir,
+)
+
+
+def record(playbook: str, tasks: list[dict]) -> dict:
+    return {"playbook": playbook, "phase": "run", "plays": [{"name": "p", "tasks": tasks}]}
+
+
+def task(name: str, **result) -> dict:
+    return {"name": name, "hosts": {"node": result}}
+
+
+def test_summary_quotes_first_error_lines_of_the_failed_task():
+    stderr = "\n".join(
+        ["  CC      kernel/fork.o"]
+        + [f"kernel/fork.c:{n}:5: error: 'x{n}' undeclared" for n in range(1, 15)]
+    )
+    records = [
+        record("setup.yaml", [task("Clone", status="ok", stdout="error: not me")]),
+        record(
+            "run-0.yaml",
+            [
+                task(
+                    "Build",
+                    status="failed",
+                    rc=2,
+                    stderr=stderr,
+                    stdout="make[1]: *** [kernel/fork.o] Error 1",
+                    msg="non-zero return code",
+                ),
+                task("Later", status="failed", stderr="error: not me either"),
+            ],
+        ),
+    ]
+    summary = logs.extract_summary(records).splitlines()
+    assert summary[0] == "Task 'Build' failed in run-0.yaml:"
+    assert summary[1] == "kernel/fork.c:1:5: error: 'x1' undeclared"
+    assert len(summary) == logs.SUMMARY_LINES
+
+
+def test_summary_quotes_checkpatch_errors():
+    stdout = (
+        "WARNING: line length of 120 exceeds 100 columns\n"
+        "ERROR: trailing whitespace\n#12: FILE: kernel/fork.c:42:\n"
+        "total: 1 errors, 1 warnings, 10 lines checked\n"
+    )
+    records = [record("run-0.yaml", [task("checkpatch", status="failed", stdout=stdout)])]
+    assert logs.extract_summary(records).splitlines()[1:] == ["ERROR: trailing whitespace"]
+
+
+def test_summary_without_error_lines_quotes_the_tail_and_loop_items():
+    item = {"status": "failed", "failed": True, "stdout": "\n".join(f"l{n}" for n in range(20))}
+    records = [record("run-0.yaml", [task("Loop", status="failed", results=[item])])]
+    lines = logs.extract_summary(records).splitlines()
+    assert lines[-1] == "l19" and len(lines) == logs.SUMMARY_LINES
+
+
+def test_summary_is_empty_when_nothing_failed_or_failure_was_ignored():
+    records = [
+        record(
+            "run-0.yaml",
+            [task("t", status="ok"), task("u", status="ignored", failed=True, stderr="x")],
+        )
+    ]
+    assert logs.extract_summary(records) == ""
+
+
+def test_known_hosts_uses_bracketed_form_for_other_ports():
+    node = NodeAddress("127.0.0.1", 2222, "zuul", ["ssh-ed25519 AAAA", ""])
+    assert known_hosts_lines(node) == ["[127.0.0.1]:2222 ssh-ed25519 AAAA"]
+    node.port = 22
+    assert known_hosts_lines(node) == ["127.0.0.1 ssh-ed25519 AAAA"]
+
+
+def test_playbooks_must_stay_inside_the_jobs_dir(tmp_path):
+    jobs = tmp_path / "jobs"
+    (jobs / "playbooks").mkdir(parents=True)
+    (jobs / "playbooks" / "ok.yaml").write_text("[]")
+    (tmp_path / "outside.yaml").write_text("[]")
+    args = {"job": "j", "playbooks": {"run": ["playbooks/ok.yaml"]}}
+    assert resolve_playbooks(args, jobs)["run"] == [(jobs / "playbooks" / "ok.yaml").resolve()]
+    for bad in ("../outside.yaml", "playbooks/missing.yaml"):
+        with pytest.raises(PlaybookError, match="not a file in the jobs dir"):
+            resolve_playbooks({"job": "j", "playbooks": {"run": [bad]}}, jobs)
+
+
+def test_ansible_dir_layout(tmp_path):
+    jobs = tmp_path / "jobs"
+    (jobs / "playbooks").mkdir(parents=True)
+    (jobs / "playbooks" / "build.yaml").write_text("- hosts: node\n  tasks: []\n")
+    jobdir = JobDir(tmp_path / "work", "abc")
+    args = {"job": "j", "vars": {"arch": "x86_64"}, "playbooks": {"run": ["playbooks/build.yaml"]}}
+    node = NodeAddress("127.0.0.1", 2222, "zuul", ["ssh-ed25519 AAAA"])
+    phases = write_ansible_dir(
+        jobdir, args, node, jobs_dir=jobs, private_key=Path("/keys/id_ed25519"), connect_timeout=5
+    )
+    assert [p.name for ps in phases.values() for p in ps] == [
+        "setup.yaml",
+        "run-0.yaml",
+        "collect-logs.yaml",
+    ]
+    inventory = yaml.safe_load(jobdir.inventory.read_text())["all"]["hosts"]["node"]
+    assert inventory["ansible_port"] == 2222
+    assert inventory["ansible_ssh_private_key_file"] == "/keys/id_ed25519"
+    cfg = jobdir.config.read_text()
+    assert "pipelining = True" in cfg and "retry_files_enabled = False" in cfg
+    assert f"UserKnownHostsFile={jobdir.known_hosts}" in cfg
+    assert "StrictHostKeyChecking=yes" in cfg
+    variables = yaml.safe_load(jobdir.vars.read_text())
+    assert variables["arch"] == "x86_64" and variables["zuul"] == args
+    assert variables["zuul_log_dir"] == str(jobdir.logs)
+    assert len(str(jobdir.control_dir)) < 40  # room for ssh's socket name under 108 bytes
+
+
+def test_publish_leaves_out_tmp_and_keys(tmp_path):
+    jobdir = JobDir(tmp_path / "work", "abc")
+    jobdir.prepare()
+    jobdir.job_output.write_text("x\n")
+    jobdir.inventory.write_text("all: {}\n")
+    (jobdir.tmp / "junk").write_text("")
+    (jobdir.ansible / "id_ed25519").write_text("PRIVATE")
+    target = logs.publish(jobdir, tmp_path / "logs", "1/1/check/j/abc")
+    assert (target / "job-output.txt").read_text() == "x\n"
+    assert sorted(p.name for p in (target / "_ansible").iterdir()) == ["inventory.yaml"]
+    with pytest.raises(ValueError, match="leaves the log root"):
+        logs.publish(jobdir, tmp_path / "logs", "../escape")
+
+
+def test_node_logs_cannot_escape_the_log_dir(tmp_path):
+    jobdir = JobDir(tmp_path / "work", "abc")
+    jobdir.prepare()
+    with tarfile.open(jobdir.node_logs_archive, "w:gz") as tar:
+        for name, data in (
+            ("artifacts/.config", b"CONFIG_64BIT=y\n"),
+            ("console/../../../evil", b"x"),
+            ("console/serial.log", b"boot\n"),
+            ("other/file", b"x"),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    logs.unpack_node_logs(jobdir)
+    assert (jobdir.artifacts / ".config").read_text() == "CONFIG_64BIT=y\n"
+    assert (jobdir.console / "serial.log").read_text() == "boot\n"
+    assert not (jobdir.logs / "other").exists()
+    assert not (tmp_path / "work" / "evil").exists() and not (tmp_path / "evil").exists()
+    assert not jobdir.node_logs_archive.exists()
+
+
+def test_config_defaults_and_errors(tmp_path):
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    conf = etc / "zuul.yaml"
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "state-dir": str(tmp_path / "state"),
+                "zookeeper": {"hosts": "127.0.0.1:2181"},
+                "gearman": {"server": "127.0.0.1", "port": 4731},
+                "web": {"url": "http://h:9000"},
+                "launcher": {"max-builds": 3},
+            }
+        )
+    )
+    config = load(conf)
+    assert config.max_builds == 3 and config.gearman_port == 4731
+    assert config.log_root == tmp_path / "state" / "logs"
+    assert config.log_url == "http://h:9000/logs"
+    assert config.jobs_dir == tmp_path / "jobs"
+    assert config.private_key == tmp_path / "state" / "keys" / "id_ed25519"
+    conf.write_text(yaml.safe_dump({"zookeeper": {"hosts": "h"}, "launcher": {"max-builds": 0}}))
+    with pytest.raises(ConfigError, match="launcher/max-builds"):
+        load(conf)
+    conf.write_text(yaml.safe_dump({"launcher": {"colour": "red"}, "zookeeper": {"hosts": "h"}}))
+    with pytest.raises(ConfigError, match="launcher/colour: extra keys not allowed"):
+        load(conf)
