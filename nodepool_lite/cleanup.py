@@ -1,0 +1,164 @@
+"""Destroying nodes: used ones, failed ones, and whatever a crash left behind.
+
+Nodes are used exactly once, so this worker is what keeps capacity free. It
+decides from ZooKeeper alone plus the driver's view of what still runs, which
+is why the same code serves normal operation and reconciliation after a
+restart:
+
+- `used`, `deleting`, `failed` nodes are destroyed;
+- `building` nodes whose launcher is no longer registered were abandoned;
+- `ready` nodes whose request is gone (the requestor died) or was never
+  fulfilled by a live launcher are destroyed;
+- `in-use` nodes whose lock is free lost their requestor (it holds the lock
+  for as long as it uses the node);
+- node directories and containers with no ZooKeeper record are leaked.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+from nodepool_lite import exceptions as exc
+from nodepool_lite.model import Node, NodeState, RequestState
+from nodepool_lite.zk import REQUEST_LOCK_ROOT
+
+if TYPE_CHECKING:
+    from nodepool_lite.launcher import NodePool
+
+log = logging.getLogger("nodepool_lite.launcher.CleanupWorker")
+
+SAFETY_TICK = 30.0
+
+
+class CleanupWorker(threading.Thread):
+    """Also called DeletedNodeWorker in Nodepool; one per NodePool."""
+
+    def __init__(self, nodepool: NodePool):
+        super().__init__(name="CleanupWorker", daemon=True)
+        self.nodepool = nodepool
+        self.zk = nodepool.zk
+        self.stop_event = nodepool.stop_event
+        self.wake_event = threading.Event()
+        self.deleting: set[str] = set()
+        self._deleters: list[threading.Thread] = []
+        self._deleters_lock = threading.Lock()
+
+    def reconcile(self) -> None:
+        """On start: nodes that should be running but are not become `failed`;
+        the ones still running are adopted as they are."""
+        for node in self.zk.nodes():
+            provider = self.nodepool.providers.get(node.provider)
+            if provider is None or node.state not in (
+                NodeState.READY, NodeState.IN_USE, NodeState.HOLD,
+            ):  # fmt: skip
+                continue
+            if provider.node_alive(node):
+                log.info("Adopted node %s (%s, %s)", node.id, node.type, node.state)
+                continue
+            try:
+                self.zk.lock_node(node, blocking=False)
+            except (exc.LockError, exc.NoNodeError):
+                continue
+            try:
+                log.warning("Node %s (%s) is not running; marking it failed", node.id, node.state)
+                node.state = NodeState.FAILED
+                self.zk.store_node(node)
+            finally:
+                self.zk.unlock_node(node)
+        self.cleanup()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            self.wake_event.wait(SAFETY_TICK)
+            self.wake_event.clear()
+            if self.stop_event.is_set():
+                break
+            try:
+                self.cleanup()
+            except exc.ZKError as error:
+                log.warning("Cleanup failed, retrying on next change: %s", error)
+            except Exception:
+                log.exception("Cleanup failed")
+        for thread in list(self._deleters):
+            thread.join()
+
+    def _should_destroy(self, node: Node, launchers: set[str], requests: dict) -> bool:
+        if node.state in (NodeState.USED, NodeState.DELETING, NodeState.FAILED):
+            return True
+        if node.state == NodeState.BUILDING:
+            return node.launcher not in launchers
+        if node.state == NodeState.READY:
+            req = requests.get(node.allocated_to)
+            if req is None:
+                return True
+            return req.state != RequestState.FULFILLED and node.launcher not in launchers
+        # in-use: the lock test in _destroy decides.
+        return node.state == NodeState.IN_USE
+
+    def cleanup(self) -> None:
+        launchers = set(self.zk.get_launchers())
+        requests = {}
+        for request_id in self.zk.node_request_ids():
+            req = self.zk.get_node_request(request_id)
+            if req is not None:
+                requests[request_id] = req
+        known = set()
+        for node in self.zk.nodes():
+            known.add(node.id)
+            if node.provider not in self.nodepool.providers or node.id in self.deleting:
+                continue
+            if self._should_destroy(node, launchers, requests):
+                self._destroy(node, launchers, requests)
+        for name, provider in self.nodepool.providers.items():
+            for node_id in provider.leaked_node_ids():
+                if node_id in known or node_id in self.deleting:
+                    continue
+                if self.zk.get_node(node_id) is None:
+                    log.warning("Destroying leaked node %s of provider %s", node_id, name)
+                    provider.cleanup_node(node_id)
+        for request_id in self.zk.request_lock_ids():
+            if request_id not in requests and not self.zk.get_children(
+                f"{REQUEST_LOCK_ROOT}/{request_id}"
+            ):
+                self.zk.delete_request_lock(request_id)
+
+    def _destroy(self, node: Node, launchers: set[str], requests: dict) -> None:
+        try:
+            self.zk.lock_node(node, blocking=False)
+        except (exc.LockError, exc.NoNodeError):
+            return  # its requestor or launcher holds it: not ours to destroy
+        if node.state != NodeState.DELETING and not self._should_destroy(
+            node, launchers, requests
+        ):
+            self.zk.unlock_node(node)
+            return
+        previous = node.state
+        node.state = NodeState.DELETING
+        self.zk.store_node(node)
+        log.info("Deleting node %s (%s, was %s)", node.id, node.type, previous.value)
+        with self._deleters_lock:
+            self.deleting.add(node.id or "")
+            self._deleters = [t for t in self._deleters if t.is_alive()]
+            thread = threading.Thread(
+                target=self._delete_node, args=(node,), name=f"NodeDeleter-{node.id}", daemon=True
+            )
+            self._deleters.append(thread)
+        thread.start()
+
+    def _delete_node(self, node: Node) -> None:
+        provider = self.nodepool.providers[node.provider]
+        try:
+            provider.cleanup_node(node.id or "")
+            self.zk.delete_node(node)
+        except Exception:
+            log.exception("Could not delete node %s; will retry", node.id)
+        finally:
+            try:
+                self.zk.unlock_node(node)
+            except exc.ZKError:
+                pass
+            with self._deleters_lock:
+                self.deleting.discard(node.id or "")
+            self.wake_event.set()

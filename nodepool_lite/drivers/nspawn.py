@@ -1,0 +1,322 @@
+"""Throwaway nodes as systemd-nspawn containers over an overlay of an image.
+
+A node is cheap to make and to forget: an overlayfs (`upper/ work/ root/`
+under `<state>/nodes/<id>/`) over the `rootfs/` of the newest ready image
+build, and `systemd-nspawn --as-pid2` running only sshd on a free loopback
+port of the host network. Destroying it kills the container, unmounts and
+removes the directory, so nothing a job did survives it.
+
+Container processes are found by their root directory (`/proc/<pid>/root`
+has the same inode as the node's `root/`), not by pids we remembered, so a
+restarted launcher can adopt or destroy containers started by its
+predecessor.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import paramiko
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from nodepool_lite import config as npconfig
+from nodepool_lite.drivers import Provider, ensure_keypair
+from nodepool_lite.exceptions import LaunchError
+from nodepool_lite.model import BuildState, ImageBuild, Node
+from nodepool_lite.zk import ZooKeeper
+
+log = logging.getLogger("nodepool_lite.drivers.nspawn")
+
+USERNAME = "zuul"
+HOST_KEY = "etc/ssh/ssh_host_ed25519_key"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _same_inode(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def container_pids(root: Path) -> list[int]:
+    """Pids whose root directory is `root` (the container's init and below)."""
+    want = _same_inode(root)
+    if want is None:
+        return []
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _same_inode(Path(f"/proc/{entry}/root")) == want:
+            pids.append(int(entry))
+    return pids
+
+
+def nspawn_pids(root: Path) -> list[int]:
+    """Pids of the systemd-nspawn processes running `-D root`."""
+    needle = str(root).encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"systemd-nspawn") and needle in argv:
+            pids.append(int(entry))
+    return pids
+
+
+def _is_mounted(path: Path) -> bool:
+    target = str(path)
+    with open("/proc/self/mountinfo") as mounts:
+        return any(line.split()[4] == target for line in mounts)
+
+
+def _write_authorized_key(root: Path, public_key: str) -> None:
+    """Authorise the launcher's key for `zuul`, owned by the image's uid/gid."""
+    for line in (root / "etc/passwd").read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == USERNAME:
+            uid, gid, home = int(fields[2]), int(fields[3]), fields[5]
+            break
+    else:
+        raise LaunchError(f"The image has no user {USERNAME!r}.")
+    ssh_dir = root / home.lstrip("/") / ".ssh"
+    ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    keys = ssh_dir / "authorized_keys"
+    keys.write_text(public_key)
+    keys.chmod(0o600)
+    for path in (ssh_dir.parent, ssh_dir, keys):
+        os.chown(path, uid, gid)
+
+
+def _write_host_key(root: Path, comment: str) -> str:
+    """A fresh ed25519 host key per node; returns its public line for known_hosts."""
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+    )
+    path = root / HOST_KEY
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(private)
+    Path(f"{path}.pub").write_text(f"{public} {comment}\n")
+    return public
+
+
+class NspawnProvider(Provider):
+    """Boots and destroys nspawn nodes under `<state>/nodes/`."""
+
+    def __init__(self, provider: npconfig.Provider, state_dir: Path, zk: ZooKeeper):
+        super().__init__(provider, state_dir, zk)
+        self.nodes_dir = self.state_dir / "nodes"
+        self.nodes_dir.mkdir(parents=True, exist_ok=True)
+        self.private_key = ensure_keypair(self.state_dir)
+        self.public_key = Path(f"{self.private_key}.pub").read_text()
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._lock = threading.Lock()
+
+    def _image(self, pool: npconfig.Pool, label: str) -> ImageBuild | None:
+        diskimage = pool.labels[label].diskimage
+        build = self.zk.get_most_recent_image_build(diskimage or "", BuildState.READY)
+        if build is None or not build.path or not (Path(build.path) / "rootfs").is_dir():
+            return None
+        return build
+
+    def labels_ready(self, pool: npconfig.Pool, labels: list[str]) -> bool:
+        return all(self._image(pool, label) is not None for label in labels)
+
+    def node_dir(self, node_id: str) -> Path:
+        return self.nodes_dir / node_id
+
+    def launch(self, node: Node, pool: npconfig.Pool) -> None:
+        assert node.id is not None
+        build = self._image(pool, node.type)
+        if build is None:
+            raise LaunchError(f"No ready image build for label {node.type}.")
+        start = time.monotonic()
+        try:
+            self._boot(node, pool, build)
+        except Exception:
+            self.cleanup_node(node.id)
+            raise
+        log.info(
+            "Node %s (%s) ready on 127.0.0.1:%s in %.2fs",
+            node.id,
+            node.type,
+            node.connection_port,
+            time.monotonic() - start,
+        )
+
+    def _boot(self, node: Node, pool: npconfig.Pool, build: ImageBuild) -> None:
+        assert node.id is not None and build.path is not None
+        node_dir = self.node_dir(node.id)
+        upper, work, root = node_dir / "upper", node_dir / "work", node_dir / "root"
+        for path in (upper, work, root):
+            path.mkdir(parents=True, exist_ok=True)
+        lower = Path(build.path) / "rootfs"
+        options = f"lowerdir={lower},upperdir={upper},workdir={work}"
+        subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", options, str(root)],
+            check=True,
+            capture_output=True,
+        )
+        machine = f"np-{node.id}"
+        _write_authorized_key(root, self.public_key)
+        host_key = _write_host_key(root, machine)
+        port = _free_port()
+        binds = []
+        for bind in pool.bind_ro + pool.bind:
+            Path(bind.host).mkdir(parents=True, exist_ok=True)
+            flag = "--bind-ro" if bind in pool.bind_ro else "--bind"
+            binds.append(f"{flag}={bind.host}:{bind.node}")
+        sshd = (
+            "mkdir -p /run/sshd && exec /usr/sbin/sshd -D -e"
+            f" -p {port} -o ListenAddress=127.0.0.1 -o HostKey=/{HOST_KEY}"
+        )
+        cmd = [
+            "systemd-nspawn", "--quiet", "-D", str(root), "--register=no", "--keep-unit",
+            "--as-pid2", f"--machine={machine}", "--console=pipe", *binds,
+            "--", "/bin/sh", "-c", sshd,
+        ]  # fmt: skip
+        log.debug("Starting node %s: %s", node.id, cmd)
+        with open(node_dir / "console.log", "wb") as console:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        with self._lock:
+            self._procs[node.id] = proc
+        node.external_id = machine
+        node.interface_ip = "127.0.0.1"
+        node.connection_port = port
+        node.username = USERNAME
+        node.host_keys = [host_key]
+        node.image_build = f"{build.image}-{build.id}"
+        self._wait_for_ssh(node, proc, host_key, pool.boot_timeout)
+
+    def _wait_for_ssh(
+        self, node: Node, proc: subprocess.Popen, host_key: str, timeout: float
+    ) -> None:
+        """Ready means the launcher's key logs in and the host key matches."""
+        key = paramiko.Ed25519Key.from_private_key_file(str(self.private_key))
+        deadline = time.monotonic() + timeout
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise LaunchError(
+                    f"Node {node.id}: container exited ({proc.returncode}): {self._tail(node)}"
+                )
+            try:
+                with socket.create_connection(("127.0.0.1", node.connection_port), 1):
+                    pass
+                client = paramiko.SSHClient()
+                kind, blob = host_key.split()[:2]
+                client.get_host_keys().add(
+                    f"[127.0.0.1]:{node.connection_port}",
+                    kind,
+                    paramiko.Ed25519Key(data=base64.b64decode(blob)),
+                )
+                client.set_missing_host_key_policy(paramiko.RejectPolicy())
+                try:
+                    client.connect(
+                        "127.0.0.1", port=node.connection_port, username=USERNAME, pkey=key,
+                        timeout=5, allow_agent=False, look_for_keys=False,
+                    )  # fmt: skip
+                finally:
+                    client.close()
+                return
+            except (OSError, paramiko.SSHException) as error:
+                last_error = error
+            time.sleep(0.05)  # sshd gives no readiness signal; poll its port
+        raise LaunchError(
+            f"Node {node.id}: no ssh login within {timeout:.0f}s ({last_error}): "
+            f"{self._tail(node)}"
+        )
+
+    def _tail(self, node: Node) -> str:
+        try:
+            text = (self.node_dir(node.id or "") / "console.log").read_text(errors="replace")
+        except OSError:
+            return "(no console log)"
+        return " | ".join(text.strip().splitlines()[-5:])
+
+    def node_alive(self, node: Node) -> bool:
+        return bool(node.id and container_pids(self.node_dir(node.id) / "root"))
+
+    def leaked_node_ids(self) -> list[str]:
+        return sorted(p.name for p in self.nodes_dir.iterdir() if p.is_dir())
+
+    def cleanup_node(self, node_id: str) -> None:
+        node_dir = self.node_dir(node_id)
+        root = node_dir / "root"
+        # Killing the container's init tears down its pid namespace at once;
+        # nspawn then exits by itself.
+        for pid in container_pids(root):
+            _kill(pid, signal.SIGKILL)
+        with self._lock:
+            proc = self._procs.pop(node_id, None)
+        if proc is not None:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for pid in nspawn_pids(root):
+            _kill(pid, signal.SIGKILL)
+            _wait_gone(pid)
+        if _is_mounted(root):
+            result = subprocess.run(["umount", str(root)], capture_output=True)
+            if result.returncode != 0:
+                log.warning("umount %s failed (%s); detaching", root, result.stderr.strip())
+                subprocess.run(["umount", "-l", str(root)], check=True)
+        shutil.rmtree(node_dir, ignore_errors=True)
+        if node_dir.exists():
+            raise LaunchError(f"Node {node_id}: could not remove {node_dir}.")
+        log.info("Node %s destroyed", node_id)
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> None:
+    """Wait for a process we are not the parent of (a predecessor's nspawn)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return
+        time.sleep(0.02)

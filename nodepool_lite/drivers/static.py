@@ -1,0 +1,68 @@
+"""Static hosts listed in the pool config (`nodes:`), lent out one request at
+a time. Nothing is booted or destroyed: "launch" picks a free host and
+"cleanup" hands it back, so a static host is the one kind of node that is
+reused; the operator owns what happens to its state between builds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import paramiko
+
+from nodepool_lite import config as npconfig
+from nodepool_lite.drivers import Provider
+from nodepool_lite.exceptions import LaunchError
+from nodepool_lite.model import Node
+
+log = logging.getLogger("nodepool_lite.drivers.static")
+
+
+def _host_key(host: str, port: int) -> str:
+    """The host's public key as a known_hosts entry ("type base64")."""
+    transport = paramiko.Transport((host, port))
+    try:
+        transport.start_client(timeout=10)
+        key = transport.get_remote_server_key()
+        return f"{key.get_name()} {key.get_base64()}"
+    finally:
+        transport.close()
+
+
+class StaticProvider(Provider):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._lock = threading.Lock()
+
+    def launch(self, node: Node, pool: npconfig.Pool) -> None:
+        with self._lock:
+            busy = {
+                n.external_id
+                for n in self.zk.nodes()
+                if n.provider == self.provider.name and n.id != node.id
+            }
+            host = next(
+                (h for h in pool.nodes if node.type in h.labels and h.name not in busy), None
+            )
+            if host is None:
+                raise LaunchError(f"No free static host offers label {node.type}.")
+            node.external_id = host.name
+            self.zk.store_node(node)  # claims the host before the lock is released
+        try:
+            host_key = host.host_key or _host_key(host.name, host.connection_port)
+        except (OSError, paramiko.SSHException) as error:
+            raise LaunchError(f"Static host {host.name}: no ssh host key ({error}).") from None
+        node.interface_ip = host.name
+        node.connection_port = host.connection_port
+        node.username = host.username
+        node.host_keys = [host_key]
+
+    def cleanup_node(self, node_id: str) -> None:
+        log.info("Static node %s returned", node_id)
+
+    def node_alive(self, node: Node) -> bool:
+        return True
+
+    def leaked_node_ids(self) -> list[str]:
+        return []

@@ -1,0 +1,218 @@
+"""The nodepool launcher with real ZooKeeper, real nspawn nodes and real ssh."""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+import time
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from nodepool_lite.drivers.nspawn import container_pids
+from nodepool_lite.launcher import NodePool
+from nodepool_lite.model import Node, NodeRequest, NodeState, RequestState
+from tests.nodepool_env import LABEL, register_node_image, wait_for, write_config
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="nspawn nodes need root")
+
+
+@pytest.fixture
+def nodepool_factory(tmp_path, zk, zk_hosts):
+    """Start NodePools on one config; stops whatever is still running at the end."""
+    register_node_image(zk)
+    started: list[NodePool] = []
+
+    def make(max_servers: int = 2, **kwargs) -> NodePool:
+        path = write_config(tmp_path, zk_hosts, max_servers=max_servers, **kwargs)
+        pool = NodePool(path)
+        pool.start()
+        started.append(pool)
+        return pool
+
+    yield make
+    for pool in started:
+        if not pool.stop_event.is_set():
+            pool.stop()
+            pool.join()
+    # Nothing may outlive a test: destroy nodes the test left behind.
+    if started:
+        provider = started[-1].providers.get("local")
+        final = NodePool(started[-1].config.path)
+        final.start()
+        for node in zk.nodes():
+            if node.state in (NodeState.READY, NodeState.IN_USE, NodeState.HOLD):
+                zk.lock_node(node)
+                node.state = NodeState.USED
+                zk.store_node(node)
+                zk.unlock_node(node)
+        wait_for(lambda: not zk.nodes(), 60, "all nodes destroyed")
+        wait_for(lambda: not provider.leaked_node_ids(), 30, "node dirs removed")
+        final.stop()
+        final.join()
+
+
+def request(zk, *labels: str) -> tuple[NodeRequest, threading.Event, list]:
+    """Submit like zuul-launcher does; the event fires when the request is done."""
+    done = threading.Event()
+    seen: list[NodeRequest | None] = []
+
+    def watcher(req: NodeRequest | None) -> bool | None:
+        seen.append(req)
+        if req is None or req.state in (RequestState.FULFILLED, RequestState.FAILED):
+            done.set()
+        return None
+
+    req = NodeRequest(node_types=list(labels), requestor="test")
+    zk.submit_node_request(req, watcher)
+    return req, done, seen
+
+
+def take_nodes(zk, req: NodeRequest) -> list[Node]:
+    """The requestor's side of the handshake: lock, in-use, delete the request."""
+    fresh = zk.get_node_request(req.id)
+    assert fresh.state == RequestState.FULFILLED, fresh
+    nodes = []
+    for node_id in fresh.nodes:
+        node = zk.get_node(node_id)
+        zk.lock_node(node)
+        assert node.state == NodeState.READY and node.allocated_to == req.id
+        node.state = NodeState.IN_USE
+        zk.store_node(node)
+        nodes.append(node)
+    zk.delete_node_request(fresh)
+    return nodes
+
+
+def release(zk, nodes: list[Node]) -> None:
+    for node in nodes:
+        node.state = NodeState.USED
+        zk.store_node(node)
+        zk.unlock_node(node)
+
+
+def ssh_run(node: Node, key_path: Path, command: str) -> str:
+    client = paramiko.SSHClient()
+    kind, blob = node.host_keys[0].split()[:2]
+    client.get_host_keys().add(
+        f"[{node.interface_ip}]:{node.connection_port}",
+        kind,
+        paramiko.Ed25519Key(data=base64.b64decode(blob)),
+    )
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    client.connect(
+        node.interface_ip, port=node.connection_port, username=node.username,
+        key_filename=str(key_path), allow_agent=False, look_for_keys=False, timeout=10,
+    )  # fmt: skip
+    try:
+        _, stdout, stderr = client.exec_command(command, timeout=30)
+        status = stdout.channel.recv_exit_status()
+        out = stdout.read().decode()
+        assert status == 0, (status, out, stderr.read().decode())
+        return out
+    finally:
+        client.close()
+
+
+def node_gone(zk, nodepool: NodePool, node: Node) -> bool:
+    root = nodepool.config.state_dir / "nodes" / node.id
+    return zk.get_node(node.id) is None and not root.exists()
+
+
+def test_request_fulfilled_ssh_and_destroyed(nodepool_factory, zk):
+    nodepool = nodepool_factory()
+    start = time.monotonic()
+    req, done, _ = request(zk, LABEL)
+    assert done.wait(60), zk.get_node_request(req.id)
+    boot = time.monotonic() - start
+    [node] = take_nodes(zk, req)
+    assert node.type == LABEL and node.provider == "local" and node.pool == "main"
+    assert node.interface_ip == "127.0.0.1" and node.username == "zuul"
+    assert node.external_id == f"np-{node.id}" and node.image_build
+    root = nodepool.config.state_dir / "nodes" / node.id / "root"
+    pids = container_pids(root)
+    assert pids
+    key = nodepool.config.state_dir / "keys" / "id_ed25519"
+    out = ssh_run(
+        node, key, "id -un; sudo -n id -u; hostname; test -d /var/cache/ccache && echo ok"
+    )
+    assert out.split() == ["zuul", "0", f"np-{node.id}", "ok"]
+
+    start = time.monotonic()
+    release(zk, [node])
+    wait_for(lambda: node_gone(zk, nodepool, node), 30, "node destroyed")
+    destroy = time.monotonic() - start
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+    print(f"\nnode boot (request -> fulfilled) {boot:.2f}s, destroy (used -> gone) {destroy:.2f}s")
+
+
+def test_max_servers_queues_requests(nodepool_factory, zk):
+    nodepool_factory(max_servers=1)
+    first, first_done, _ = request(zk, LABEL)
+    second, second_done, _ = request(zk, LABEL)
+    assert first_done.wait(60)
+    time.sleep(0.5)  # give the pool every chance to (wrongly) serve the second
+    assert zk.get_node_request(second.id).state == RequestState.REQUESTED
+    assert len(zk.nodes()) == 1
+    nodes = take_nodes(zk, first)
+    release(zk, nodes)
+    assert second_done.wait(60)
+    assert zk.get_node_request(second.id).state == RequestState.FULFILLED
+    release(zk, take_nodes(zk, second))
+
+
+def test_unknown_label_fails_with_reason(nodepool_factory, zk):
+    nodepool_factory()
+    req, done, seen = request(zk, "no-such-label")
+    assert done.wait(30)
+    fresh = zk.get_node_request(req.id)
+    assert fresh.state == RequestState.FAILED
+    assert fresh.reason == "no provider offers label no-such-label"
+    assert zk.nodes() == []
+
+
+def test_requestor_vanishes_nodes_destroyed(nodepool_factory, zk, zk_hosts):
+    from nodepool_lite.zk import ZooKeeper
+
+    nodepool = nodepool_factory()
+    requestor = ZooKeeper(zk_hosts)
+    requestor.connect()
+    req, done, _ = request(requestor, LABEL)
+    assert done.wait(60)
+    [node_id] = zk.get_node_request(req.id).nodes
+    requestor.disconnect()  # the ephemeral request goes with the session
+    node = Node(id=node_id)
+    wait_for(lambda: node_gone(zk, nodepool, node), 30, "orphaned node destroyed")
+
+
+def test_restart_adopts_live_nodes_and_destroys_orphans(nodepool_factory, zk):
+    first = nodepool_factory()
+    req, done, _ = request(zk, LABEL)
+    assert done.wait(60)
+    [node] = take_nodes(zk, req)
+    first.stop()
+    first.join()
+    nodes_dir = first.config.state_dir / "nodes"
+    # A leaked node dir with no ZooKeeper record, and a used node whose
+    # launcher died before destroying it.
+    (nodes_dir / "9999999999" / "root").mkdir(parents=True)
+    release(zk, [node])
+    assert zk.get_node(node.id).state == NodeState.USED
+
+    in_use, in_use_done, _ = request(zk, LABEL)
+    second = nodepool_factory()
+    wait_for(lambda: node_gone(zk, second, node), 30, "used node destroyed after restart")
+    assert not (nodes_dir / "9999999999").exists()
+    assert in_use_done.wait(60)
+    [live] = take_nodes(zk, in_use)
+    second.stop()
+    second.join()
+
+    third = nodepool_factory()  # the in-use node is still running: adopted
+    time.sleep(0.5)
+    assert zk.get_node(live.id).state == NodeState.IN_USE
+    assert container_pids(nodes_dir / live.id / "root")
+    release(zk, [live])
+    wait_for(lambda: node_gone(zk, third, live), 30, "adopted node destroyed once used")
