@@ -1,0 +1,83 @@
+"""The `nodepool` CLI against real ZooKeeper (and a real launcher for nodes)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from nodepool_lite.cmd.nodepoolcmd import main
+from nodepool_lite.launcher import NodePool
+from nodepool_lite.model import NodeRequest, NodeState, RequestState
+from tests.nodepool_env import IMAGE, LABEL, register_node_image, wait_for, write_config
+
+
+@pytest.fixture
+def conf(tmp_path, zk_hosts):
+    return str(write_config(tmp_path, zk_hosts))
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_bad_config_is_one_sentence(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("providers: [{name: p, driver: nspawn, pools: [{name: m, max-servers: x}]}]\n")
+    rc, out, err = run(capsys, "-c", str(bad), "list")
+    assert rc == 1
+    assert err == f"nodepool: {bad}: providers[0].pools[0].max-servers: expected int\n"
+    rc, out, err = run(capsys, "-c", str(tmp_path / "missing.yaml"), "list")
+    assert rc == 1 and "cannot read" in err and "Traceback" not in err
+
+
+def test_image_commands(conf, zk, capsys):
+    rc, out, err = run(capsys, "-c", conf, "image-build", "nope")
+    assert rc == 1 and err == "nodepool: Unknown image 'nope': no such entry under diskimages.\n"
+    assert run(capsys, "-c", conf, "image-build", IMAGE)[0] == 0
+    assert zk.get_image_build_requests() == [IMAGE]
+    build = register_node_image(zk)
+    rc, out, _ = run(capsys, "-c", conf, "dib-image-list")
+    assert rc == 0 and f"{IMAGE}-{build.id}" in out and "ready" in out
+    rc, out, _ = run(capsys, "-c", conf, "image-list")
+    assert rc == 0 and f"{IMAGE}-{build.id}" in out and LABEL in out
+    rc, _, err = run(capsys, "-c", conf, "image-delete", f"{IMAGE}-9999999999")
+    assert rc == 1 and "No image build" in err
+    rc, out, _ = run(capsys, "-c", conf, "image-delete", f"{IMAGE}-{build.id}")
+    assert rc == 0 and zk.get_image_builds(IMAGE) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="nspawn nodes need root")
+def test_node_commands(conf, zk, capsys):
+    register_node_image(zk)
+    nodepool = NodePool(conf)
+    nodepool.start()
+    try:
+        req = NodeRequest(node_types=[LABEL], requestor="cli-test")
+        zk.submit_node_request(req)
+        wait_for(lambda: zk.get_node_request(req.id).state == RequestState.FULFILLED, 60)
+        [node_id] = zk.get_node_request(req.id).nodes
+        failed = NodeRequest(node_types=["other"], requestor="cli-test")
+        zk.submit_node_request(failed)
+        wait_for(lambda: zk.get_node_request(failed.id).state == RequestState.FAILED, 30)
+
+        rc, out, _ = run(capsys, "-c", conf, "list")
+        assert rc == 0 and node_id in out and "ready" in out and "127.0.0.1:" in out
+        rc, out, _ = run(capsys, "-c", conf, "info")
+        assert rc == 0 and "no provider offers label other" in out and LABEL in out
+
+        rc, out, _ = run(capsys, "-c", conf, "hold", node_id, "--reason", "debugging")
+        assert rc == 0 and zk.get_node(node_id).state == NodeState.HOLD
+        assert zk.get_node(node_id).comment == "debugging"
+        rc, _, err = run(capsys, "-c", conf, "delete", "0000009999")
+        assert rc == 1 and err == "nodepool: No node '0000009999' (see nodepool list).\n"
+        rc, out, _ = run(capsys, "-c", conf, "delete", node_id)
+        assert rc == 0
+        wait_for(lambda: zk.get_node(node_id) is None, 30, "deleted node gone")
+        rc, _, err = run(capsys, "-c", conf, "hold", node_id, "--reason", "x")
+        assert rc == 1 and "No node" in err
+    finally:
+        nodepool.stop()
+        nodepool.join()
