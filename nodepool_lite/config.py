@@ -145,6 +145,15 @@ def _binds(entries: list[Any]) -> list[Bind]:
     ]
 
 
+def _pool_labels(pool: dict) -> dict[str, PoolLabel]:
+    """A static pool offers the labels of its hosts without listing them again."""
+    labels = {lb["name"]: PoolLabel(lb["name"], lb.get("diskimage")) for lb in pool["labels"]}
+    for node in pool["nodes"]:
+        for name in node["labels"]:
+            labels.setdefault(name, PoolLabel(name, None))
+    return labels
+
+
 def _zookeeper_hosts(servers: list[dict]) -> str:
     hosts = ",".join(f"{s['host']}:{s['port']}" for s in servers)
     chroot = next((s["chroot"] for s in servers if s.get("chroot")), "")
@@ -218,10 +227,7 @@ def load(path: str | Path) -> Config:
                         boot_timeout=q["boot-timeout"],
                         bind_ro=_binds(q["bind-ro"]),
                         bind=_binds(q["bind"]),
-                        labels={
-                            lb["name"]: PoolLabel(lb["name"], lb.get("diskimage"))
-                            for lb in q["labels"]
-                        },
+                        labels=_pool_labels(q),
                         nodes=[
                             StaticNode(
                                 name=n["name"],

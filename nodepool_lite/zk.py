@@ -418,15 +418,14 @@ class ZooKeeper:
         return Node.from_dict(data, id=node_id) if data else None
 
     def store_node(self, node: Node) -> str:
+        """Create (new 10-digit id when node.id is None) or update; NoNodeError
+        if the node was deleted."""
         if node.id is None:
             path = self.create(f"{NODE_ROOT}/", node.to_dict(), sequence=True)
             node.id = path.rsplit("/", 1)[1]
         else:
-            path = self._node_path(node.id)
-            try:
-                self.set(path, node.to_dict())
-            except exc.NoNodeError:
-                self.create(path, node.to_dict())
+            # No create here: a node deleted meanwhile must not come back.
+            self.set(self._node_path(node.id), node.to_dict())
         return node.id
 
     def lock_node(self, node: Node, blocking: bool = True, timeout: float | None = None) -> None:

@@ -12,6 +12,7 @@ import threading
 import paramiko
 
 from nodepool_lite import config as npconfig
+from nodepool_lite.config import StaticNode
 from nodepool_lite.drivers import Provider
 from nodepool_lite.exceptions import LaunchError
 from nodepool_lite.model import Node
@@ -35,16 +36,28 @@ class StaticProvider(Provider):
         super().__init__(*args, **kwargs)
         self._lock = threading.Lock()
 
+    def _free_hosts(self, pool: npconfig.Pool, exclude: str | None = None) -> list[StaticNode]:
+        busy = {
+            n.external_id
+            for n in self.zk.nodes()
+            if n.provider == self.provider.name and n.id != exclude
+        }
+        return [h for h in pool.nodes if h.name not in busy]
+
+    def labels_ready(self, pool: npconfig.Pool, labels: list[str]) -> bool:
+        """Keep requests queued while every matching host is lent out."""
+        free = self._free_hosts(pool)
+        for label in labels:
+            host = next((h for h in free if label in h.labels), None)
+            if host is None:
+                return False
+            free.remove(host)
+        return True
+
     def launch(self, node: Node, pool: npconfig.Pool) -> None:
         with self._lock:
-            busy = {
-                n.external_id
-                for n in self.zk.nodes()
-                if n.provider == self.provider.name and n.id != node.id
-            }
-            host = next(
-                (h for h in pool.nodes if node.type in h.labels and h.name not in busy), None
-            )
+            free = self._free_hosts(pool, exclude=node.id)
+            host = next((h for h in free if node.type in h.labels), None)
             if host is None:
                 raise LaunchError(f"No free static host offers label {node.type}.")
             node.external_id = host.name

@@ -1,0 +1,69 @@
+"""nodepool.yaml validation: good files load, bad ones give one sentence with the key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nodepool_lite import config
+from nodepool_lite.exceptions import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_example_config_loads():
+    cfg = config.load(ROOT / "etc" / "nodepool.yaml")
+    assert cfg.zookeeper_hosts == "127.0.0.1:2181"
+    assert cfg.state_dir == Path("/var/lib/zuul-lite")
+    [image] = cfg.diskimages
+    assert (image.name, image.release, image.rebuild_age) == (
+        "kernel-ci-debian",
+        "bookworm",
+        86400,
+    )
+    assert image.elements == ["debian-minimal", "kernel-ci-node"] and image.formats == ["tar"]
+    assert cfg.diskimage("kernel-ci-debian") is image and cfg.diskimage("x") is None
+    [pool] = cfg.providers[0].pools
+    assert pool.max_servers == 2 and pool.labels["kernel-debian"].diskimage == "kernel-ci-debian"
+    assert [(b.host, b.node) for b in pool.bind_ro] == [("/var/lib/zuul-lite/merger",) * 2]
+    assert [(b.host, b.node) for b in pool.bind] == [
+        ("/var/lib/zuul-lite/ccache", "/var/cache/ccache")
+    ]
+
+
+def test_static_pool_offers_its_hosts_labels():
+    cfg = config.load(ROOT / "tests" / "fixtures" / "nodepool-static.yaml")
+    [pool] = cfg.providers[0].pools
+    assert list(pool.labels) == ["static-label"] and pool.nodes[0].connection_port == 2222
+
+
+def test_chroot_joins_hosts(tmp_path):
+    path = tmp_path / "n.yaml"
+    path.write_text("zookeeper-servers: [{host: a, port: 1, chroot: /x}, {host: b}]\n")
+    assert config.load(path).zookeeper_hosts == "a:1,b:2181/x"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("providers: [{name: p, driver: nspawn, pools: [{name: m, max-servers: two}]}]",
+         "providers[0].pools[0].max-servers: expected int"),
+        ("providers: [{name: p, driver: qemu, pools: []}]",
+         "providers[0].driver: expected nspawn or static"),
+        ("diskimages: [{name: d}]", "diskimages[0].elements: required key not provided"),
+        ("labels: [{name: a}]\nproviders: [{name: p, driver: nspawn, pools: [{name: m, "
+         "labels: [{name: a, diskimage: nope}]}]}]",
+         "providers[0].pools[0].labels[0].diskimage: unknown diskimage 'nope'"),
+        ("providers: [{name: p, driver: nspawn, pools: [{name: m, labels: [{name: b}]}]}]",
+         "providers[0].pools[0].labels[0]: unknown label 'b'"),
+        ("bogus: 1", "bogus: extra keys not allowed"),
+        ("labels: [{name: a]", "invalid YAML at line 1."),
+    ],
+)  # fmt: skip
+def test_errors_name_file_and_key(tmp_path, text, message):
+    path = tmp_path / "n.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError) as error:
+        config.load(path)
+    assert str(error.value) == f"{path}: {message}"
