@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,8 +15,15 @@ import pytest
 
 from nodepool_lite.drivers.nspawn import container_pids
 from nodepool_lite.launcher import NodePool
-from nodepool_lite.model import Node, NodeRequest, NodeState, RequestState
-from tests.nodepool_env import LABEL, register_node_image, wait_for, write_config
+from nodepool_lite.model import (
+    BuildState,
+    ImageBuild,
+    Node,
+    NodeRequest,
+    NodeState,
+    RequestState,
+)
+from tests.nodepool_env import IMAGE, LABEL, register_node_image, wait_for, write_config
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="nspawn nodes need root")
 
@@ -216,3 +225,64 @@ def test_restart_adopts_live_nodes_and_destroys_orphans(nodepool_factory, zk):
     assert container_pids(nodes_dir / live.id / "root")
     release(zk, [live])
     wait_for(lambda: node_gone(zk, third, live), 30, "adopted node destroyed once used")
+
+
+def test_request_waits_for_image(tmp_path, zk, zk_hosts):
+    """No ready image yet: the request stays queued, and is served as soon as
+    the build turns ready (a ZooKeeper watch, not a poll)."""
+    nodepool = NodePool(write_config(tmp_path, zk_hosts))
+    nodepool.start()
+    try:
+        build = ImageBuild(builder="test")
+        zk.store_image_build(IMAGE, build)
+        req, done, _ = request(zk, LABEL)
+        assert not done.wait(0.5)
+        assert zk.get_node_request(req.id).state == RequestState.REQUESTED
+        ready = register_node_image(zk)
+        build.state, build.path = BuildState.READY, ready.path
+        zk.store_image_build(IMAGE, build)
+        assert done.wait(30)
+        release(zk, take_nodes(zk, req))
+        wait_for(lambda: not zk.nodes(), 30, "node destroyed")
+    finally:
+        nodepool.stop()
+        nodepool.join()
+
+
+@pytest.mark.slow
+def test_kill_9_launcher_then_restart(tmp_path, zk, zk_hosts):
+    """A launcher killed mid-boot: its in-use node keeps running and is adopted,
+    the node it was booting is destroyed and its request served again."""
+    register_node_image(zk)
+    conf = write_config(tmp_path, zk_hosts)
+    repo = Path(__file__).resolve().parent.parent
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "nodepool_lite.cmd.nodepoolcmd", "-c", str(conf), "launcher"],
+        env={**os.environ, "PYTHONPATH": str(repo)}, start_new_session=True,
+    )  # fmt: skip
+    nodepool = None
+    try:
+        first, first_done, _ = request(zk, LABEL)
+        assert first_done.wait(60)
+        [in_use] = take_nodes(zk, first)
+        second, second_done, _ = request(zk, LABEL)
+        wait_for(lambda: any(n.allocated_to == second.id for n in zk.nodes()), 30, "second launch")
+        daemon.kill()
+        daemon.wait()
+        nodepool = NodePool(conf)
+        nodepool.start()
+        assert second_done.wait(60)
+        assert zk.get_node_request(second.id).state == RequestState.FULFILLED
+        [fresh] = take_nodes(zk, second)
+        assert container_pids(nodepool.config.state_dir / "nodes" / in_use.id / "root")
+        assert zk.get_node(in_use.id).state == NodeState.IN_USE
+        assert sorted(n.id for n in zk.nodes()) == sorted([in_use.id, fresh.id])
+        release(zk, [in_use, fresh])
+        wait_for(lambda: not zk.nodes(), 30, "nodes destroyed")
+        wait_for(lambda: not nodepool.providers["local"].leaked_node_ids(), 30, "dirs gone")
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        if nodepool is not None:
+            nodepool.stop()
+            nodepool.join()
