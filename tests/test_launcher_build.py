@@ -14,7 +14,9 @@ import getpass
 import json
 import queue
 import re
+import signal
 import subprocess
+import sys
 import threading
 import uuid as uuidlib
 from pathlib import Path
@@ -190,7 +192,10 @@ PLAYBOOKS = {
                 },
                 {
                     "name": "Leave an artifact",
-                    "ansible.builtin.shell": "echo {{ greeting }} > ~/artifacts/hello.txt; echo boot > ~/console/serial.log",
+                    "ansible.builtin.shell": (
+                        "echo {{ greeting }} > ~/artifacts/hello.txt; "
+                        "echo boot > ~/console/serial.log"
+                    ),
                 },
             ],
         }
@@ -202,8 +207,11 @@ PLAYBOOKS = {
             "tasks": [
                 {
                     "name": "Build",
-                    "ansible.builtin.shell": "echo 'CC kernel/fork.o'; "
-                    "echo \"kernel/fork.c:42:1: error: expected ';' before '}' token\" >&2; exit 2",
+                    "ansible.builtin.shell": (
+                        "echo 'CC kernel/fork.o'; "
+                        "echo \"kernel/fork.c:42:1: error: expected ';' before '}' token\" >&2; "
+                        "exit 2"
+                    ),
                 },
             ],
         }
@@ -237,11 +245,10 @@ def git_repo(tmp_path) -> tuple[Path, str]:
     """A merger-like repo with the change under test at a zuul ref."""
     repo = tmp_path / "merger" / "linux"
     repo.mkdir(parents=True)
-    run = lambda *a: subprocess.run(
-        ["git", "-C", str(repo), *a],
-        check=True,  # noqa: E731
-        capture_output=True,
-    )
+
+    def run(*args: str) -> None:
+        subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+
     run("init", "-q", "-b", "master")
     (repo / "README").write_text("base\n")
     run("add", "README")
@@ -469,3 +476,41 @@ def test_unknown_playbook_fails_without_a_node(launcher_env):
     assert result["result"] == "FAILURE"
     assert "names playbook playbooks/missing.yaml" in result["summary"]
     assert env["nodepool"].nodes == []
+
+
+def test_console_script_serves_and_stops_on_sigterm(tmp_path, zk_hosts, gear_server, ssh_host):
+    conf = tmp_path / "zuul.yaml"
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "state-dir": str(tmp_path / "state"),
+                "zookeeper": {"hosts": zk_hosts},
+                "gearman": {"server": "127.0.0.1", "port": gear_server.port},
+                "launcher": {"private-key": str(ssh_host.client_key), "name": "cli"},
+            }
+        )
+    )
+    launcher = Path(sys.executable).parent / "zuul-launcher"
+    proc = subprocess.Popen([str(launcher), "-c", str(conf)], stderr=subprocess.PIPE, text=True)
+    try:
+        client = BuildClient()
+        client.addServer("127.0.0.1", gear_server.port)
+        client.waitForServer()
+        job = client.submit(EXECUTE, {"uuid": "x"})
+        assert client.done[job.unique].wait(60)
+        assert job.exception == (
+            "The build arguments are invalid: missing job, node_type, log_path."
+        )
+        client.shutdown()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, proc.stderr.read()
+
+
+def test_console_script_refuses_a_bad_config(tmp_path):
+    conf = tmp_path / "zuul.yaml"
+    conf.write_text("zookeeper: {hosts: h}\nlauncher: {max-builds: lots}\n")
+    launcher = Path(sys.executable).parent / "zuul-launcher"
+    out = subprocess.run([str(launcher), "-c", str(conf)], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "launcher/max-builds: expected int." in out.stderr
