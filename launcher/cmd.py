@@ -18,13 +18,14 @@ from launcher.server import LauncherServer
 log = logging.getLogger("launcher.cmd")
 
 
-def _setup_logging(path: str | None, debug: bool) -> None:
+def _setup_logging(path: str | None, debug: bool, logfile: str | None = None) -> None:
     if path:
         logging.config.dictConfig(yaml.safe_load(Path(path).read_text()))
         return
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        filename=logfile,
     )
     logging.getLogger("gear").setLevel(logging.INFO if debug else logging.WARNING)
     logging.getLogger("kazoo").setLevel(logging.INFO)
@@ -39,9 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         help="zuul.yaml (reads launcher:, gearman:, zookeeper:)",
     )
     parser.add_argument("--log-config", help="logging dictConfig YAML")
+    parser.add_argument("--log-file", help="log here instead of stderr")
     parser.add_argument("-d", "--debug", action="store_true", help="debug logging")
     opts = parser.parse_args(argv)
-    _setup_logging(opts.log_config, opts.debug)
+    _setup_logging(opts.log_config, opts.debug, opts.log_file)
     try:
         config = load(opts.config)
     except ConfigError as error:
