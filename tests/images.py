@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 from nodepool_lite import config as nodepool_config
@@ -25,6 +26,7 @@ from nodepool_lite.model import BuildState, ImageBuild
 from nodepool_lite.zk import ZooKeeper
 
 MARKER = "ready.json"
+KEY_LENGTH = 16
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "etc" / "nodepool.yaml"
 
 
@@ -44,7 +46,18 @@ def image_key(diskimage: DiskImage) -> str:
             digest.update(str(path.relative_to(REPO_ELEMENTS)).encode())
             digest.update(b"x" if path.stat().st_mode & 0o111 else b"-")
             digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()[:KEY_LENGTH]
+
+
+def prune_stale(current: Path, unused_for: float = 86400) -> None:
+    """Drop cached builds of the same image for other elements/ trees once unused
+    for a day: a test run of an older checkout may still boot nodes from them."""
+    image = current.name.rsplit("-", 1)[0]
+    for slot in current.parent.glob(f"{image}-{'?' * KEY_LENGTH}"):
+        marker = slot / MARKER
+        stale = not marker.exists() or time.time() - marker.stat().st_mtime > unused_for
+        if slot != current and stale:
+            shutil.rmtree(slot, ignore_errors=True)
 
 
 def ensure_node_image(
@@ -63,6 +76,7 @@ def ensure_node_image(
     with open(slot.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         marker = slot / MARKER
+        prune_stale(slot)
         if not marker.exists():
             shutil.rmtree(slot, ignore_errors=True)  # a build that died half-way
             slot.mkdir()
@@ -71,6 +85,7 @@ def ensure_node_image(
                 raise RuntimeError(f"The test image build failed; see {build.log_path}.")
             marker.write_text(json.dumps(build.to_dict(), indent=2))
             return build
+        marker.touch()  # last use, for prune_stale()
         data = json.loads(marker.read_text())
     data.pop("id")
     build = ImageBuild.from_dict(data)
