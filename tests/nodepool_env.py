@@ -9,6 +9,7 @@ debootstrap rootfs (built once per machine under the cache) with the same
 from __future__ import annotations
 
 import fcntl
+import json
 import shutil
 import subprocess
 import time
@@ -77,17 +78,17 @@ def ensure_dev_rootfs() -> Path:
 def register_node_image(zk: ZooKeeper, image: str = IMAGE) -> ImageBuild:
     """A `ready` ImageBuild of `image` in `zk`: the cached real build if the
     builder has one for the current elements/, else the debootstrap rootfs."""
-    try:
-        from tests.images import image_key, node_config
+    from tests.images import MARKER, image_key, node_config
 
-        diskimage = node_config(Path("/tmp")).diskimage(image)
-        slot = cache_root() / "images" / f"{image}-{image_key(diskimage)}"
-        if (slot / "ready.json").exists() and (slot / "rootfs").is_dir():
-            build = ImageBuild(state=BuildState.READY, path=str(slot), builder="cache")
+    diskimage = node_config(Path("/tmp")).diskimage(image)
+    marker = cache_root() / "images" / f"{image}-{image_key(diskimage)}" / MARKER
+    if marker.exists():
+        data = json.loads(marker.read_text())
+        data.pop("id", None)
+        build = ImageBuild.from_dict(data)
+        if (Path(build.path) / "rootfs").is_dir():
             zk.store_image_build(image, build)
             return build
-    except ImportError:
-        pass
     build = ImageBuild(state=BuildState.READY, path=str(ensure_dev_rootfs()), builder="dev")
     zk.store_image_build(image, build)
     return build

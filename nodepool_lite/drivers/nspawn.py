@@ -107,6 +107,18 @@ def _write_authorized_key(root: Path, public_key: str) -> None:
         os.chown(path, uid, gid)
 
 
+def _add_hosts_entry(root: Path, hostname: str) -> None:
+    """nspawn sets the hostname to the machine name; without this line sudo
+    warns "unable to resolve host" on every call, polluting job output."""
+    hosts = root / "etc/hosts"
+    text = "127.0.0.1\tlocalhost\n"
+    if hosts.is_symlink():  # would resolve on the host: replace, never follow
+        hosts.unlink()
+    elif hosts.exists():
+        text = hosts.read_text()
+    hosts.write_text(f"{text.rstrip()}\n127.0.1.1\t{hostname}\n")
+
+
 def _write_host_key(root: Path, comment: str) -> str:
     """A fresh ed25519 host key per node; returns its public line for known_hosts."""
     key = Ed25519PrivateKey.generate()
@@ -189,6 +201,7 @@ class NspawnProvider(Provider):
         )
         machine = f"np-{node.id}"
         _write_authorized_key(root, self.public_key)
+        _add_hosts_entry(root, machine)
         host_key = _write_host_key(root, machine)
         port = _free_port()
         binds = []
