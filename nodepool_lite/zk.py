@@ -3,7 +3,9 @@
 Everything else in the repo stores JSON dicts through the generic API below or
 nodepool objects through the nodepool API, and catches `nodepool_lite.exceptions`;
 kazoo types never leave this module so the engine can be swapped or mocked in
-one place. The layout is Nodepool v3's (see doc/architecture.md).
+one place. The nodepool verbs (requests, nodes, launchers, image builds in
+Nodepool v3's layout, doc/architecture.md) come from the NodepoolZK mixin in
+zk_nodepool.py, which uses only the generic API below.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import functools
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -25,17 +26,18 @@ from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 from kazoo.retry import KazooRetry
 
 from nodepool_lite import exceptions as exc
-from nodepool_lite.model import BuildState, ImageBuild, Node, NodeRequest, RequestState
+from nodepool_lite.zk_nodepool import (  # noqa: F401  (the layout's names, re-exported)
+    DEFAULT_PRIORITY,
+    IMAGE_BUILD_REQUEST_ROOT,
+    IMAGE_ROOT,
+    LAUNCHER_ROOT,
+    NODE_ROOT,
+    REQUEST_LOCK_ROOT,
+    REQUEST_ROOT,
+    NodepoolZK,
+)
 
 log = logging.getLogger("nodepool_lite.zk")
-
-REQUEST_ROOT = "/nodepool/requests"
-REQUEST_LOCK_ROOT = "/nodepool/requests-lock"
-NODE_ROOT = "/nodepool/nodes"
-LAUNCHER_ROOT = "/nodepool/launchers"
-IMAGE_ROOT = "/nodepool/images"
-IMAGE_BUILD_REQUEST_ROOT = "/nodepool/image-build-requests"
-DEFAULT_PRIORITY = "100"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -82,13 +84,6 @@ def _split_hosts(hosts: str) -> tuple[str, str]:
     """'h1:p,h2:p/chroot' -> ('h1:p,h2:p', '/chroot')."""
     servers, sep, chroot = hosts.partition("/")
     return servers, ("/" + chroot.strip("/")) if sep and chroot.strip("/") else ""
-
-
-def _refresh(obj: Any, fresh: Any) -> None:
-    """Copy the stored fields of `fresh` into `obj`; the stored state is the
-    truth, so this bypasses the transition check."""
-    for name, value in fresh.to_dict().items():
-        object.__setattr__(obj, name, type(obj).STATES(value) if name == "state" else value)
 
 
 class Lock:
@@ -159,7 +154,7 @@ class Transaction:
         return results
 
 
-class ZooKeeper:
+class ZooKeeper(NodepoolZK):
     """A connection to ZooKeeper; `hosts` may end in a chroot ('h:p/chroot')."""
 
     def __init__(self, hosts: str, timeout: float = 10.0):
@@ -331,234 +326,3 @@ class ZooKeeper:
 
     def transaction(self) -> Transaction:
         return Transaction(self._zk)
-
-    # -- node requests ------------------------------------------------------
-
-    def _request_path(self, request_id: str) -> str:
-        return f"{REQUEST_ROOT}/{request_id}"
-
-    def submit_node_request(
-        self,
-        req: NodeRequest,
-        watcher: Callable[[NodeRequest | None], bool | None] | None = None,
-        priority: str = DEFAULT_PRIORITY,
-    ) -> str:
-        """Create the ephemeral request (it vanishes if the requestor dies) and
-        optionally watch it: `watcher(refreshed request)`, `watcher(None)` once
-        it is deleted; returning False stops the watch."""
-        req.state = RequestState.REQUESTED
-        path = self.create(
-            f"{REQUEST_ROOT}/{priority}-", req.to_dict(), sequence=True, ephemeral=True
-        )
-        req.id = path.rsplit("/", 1)[1]
-        if watcher is not None:
-            request_id = req.id
-
-            def on_data(data: dict | None, version: int | None) -> bool | None:
-                if data is None:
-                    watcher(None)
-                    return False
-                return watcher(NodeRequest.from_dict(data, id=request_id))
-
-            self.watch_data(path, on_data)
-        return req.id
-
-    def get_node_request(self, request_id: str) -> NodeRequest | None:
-        data = self.get_or_none(self._request_path(request_id))
-        return None if data is None else NodeRequest.from_dict(data, id=request_id)
-
-    def store_node_request(self, req: NodeRequest) -> None:
-        if req.id is None:
-            self.submit_node_request(req)
-        else:
-            self.set(self._request_path(req.id), req.to_dict())
-
-    def delete_node_request(self, req: NodeRequest) -> None:
-        if req.id is not None:
-            self.delete(self._request_path(req.id))
-            self.delete(f"{REQUEST_LOCK_ROOT}/{req.id}", recursive=True)
-
-    def lock_node_request(
-        self, req: NodeRequest, blocking: bool = True, timeout: float | None = None
-    ) -> None:
-        """Lock and refresh `req`; NoNodeError if it vanished meanwhile."""
-        lock = self.lock(f"{REQUEST_LOCK_ROOT}/{req.id}", blocking=blocking, timeout=timeout)
-        lock.acquire()
-        fresh = self.get_node_request(req.id or "")
-        if fresh is None:
-            lock.release()
-            self.delete(f"{REQUEST_LOCK_ROOT}/{req.id}", recursive=True)
-            raise exc.NoNodeError(f"Node request {req.id} no longer exists.")
-        _refresh(req, fresh)
-        req.lock = lock
-
-    def unlock_node_request(self, req: NodeRequest) -> None:
-        if req.lock is not None:
-            req.lock.release()
-            req.lock = None
-
-    def node_request_ids(self) -> list[str]:
-        return self.get_children(REQUEST_ROOT)
-
-    def request_lock_ids(self) -> list[str]:
-        """Lock dirs, for cleaning up those whose request is gone."""
-        return self.get_children(REQUEST_LOCK_ROOT)
-
-    def delete_request_lock(self, request_id: str) -> None:
-        self.delete(f"{REQUEST_LOCK_ROOT}/{request_id}", recursive=True)
-
-    # -- nodes --------------------------------------------------------------
-
-    def _node_path(self, node_id: str) -> str:
-        return f"{NODE_ROOT}/{node_id}"
-
-    def get_node(self, node_id: str) -> Node | None:
-        data = self.get_or_none(self._node_path(node_id))
-        # A znode without data is a lock dir left behind by a deleted node.
-        return Node.from_dict(data, id=node_id) if data else None
-
-    def store_node(self, node: Node) -> str:
-        """Create (new 10-digit id when node.id is None) or update; NoNodeError
-        if the node was deleted."""
-        if node.id is None:
-            path = self.create(f"{NODE_ROOT}/", node.to_dict(), sequence=True)
-            node.id = path.rsplit("/", 1)[1]
-        else:
-            # No create here: a node deleted meanwhile must not come back.
-            self.set(self._node_path(node.id), node.to_dict())
-        return node.id
-
-    def lock_node(self, node: Node, blocking: bool = True, timeout: float | None = None) -> None:
-        """Lock and refresh `node`; NoNodeError if it was deleted meanwhile."""
-        path = self._node_path(node.id or "")
-        lock = self.lock(f"{path}/lock", blocking=blocking, timeout=timeout)
-        lock.acquire()
-        fresh = self.get_node(node.id or "")
-        if fresh is None:
-            lock.release()
-            # The lock recipe recreated the node path; remove that ghost.
-            self.delete(path, recursive=True)
-            raise exc.NoNodeError(f"Node {node.id} no longer exists.")
-        _refresh(node, fresh)
-        node.lock = lock
-
-    def unlock_node(self, node: Node) -> None:
-        if node.lock is not None:
-            node.lock.release()
-            node.lock = None
-
-    def delete_node(self, node: Node) -> None:
-        if node.id is not None:
-            self.delete(self._node_path(node.id), recursive=True)
-
-    def node_ids(self) -> list[str]:
-        return self.get_children(NODE_ROOT)
-
-    def nodes(self) -> list[Node]:
-        return [n for n in (self.get_node(i) for i in self.node_ids()) if n is not None]
-
-    # -- launchers ----------------------------------------------------------
-
-    def register_launcher(self, name: str, labels: list[str]) -> None:
-        """Ephemeral registration; re-created automatically after a session loss."""
-        self._launchers[name] = list(labels)
-        data = {"supported_labels": sorted(labels)}
-        path = f"{LAUNCHER_ROOT}/{name}"
-        try:
-            self.create(path, data, ephemeral=True)
-        except exc.NodeExistsError:
-            self.set(path, data)
-
-    def unregister_launcher(self, name: str) -> None:
-        self._launchers.pop(name, None)
-        self.delete(f"{LAUNCHER_ROOT}/{name}")
-
-    def get_launchers(self) -> dict[str, list[str]]:
-        """name -> labels it supports, for every live launcher."""
-        out = {}
-        for name in self.get_children(LAUNCHER_ROOT):
-            data = self.get_or_none(f"{LAUNCHER_ROOT}/{name}")
-            if data is not None:
-                out[name] = list(data.get("supported_labels", []))
-        return out
-
-    def _reregister_launchers(self) -> None:
-        for name, labels in list(self._launchers.items()):
-            try:
-                self.register_launcher(name, labels)
-            except exc.ZKError:
-                log.exception("Could not re-register launcher %s", name)
-
-    # -- image builds -------------------------------------------------------
-
-    def _builds_path(self, image: str) -> str:
-        return f"{IMAGE_ROOT}/{image}/builds"
-
-    def store_image_build(self, image_name: str, build: ImageBuild) -> str:
-        """Create (new sequence id when build.id is None) or update; returns the id."""
-        build.image = image_name
-        if build.id is None:
-            path = self.create(f"{self._builds_path(image_name)}/", build.to_dict(), sequence=True)
-            build.id = path.rsplit("/", 1)[1]
-        else:
-            path = f"{self._builds_path(image_name)}/{build.id}"
-            try:
-                self.set(path, build.to_dict())
-            except exc.NoNodeError:
-                self.create(path, build.to_dict())
-        return build.id
-
-    def get_image_build(self, image_name: str, build_id: str) -> ImageBuild | None:
-        data = self.get_or_none(f"{self._builds_path(image_name)}/{build_id}")
-        if not data:
-            return None
-        build = ImageBuild.from_dict(data, id=build_id)
-        build.image = image_name
-        return build
-
-    def get_image_builds(
-        self, image_name: str, states: list[BuildState] | None = None
-    ) -> list[ImageBuild]:
-        """Oldest first."""
-        builds = []
-        for build_id in self.get_children(self._builds_path(image_name)):
-            build = self.get_image_build(image_name, build_id)
-            if build is not None and (states is None or build.state in states):
-                builds.append(build)
-        return builds
-
-    def get_most_recent_image_build(
-        self, image_name: str, state: BuildState = BuildState.READY
-    ) -> ImageBuild | None:
-        builds = self.get_image_builds(image_name, [state])
-        return builds[-1] if builds else None
-
-    def get_image_names(self) -> list[str]:
-        return self.get_children(IMAGE_ROOT)
-
-    def delete_image_build(self, image_name: str, build_id: str) -> None:
-        self.delete(f"{self._builds_path(image_name)}/{build_id}", recursive=True)
-
-    def request_image_build(self, image_name: str) -> None:
-        try:
-            self.create(f"{IMAGE_BUILD_REQUEST_ROOT}/{image_name}", {"time": time.time()})
-        except exc.NodeExistsError:
-            pass
-
-    def get_image_build_requests(self) -> list[str]:
-        return self.get_children(IMAGE_BUILD_REQUEST_ROOT)
-
-    def remove_image_build_request(self, image_name: str) -> None:
-        self.delete(f"{IMAGE_BUILD_REQUEST_ROOT}/{image_name}")
-
-    def lock_image(
-        self,
-        image_name: str,
-        identifier: str = "",
-        blocking: bool = True,
-        timeout: float | None = None,
-    ) -> Lock:
-        """Acquired lock that one builder holds while it builds `image_name`."""
-        lock = self.lock(f"{IMAGE_ROOT}/{image_name}/lock", identifier, blocking, timeout)
-        lock.acquire()
-        return lock
