@@ -66,6 +66,8 @@ def _setup_playbook(connect_timeout: int) -> list[dict]:
                     "ansible.builtin.command": {
                         "argv": [
                             "git",
+                            "-c",
+                            "safe.directory=*",
                             "clone",
                             "--shared",
                             "--no-checkout",
@@ -80,6 +82,8 @@ def _setup_playbook(connect_timeout: int) -> list[dict]:
                     "ansible.builtin.command": {
                         "argv": [
                             "git",
+                            "-c",
+                            "safe.directory=*",
                             "fetch",
                             "--quiet",
                             "{{ zuul.git_url }}",

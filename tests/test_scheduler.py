@@ -67,7 +67,7 @@ def test_good_series_gets_plus_one(env, scheduler):
                 "pipeline", "git_ref", "vars", "timeout"):
         assert key in args["build"]
     assert args["boot"]["artifacts"] == {
-        "build": str(cfg.log_root / args["build"]["log_path"] / "artifacts")}
+        "build": str(cfg.log_root / args["build"]["log_path"])}
     # The published ref was dropped after the report; the merge was real.
     ws = cfg.state_dir / "merger" / "demo"
     assert "return 1;" in git(ws, "show", "HEAD:hello.c")

@@ -162,7 +162,7 @@ class Scheduler(threading.Thread):
 
     def submit_build(self, item: QueueItem, build: Build) -> None:
         job = self.layout.jobs[build.job]
-        deps = {d: str(self.config.log_root / item.builds[d].log_path / "artifacts")
+        deps = {d: str(self.config.log_root / item.builds[d].log_path)
                 for d in job.dependencies if d in item.builds and item.builds[d].log_path}
         conn = self.connections[item.connection]
         args = {
