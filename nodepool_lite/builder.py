@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from nodepool_lite import exceptions as exc
@@ -115,11 +115,15 @@ def dib_command(diskimage: DiskImage, output: Path) -> list[str]:
     return [dib, "-n", "-t", ",".join(formats(diskimage)), "-o", str(output), *diskimage.elements]
 
 
+def dib_lock_path() -> Path:
+    return cache_root() / "dib" / ".disk-image-create.lock"
+
+
 @contextmanager
-def machine_lock(name: str) -> Iterator[None]:
+def machine_lock() -> Iterator[None]:
     """One dib run per machine: concurrent runs would share (and lock) the apt cache
     bind-mounted from DIB_IMAGE_CACHE, and compete for the same two cores."""
-    path = cache_root() / "dib" / f".{name}.lock"
+    path = dib_lock_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -142,7 +146,9 @@ class BuildRun:
             # dib starts sudo/chroot children: kill the whole session.
             os.killpg(self.process.pid, 15)
 
-    def run(self, cmd: list[str], env: dict[str, str], log_path: Path, progress: Progress | None):
+    def run(
+        self, cmd: list[str], env: dict[str, str], log_path: Path, progress: Progress | None
+    ) -> int:
         """Run `cmd`, its output to `log_path` (and `progress`); return its exit code."""
         with open(log_path, "ab") as out:
             out.write(f"$ {' '.join(cmd)}\n".encode())
@@ -212,7 +218,7 @@ def build_image(
         build_dir.mkdir(parents=True)
         env = dib_env(diskimage)
         cmd = dib_command(diskimage, build_dir / image_name)
-        with machine_lock("disk-image-create"):
+        with machine_lock():
             rc = (run or BuildRun()).run(cmd, env, Path(build.log_path), progress)
         if rc != 0:
             raise exc.NodepoolError(f"disk-image-create exited with {rc}; see {build.log_path}.")
@@ -225,9 +231,11 @@ def build_image(
         build.state = BuildState.READY
     except (OSError, subprocess.CalledProcessError, exc.NodepoolError) as e:
         blog.error("Build failed: %s", e)
-        with open(build.log_path, "a") as out:
+        with suppress(OSError), open(build.log_path, "a") as out:
             out.write(f"zuul-lite builder: build failed: {e}\n")
+        # Keep only the log: a partial tar or rootfs must never look usable.
         shutil.rmtree(build_dir / "rootfs", ignore_errors=True)
+        (build_dir / f"{image_name}.tar").unlink(missing_ok=True)
         build.state = BuildState.FAILED
     zk.store_image_build(image_name, build)
     return build
@@ -258,7 +266,7 @@ def all_builds(config: Config, zk: ZooKeeper) -> list[ImageBuild]:
 
 def machine_building() -> bool:
     """True while some process on this machine runs disk-image-create."""
-    path = cache_root() / "dib" / ".disk-image-create.lock"
+    path = dib_lock_path()
     if not path.exists():
         return False
     with open(path) as handle:

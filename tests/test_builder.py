@@ -161,6 +161,12 @@ def test_daemon_builds_on_request_and_stops_a_running_build(zk, tmp_path, fake_d
 
 # -- the real image: built once per machine per elements/ hash -------------------
 
+# What a job does first on a node: become root, run Python, find its tools.
+NODE_CHECK = (
+    "sudo -n id -un && python3 -c 'print(42)' && echo $HOME && "
+    "qemu-system-x86_64 --version >/dev/null && busybox true && ccache -V >/dev/null"
+)
+
 
 @pytest.fixture
 def node_image(zk, tmp_path) -> ImageBuild:
@@ -198,6 +204,7 @@ def test_real_image_accepts_zuul_over_ssh(node_image, tmp_path):
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(layers["root"])],
                    check=True)  # fmt: skip
     root = layers["root"]
+    sshd_log = tmp_path / "sshd.log"
     sshd = None
     try:
         auth = root / "home/zuul/.ssh/authorized_keys"
@@ -209,7 +216,7 @@ def test_real_image_accepts_zuul_over_ssh(node_image, tmp_path):
              "--as-pid2", "/bin/sh", "-c",
              f"mkdir -p /run/sshd && exec /usr/sbin/sshd -D -e -p {port} "
              "-o ListenAddress=127.0.0.1"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdout=sshd_log.open("w"), stderr=subprocess.STDOUT,
         )  # fmt: skip
         ssh = ["ssh", "-i", str(key), "-p", str(port), "-o", "BatchMode=yes",
                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
@@ -217,14 +224,15 @@ def test_real_image_accepts_zuul_over_ssh(node_image, tmp_path):
         deadline = time.time() + 20
         while True:
             result = subprocess.run(
-                [*ssh, "sudo -n id -un && python3 -c 'print(42)' && echo $HOME"],
+                [*ssh, NODE_CHECK],
                 capture_output=True, text=True,
             )  # fmt: skip
             if result.returncode == 0 or time.time() > deadline:
                 break
             time.sleep(0.2)
-        assert result.returncode == 0, result.stderr
+        assert result.returncode == 0, result.stderr + sshd_log.read_text()
         assert result.stdout.split() == ["root", "42", "/home/zuul"]
+        assert "unable to resolve host" not in result.stderr
     finally:
         if sshd is not None:
             sshd.terminate()
