@@ -6,7 +6,8 @@ is why the same code serves normal operation and reconciliation after a
 restart:
 
 - `used`, `deleting`, `failed` nodes are destroyed;
-- `building` nodes whose launcher is no longer registered were abandoned;
+- `building` nodes whose launcher is no longer registered, or is ours but
+  not launching them any more (it failed half-way), were abandoned;
 - `ready` nodes whose request is gone (the requestor died) or was never
   fulfilled by a live launcher are destroyed;
 - `in-use` nodes whose lock is free lost their requestor (it holds the lock
@@ -88,6 +89,9 @@ class CleanupWorker(threading.Thread):
         if node.state in (NodeState.USED, NodeState.DELETING, NodeState.FAILED):
             return True
         if node.state == NodeState.BUILDING:
+            # Abandoned: its launcher is gone, or is ours but no longer on it.
+            if node.launcher in self.nodepool.launcher_ids():
+                return not self.nodepool.is_launching(node.id or "")
             return node.launcher not in launchers
         if node.state == NodeState.READY:
             req = requests.get(node.allocated_to)

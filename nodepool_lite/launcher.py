@@ -102,6 +102,7 @@ class NodeLauncher(threading.Thread):
         finally:
             for node in self.nodes:
                 self._unlock(node)
+            self.worker.nodepool.launch_finished(self.nodes)
             if self.req.lock is not None:
                 try:
                     self.zk.unlock_node_request(self.req)
@@ -295,20 +296,29 @@ class PoolWorker(threading.Thread):
         if req.state != RequestState.REQUESTED or self.launcher_id in req.declined_by:
             self.zk.unlock_node_request(req)
             return
-        req.state = RequestState.PENDING
-        self.zk.store_node_request(req)
-        nodes = []
-        for label in req.node_types:
-            node = Node(
-                type=label,
-                provider=self.provider.provider.name,
-                pool=self.pool.name,
-                launcher=self.launcher_id,
-                allocated_to=req.id,
-            )
-            self.zk.store_node(node)
-            self.zk.lock_node(node)
-            nodes.append(node)
+        nodes: list[Node] = []
+        try:
+            req.state = RequestState.PENDING
+            self.zk.store_node_request(req)
+            for label in req.node_types:
+                node = Node(
+                    type=label,
+                    provider=self.provider.provider.name,
+                    pool=self.pool.name,
+                    launcher=self.launcher_id,
+                    allocated_to=req.id,
+                )
+                self.nodepool.launch_started(node)
+                nodes.append(node)
+                self.zk.lock_node(node)
+        except exc.ZKError:
+            # Unlocked `building` nodes of no running launch are cleaned up,
+            # and the unlocked `pending` request is requeued.
+            for node in nodes:
+                self.zk.unlock_node(node)
+            self.nodepool.launch_finished(nodes)
+            self.zk.unlock_node_request(req)
+            raise
         self.log.info("Request %s accepted: launching nodes %s", req.id, [n.id for n in nodes])
         launcher = NodeLauncher(self, req, nodes)
         with self._launchers_lock:
@@ -335,6 +345,26 @@ class NodePool:
         self.pool_workers: list[PoolWorker] = []
         self.cleanup_worker: CleanupWorker | None = None
         self.watchers: list[TreeWatcher] = []
+        self._launching: set[str] = set()
+        self._launching_lock = threading.Lock()
+
+    def launch_started(self, node: Node) -> None:
+        """Store a new `building` node and mark it as being launched here, in
+        one step as seen by the cleanup worker (see `is_launching`)."""
+        with self._launching_lock:
+            self.zk.store_node(node)
+            self._launching.add(node.id or "")
+
+    def launch_finished(self, nodes: list[Node]) -> None:
+        with self._launching_lock:
+            self._launching -= {n.id for n in nodes if n.id}
+
+    def launcher_ids(self) -> set[str]:
+        return {w.launcher_id for w in self.pool_workers}
+
+    def is_launching(self, node_id: str) -> bool:
+        with self._launching_lock:
+            return node_id in self._launching
 
     def wake(self) -> None:
         for worker in self.pool_workers:
