@@ -165,7 +165,10 @@ class NodeLauncher(threading.Thread):
         except exc.NoNodeError:
             self.log.info("Request %s vanished before it was fulfilled", self.req.id)
             return
-        self.log.info("Request %s %s: nodes %s", self.req.id, self.req.state, self.req.nodes)
+        if errors:
+            self.log.warning("Request %s failed: %s", self.req.id, self.req.reason)
+        else:
+            self.log.info("Request %s fulfilled: nodes %s", self.req.id, self.req.nodes)
 
     def _discard_ready(self) -> None:
         for node in self.nodes:

@@ -286,3 +286,25 @@ def test_kill_9_launcher_then_restart(tmp_path, zk, zk_hosts):
         if nodepool is not None:
             nodepool.stop()
             nodepool.join()
+
+
+def test_launch_failure_fails_request_and_destroys_node(tmp_path, zk, zk_hosts):
+    """An image without the zuul user: every attempt fails, the request fails
+    with the driver's reason, and the failed node is destroyed."""
+    broken = tmp_path / "broken-image"
+    (broken / "rootfs" / "etc").mkdir(parents=True)
+    (broken / "rootfs" / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    zk.store_image_build(IMAGE, ImageBuild(state=BuildState.READY, path=str(broken)))
+    nodepool = NodePool(write_config(tmp_path, zk_hosts))
+    nodepool.start()
+    try:
+        req, done, _ = request(zk, LABEL)
+        assert done.wait(30)
+        fresh = zk.get_node_request(req.id)
+        assert fresh.state == RequestState.FAILED
+        assert "The image has no user 'zuul'." in fresh.reason
+        wait_for(lambda: not zk.nodes(), 30, "failed node destroyed")
+        assert not list((nodepool.config.state_dir / "nodes").iterdir())
+    finally:
+        nodepool.stop()
+        nodepool.join()
