@@ -67,10 +67,9 @@ def container_pids(root: Path) -> list[int]:
     return pids
 
 
-def nspawn_pids(root: Path) -> list[int]:
-    """Pids of the systemd-nspawn processes running `-D root`."""
-    needle = str(root).encode()
-    pids = []
+def nspawn_roots() -> dict[int, Path]:
+    """Every running systemd-nspawn: pid -> its `-D` directory."""
+    roots = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -78,9 +77,9 @@ def nspawn_pids(root: Path) -> list[int]:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if argv and argv[0].endswith(b"systemd-nspawn") and needle in argv:
-            pids.append(int(entry))
-    return pids
+        if argv[0].endswith(b"systemd-nspawn") and b"-D" in argv[:-1]:
+            roots[int(entry)] = Path(os.fsdecode(argv[argv.index(b"-D") + 1]))
+    return roots
 
 
 def _is_mounted(path: Path) -> bool:
@@ -284,7 +283,11 @@ class NspawnProvider(Provider):
         return bool(node.id and container_pids(self.node_dir(node.id) / "root"))
 
     def leaked_node_ids(self) -> list[str]:
-        return sorted(p.name for p in self.nodes_dir.iterdir() if p.is_dir())
+        ids = {p.name for p in self.nodes_dir.iterdir() if p.is_dir()}
+        ids |= {
+            r.parent.name for r in nspawn_roots().values() if r.parent.parent == self.nodes_dir
+        }
+        return sorted(ids)
 
     def cleanup_node(self, node_id: str) -> None:
         node_dir = self.node_dir(node_id)
@@ -301,9 +304,11 @@ class NspawnProvider(Provider):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        for pid in nspawn_pids(root):
-            _kill(pid, signal.SIGKILL)
-            _wait_gone(pid)
+        for pid, nspawn_root in nspawn_roots().items():
+            if nspawn_root == root:  # a predecessor's: ask it to stop its container
+                _kill(pid, signal.SIGTERM)
+                if not _wait_gone(pid):
+                    _kill(pid, signal.SIGKILL)
         if _is_mounted(root):
             result = subprocess.run(["umount", str(root)], capture_output=True)
             if result.returncode != 0:
@@ -322,14 +327,15 @@ def _kill(pid: int, sig: int) -> None:
         pass
 
 
-def _wait_gone(pid: int, timeout: float = 10.0) -> None:
+def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
     """Wait for a process we are not the parent of (a predecessor's nspawn)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
-            return
+            return True
         if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            return
+            return True
         time.sleep(0.02)
+    return False
