@@ -43,12 +43,14 @@ def setup_logging(args: argparse.Namespace) -> None:
         with open(args.log_config) as f:
             logging.config.dictConfig(yaml.safe_load(f))
         return
+    daemon = args.command in ("launcher", "builder")
     logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
+        level=logging.DEBUG if args.debug else logging.INFO if daemon else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         filename=args.log_file,
     )
-    logging.getLogger("kazoo").setLevel(logging.WARNING)
+    # A user command reports a ZooKeeper it cannot reach in its one sentence.
+    logging.getLogger("kazoo").setLevel(logging.WARNING if daemon else logging.CRITICAL)
     logging.getLogger("paramiko").setLevel(logging.WARNING)
 
 
