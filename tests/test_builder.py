@@ -161,9 +161,11 @@ def test_daemon_builds_on_request_and_stops_a_running_build(zk, tmp_path, fake_d
 
 # -- the real image: built once per machine per elements/ hash -------------------
 
-# What a job does first on a node: become root, run Python, find its tools.
+# What a job does first on a node: become root, run Python, clone the merger's
+# (root-owned, read-only) repo, find its tools.
 NODE_CHECK = (
     "sudo -n id -un && python3 -c 'print(42)' && echo $HOME && "
+    "git clone -q --shared /srv/merger/linux ~/src/linux && "
     "qemu-system-x86_64 --version >/dev/null && busybox true && ccache -V >/dev/null"
 )
 
@@ -194,6 +196,11 @@ def test_real_image_build(node_image, zk):
 
 def test_real_image_accepts_zuul_over_ssh(node_image, tmp_path):
     """The nspawn driver's way of booting a node, by hand: overlay, nspawn, sshd."""
+    merger = tmp_path / "merger"
+    subprocess.run(["git", "init", "-q", str(merger / "linux")], check=True)
+    subprocess.run(["git", "-C", str(merger / "linux"), "-c", "user.name=t", "-c",
+                    "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "base"],
+                   check=True)  # fmt: skip
     key = tmp_path / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     layers = {n: tmp_path / n for n in ("upper", "work", "root")}
@@ -213,7 +220,7 @@ def test_real_image_accepts_zuul_over_ssh(node_image, tmp_path):
         port = _free_port()
         sshd = subprocess.Popen(
             ["systemd-nspawn", "-q", "-D", str(root), "--register=no", "--keep-unit",
-             "--as-pid2", "/bin/sh", "-c",
+             "--as-pid2", f"--bind-ro={merger}:/srv/merger", "/bin/sh", "-c",
              f"mkdir -p /run/sshd && exec /usr/sbin/sshd -D -e -p {port} "
              "-o ListenAddress=127.0.0.1"],
             stdout=sshd_log.open("w"), stderr=subprocess.STDOUT,
