@@ -40,6 +40,13 @@ def running_path(uuid: str) -> str:
     return f"{BUILDS_ROOT}/{uuid}/running"
 
 
+class BuildLog(logging.LoggerAdapter):
+    """Prefixes `[build: <uuid>]`, so one grep follows a build through the launcher."""
+
+    def process(self, msg: str, kwargs: dict) -> tuple[str, dict]:
+        return f"[build: {self.extra['build']}] {msg}", kwargs
+
+
 @dataclass(slots=True)
 class Attempt:
     """How one attempt ended: a build result, or `retry` to try on a fresh node."""
@@ -61,7 +68,7 @@ class Build:
         self.args = args
         self.uuid: str = args["uuid"]
         self.status = status
-        self.log = logging.LoggerAdapter(logging.getLogger("launcher.build"), {"build": self.uuid})
+        self.log = BuildLog(logging.getLogger("launcher.build"), {"build": self.uuid})
         self.jobdir = JobDir(config.work_root, self.uuid)
         self.requester = NodeRequester(zk, f"{config.name}:{self.uuid}")
         self.runner: AnsibleRunner | None = None
@@ -77,7 +84,7 @@ class Build:
 
     def cancel(self) -> None:
         """Abort the build (scheduler cancel or launcher stop): kill ansible, free the node."""
-        self.log.info("Cancelling build %s", self.uuid)
+        self.log.info("Cancelling")
         self.cancelled.set()
         for hook in self._cancel_hooks:
             hook()
@@ -95,7 +102,7 @@ class Build:
         """Run the build (or fetch its stored result) and return the result JSON."""
         stored = self.zk.get_or_none(result_path(self.uuid))
         if stored is not None:
-            self.log.info("Build %s already has a result; returning it", self.uuid)
+            self.log.info("Already has a result; returning it")
             return stored
         start = time.monotonic()
         try:
@@ -111,8 +118,13 @@ class Build:
                 "summary": attempt.summary,
             }
             self._publish()
-            self.zk.create(result_path(self.uuid), result)
-            self.log.info("Build %s: %s in %.1f s", self.uuid, result["result"], result["elapsed"])
+            try:
+                self.zk.create(result_path(self.uuid), result)
+            except npexc.NodeExistsError:
+                # Our ZK session was lost mid-build and another launcher finished it.
+                self.log.warning("A result was stored meanwhile; returning that one")
+                return self.zk.get(result_path(self.uuid))[0]
+            self.log.info("%s in %.1f s", result["result"], result["elapsed"])
             return result
         finally:
             self.zk.delete(running_path(self.uuid))
@@ -124,7 +136,7 @@ class Build:
         If that launcher dies first (its ephemeral `running` vanishes without a
         result), run the build here.
         """
-        self.log.info("Build %s is running elsewhere; waiting for its result", self.uuid)
+        self.log.info("Running elsewhere; waiting for its result")
         wake = threading.Event()
         self._cancel_hooks.append(wake.set)
 
@@ -296,4 +308,4 @@ class Build:
         try:
             logs.publish(self.jobdir, self.config.log_root, self.args["log_path"])
         except (OSError, ValueError):
-            self.log.exception("Could not publish the logs of build %s", self.uuid)
+            self.log.exception("Could not publish the logs")

@@ -122,10 +122,15 @@ class NodeRequester:
         return stopped.set
 
     def release(self, node: Node) -> None:
-        """Mark the node `used` and unlock it, so nodepool destroys it."""
+        """Mark the node `used` and unlock it, so nodepool destroys it.
+
+        A node nodepool already took back (deleted, `deleting`, `failed`) is
+        only unlocked: writing `used` over it would undo nodepool's decision.
+        """
         try:
-            if self.zk.get_node(node.id or "") is None:
-                log.info("Node %s is already gone", node.id)
+            fresh = self.zk.get_node(node.id or "")
+            if fresh is None or fresh.state != NodeState.IN_USE:
+                log.info("Node %s is already %s", node.id, fresh.state.value if fresh else "gone")
                 return
             node.state = NodeState.USED
             self.zk.store_node(node)

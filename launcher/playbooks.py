@@ -57,9 +57,12 @@ def _setup_playbook(connect_timeout: int) -> list[dict]:
                     "ansible.builtin.wait_for_connection": {"timeout": connect_timeout},
                 },
                 {
+                    # One command, not a file-module loop: each item is an ssh round trip.
                     "name": "Create the workspace directories",
-                    "ansible.builtin.file": {"path": "~/{{ item }}", "state": "directory"},
-                    "loop": ["src", "artifacts", "console", "deps"],
+                    "ansible.builtin.command": {
+                        "argv": ["mkdir", "-p", "src", "artifacts", "console", "deps"],
+                        "chdir": "~",
+                    },
                 },
                 {
                     "name": "Clone the project from the merger (shared, read-only objects)",

@@ -56,6 +56,7 @@ class SshHost:
             f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {host_key}\n"
             f"AuthorizedKeysFile {root / 'authorized_keys'}\nPidFile {root / 'sshd.pid'}\n"
             "UsePAM no\nStrictModes no\nPasswordAuthentication no\n"
+            "Subsystem sftp /usr/lib/openssh/sftp-server\n"
             f"SetEnv HOME={self.home}\n"
         )
         Path("/run/sshd").mkdir(exist_ok=True)
@@ -280,7 +281,7 @@ def launcher_env(tmp_path, zk, zk_hosts, gear_server, ssh_host, git_repo):
         max_builds=2,
         attempts=1,
         node_timeout=30,
-        connect_timeout=3,
+        connect_timeout=60,
     )
     client = BuildClient()
     client.addServer("127.0.0.1", gear_server.port)
@@ -402,7 +403,7 @@ def test_run_failure_quotes_compiler_error(launcher_env):
 def test_unreachable_node_is_node_failure(launcher_env):
     env = launcher_env
     env["nodepool"].port = free_port()  # nothing listens there
-    env["start"]()
+    env["start"](connect_timeout=3)
     _, result = run_build(env, {"run": ["playbooks/ok.yaml"]})
     assert result["result"] == "NODE_FAILURE", result
     assert_nodes_used(env)
@@ -411,7 +412,7 @@ def test_unreachable_node_is_node_failure(launcher_env):
 def test_unreachable_retries_on_new_node_then_retry_limit(launcher_env):
     env = launcher_env
     env["nodepool"].port = free_port()
-    env["start"](attempts=2)
+    env["start"](attempts=2, connect_timeout=3)
     _, result = run_build(env, {"run": ["playbooks/ok.yaml"]})
     assert result["result"] == "RETRY_LIMIT", result
     assert len(env["nodepool"].nodes) == 2
@@ -467,6 +468,21 @@ def test_stop_aborts_a_running_build(launcher_env):
     result = env["client"].wait(job)
     assert result["result"] == "ABORTED"
     assert_nodes_used(env)
+
+
+def test_node_lost_mid_build_is_node_failure(launcher_env):
+    env = launcher_env
+    env["start"]()
+    args = build_args(env, {"run": ["playbooks/sleep.yaml"]})
+    job = env["client"].submit(EXECUTE, args)
+    env["client"].wait_phase(job, "run")
+    node = env["zk"].get_node(env["nodepool"].nodes[0])
+    node.state = NodeState.DELETING  # as nodepool does when it takes a node back
+    env["zk"].store_node(node)
+    result = env["client"].wait(job)
+    assert result["result"] == "NODE_FAILURE"
+    assert result["summary"] == f"Node {node.id} went deleting while the build ran."
+    assert env["zk"].get_node(node.id).state == NodeState.DELETING
 
 
 def test_unknown_playbook_fails_without_a_node(launcher_env):
