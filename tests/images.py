@@ -20,7 +20,15 @@ import time
 from pathlib import Path
 
 from nodepool_lite import config as nodepool_config
-from nodepool_lite.builder import REPO_ELEMENTS, Progress, build_image, cache_root, get_diskimage
+from nodepool_lite.builder import (
+    DEFAULT_DIB_ENV,
+    REPO_ELEMENTS,
+    Progress,
+    build_image,
+    cache_root,
+    dib_command,
+    get_diskimage,
+)
 from nodepool_lite.config import Config, DiskImage
 from nodepool_lite.model import BuildState, ImageBuild
 from nodepool_lite.zk import ZooKeeper
@@ -37,9 +45,15 @@ def node_config(state_dir: Path) -> Config:
 
 def image_key(diskimage: DiskImage) -> str:
     """Hash of what decides the image's content: every file of elements/ (path,
-    exec bit, bytes) and the diskimage's elements, release and env-vars."""
+    exec bit, bytes), the diskimage's config and the builder's dib flags and env."""
     digest = hashlib.sha256()
-    settings = [diskimage.elements, diskimage.release, sorted(diskimage.env_vars.items())]
+    settings = [
+        diskimage.elements,
+        diskimage.release,
+        sorted(diskimage.env_vars.items()),
+        dib_command(diskimage, Path("OUT"))[1:],
+        sorted(DEFAULT_DIB_ENV.items()),
+    ]
     digest.update(json.dumps(settings).encode())
     for path in sorted(REPO_ELEMENTS.rglob("*")):
         if path.is_file() and "__pycache__" not in path.parts:
