@@ -22,7 +22,6 @@ from launcher.jobdir import PHASES, JobDir
 log = logging.getLogger("launcher.playbooks")
 
 CALLBACK_DIR = Path(__file__).parent / "callback"
-NODE_LOGS_ARCHIVE = "zuul-node-logs.tar.gz"
 
 
 @dataclass(slots=True)
@@ -65,12 +64,25 @@ def _setup_playbook(connect_timeout: int) -> list[dict]:
                     },
                 },
                 {
+                    # git 2.39 honours safe.directory only from global config: the
+                    # merger's repository is owned by root, the node user is not.
+                    "name": "Trust the merger's read-only repository",
+                    "ansible.builtin.command": {
+                        "argv": [
+                            "git",
+                            "config",
+                            "--global",
+                            "--replace-all",
+                            "safe.directory",
+                            "{{ zuul.git_url }}",
+                        ],
+                    },
+                },
+                {
                     "name": "Clone the project from the merger (shared, read-only objects)",
                     "ansible.builtin.command": {
                         "argv": [
                             "git",
-                            "-c",
-                            "safe.directory=*",
                             "clone",
                             "--shared",
                             "--no-checkout",
@@ -85,8 +97,6 @@ def _setup_playbook(connect_timeout: int) -> list[dict]:
                     "ansible.builtin.command": {
                         "argv": [
                             "git",
-                            "-c",
-                            "safe.directory=*",
                             "fetch",
                             "--quiet",
                             "{{ zuul.git_url }}",
@@ -110,10 +120,18 @@ def _setup_playbook(connect_timeout: int) -> list[dict]:
                     },
                 },
                 {
+                    # copy expands `~` from passwd, commands from $HOME: use the latter,
+                    # which is where the job's commands look.
+                    "name": "Find the workspace home",
+                    "ansible.builtin.command": "printenv HOME",
+                    "register": "zuul_node_home",
+                    "changed_when": False,
+                },
+                {
                     "name": "Copy the artifacts of the builds this job depends on",
                     "ansible.builtin.copy": {
                         "src": "{{ item.value }}/artifacts/",
-                        "dest": "~/deps/{{ item.key }}/artifacts/",
+                        "dest": "{{ zuul_node_home.stdout }}/deps/{{ item.key }}/artifacts/",
                     },
                     "loop": "{{ zuul.artifacts | default({}) | dict2items }}",
                 },
@@ -129,7 +147,7 @@ def _collect_playbook(archive: Path) -> list[dict]:
     single files; synchronize is not in ansible-core); logs.py unpacks it with
     tarfile's `data` filter so nothing in it can escape the log dir.
     """
-    node_archive = f"/tmp/{NODE_LOGS_ARCHIVE}"
+    node_archive = "/tmp/zuul-node-logs-{{ zuul.uuid }}.tar.gz"
     return [
         {
             "name": "Collect the node's logs",
@@ -150,6 +168,10 @@ def _collect_playbook(archive: Path) -> list[dict]:
                         "dest": str(archive),
                         "flat": True,
                     },
+                },
+                {
+                    "name": "Remove the archive from the node",
+                    "ansible.builtin.file": {"path": node_archive, "state": "absent"},
                 },
             ],
         }
@@ -232,7 +254,9 @@ def write_ansible_dir(
         "[defaults]\n"
         f"inventory = {jobdir.inventory}\n"
         "stdout_callback = default\n"
-        "callbacks_enabled = zuul_json\n"
+        # Failed results (printed in full) stay readable; zuul_output echoes ok output.
+        "callback_result_format = yaml\n"
+        "callbacks_enabled = zuul_json, zuul_output\n"
         f"callback_plugins = {CALLBACK_DIR}\n"
         f"local_tmp = {jobdir.tmp}\n"
         f"roles_path = {jobs_dir / 'roles'}:{jobs_dir / 'playbooks' / 'roles'}\n"
