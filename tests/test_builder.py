@@ -71,8 +71,15 @@ def fake_dib(tmp_path, monkeypatch):
 def test_build_records_log_and_rootfs(zk, tmp_path, fake_dib):
     config = small_config(tmp_path, elements=("debian-minimal", "kernel-ci-node"))
     seen: list[str] = []
-    build = build_image(config, zk, "small", progress=seen.append)
+    states_while_running: list[BuildState] = []
+
+    def progress(line: str) -> None:
+        seen.append(line)
+        states_while_running.append(zk.get_image_builds("small")[-1].state)
+
+    build = build_image(config, zk, "small", progress=progress)
     assert build.state == BuildState.READY
+    assert set(states_while_running) == {BuildState.BUILDING}
     stored = zk.get_image_build("small", build.id)
     assert stored.state == BuildState.READY
     assert stored.builder == socket.gethostname()
