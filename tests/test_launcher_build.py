@@ -14,6 +14,7 @@ import getpass
 import json
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,6 +218,18 @@ PLAYBOOKS = {
             ],
         }
     ],
+    "use-dep.yaml": [
+        {
+            "hosts": "node",
+            "gather_facts": False,
+            "tasks": [
+                {
+                    "name": "Use the dependency's artifact",
+                    "ansible.builtin.command": "cat ~/deps/dep-job/artifacts/hello.txt",
+                }
+            ],
+        }
+    ],
     "sleep.yaml": [
         {
             "hosts": "node",
@@ -263,6 +276,8 @@ def git_repo(tmp_path) -> tuple[Path, str]:
 
 @pytest.fixture
 def launcher_env(tmp_path, zk, zk_hosts, gear_server, ssh_host, git_repo):
+    shutil.rmtree(ssh_host.home)  # a fresh "node" for every test
+    ssh_host.home.mkdir()
     jobs = tmp_path / "jobs"
     (jobs / "playbooks").mkdir(parents=True)
     for name, content in PLAYBOOKS.items():
@@ -388,6 +403,21 @@ def test_success_publishes_logs_and_result(launcher_env):
     assert not env["zk"].exists(f"/zuul/builds/{args['uuid']}/running")
     assert_nodes_used(env)
     assert not (env["config"].work_root / args["uuid"]).exists()
+
+
+def test_dependency_artifacts_are_copied_to_the_node(launcher_env):
+    env = launcher_env
+    env["start"]()
+    first, result = run_build(env, {"run": ["playbooks/ok.yaml"]})
+    assert result["result"] == "SUCCESS"
+    dep_logs = env["config"].log_root / first["log_path"]
+    args, result = run_build(
+        env, {"run": ["playbooks/use-dep.yaml"]}, artifacts={"dep-job": str(dep_logs)}
+    )
+    assert result["result"] == "SUCCESS", result
+    output = (env["config"].log_root / args["log_path"] / "job-output.txt").read_text()
+    assert "TASK [Use the dependency's artifact]" in output
+    assert "| hello" in output
 
 
 def test_run_failure_quotes_compiler_error(launcher_env):
