@@ -500,6 +500,23 @@ def test_stop_aborts_a_running_build(launcher_env):
     assert_nodes_used(env)
 
 
+def test_at_most_max_builds_run_at_once(launcher_env):
+    env = launcher_env
+    server = env["start"](max_builds=2)
+    client = env["client"]
+    builds = [build_args(env, {"run": ["playbooks/sleep.yaml"]}) for _ in range(3)]
+    jobs = [client.submit(EXECUTE, args) for args in builds]
+    client.wait_phase(jobs[0], "run")
+    client.wait_phase(jobs[1], "run")
+    assert client.phases[jobs[2].unique] == []  # still queued in gearman
+    assert not env["zk"].exists(f"/zuul/builds/{builds[2]['uuid']}/running")
+    client.wait(client.submit(server.stop_function, {"uuid": builds[0]["uuid"]}))
+    client.wait_phase(jobs[2], "run")
+    for args in builds[1:]:
+        client.wait(client.submit(server.stop_function, {"uuid": args["uuid"]}))
+    assert [client.wait(job)["result"] for job in jobs] == ["ABORTED"] * 3
+
+
 def test_node_lost_mid_build_is_node_failure(launcher_env):
     env = launcher_env
     env["start"]()
