@@ -88,15 +88,18 @@ def _is_mounted(path: Path) -> bool:
         return any(line.split()[4] == target for line in mounts)
 
 
-def _write_authorized_key(root: Path, public_key: str) -> None:
-    """Authorise the launcher's key for `zuul`, owned by the image's uid/gid."""
+def _node_user(root: Path) -> tuple[int, int, str]:
+    """uid, gid and home of `zuul` in the image."""
     for line in (root / "etc/passwd").read_text().splitlines():
         fields = line.split(":")
         if fields[0] == USERNAME:
-            uid, gid, home = int(fields[2]), int(fields[3]), fields[5]
-            break
-    else:
-        raise LaunchError(f"The image has no user {USERNAME!r}.")
+            return int(fields[2]), int(fields[3]), fields[5]
+    raise LaunchError(f"The image has no user {USERNAME!r}.")
+
+
+def _write_authorized_key(root: Path, public_key: str) -> None:
+    """Authorise the launcher's key for `zuul`, owned by the image's uid/gid."""
+    uid, gid, home = _node_user(root)
     ssh_dir = root / home.lstrip("/") / ".ssh"
     ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     keys = ssh_dir / "authorized_keys"
@@ -207,6 +210,11 @@ class NspawnProvider(Provider):
         for bind in pool.bind_ro + pool.bind:
             Path(bind.host).mkdir(parents=True, exist_ok=True)
             flag = "--bind-ro" if bind in pool.bind_ro else "--bind"
+            if bind not in pool.bind_ro:
+                # A writable mount (the shared ccache) must be writable by the
+                # node's user, whatever created the directory on the host.
+                uid, gid, _ = _node_user(root)
+                os.chown(bind.host, uid, gid)
             binds.append(f"{flag}={bind.host}:{bind.node}")
         sshd = (
             "mkdir -p /run/sshd && exec /usr/sbin/sshd -D -e"
