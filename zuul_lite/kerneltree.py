@@ -129,7 +129,10 @@ def _import(tree: Path, pkg_version: str, report: ProgressCallback) -> None:
     # The import leaves ~78k loose objects: without this, the first later git
     # command in the cache would start a long background auto-gc.
     _git(tree, "config", "gc.auto", "0")
-    _git(tree, "add", "-A")
+    # Debian's .gitignore also lacks upstream's `!.gitignore`-style exceptions
+    # to `.*`, which would leave out every dotfile (.gitignore, .mailmap, ...)
+    # and a few more; the tarball holds only source, so add all of it.
+    _git(tree, "add", "--all", "--force")
     _git(
         tree,
         "commit",
@@ -168,6 +171,7 @@ def ensure_kernel_repo(
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".import-{pkg_version}-", dir=kernel_dir))
         try:
+            tmp.chmod(0o755)  # mkdtemp's 0700 would hide the tree from other users
             _import(tmp, pkg_version, report)
             tmp.rename(repo)
         except BaseException:

@@ -1,0 +1,82 @@
+"""jobs/jobs.yaml loads with the layout's own parser and every playbook is
+plain, syntactically valid Ansible that uses only ansible.builtin modules."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zuul_lite.layout import load_jobs
+
+JOBS_DIR = Path(__file__).resolve().parents[1] / "jobs"
+PLAYBOOKS = sorted((JOBS_DIR / "playbooks").glob("*.yaml"))
+ANSIBLE_PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
+
+# Task keywords that are not module names.
+TASK_KEYWORDS = {
+    "name",
+    "when",
+    "loop",
+    "register",
+    "changed_when",
+    "failed_when",
+    "environment",
+    "vars",
+    "block",
+    "always",
+    "rescue",
+    "ignore_errors",
+    "no_log",
+    "tags",
+    "args",
+}
+
+
+def test_jobs_load_with_the_layout_parser():
+    jobs = load_jobs(JOBS_DIR)
+    assert set(jobs) == {"kernel-checkpatch", "kernel-build", "kernel-boot-qemu"}
+    assert jobs["kernel-boot-qemu"].dependencies == ["kernel-build"]
+    assert jobs["kernel-build"].vars == {"kernel_config": "tiny-bootable"}
+    for job in jobs.values():
+        assert job.node_type == "kernel-debian"
+        assert job.run == [f"playbooks/{job.name}.yaml"]
+        assert job.description
+
+
+def test_every_playbook_is_used_by_a_job():
+    used = {p for job in load_jobs(JOBS_DIR).values() for p in job.run}
+    assert {f"playbooks/{p.name}" for p in PLAYBOOKS} == used
+
+
+def _tasks(tasks: list[dict]):
+    for task in tasks:
+        yield task
+        for section in ("block", "always", "rescue"):
+            yield from _tasks(task.get(section, []))
+
+
+@pytest.mark.parametrize("playbook", PLAYBOOKS, ids=lambda p: p.name)
+def test_playbook_uses_only_builtin_modules(playbook):
+    for play in yaml.safe_load(playbook.read_text()):
+        assert play["gather_facts"] is False  # nodes answer faster without
+        for task in _tasks(play["tasks"]):
+            assert task.get("name"), f"unnamed task in {playbook.name}: {task}"
+            modules = set(task) - TASK_KEYWORDS
+            if "block" not in task:
+                assert len(modules) == 1, task
+                assert next(iter(modules)).startswith("ansible.builtin."), task
+
+
+@pytest.mark.parametrize("playbook", PLAYBOOKS, ids=lambda p: p.name)
+def test_playbook_syntax(playbook, tmp_path):
+    result = subprocess.run(
+        [str(ANSIBLE_PLAYBOOK), "--syntax-check", "-i", "localhost,", str(playbook)],
+        capture_output=True,
+        text=True,
+        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
