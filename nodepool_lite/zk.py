@@ -157,9 +157,13 @@ class Transaction:
 class ZooKeeper(NodepoolZK):
     """A connection to ZooKeeper; `hosts` may end in a chroot ('h:p/chroot')."""
 
-    def __init__(self, hosts: str, timeout: float = 10.0):
+    def __init__(self, hosts: str, timeout: float = 10.0, connect_timeout: float | None = None):
+        """`timeout` is the session timeout; `connect_timeout` (default 3x) bounds
+        connect(): a loaded host's ZooKeeper can take many seconds to answer
+        its first session, while a CLI wants to give up quickly."""
         self.hosts = hosts
         self.timeout = timeout
+        self.connect_timeout = connect_timeout or 3 * timeout
         self.client: KazooClient | None = None
         self._listeners: list[Callable[[str], None]] = []
         self._launchers: dict[str, list[str]] = {}
@@ -175,7 +179,7 @@ class ZooKeeper(NodepoolZK):
         if chroot:
             bootstrap = KazooClient(hosts=servers, timeout=self.timeout)
             with _translated():
-                bootstrap.start(timeout=self.timeout)
+                bootstrap.start(timeout=self.connect_timeout)
                 try:
                     bootstrap.ensure_path(chroot)
                 finally:
@@ -189,7 +193,7 @@ class ZooKeeper(NodepoolZK):
         client.add_listener(self._on_state)
         try:
             with _translated():
-                client.start(timeout=self.timeout)
+                client.start(timeout=self.connect_timeout)
         except exc.ZKError:
             client.close()
             raise exc.ZKError(f"Cannot connect to ZooKeeper at {self.hosts}.") from None

@@ -87,7 +87,7 @@ class Commands:
     @property
     def zk(self) -> ZooKeeper:
         if self._zk is None:
-            self._zk = ZooKeeper(self.config.zookeeper_hosts, timeout=5.0)
+            self._zk = ZooKeeper(self.config.zookeeper_hosts, connect_timeout=10.0)
             self._zk.connect()
         return self._zk
 
