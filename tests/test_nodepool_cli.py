@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +86,26 @@ def test_node_commands(conf, zk, capsys):
     finally:
         nodepool.stop()
         nodepool.join()
+
+
+def test_launcher_daemon_reloads_on_sighup_and_keeps_a_good_config(conf, zk):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "nodepool_lite.cmd.nodepoolcmd", "-c", conf, "launcher"], env=env
+    )
+    try:
+        [first] = wait_for(lambda: list(zk.get_launchers()), 30, "launcher registered")
+        good = Path(conf).read_text()
+        Path(conf).write_text(good.replace("max-servers: 2", "max-servers: two"))
+        daemon.send_signal(signal.SIGHUP)
+        time.sleep(1)  # a reload would replace the registration within this
+        assert list(zk.get_launchers()) == [first] and daemon.poll() is None
+        Path(conf).write_text(good.replace("max-servers: 2", "max-servers: 1"))
+        daemon.send_signal(signal.SIGHUP)
+        wait_for(lambda: list(zk.get_launchers()) not in ([], [first]), 30, "re-registered")
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+        assert zk.get_launchers() == {}
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()

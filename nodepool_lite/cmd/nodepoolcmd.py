@@ -16,7 +16,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -68,12 +67,23 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _wait_for_signal(stop: Callable[[], None]) -> None:
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda s, f: done.set())
-    signal.signal(signal.SIGINT, lambda s, f: done.set())
-    done.wait()
-    stop()
+class Signals:
+    """SIGTERM/SIGINT stop a daemon; SIGHUP asks it to reload its config."""
+
+    def __init__(self, reload: bool = False):
+        self.event = threading.Event()
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT) + ((signal.SIGHUP,) if reload else ()):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, frame: object) -> None:
+        self.received = signum
+        self.event.set()
+
+    def wait(self) -> int:
+        self.event.wait()
+        self.event.clear()
+        return self.received or signal.SIGTERM
 
 
 class Commands:
@@ -100,9 +110,22 @@ class Commands:
     def launcher(self) -> int:
         from nodepool_lite.launcher import NodePool
 
+        signals = Signals(reload=True)
         nodepool = NodePool(self.args.config)
         nodepool.start()
-        _wait_for_signal(nodepool.stop)
+        while signals.wait() == signal.SIGHUP:
+            # Restarting is cheap and safe: the new instance adopts the nodes.
+            try:
+                npconfig.load(self.args.config)
+            except NodepoolError as error:
+                log.error("Keeping the running config: %s", error)
+                continue
+            log.info("Reloading %s", self.args.config)
+            nodepool.stop()
+            nodepool.join()
+            nodepool = NodePool(self.args.config)
+            nodepool.start()
+        nodepool.stop()
         nodepool.join()
         return 0
 
@@ -111,7 +134,8 @@ class Commands:
 
         builder = NodePoolBuilder(self.config, self.zk)
         builder.start()
-        _wait_for_signal(builder.stop)
+        Signals().wait()
+        builder.stop()
         builder.join()
         return 0
 
