@@ -8,6 +8,8 @@ for every driver: ask it which nodes still run and which resources are leaked.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import subprocess
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -23,12 +25,20 @@ def ensure_keypair(state_dir: Path) -> Path:
     zuul-launcher logs in with the private half. Returns the private key path."""
     keys = Path(state_dir) / "keys"
     private = keys / "id_ed25519"
-    if not private.exists():
-        keys.mkdir(parents=True, exist_ok=True, mode=0o700)
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "zuul-lite", "-f", private],
-            check=True,
-        )
+    if private.exists():
+        return private
+    keys.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(keys / ".lock", "w") as lock:
+        # Another process (a second daemon, the quick start) may be making it.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not private.exists():
+            tmp = keys / f".id_ed25519.{os.getpid()}"
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "zuul-lite", "-f", tmp],
+                check=True, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+            os.replace(f"{tmp}.pub", f"{private}.pub")  # public half first: readers
+            os.replace(tmp, private)  # test for the private one
     return private
 
 
