@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nodepool_lite.launcher.CleanupWorker")
 
+# Watches wake the worker on every node and request change; a requestor that
+# dies while a node is in-use only drops its lock, which nothing watches, so
+# that case (and watches lost with a session) waits for this tick.
 SAFETY_TICK = 30.0
 
 
