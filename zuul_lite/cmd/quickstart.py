@@ -9,12 +9,12 @@ twice costs only the wait for votes (and submits nothing twice).
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 from nodepool_lite import config as npconfig
+from nodepool_lite.drivers import ensure_keypair
 from nodepool_lite.zk import ZooKeeper
 from nodepool_lite.zkserver import ZooKeeperServer
 from zuul_lite import config as zconfig
@@ -43,15 +43,6 @@ def _wait(what: str, done, timeout: float, every: float = 20.0, detail=None) -> 
             raise SystemExit(f"zuul-lite: gave up waiting for {what} after {int(took)}s.")
         extra = f": {detail()}" if detail else ""
         say(f"  ... still waiting for {what} ({format_duration(took)}){extra}")
-
-
-def ensure_keypair(state_dir: Path) -> Path:
-    key = state_dir / "keys" / "id_ed25519"
-    if not key.exists():
-        key.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "zuul-lite",
-                        "-f", str(key)], check=True)
-    return key
 
 
 def _zk_port(hosts: str) -> int:
