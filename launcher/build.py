@@ -273,7 +273,7 @@ class Build:
             if attempt.result != "SUCCESS":
                 break
         for playbook in phases["post"]:
-            if attempt.result == "ABORTED":
+            if attempt.result in ("ABORTED", "NODE_FAILURE"):
                 break
             outcome = self._play(playbook, "post", self.config.post_timeout)
             if outcome != Outcome.OK and attempt.result == "SUCCESS":
@@ -290,7 +290,7 @@ class Build:
             return Attempt("TIMED_OUT", f"The job exceeded its timeout of {timeout:.0f} seconds.")
         if outcome == Outcome.UNREACHABLE:
             reason = self.lost_reason or self._summary("The node became unreachable.")
-            return Attempt("NODE_FAILURE", reason, retry=True)
+            return Attempt("NODE_FAILURE", reason, retry=True, collect=False)
         if phase == "pre":
             return Attempt("FAILURE", self._summary("A pre playbook failed."), retry=True)
         return Attempt("FAILURE", self._summary("The run playbook failed."))
