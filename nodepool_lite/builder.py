@@ -175,14 +175,16 @@ def extract(tarball: Path, rootfs: Path) -> None:
     """Unpack a dib tar as nodes need it: owners by number (the image's uids, not
     the host's names), permissions, xattrs (file capabilities such as ping's)."""
     rootfs.mkdir()
-    subprocess.run(
+    result = subprocess.run(
         [
             "tar", "--numeric-owner", "--same-permissions", "--xattrs",
             "--xattrs-include=*", "-xf", str(tarball), "-C", str(rootfs),
         ],
-        check=True,
         capture_output=True,
+        text=True,
     )  # fmt: skip
+    if result.returncode != 0:
+        raise exc.NodepoolError(f"Extracting {tarball} failed: {result.stderr.strip()}")
 
 
 def build_image(
@@ -229,7 +231,7 @@ def build_image(
         with open(build.log_path, "a") as out:
             out.write(f"zuul-lite builder: {timing}\n")
         build.state = BuildState.READY
-    except (OSError, subprocess.CalledProcessError, exc.NodepoolError) as e:
+    except (OSError, exc.NodepoolError) as e:
         blog.error("Build failed: %s", e)
         with suppress(OSError), open(build.log_path, "a") as out:
             out.write(f"zuul-lite builder: build failed: {e}\n")
@@ -385,9 +387,12 @@ class BuildWorker(threading.Thread):
         for name in image_names(self.config):
             if self.stop_event.is_set():
                 return
-            if name in requested or build_due(self.config, self.zk, name, time.time()):
-                self._build(name)
+            if name in requested:
+                # Before the build: a request made while it runs asks for another.
                 self.zk.remove_image_build_request(name)
+                self._build(name)
+            elif build_due(self.config, self.zk, name, time.time()):
+                self._build(name)
 
     def _build(self, name: str) -> None:
         """Build under the image's ZK lock, so two builders never build one image."""
