@@ -44,8 +44,9 @@ def node_config(state_dir: Path) -> Config:
 
 
 def image_key(diskimage: DiskImage) -> str:
-    """Hash of what decides the image's content: every file of elements/ (path,
-    exec bit, bytes), the diskimage's config and the builder's dib flags and env."""
+    """Hash of what decides the image's content: every file of elements/ but the
+    docs (path, exec bit, bytes), the diskimage's config and the builder's dib
+    flags and env."""
     digest = hashlib.sha256()
     settings = [
         diskimage.elements,
@@ -56,7 +57,7 @@ def image_key(diskimage: DiskImage) -> str:
     ]
     digest.update(json.dumps(settings).encode())
     for path in sorted(REPO_ELEMENTS.rglob("*")):
-        if path.is_file() and "__pycache__" not in path.parts:
+        if path.is_file() and path.suffix != ".rst" and "__pycache__" not in path.parts:
             digest.update(str(path.relative_to(REPO_ELEMENTS)).encode())
             digest.update(b"x" if path.stat().st_mode & 0o111 else b"-")
             digest.update(path.read_bytes())
