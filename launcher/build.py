@@ -72,7 +72,8 @@ class Build:
         self.jobdir = JobDir(config.work_root, self.uuid)
         self.requester = NodeRequester(zk, f"{config.name}:{self.uuid}")
         self.runner: AnsibleRunner | None = None
-        self.output = OutputLog(self.jobdir.job_output)
+        self.log_dir = logs.log_dir(config.log_root, args["log_path"])
+        self.output = OutputLog(self.log_dir / "job-output.txt")
         self.cancelled = threading.Event()
         self.lost_reason: str | None = None
         self.records: list[dict] = []
@@ -306,6 +307,6 @@ class Build:
     def _publish(self) -> None:
         logs.write_job_output_json(self.jobdir, self.records)
         try:
-            logs.publish(self.jobdir, self.config.log_root, self.args["log_path"])
-        except (OSError, ValueError):
+            logs.publish(self.jobdir, self.log_dir)
+        except OSError:
             self.log.exception("Could not publish the logs")

@@ -17,10 +17,13 @@ strings, so the layout below is the whole truth (doc/architecture.md mirrors it)
                                archive (never published)
     <tmp>/zlcp-<uuid>/         ssh ControlPath sockets: a unix socket path must stay
                                under 108 bytes, which a deep work dir would exceed
-      logs/                    copied to <log_root>/<log_path>/
-        job-output.txt         timestamped ansible-playbook output
+      logs/                    copied to <log_root>/<log_path>/ when the build ends
         job-output.json        per-task results of every playbook
         artifacts/  console/   what collect-logs.yaml pulled from the node
+
+job-output.txt (timestamped ansible-playbook output) is the exception: it is
+written straight into <log_root>/<log_path>/ from the first line, so the web's
+log browser and the log URL sent in WORK_DATA show a running build live.
 
 The private key is never copied here: the inventory names the operator's key
 file by path, and publishing skips anything that looks like a key anyway.
@@ -52,7 +55,6 @@ class JobDir:
         self.results = self.ansible / "results.jsonl"
         self.node_logs_archive = self.tmp / "node-logs.tar.gz"
         self.control_dir = Path(tempfile.gettempdir()) / f"zlcp-{uuid[:16]}"
-        self.job_output = self.logs / "job-output.txt"
         self.job_output_json = self.logs / "job-output.json"
         self.artifacts = self.logs / "artifacts"
         self.console = self.logs / "console"

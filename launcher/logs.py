@@ -119,12 +119,17 @@ def _ignore_for_publish(directory: str, names: list[str]) -> set[str]:
     return {name for name in names if name == "tmp" or PRIVATE_KEY.search(name)}
 
 
-def publish(jobdir: JobDir, log_root: Path, log_path: str) -> Path:
-    """Copy logs/ and ansible/ (as _ansible/) to <log_root>/<log_path>/; return it."""
+def log_dir(log_root: Path, log_path: str) -> Path:
+    """<log_root>/<log_path>/, created; ValueError if log_path climbs out of the root."""
     target = (log_root / log_path).resolve()
     if not target.is_relative_to(log_root.resolve()):
         raise ValueError(f"The log path {log_path} leaves the log root.")
     target.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def publish(jobdir: JobDir, target: Path) -> None:
+    """Copy logs/ and ansible/ (as _ansible/) into the build's log dir `target`."""
     shutil.copytree(jobdir.logs, target, dirs_exist_ok=True, symlinks=True)
     if jobdir.ansible.exists():
         shutil.copytree(
@@ -134,4 +139,3 @@ def publish(jobdir: JobDir, log_root: Path, log_path: str) -> Path:
             symlinks=True,
             ignore=_ignore_for_publish,
         )
-    return target

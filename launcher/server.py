@@ -104,12 +104,12 @@ class LauncherServer:
             args = json.loads(job.arguments)
             missing = [key for key in REQUIRED_ARGS if key not in args]
             if missing:
-                raise ValueError(f"missing {', '.join(missing)}")
-        except ValueError as error:
+                raise ValueError(f"missing {', '.join(missing)}.")
+            build = Build(self.config, self.zk, args, lambda *s: self._status(job, build, *s))
+        except ValueError as error:  # also a log_path that leaves the log root
             log.error("Refusing a build with bad arguments: %s", error)
-            job.sendWorkException(f"The build arguments are invalid: {error}.".encode())
+            job.sendWorkException(f"The build arguments are invalid: {error}".encode())
             return
-        build = Build(self.config, self.zk, args, lambda *s: self._status(job, build, *s))
         with self._builds_lock:
             self.builds[build.uuid] = build
         try:

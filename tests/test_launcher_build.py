@@ -493,6 +493,8 @@ def test_stop_aborts_a_running_build(launcher_env):
     args = build_args(env, {"run": ["playbooks/sleep.yaml"]})
     job = env["client"].submit(EXECUTE, args)
     env["client"].wait_phase(job, "run")
+    live = env["config"].log_root / args["log_path"] / "job-output.txt"
+    assert "PLAYBOOK [run] run-0.yaml" in live.read_text()  # followable while it runs
     stop = env["client"].submit(server.stop_function, {"uuid": args["uuid"]})
     assert env["client"].wait(stop) == {"uuid": args["uuid"], "cancelled": True}
     result = env["client"].wait(job)

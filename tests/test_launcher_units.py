@@ -134,15 +134,17 @@ def test_ansible_dir_layout(tmp_path):
 def test_publish_leaves_out_tmp_and_keys(tmp_path):
     jobdir = JobDir(tmp_path / "work", "abc")
     jobdir.prepare()
-    jobdir.job_output.write_text("x\n")
+    (jobdir.artifacts / "bzImage").write_text("x\n")
     jobdir.inventory.write_text("all: {}\n")
     (jobdir.tmp / "junk").write_text("")
     (jobdir.ansible / "id_ed25519").write_text("PRIVATE")
-    target = logs.publish(jobdir, tmp_path / "logs", "1/1/check/j/abc")
-    assert (target / "job-output.txt").read_text() == "x\n"
+    target = logs.log_dir(tmp_path / "logs", "1/1/check/j/abc")
+    assert target == tmp_path / "logs" / "1/1/check/j/abc" and target.is_dir()
+    logs.publish(jobdir, target)
+    assert (target / "artifacts" / "bzImage").read_text() == "x\n"
     assert sorted(p.name for p in (target / "_ansible").iterdir()) == ["inventory.yaml"]
     with pytest.raises(ValueError, match="leaves the log root"):
-        logs.publish(jobdir, tmp_path / "logs", "../escape")
+        logs.log_dir(tmp_path / "logs", "../escape")
 
 
 def test_node_logs_cannot_escape_the_log_dir(tmp_path):
