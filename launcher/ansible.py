@@ -22,8 +22,7 @@ from launcher.jobdir import JobDir
 
 log = logging.getLogger("launcher.ansible")
 
-# ansible-playbook exit codes (ansible.executor.task_queue_manager)
-RC_HOST_FAILED = 2
+# ansible-playbook's exit code when a host was unreachable (TaskQueueManager)
 RC_HOST_UNREACHABLE = 4
 
 
@@ -106,10 +105,6 @@ class AnsibleRunner:
         with self._lock:
             self._aborted = True
         self._kill("build aborted")
-
-    @property
-    def aborted(self) -> bool:
-        return self._aborted
 
     def close_connections(self) -> None:
         """Stop the ssh ControlMasters of this build.

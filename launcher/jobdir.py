@@ -1,7 +1,8 @@
 """The one object that owns the layout of a build directory.
 
 Every other launcher module asks a JobDir for a path instead of joining
-strings, so the layout below is the whole truth (doc/architecture.md mirrors it):
+strings, so the layout below is the whole truth (doc/architecture.md has the
+short form):
 
     <work>/<uuid>/
       ansible/                 copied to the log dir as _ansible/ (tmp/ left out)
@@ -15,11 +16,11 @@ strings, so the layout below is the whole truth (doc/architecture.md mirrors it)
         results.jsonl          one JSON line per playbook, written by our callback
         tmp/                   ANSIBLE_LOCAL_TEMP, ANSIBLE_HOME, the fetched node-logs
                                archive (never published)
-    <tmp>/zlcp-<uuid>/         ssh ControlPath sockets: a unix socket path must stay
-                               under 108 bytes, which a deep work dir would exceed
       logs/                    copied to <log_root>/<log_path>/ when the build ends
         job-output.json        per-task results of every playbook
         artifacts/  console/   what collect-logs.yaml pulled from the node
+    <tmp>/zlcp-<uuid>/         ssh ControlPath sockets: a unix socket path must stay
+                               under 108 bytes, which a deep work dir would exceed
 
 job-output.txt (timestamped ansible-playbook output) is the exception: it is
 written straight into <log_root>/<log_path>/ from the first line, so the web's
