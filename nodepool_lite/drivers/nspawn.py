@@ -155,6 +155,11 @@ class NspawnProvider(Provider):
         self.public_key = Path(f"{self.private_key}.pub").read_text()
         self._procs: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
+        self.trash_dir = self.nodes_dir / ".trash"
+        self._trash_remover: threading.Thread | None = None
+        self._trash_pending = False
+        if self.trash_dir.exists():
+            self._empty_trash()
 
     def _image(self, pool: npconfig.Pool, label: str) -> ImageBuild | None:
         diskimage = pool.labels[label].diskimage
@@ -291,7 +296,7 @@ class NspawnProvider(Provider):
         return bool(node.id and container_pids(self.node_dir(node.id) / "root"))
 
     def leaked_node_ids(self) -> list[str]:
-        ids = {p.name for p in self.nodes_dir.iterdir() if p.is_dir()}
+        ids = {p.name for p in self.nodes_dir.iterdir() if p.is_dir() and p.name != ".trash"}
         ids |= {
             r.parent.name for r in nspawn_roots().values() if r.parent.parent == self.nodes_dir
         }
@@ -322,10 +327,40 @@ class NspawnProvider(Provider):
             if result.returncode != 0:
                 log.warning("umount %s failed (%s); detaching", root, result.stderr.strip())
                 subprocess.run(["umount", "-l", str(root)], check=True)
-        shutil.rmtree(node_dir, ignore_errors=True)
         if node_dir.exists():
-            raise LaunchError(f"Node {node_id}: could not remove {node_dir}.")
+            # The upper dir holds a whole kernel tree and its build: removing
+            # 80k files takes minutes under load, so move it aside (instant, same
+            # filesystem) and free the node's slot now.
+            trash = self.trash_dir / f"{node_id}-{time.time_ns()}"
+            self.trash_dir.mkdir(exist_ok=True)
+            try:
+                node_dir.rename(trash)
+            except OSError as e:
+                raise LaunchError(f"Node {node_id}: could not remove {node_dir} ({e}).") from e
+            self._empty_trash()
         log.info("Node %s destroyed", node_id)
+
+    def _empty_trash(self) -> None:
+        """Remove what destroyed nodes left, in the background, one remover at a time."""
+        with self._lock:
+            if self._trash_remover is not None and self._trash_remover.is_alive():
+                self._trash_pending = True
+                return
+            self._trash_pending = False
+            self._trash_remover = threading.Thread(
+                target=self._remove_trash, name="nspawn-trash", daemon=True
+            )
+            self._trash_remover.start()
+
+    def _remove_trash(self) -> None:
+        while True:
+            for entry in sorted(self.trash_dir.glob("*")):
+                shutil.rmtree(entry, ignore_errors=True)
+            with self._lock:
+                if not self._trash_pending:
+                    self._trash_remover = None
+                    return
+                self._trash_pending = False
 
 
 def _kill(pid: int, sig: int) -> None:
