@@ -66,12 +66,14 @@ def image_key(diskimage: DiskImage) -> str:
 
 def prune_stale(current: Path, unused_for: float = 86400) -> None:
     """Drop cached builds of the same image for other elements/ trees once unused
-    for a day: a test run of an older checkout may still boot nodes from them."""
+    for a day and not mounted: a test run of an older checkout may still boot
+    nodes (overlays with the rootfs as lower dir) from them."""
     image = current.name.rsplit("-", 1)[0]
+    mounts = Path("/proc/mounts").read_text()
     for slot in current.parent.glob(f"{image}-{'?' * KEY_LENGTH}"):
         marker = slot / MARKER
         stale = not marker.exists() or time.time() - marker.stat().st_mtime > unused_for
-        if slot != current and stale:
+        if slot != current and stale and str(slot) not in mounts:
             shutil.rmtree(slot, ignore_errors=True)
 
 

@@ -19,7 +19,7 @@ from nodepool_lite.builder import NodePoolBuilder, build_image, cleanup, reconci
 from nodepool_lite.config import Config, load
 from nodepool_lite.exceptions import ConfigError
 from nodepool_lite.model import BuildState, ImageBuild, Node
-from tests.images import ensure_node_image, node_config
+from tests.images import MARKER, ensure_node_image, node_config, prune_stale
 
 FAKE_DIB = """
 import sys, tarfile, io, time
@@ -265,3 +265,15 @@ def test_ensure_node_image_reuses_the_cached_build(node_image, zk, tmp_path):
     assert again.id != node_image.id
     assert again.path == node_image.path
     assert zk.get_image_build("kernel-ci-debian", again.id).state == BuildState.READY
+
+
+def test_prune_stale_drops_only_old_unused_cache_slots(tmp_path):
+    slots = {n: tmp_path / f"img-{n * 16}" for n in "abcd"}
+    for name, slot in slots.items():
+        slot.mkdir()
+        if name != "d":  # d: a build that died before its marker
+            (slot / MARKER).write_text("{}")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(slots["b"] / MARKER, (two_days_ago, two_days_ago))
+    prune_stale(slots["a"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img-" + "a" * 16, "img-" + "c" * 16]
