@@ -277,3 +277,15 @@ def test_prune_stale_drops_only_old_unused_cache_slots(tmp_path):
     os.utime(slots["b"] / MARKER, (two_days_ago, two_days_ago))
     prune_stale(slots["a"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img-" + "a" * 16, "img-" + "c" * 16]
+
+
+def test_cleanup_never_deletes_dirs_outside_the_state_dir(zk, tmp_path, fake_dib):
+    shared = tmp_path / "cache" / "images" / "small-0123456789abcdef" / "small-0000000007"
+    (shared / "rootfs").mkdir(parents=True)
+    config = small_config(tmp_path)
+    zk.store_image_build("small", ImageBuild(state=BuildState.READY, path=str(shared)))
+    for _ in range(2):
+        build_image(config, zk, "small")
+    cleanup(config, zk)
+    assert len(zk.get_image_builds("small")) == 2  # the shared one was the oldest
+    assert (shared / "rootfs").is_dir()
