@@ -105,6 +105,8 @@ def ensure_node_image(
         marker.touch()  # last use, for prune_stale()
         data = json.loads(marker.read_text())
     data.pop("id")
+    # Registered now: a builder daemon in the test must not find it past rebuild-age.
+    data["created_time"] = data["state_time"] = time.time()
     build = ImageBuild.from_dict(data)
     zk.store_image_build(image_name, build)
     return build

@@ -264,6 +264,7 @@ def test_ensure_node_image_reuses_the_cached_build(node_image, zk, tmp_path):
     again = ensure_node_image(zk, node_config(tmp_path))
     assert again.id != node_image.id
     assert again.path == node_image.path
+    assert again.created_time > node_image.created_time  # fresh for rebuild-age
     assert zk.get_image_build("kernel-ci-debian", again.id).state == BuildState.READY
 
 
