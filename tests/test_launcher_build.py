@@ -494,7 +494,7 @@ def test_stop_aborts_a_running_build(launcher_env):
     job = env["client"].submit(EXECUTE, args)
     env["client"].wait_phase(job, "run")
     live = env["config"].log_root / args["log_path"] / "job-output.txt"
-    assert "PLAYBOOK [run] run-0.yaml" in live.read_text()  # followable while it runs
+    assert "PLAYBOOK [setup] setup.yaml" in live.read_text()  # followable while it runs
     stop = env["client"].submit(server.stop_function, {"uuid": args["uuid"]})
     assert env["client"].wait(stop) == {"uuid": args["uuid"], "cancelled": True}
     result = env["client"].wait(job)
