@@ -45,8 +45,9 @@ def free_port() -> int:
 class ZooKeeperServer:
     """One ZooKeeper server whose config, data and log live in `root`."""
 
-    def __init__(self, root: Path, port: int = 2181, host: str = "127.0.0.1",
-                 force_sync: bool = True) -> None:
+    def __init__(
+        self, root: Path, port: int = 2181, host: str = "127.0.0.1", force_sync: bool = True
+    ) -> None:
         self.root = Path(root)
         self.port = port
         self.host = host
@@ -96,7 +97,7 @@ class ZooKeeperServer:
         if not java or missing:
             raise ZooKeeperServerError(
                 "ZooKeeper is not installed: install the Debian packages 'zookeeper' and "
-                "'default-jre-headless' (missing: %s)." % ", ".join(missing or ["java"])
+                f"'default-jre-headless' (missing: {', '.join(missing or ['java'])})."
             )
         conf = self._write_config()
         cmd = [
@@ -115,8 +116,13 @@ class ZooKeeperServer:
             str(conf / "zoo.cfg"),
         ]
         out = open(self.root / "log" / "stdout.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         out.close()
         self.pidfile.write_text(str(self.proc.pid))
         deadline = time.monotonic() + timeout

@@ -20,12 +20,18 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def run_git(repo: Path, *args: str) -> str:
-    env = {"GIT_AUTHOR_NAME": "Dev", "GIT_AUTHOR_EMAIL": "dev@example.com",
-           "GIT_COMMITTER_NAME": "Dev", "GIT_COMMITTER_EMAIL": "dev@example.com",
-           "GIT_AUTHOR_DATE": "2026-01-01T00:00:00", "GIT_COMMITTER_DATE": "2026-01-01T00:00:00",
-           "PATH": "/usr/bin:/bin"}
-    return subprocess.run(["git", "-C", str(repo), *args], check=True, env=env,
-                          capture_output=True, text=True).stdout
+    env = {
+        "GIT_AUTHOR_NAME": "Dev",
+        "GIT_AUTHOR_EMAIL": "dev@example.com",
+        "GIT_COMMITTER_NAME": "Dev",
+        "GIT_COMMITTER_EMAIL": "dev@example.com",
+        "GIT_AUTHOR_DATE": "2026-01-01T00:00:00",
+        "GIT_COMMITTER_DATE": "2026-01-01T00:00:00",
+        "PATH": "/usr/bin:/bin",
+    }
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], check=True, env=env, capture_output=True, text=True
+    ).stdout
 
 
 def make_project(root: Path) -> Path:
@@ -57,8 +63,10 @@ def write_config(root: Path, zk_hosts: str, layout: str = "demo.yaml") -> Path:
         "state-dir": str(root / "state"),
         "zookeeper": {"hosts": zk_hosts},
         "gearman": {"server": "127.0.0.1", "port": free_port(), "start": True},
-        "scheduler": {"layout": str(FIXTURES / "layouts" / layout),
-                      "jobs-dir": str(FIXTURES / "jobs")},
+        "scheduler": {
+            "layout": str(FIXTURES / "layouts" / layout),
+            "jobs-dir": str(FIXTURES / "jobs"),
+        },
         "connections": {"local": {"driver": "local"}},
         "web": {"listen": "127.0.0.1", "port": free_port()},
         "launcher": {"log-root": str(root / "state" / "logs")},
@@ -82,8 +90,10 @@ def wait_for_votes(zk: ZooKeeper, change: int, count: int = 1, timeout: float = 
 
     zk.watch_data(f"/zuul/local/changes/{change}", on_change)
     if not done.wait(timeout):
-        raise AssertionError(f"change {change} got no {count} vote(s) in {timeout}s; status: "
-                             + json.dumps(_status(zk), indent=1)[:3000])
+        raise AssertionError(
+            f"change {change} got no {count} vote(s) in {timeout}s; status: "
+            + json.dumps(_status(zk), indent=1)[:3000]
+        )
     return found
 
 
@@ -123,8 +133,11 @@ class StandInLauncher(threading.Thread):
             args = json.loads(job.arguments)
             with self.lock:
                 self.builds.append(args)
-                self.zk.create(f"/zuul/builds/{args['uuid']}/running", {"launcher": "stand-in"},
-                               ephemeral=True)
+                self.zk.create(
+                    f"/zuul/builds/{args['uuid']}/running",
+                    {"launcher": "stand-in"},
+                    ephemeral=True,
+                )
                 if self.hold:
                     self.held.append((job, args))
                     self.lock.notify_all()
@@ -134,9 +147,12 @@ class StandInLauncher(threading.Thread):
 
     def finish(self, job: gear.Job, args: dict) -> None:
         result = self.results.get(args["job"], "SUCCESS")
-        data = {"result": result, "log_url": f"http://logs/{args['log_path']}/",
-                "elapsed": 1.5, "summary": "" if result == "SUCCESS" else
-                f"{args['job']}: error: something broke"}
+        data = {
+            "result": result,
+            "log_url": f"http://logs/{args['log_path']}/",
+            "elapsed": 1.5,
+            "summary": "" if result == "SUCCESS" else f"{args['job']}: error: something broke",
+        }
         self.zk.create(f"/zuul/builds/{args['uuid']}/result", data)
         self.zk.delete(f"/zuul/builds/{args['uuid']}/running")
         try:
@@ -147,7 +163,8 @@ class StandInLauncher(threading.Thread):
     def wait_for_builds(self, count: int, held: bool = False, timeout: float = 30) -> None:
         with self.lock:
             ok = self.lock.wait_for(
-                lambda: len(self.held if held else self.builds) >= count, timeout)
+                lambda: len(self.held if held else self.builds) >= count, timeout
+            )
         assert ok, f"only {len(self.builds)} builds started"
 
     def release(self, pattern: str = ".*") -> None:

@@ -23,8 +23,9 @@ def test_submit_show_recheck(cli, capsys):
     series = make_series(src, tmp / "s", [("README", "more\n", "README: more")])
     assert main(["-c", str(path), "submit", str(series), "--project", "demo"]) == 0
     assert "Change 1 patchset 1 submitted to demo." in capsys.readouterr().out
-    assert main(["-c", str(path), "submit", str(series), "--project", "demo",
-                 "--change", "1"]) == 0
+    assert (
+        main(["-c", str(path), "submit", str(series), "--project", "demo", "--change", "1"]) == 0
+    )
     assert "Change 1 patchset 2" in capsys.readouterr().out
     assert main(["-c", str(path), "show", "1"]) == 0
     out = capsys.readouterr().out
@@ -33,19 +34,22 @@ def test_submit_show_recheck(cli, capsys):
     cfg = zconfig.load(path)
     zk = ZooKeeper(cfg.zk_hosts)
     zk.connect()
-    events = [zk.get(f"/zuul/events/trigger/{n}")[0]
-              for n in zk.get_children("/zuul/events/trigger")]
+    events = [
+        zk.get(f"/zuul/events/trigger/{n}")[0] for n in zk.get_children("/zuul/events/trigger")
+    ]
     zk.disconnect()
-    assert [e["type"] for e in events] == ["patchset-created", "patchset-created",
-                                           "comment-added"]
+    assert [e["type"] for e in events] == ["patchset-created", "patchset-created", "comment-added"]
 
 
-@pytest.mark.parametrize("setup,expected", [
-    ("empty-dir", "holds no patches."),
-    ("no-diff", "holds no diff."),
-    ("not-mail", "is neither an mbox nor a patch email."),
-    ("missing", "does not exist."),
-])
+@pytest.mark.parametrize(
+    "setup,expected",
+    [
+        ("empty-dir", "holds no patches."),
+        ("no-diff", "holds no diff."),
+        ("not-mail", "is neither an mbox nor a patch email."),
+        ("missing", "does not exist."),
+    ],
+)
 def test_submit_bad_input(cli, capsys, setup, expected):
     path, src, tmp = cli
     target = tmp / setup

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from nodepool_lite.zk import ZooKeeper
-from tests.harness import StandInLauncher, make_project, make_series, wait_for_votes, \
-    write_config
+from tests.harness import StandInLauncher, make_project, make_series, wait_for_votes, write_config
 from zuul_lite import config as zconfig
 from zuul_lite.connections.local import LocalConnection
 from zuul_lite.exceptions import InboxError
@@ -43,10 +42,14 @@ def scheduler(env):
 
 
 def good_series(src: Path, out: Path) -> Path:
-    return make_series(src, out, [
-        ("hello.c", "int main(void)\n{\n\treturn 1;\n}\n", "hello: return 1"),
-        ("README", "demo project\n", "README: say more"),
-    ])
+    return make_series(
+        src,
+        out,
+        [
+            ("hello.c", "int main(void)\n{\n\treturn 1;\n}\n", "hello: return 1"),
+            ("README", "demo project\n", "README: say more"),
+        ],
+    )
 
 
 def test_good_series_gets_plus_one(env, scheduler):
@@ -63,11 +66,21 @@ def test_good_series_gets_plus_one(env, scheduler):
         assert f"- {job} http://logs/{change}/1/check/{job}/" in votes[0]["message"]
     args = {b["job"]: b for b in launcher.builds}
     assert set(args) == {"lint", "build", "boot"}
-    for key in ("uuid", "job", "node_type", "project", "branch", "change", "patchset",
-                "pipeline", "git_ref", "vars", "timeout"):
+    for key in (
+        "uuid",
+        "job",
+        "node_type",
+        "project",
+        "branch",
+        "change",
+        "patchset",
+        "pipeline",
+        "git_ref",
+        "vars",
+        "timeout",
+    ):
         assert key in args["build"]
-    assert args["boot"]["artifacts"] == {
-        "build": str(cfg.log_root / args["build"]["log_path"])}
+    assert args["boot"]["artifacts"] == {"build": str(cfg.log_root / args["build"]["log_path"])}
     # The published ref was dropped after the report; the merge was real.
     ws = cfg.state_dir / "merger" / "demo"
     assert "return 1;" in git(ws, "show", "HEAD:hello.c")
@@ -78,10 +91,14 @@ def test_series_that_does_not_apply_is_merge_conflict(env, scheduler):
     cfg, zk, local, src, tmp = env
     launcher = StandInLauncher(zk, scheduler.gearman_port)
     launcher.start()
-    series = make_series(src, tmp / "conflict", [
-        ("README", "demo project\n", "README: say more"),
-        ("README", "demo project, version 2\n", "README: version 2"),
-    ])
+    series = make_series(
+        src,
+        tmp / "conflict",
+        [
+            ("README", "demo project\n", "README: say more"),
+            ("README", "demo project, version 2\n", "README: version 2"),
+        ],
+    )
     (series / "0001-README-say-more.patch").unlink()
     change, _ = local.submit(series, "demo")
     votes = wait_for_votes(zk, change)
@@ -138,8 +155,10 @@ def test_bad_input_is_one_sentence(env, tmp_path):
 def test_bad_layout_is_refused_and_old_one_kept(env, scheduler, tmp_path):
     cfg, zk, local, src, tmp = env
     bad = tmp_path / "bad-layout.yaml"
-    bad.write_text("pipelines:\n  - name: check\n    manager: sideways\n"
-                   "    source: local\n    trigger: {}\nprojects: []\n")
+    bad.write_text(
+        "pipelines:\n  - name: check\n    manager: sideways\n"
+        "    source: local\n    trigger: {}\nprojects: []\n"
+    )
     cfg.layout_path = bad
     old = scheduler.layout
     scheduler.reconfigure()
@@ -153,10 +172,20 @@ def test_bad_layout_is_refused_and_old_one_kept(env, scheduler, tmp_path):
 
 def _start_scheduler(config: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "zuul_lite.cmd.client", "-c", str(config), "-v",
-         "--log-file", str(log), "scheduler"],
-        cwd=Path(__file__).parents[1], env={**os.environ, "PYTHONPATH": str(Path(
-            __file__).parents[1])})
+        [
+            sys.executable,
+            "-m",
+            "zuul_lite.cmd.client",
+            "-c",
+            str(config),
+            "-v",
+            "--log-file",
+            str(log),
+            "scheduler",
+        ],
+        cwd=Path(__file__).parents[1],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
 
 
 def test_scheduler_killed_mid_build_votes_exactly_once(env, tmp_path):

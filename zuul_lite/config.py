@@ -9,20 +9,23 @@ import voluptuous as v
 
 from zuul_lite.layout import _read_yaml, _validate
 
-SCHEMA = v.Schema({
-    "state-dir": str,
-    v.Required("zookeeper"): {v.Required("hosts"): str},
-    v.Required("gearman"): {
-        "server": str,
-        "port": int,
-        "start": bool,  # embed gear.Server in the scheduler
-        "listen": str,
+SCHEMA = v.Schema(
+    {
+        "state-dir": str,
+        v.Required("zookeeper"): {v.Required("hosts"): str},
+        v.Required("gearman"): {
+            "server": str,
+            "port": int,
+            "start": bool,  # embed gear.Server in the scheduler
+            "listen": str,
+        },
+        "scheduler": {"layout": str, "jobs-dir": str},
+        v.Required("connections"): {str: {v.Required("driver"): v.In(["local"]), v.Extra: object}},
+        "web": {"listen": str, "port": int, "url": str},
+        "launcher": dict,
     },
-    "scheduler": {"layout": str, "jobs-dir": str},
-    v.Required("connections"): {str: {v.Required("driver"): v.In(["local"]), v.Extra: object}},
-    "web": {"listen": str, "port": int, "url": str},
-    "launcher": dict,
-}, extra=v.PREVENT_EXTRA)
+    extra=v.PREVENT_EXTRA,
+)
 
 
 @dataclass

@@ -47,8 +47,11 @@ class BuildClient(gear.Client):
     scheduler, never touch pipeline state.
     """
 
-    def __init__(self, on_complete: Callable[[str, dict], None],
-                 on_status: Callable[[str, dict], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_complete: Callable[[str, dict], None],
+        on_status: Callable[[str, dict], None] | None = None,
+    ) -> None:
         super().__init__(client_id="zuul-lite-scheduler")
         self.on_complete = on_complete
         self.on_status = on_status
@@ -97,8 +100,9 @@ class BuildClient(gear.Client):
     def handleWorkStatus(self, packet: Any) -> gear.Job:  # noqa: N802
         job = super().handleWorkStatus(packet)
         if self.on_status is not None:
-            self.on_status(job.unique, {"numerator": job.numerator,
-                                        "denominator": job.denominator})
+            self.on_status(
+                job.unique, {"numerator": job.numerator, "denominator": job.denominator}
+            )
         return job
 
     def handleDisconnect(self, job: gear.Job) -> gear.Job:  # noqa: N802

@@ -25,15 +25,21 @@ class GitError(Exception):
         self.output = output
 
 
-def git(repo: Path | None, *args: str, input: bytes | None = None,
-        env: dict[str, str] | None = None, check: bool = True) -> str:
+def git(
+    repo: Path | None,
+    *args: str,
+    input: bytes | None = None,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+) -> str:
     cmd = ["git"]
     if repo is not None:
         cmd += ["-C", str(repo)]
     cmd += list(args)
     full_env = {**os.environ, **IDENTITY, "GIT_TERMINAL_PROMPT": "0", **(env or {})}
-    proc = subprocess.run(cmd, input=input, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          env=full_env)
+    proc = subprocess.run(
+        cmd, input=input, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env
+    )
     out = proc.stdout.decode("utf-8", "replace")
     if check and proc.returncode != 0:
         raise GitError(list(args), proc.returncode, out)

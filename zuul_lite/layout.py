@@ -24,40 +24,48 @@ MANAGERS = ("independent", "dependent")
 _trigger = v.Schema({v.Required("event"): str, "comment": str})
 _report = v.Schema({v.Extra: {v.Optional("verified"): v.In([-1, 0, 1])}})
 
-PIPELINE = v.Schema({
-    v.Required("name"): str,
-    v.Required("manager"): v.In(MANAGERS),
-    "description": str,
-    v.Required("source"): str,
-    v.Required("trigger"): {str: [_trigger]},
-    "success": _report,
-    "failure": _report,
-    "merge-failure": _report,
-})
-
-PROJECT = v.Schema({
-    v.Required("name"): str,
-    v.Extra: {v.Required("jobs"): [str]},
-})
-
-LAYOUT = v.Schema({
-    v.Required("pipelines"): [PIPELINE],
-    v.Required("projects"): [PROJECT],
-})
-
-JOB = v.Schema({
-    v.Required("job"): {
+PIPELINE = v.Schema(
+    {
         v.Required("name"): str,
+        v.Required("manager"): v.In(MANAGERS),
         "description": str,
-        v.Required("node-type"): str,
-        "timeout": v.All(int, v.Range(min=1)),
-        "pre-run": v.Any(str, [str]),
-        v.Required("run"): v.Any(str, [str]),
-        "post-run": v.Any(str, [str]),
-        "dependencies": [str],
-        "vars": dict,
+        v.Required("source"): str,
+        v.Required("trigger"): {str: [_trigger]},
+        "success": _report,
+        "failure": _report,
+        "merge-failure": _report,
     }
-})
+)
+
+PROJECT = v.Schema(
+    {
+        v.Required("name"): str,
+        v.Extra: {v.Required("jobs"): [str]},
+    }
+)
+
+LAYOUT = v.Schema(
+    {
+        v.Required("pipelines"): [PIPELINE],
+        v.Required("projects"): [PROJECT],
+    }
+)
+
+JOB = v.Schema(
+    {
+        v.Required("job"): {
+            v.Required("name"): str,
+            "description": str,
+            v.Required("node-type"): str,
+            "timeout": v.All(int, v.Range(min=1)),
+            "pre-run": v.Any(str, [str]),
+            v.Required("run"): v.Any(str, [str]),
+            "post-run": v.Any(str, [str]),
+            "dependencies": [str],
+            "vars": dict,
+        }
+    }
+)
 
 JOBS = v.Schema([JOB])
 
@@ -127,17 +135,25 @@ def load_jobs(jobs_dir: Path) -> dict[str, Job]:
             d = entry["job"]
             if d["name"] in jobs:
                 raise ConfigError(f"{path}: [{i}].job.name: job {d['name']} is defined twice.")
-            for playbook in _as_list(d.get("pre-run")) + _as_list(d["run"]) + _as_list(
-                    d.get("post-run")):
+            for playbook in (
+                _as_list(d.get("pre-run")) + _as_list(d["run"]) + _as_list(d.get("post-run"))
+            ):
                 if not (jobs_dir / playbook).is_file():
                     raise ConfigError(
                         f"{path}: [{i}].job: playbook {playbook} of job {d['name']} "
-                        f"does not exist in {jobs_dir}.")
+                        f"does not exist in {jobs_dir}."
+                    )
             jobs[d["name"]] = Job(
-                name=d["name"], node_type=d["node-type"], run=_as_list(d["run"]),
-                pre_run=_as_list(d.get("pre-run")), post_run=_as_list(d.get("post-run")),
-                timeout=d.get("timeout", 1800), dependencies=d.get("dependencies", []),
-                vars=d.get("vars", {}), description=d.get("description", ""))
+                name=d["name"],
+                node_type=d["node-type"],
+                run=_as_list(d["run"]),
+                pre_run=_as_list(d.get("pre-run")),
+                post_run=_as_list(d.get("post-run")),
+                timeout=d.get("timeout", 1800),
+                dependencies=d.get("dependencies", []),
+                vars=d.get("vars", {}),
+                description=d.get("description", ""),
+            )
     for job in jobs.values():
         for dep in job.dependencies:
             if dep not in jobs:
@@ -145,8 +161,9 @@ def load_jobs(jobs_dir: Path) -> dict[str, Job]:
     return jobs
 
 
-def load_layout(path: Path, jobs_dir: Path, connections: set[str],
-                node_types: set[str] | None = None) -> Layout:
+def load_layout(
+    path: Path, jobs_dir: Path, connections: set[str], node_types: set[str] | None = None
+) -> Layout:
     """Read and check the layout; raises ConfigError with one sentence."""
     path = Path(path)
     data = _validate(LAYOUT, _read_yaml(path), path)
@@ -155,13 +172,18 @@ def load_layout(path: Path, jobs_dir: Path, connections: set[str],
         for conn in [p["source"], *p["trigger"]]:
             if conn not in connections:
                 raise ConfigError(
-                    f"{path}: pipelines[{i}]: connection {conn} is not defined in zuul.yaml.")
+                    f"{path}: pipelines[{i}]: connection {conn} is not defined in zuul.yaml."
+                )
         layout.pipelines[p["name"]] = Pipeline(
-            name=p["name"], manager=p["manager"], source=p["source"],
+            name=p["name"],
+            manager=p["manager"],
+            source=p["source"],
             description=p.get("description", ""),
             triggers={c: [EventFilter(**t) for t in ts] for c, ts in p["trigger"].items()},
-            success=p.get("success", {}), failure=p.get("failure", {}),
-            merge_failure=p.get("merge-failure", p.get("failure", {})))
+            success=p.get("success", {}),
+            failure=p.get("failure", {}),
+            merge_failure=p.get("merge-failure", p.get("failure", {})),
+        )
     for i, proj in enumerate(data["projects"]):
         entry = {}
         for pipeline, body in proj.items():
@@ -171,16 +193,19 @@ def load_layout(path: Path, jobs_dir: Path, connections: set[str],
                 raise ConfigError(f"{path}: projects[{i}].{pipeline}: no such pipeline.")
             for job in body["jobs"]:
                 if job not in layout.jobs:
-                    raise ConfigError(f"{path}: projects[{i}].{pipeline}.jobs: "
-                                      f"unknown job {job}.")
+                    raise ConfigError(f"{path}: projects[{i}].{pipeline}.jobs: unknown job {job}.")
                 j = layout.jobs[job]
                 if node_types is not None and j.node_type not in node_types:
-                    raise ConfigError(f"{path}: projects[{i}].{pipeline}.jobs: job {job} "
-                                      f"needs unknown node type {j.node_type}.")
+                    raise ConfigError(
+                        f"{path}: projects[{i}].{pipeline}.jobs: job {job} "
+                        f"needs unknown node type {j.node_type}."
+                    )
                 for dep in j.dependencies:
                     if dep not in body["jobs"]:
-                        raise ConfigError(f"{path}: projects[{i}].{pipeline}.jobs: job {job} "
-                                          f"depends on {dep}, which this pipeline does not run.")
+                        raise ConfigError(
+                            f"{path}: projects[{i}].{pipeline}.jobs: job {job} "
+                            f"depends on {dep}, which this pipeline does not run."
+                        )
             entry[pipeline] = body["jobs"]
         layout.projects[proj["name"]] = entry
     return layout

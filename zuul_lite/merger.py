@@ -43,8 +43,14 @@ class MergeResult:
 
 def _failed_patch(output: str) -> str:
     match = re.search(r"Patch failed at (\d+) (.*)", output)
-    detail = next((ln.strip() for ln in output.splitlines()
-                   if ln.startswith("error:") and "patch failed" in ln), "")
+    detail = next(
+        (
+            ln.strip()
+            for ln in output.splitlines()
+            if ln.startswith("error:") and "patch failed" in ln
+        ),
+        "",
+    )
     if match:
         n, subject = int(match.group(1)), match.group(2).strip()
         msg = f"Patch {n} ('{subject}') does not apply to the branch head"

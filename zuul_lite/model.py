@@ -164,9 +164,11 @@ class QueueItem:
         return f"{self.change},{self.patchset}"
 
     def finished(self) -> bool:
-        return all(b.state in (BuildState.COMPLETED, BuildState.SKIPPED)
-                   for b in self.builds.values())
+        return all(
+            b.state in (BuildState.COMPLETED, BuildState.SKIPPED) for b in self.builds.values()
+        )
 
     def succeeded(self) -> bool:
         return self.merge_error is None and all(
-            b.result == Result.SUCCESS for b in self.builds.values())
+            b.result == Result.SUCCESS for b in self.builds.values()
+        )

@@ -43,7 +43,9 @@ def job_lines(item: QueueItem) -> list[str]:
 def format_report(pipeline: Pipeline, item: QueueItem) -> str:
     head = f"zuul-lite {pipeline.name} pipeline, change {item.label}:"
     if item.merge_error is not None:
-        return (f"{head} {Result.MERGE_CONFLICT}.\n\n{item.merge_error}\n"
-                "No jobs were run: rebase the series onto the branch head and resubmit.")
+        return (
+            f"{head} {Result.MERGE_CONFLICT}.\n\n{item.merge_error}\n"
+            "No jobs were run: rebase the series onto the branch head and resubmit."
+        )
     verdict = "Build succeeded." if item.succeeded() else "Build failed."
     return "\n".join([f"{head} {verdict}", "", *job_lines(item)])

@@ -58,7 +58,8 @@ class Scheduler(threading.Thread):
         self.managers: dict[str, PipelineManager] = {}
         self.connections = {
             name: LocalConnection(name, zk, config.state_dir)
-            for name, c in config.connections.items() if c["driver"] == "local"
+            for name, c in config.connections.items()
+            if c["driver"] == "local"
         }
         self.merger = MergerThread(Merger(config.state_dir / "merger"), self._on_merged)
         self.gear_server: GearServer | None = None
@@ -69,10 +70,14 @@ class Scheduler(threading.Thread):
     def start(self) -> None:
         self.reconfigure(initial=True)
         if self.config.gearman_start:
-            self.gear_server = GearServer(port=self.config.gearman_port,
-                                          host=self.config.gearman_listen)
-            log.info("Gearman server listening on %s:%s", self.config.gearman_listen,
-                     self.gear_server.port)
+            self.gear_server = GearServer(
+                port=self.config.gearman_port, host=self.config.gearman_listen
+            )
+            log.info(
+                "Gearman server listening on %s:%s",
+                self.config.gearman_listen,
+                self.gear_server.port,
+            )
         port = self.gear_server.port if self.gear_server else self.config.gearman_port
         self.gearman.addServer(self.config.gearman_server, port)
         self.gearman.waitForServer()
@@ -99,8 +104,9 @@ class Scheduler(threading.Thread):
     def reconfigure(self, initial: bool = False) -> None:
         """Load the layout; on error keep the last good one (or fail at start)."""
         try:
-            layout = load_layout(self.config.layout_path, self.config.jobs_dir,
-                                 set(self.config.connections))
+            layout = load_layout(
+                self.config.layout_path, self.config.jobs_dir, set(self.config.connections)
+            )
         except ConfigError as e:
             if initial:
                 raise
@@ -116,8 +122,9 @@ class Scheduler(threading.Thread):
             else:
                 manager.pipeline = pipeline
         self.layout = layout
-        log.info("Layout loaded: pipelines %s, %d jobs", ", ".join(layout.pipelines),
-                 len(layout.jobs))
+        log.info(
+            "Layout loaded: pipelines %s, %d jobs", ", ".join(layout.pipelines), len(layout.jobs)
+        )
         self.wake_event.set()
 
     def _reconcile_builds(self) -> None:
@@ -129,12 +136,14 @@ class Scheduler(threading.Thread):
                 for build in item.builds.values():
                     if build.state != "queued":
                         continue
-                    if self.zk.exists(build_path(build.uuid) + "/result") or \
-                            self.zk.exists(build_path(build.uuid) + "/running"):
+                    if self.zk.exists(build_path(build.uuid) + "/result") or self.zk.exists(
+                        build_path(build.uuid) + "/running"
+                    ):
                         log.info("Build %s is running or done on a launcher", build.uuid)
                     else:
-                        log.info("Build %s was lost with the old scheduler; resubmitting",
-                                 build.uuid)
+                        log.info(
+                            "Build %s was lost with the old scheduler; resubmitting", build.uuid
+                        )
                         self.submit_build(item, build)
 
     # Threads post here ----------------------------------------------------
@@ -162,26 +171,38 @@ class Scheduler(threading.Thread):
 
     def submit_build(self, item: QueueItem, build: Build) -> None:
         job = self.layout.jobs[build.job]
-        deps = {d: str(self.config.log_root / item.builds[d].log_path)
-                for d in job.dependencies if d in item.builds and item.builds[d].log_path}
+        deps = {
+            d: str(self.config.log_root / item.builds[d].log_path)
+            for d in job.dependencies
+            if d in item.builds and item.builds[d].log_path
+        }
         conn = self.connections[item.connection]
         args = {
-            "uuid": build.uuid, "job": job.name, "node_type": job.node_type,
-            "project": item.project, "branch": item.branch, "change": item.change,
-            "patchset": item.patchset, "pipeline": item.pipeline, "git_ref": item.git_ref,
+            "uuid": build.uuid,
+            "job": job.name,
+            "node_type": job.node_type,
+            "project": item.project,
+            "branch": item.branch,
+            "change": item.change,
+            "patchset": item.patchset,
+            "pipeline": item.pipeline,
+            "git_ref": item.git_ref,
             "git_url": str(self.merger.merger.workspace(item.project)),
-            "base_ref": item.base_sha, "vars": job.vars, "timeout": job.timeout,
+            "base_ref": item.base_sha,
+            "vars": job.vars,
+            "timeout": job.timeout,
             "playbooks": {"pre": job.pre_run, "run": job.run, "post": job.post_run},
-            "artifacts": deps, "log_path": build.log_path,
-            "subject": item.subject, "owner": item.owner,
+            "artifacts": deps,
+            "log_path": build.log_path,
+            "subject": item.subject,
+            "owner": item.owner,
             "review_repo": str(conn.repo_path(item.project)),
         }
         try:
             self.gearman.submit_build(args)
             log.info("[build: %s] submitted %s for %s", build.uuid, job.name, item.label)
         except gear.GearmanError as e:
-            log.error("[build: %s] could not submit to gearman (%s); will retry",
-                      build.uuid, e)
+            log.error("[build: %s] could not submit to gearman (%s); will retry", build.uuid, e)
             threading.Timer(5.0, self._post, args=(BuildCompleted(build.uuid, {}),)).start()
 
     # The loop -------------------------------------------------------------
@@ -236,8 +257,13 @@ class Scheduler(threading.Thread):
         for manager, item in added:
             manager.add_item(item)
         if not added:
-            log.debug("[e: %s] %s on %s,%s: no pipeline wants it", event.id, event.type,
-                      event.change, event.patchset)
+            log.debug(
+                "[e: %s] %s on %s,%s: no pipeline wants it",
+                event.id,
+                event.type,
+                event.change,
+                event.patchset,
+            )
 
     def _find_build(self, uuid: str) -> tuple[PipelineManager, QueueItem, Build] | None:
         for manager in self.managers.values():
@@ -285,4 +311,3 @@ def status(zk: ZooKeeper) -> dict:
         items.sort(key=lambda i: i.get("enqueue_time", 0))
         out["pipelines"].append({"name": pipeline, "items": items})
     return out
-

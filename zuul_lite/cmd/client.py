@@ -97,8 +97,9 @@ def cmd_web(args, cfg) -> int:
 def cmd_submit(args, cfg) -> int:
     zk = _connect(cfg)
     try:
-        change, ps = _local(cfg, zk).submit(args.path, args.project, branch=args.branch,
-                                            change=args.change, owner=args.owner)
+        change, ps = _local(cfg, zk).submit(
+            args.path, args.project, branch=args.branch, change=args.change, owner=args.owner
+        )
     finally:
         zk.disconnect()
     print(f"Change {change} patchset {ps} submitted to {args.project}.")
@@ -116,9 +117,11 @@ def cmd_recheck(args, cfg) -> int:
 
 
 def format_change(change: dict) -> str:
-    lines = [f"Change {change['number']}: {change['subject']}",
-             f"  project {change['project']} branch {change['branch']}, "
-             f"owner {change['owner']}, status {change['status']}"]
+    lines = [
+        f"Change {change['number']}: {change['subject']}",
+        f"  project {change['project']} branch {change['branch']}, "
+        f"owner {change['owner']}, status {change['status']}",
+    ]
     for ps in change["patchsets"]:
         lines.append(f"  patchset {ps['number']}: {len(ps.get('patches', []))} patch(es)")
     for vote in change["votes"]:
@@ -161,8 +164,10 @@ def cmd_status(args, cfg) -> int:
 
 def cmd_validate(args, cfg) -> int:
     layout = load_layout(cfg.layout_path, cfg.jobs_dir, set(cfg.connections))
-    print(f"{cfg.layout_path}: OK ({len(layout.pipelines)} pipelines, {len(layout.jobs)} jobs, "
-          f"{len(layout.projects)} projects).")
+    print(
+        f"{cfg.layout_path}: OK ({len(layout.pipelines)} pipelines, {len(layout.jobs)} jobs, "
+        f"{len(layout.projects)} projects)."
+    )
     return 0
 
 
@@ -202,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
     sub.add_parser("validate-config", help="check the layout and jobs").set_defaults(
-        func=cmd_validate)
+        func=cmd_validate
+    )
     s = sub.add_parser("import-project", help="serve a git repo as a project of the inbox")
     s.add_argument("project")
     s.add_argument("source", help="a git repository to import")

@@ -56,8 +56,10 @@ def ensure_image(zk: ZooKeeper, image: str) -> None:
     if ready():
         say(f"Node image {image}: ready (reused).")
         return
-    say(f"Node image {image}: building with diskimage-builder "
-        "(a few minutes the first time; the builder log is in run/nodepool-builder.log)")
+    say(
+        f"Node image {image}: building with diskimage-builder "
+        "(a few minutes the first time; the builder log is in run/nodepool-builder.log)"
+    )
     zk.request_image_build(image)
     event = threading.Event()
     zk.watch_children(f"/nodepool/images/{image}/builds", lambda c: event.set())
@@ -107,8 +109,9 @@ def _progress(zk: ZooKeeper) -> str:
     parts = []
     for pipeline in status(zk)["pipelines"]:
         for item in pipeline["items"]:
-            jobs = ", ".join(f"{b['job']} {b['result'] or b['state']}"
-                             for b in item["builds"].values())
+            jobs = ", ".join(
+                f"{b['job']} {b['result'] or b['state']}" for b in item["builds"].values()
+            )
             parts.append(f"change {item['change']} [{item['state']}] {jobs}")
     return "; ".join(parts) or "no items queued"
 
@@ -128,8 +131,10 @@ def wait_for_votes(zk: ZooKeeper, local: LocalConnection, changes: list[tuple[st
         event.clear()
         return all(voted(n) for _, n in changes)
 
-    say("Waiting for votes (kernel builds and QEMU boots run on throwaway nodes; "
-        "the first build fills the ccache and takes a few minutes).")
+    say(
+        "Waiting for votes (kernel builds and QEMU boots run on throwaway nodes; "
+        "the first build fills the ccache and takes a few minutes)."
+    )
     _wait("votes", done, VOTE_WAIT, every=30.0, detail=lambda: _progress(zk))
 
 
@@ -155,8 +160,10 @@ def stop_all(zcfg: zconfig.ZuulConfig, npconf: Path) -> int:
         if services.stop(service, run_dir):
             say(f"Stopped {service.name}.")
     ZooKeeperServer(zcfg.state_dir / "zk", port=_zk_port(zcfg.zk_hosts)).stop()
-    say("Stopped ZooKeeper. Nodes are destroyed by the nodepool launcher; "
-        f"state stays in {zcfg.state_dir}.")
+    say(
+        "Stopped ZooKeeper. Nodes are destroyed by the nodepool launcher; "
+        f"state stays in {zcfg.state_dir}."
+    )
     return 0
 
 

@@ -41,8 +41,16 @@ def services(zuul_conf: Path, nodepool_conf: Path, run_dir: Path) -> list[Servic
         Service("web", [*zl, str(run_dir / "web.log"), "web"]),
         Service("nodepool-builder", [*np, str(run_dir / "nodepool-builder.log"), "builder"]),
         Service("nodepool-launcher", [*np, str(run_dir / "nodepool-launcher.log"), "launcher"]),
-        Service("zuul-launcher", [str(BIN / "zuul-launcher"), "-c", str(zuul_conf),
-                                  "--log-file", str(run_dir / "zuul-launcher.log")]),
+        Service(
+            "zuul-launcher",
+            [
+                str(BIN / "zuul-launcher"),
+                "-c",
+                str(zuul_conf),
+                "--log-file",
+                str(run_dir / "zuul-launcher.log"),
+            ],
+        ),
     ]
 
 
@@ -62,8 +70,13 @@ def start(service: Service, run_dir: Path) -> tuple[int, bool]:
     if pid is not None:
         return pid, False
     out = open(run_dir / f"{service.name}.out", "ab")
-    proc = subprocess.Popen(service.argv, stdout=out, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        service.argv,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     out.close()
     service.pidfile(run_dir).write_text(str(proc.pid))
     return proc.pid, True

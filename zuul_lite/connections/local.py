@@ -82,11 +82,16 @@ class LocalConnection:
 
     def _emit(self, event: TriggerEvent) -> None:
         self.zk.create(f"{EVENT_QUEUE}/event-", event.to_dict(), sequence=True)
-        log.info("[e: %s] %s for change %s,%s", event.id, event.type, event.change,
-                 event.patchset)
+        log.info("[e: %s] %s for change %s,%s", event.id, event.type, event.change, event.patchset)
 
-    def submit(self, path: Path | str, project: str, branch: str | None = None,
-               change: int | None = None, owner: str | None = None) -> tuple[int, int]:
+    def submit(
+        self,
+        path: Path | str,
+        project: str,
+        branch: str | None = None,
+        change: int | None = None,
+        owner: str | None = None,
+    ) -> tuple[int, int]:
         """Store a series as a new change, or as a new patchset of `change`."""
         series = read_series(path)
         proj = self.get_project(project)
@@ -100,8 +105,9 @@ class LocalConnection:
             change = int(seq.rsplit("-", 1)[1]) + 1
         return self._store_patchset(series, project, branch, change, owner or series.author)
 
-    def _store_patchset(self, series: Series, project: str, branch: str, number: int,
-                        owner: str) -> tuple[int, int]:
+    def _store_patchset(
+        self, series: Series, project: str, branch: str, number: int, owner: str
+    ) -> tuple[int, int]:
         repo = self.repo_path(project)
         blob = git(repo, "hash-object", "-w", "--stdin", input=series.mbox()).strip()
         path = self._change_path(number)
@@ -111,16 +117,30 @@ class LocalConnection:
             except NoNodeError:
                 data, version = None, None
             if data is None:
-                data = {"number": number, "project": project, "branch": branch,
-                        "subject": series.subject, "owner": owner, "status": "NEW",
-                        "patchsets": [], "votes": [], "comments": []}
+                data = {
+                    "number": number,
+                    "project": project,
+                    "branch": branch,
+                    "subject": series.subject,
+                    "owner": owner,
+                    "status": "NEW",
+                    "patchsets": [],
+                    "votes": [],
+                    "comments": [],
+                }
             ps = len(data["patchsets"]) + 1
             ref = f"refs/changes/{number % 100:02d}/{number}/{ps}"
             git(repo, "update-ref", ref, blob)
             data["subject"] = series.subject
-            data["patchsets"].append({
-                "number": ps, "ref": ref, "revision": blob, "created": time.time(),
-                "patches": [p.subject for p in series.patches]})
+            data["patchsets"].append(
+                {
+                    "number": ps,
+                    "ref": ref,
+                    "revision": blob,
+                    "created": time.time(),
+                    "patches": [p.subject for p in series.patches],
+                }
+            )
             try:
                 if version is None:
                     self.zk.create(path, data)
@@ -129,18 +149,38 @@ class LocalConnection:
                 break
             except BadVersionError:
                 continue
-        self._emit(TriggerEvent(type="patchset-created", connection=self.name,
-                                project=project, branch=branch, change=number, patchset=ps))
+        self._emit(
+            TriggerEvent(
+                type="patchset-created",
+                connection=self.name,
+                project=project,
+                branch=branch,
+                change=number,
+                patchset=ps,
+            )
+        )
         return number, ps
 
     def recheck(self, number: int, comment: str = "recheck") -> None:
         change = self.get_change(number)
         ps = len(change["patchsets"])
-        self._update(number, lambda d: d["comments"].append(
-            {"patchset": ps, "message": comment, "time": time.time()}))
-        self._emit(TriggerEvent(type="comment-added", connection=self.name,
-                                project=change["project"], branch=change["branch"],
-                                change=number, patchset=ps, comment=comment))
+        self._update(
+            number,
+            lambda d: d["comments"].append(
+                {"patchset": ps, "message": comment, "time": time.time()}
+            ),
+        )
+        self._emit(
+            TriggerEvent(
+                type="comment-added",
+                connection=self.name,
+                project=change["project"],
+                branch=change["branch"],
+                change=number,
+                patchset=ps,
+                comment=comment,
+            )
+        )
 
     def _update(self, number: int, mutate) -> dict:
         path = self._change_path(number)
@@ -160,8 +200,9 @@ class LocalConnection:
     def latest_patchset(self, change: int) -> int:
         return len(self.get_change(change)["patchsets"])
 
-    def review_ops(self, change: int, patchset: int, pipeline: str, value: int | None,
-                   message: str) -> tuple[str, dict, int]:
+    def review_ops(
+        self, change: int, patchset: int, pipeline: str, value: int | None, message: str
+    ) -> tuple[str, dict, int]:
         """The ZK write that records a vote, for the caller's transaction.
 
         Returned rather than applied so the scheduler can record the vote and
@@ -169,6 +210,13 @@ class LocalConnection:
         """
         path = self._change_path(change)
         data, version = self.zk.get(path)
-        data["votes"].append({"patchset": patchset, "pipeline": pipeline, "value": value,
-                              "message": message, "time": time.time()})
+        data["votes"].append(
+            {
+                "patchset": patchset,
+                "pipeline": pipeline,
+                "value": value,
+                "message": message,
+                "time": time.time(),
+            }
+        )
         return path, data, version

@@ -57,33 +57,50 @@ class PipelineManager:
         layout = self.sched.layout
         jobs = layout.jobs_for(event.project, self.pipeline.name)
         if not jobs:
-            self.log.debug("[e: %s] project %s has no %s jobs", event.id, event.project,
-                           self.pipeline.name)
+            self.log.debug(
+                "[e: %s] project %s has no %s jobs", event.id, event.project, self.pipeline.name
+            )
             return None
         for item in self.items.values():
             if item.change == event.change and item.patchset == event.patchset:
-                self.log.info("[e: %s] change %s,%s is already in %s", event.id, event.change,
-                              event.patchset, self.pipeline.name)
+                self.log.info(
+                    "[e: %s] change %s,%s is already in %s",
+                    event.id,
+                    event.change,
+                    event.patchset,
+                    self.pipeline.name,
+                )
                 return None
         conn = self.sched.connections[self.pipeline.source]
         change = conn.get_change(event.change)
-        item = QueueItem(pipeline=self.pipeline.name, connection=self.pipeline.source,
-                         project=event.project, branch=event.branch, change=event.change,
-                         patchset=event.patchset, subject=change["subject"],
-                         owner=change["owner"], event_id=event.id)
+        item = QueueItem(
+            pipeline=self.pipeline.name,
+            connection=self.pipeline.source,
+            project=event.project,
+            branch=event.branch,
+            change=event.change,
+            patchset=event.patchset,
+            subject=change["subject"],
+            owner=change["owner"],
+            event_id=event.id,
+        )
         for job in jobs:
             item.builds[job.name] = Build(job=job.name, node_type=job.node_type)
         return item
 
     def superseded_by(self, item: QueueItem) -> list[QueueItem]:
         """Items a new item replaces (older patchsets of the same change)."""
-        return [i for i in self.items.values()
-                if i.change == item.change and i.patchset < item.patchset]
+        return [
+            i
+            for i in self.items.values()
+            if i.change == item.change and i.patchset < item.patchset
+        ]
 
     def add_item(self, item: QueueItem) -> None:
         self.items[item.uuid] = item
-        self.log.info("[e: %s] enqueued change %s as item %s", item.event_id, item.label,
-                      item.uuid)
+        self.log.info(
+            "[e: %s] enqueued change %s as item %s", item.event_id, item.label, item.uuid
+        )
 
     def dequeue(self, item: QueueItem, why: str) -> None:
         """Drop an item without a vote (superseded); cancel what it runs."""
@@ -131,11 +148,16 @@ class PipelineManager:
             return
         conn = self.sched.connections[item.connection]
         self._merges_requested.add(item.uuid)
-        self.sched.merger.submit(MergeRequest(
-            item_uuid=item.uuid, project=item.project, branch=item.branch,
-            ref=f"refs/zuul/{item.pipeline}/{item.change}/{item.patchset}/{item.uuid}",
-            series=conn.get_series(item.project, item.change, item.patchset),
-            review_repo=conn.repo_path(item.project)))
+        self.sched.merger.submit(
+            MergeRequest(
+                item_uuid=item.uuid,
+                project=item.project,
+                branch=item.branch,
+                ref=f"refs/zuul/{item.pipeline}/{item.change}/{item.patchset}/{item.uuid}",
+                series=conn.get_series(item.project, item.change, item.patchset),
+                review_repo=conn.repo_path(item.project),
+            )
+        )
 
     def on_merged(self, item: QueueItem, result: MergeResult) -> None:
         self._merges_requested.discard(item.uuid)
@@ -154,15 +176,21 @@ class PipelineManager:
         job = self.sched.layout.jobs.get(build.job)
         for dep in job.dependencies if job else []:
             dep_build = item.builds.get(dep)
-            if dep_build and dep_build.state in (BuildState.COMPLETED, BuildState.SKIPPED) \
-                    and dep_build.result != Result.SUCCESS:
+            if (
+                dep_build
+                and dep_build.state in (BuildState.COMPLETED, BuildState.SKIPPED)
+                and dep_build.result != Result.SUCCESS
+            ):
                 return dep
         return None
 
     def _ready(self, item: QueueItem, build: Build) -> bool:
         job = self.sched.layout.jobs.get(build.job)
-        return all(item.builds[d].result == Result.SUCCESS
-                   for d in (job.dependencies if job else []) if d in item.builds)
+        return all(
+            item.builds[d].result == Result.SUCCESS
+            for d in (job.dependencies if job else [])
+            if d in item.builds
+        )
 
     def _run_builds(self, item: QueueItem) -> None:
         for build in item.builds.values():
@@ -186,8 +214,7 @@ class PipelineManager:
         build.state = BuildState.QUEUED
         build.attempts += 1
         build.start_time = time.time()
-        build.log_path = (f"{item.change}/{item.patchset}/{item.pipeline}/"
-                          f"{build.job}/{build.uuid}")
+        build.log_path = f"{item.change}/{item.patchset}/{item.pipeline}/{build.job}/{build.uuid}"
         self.save(item)
         self._watch(item, build)
         self.sched.submit_build(item, build)
@@ -202,8 +229,9 @@ class PipelineManager:
             return  # a second copy of a result we already have
         if result.get("result") is None:
             if build.attempts < MAX_ATTEMPTS:
-                self.log.warning("Build %s of %s was lost; starting it again", build.uuid,
-                                 item.label)
+                self.log.warning(
+                    "Build %s of %s was lost; starting it again", build.uuid, item.label
+                )
                 self._watched.discard(build.uuid)
                 build.state = BuildState.WAITING
                 self.save(item)
@@ -217,8 +245,7 @@ class PipelineManager:
         build.elapsed = result.get("elapsed")
         if build.elapsed is None and build.start_time:
             build.elapsed = build.end_time - build.start_time
-        self.log.info("Build %s (%s) of %s: %s", build.uuid, build.job, item.label,
-                      build.result)
+        self.log.info("Build %s (%s) of %s: %s", build.uuid, build.job, item.label, build.result)
         self.save(item)
 
     # Reporting ----------------------------------------------------------
@@ -228,8 +255,9 @@ class PipelineManager:
         message = format_report(self.pipeline, item)
         value = vote_value(self.pipeline, item.connection, item)
         while True:
-            path, data, version = conn.review_ops(item.change, item.patchset,
-                                                  self.pipeline.name, value, message)
+            path, data, version = conn.review_ops(
+                item.change, item.patchset, self.pipeline.name, value, message
+            )
             txn = self.sched.zk.transaction()
             txn.set(path, data, version)
             txn.delete(item_path(self.pipeline.name, item.uuid))
