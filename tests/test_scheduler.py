@@ -217,3 +217,20 @@ def test_scheduler_killed_mid_build_votes_exactly_once(env, tmp_path):
         launcher2.stop()
         proc.terminate()
         proc.wait()
+
+
+def test_new_patchset_supersedes_the_old_one(env, scheduler):
+    cfg, zk, local, src, tmp = env
+    launcher = StandInLauncher(zk, scheduler.gearman_port)
+    launcher.hold = True
+    launcher.start()
+    change, _ = local.submit(good_series(src, tmp / "good"), "demo")
+    launcher.wait_for_builds(2, held=True)
+    local.submit(good_series(src, tmp / "good2"), "demo", change=change)
+    launcher.wait_for_builds(4, held=True)
+    launcher.hold = False
+    launcher.release()
+    votes = wait_for_votes(zk, change)
+    launcher.stop()
+    assert [(v["patchset"], v["value"]) for v in votes] == [(2, 1)]
+    assert len(local.get_change(change)["votes"]) == 1

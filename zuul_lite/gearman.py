@@ -56,6 +56,7 @@ class BuildClient(gear.Client):
         self.on_complete = on_complete
         self.on_status = on_status
         self.jobs: dict[str, gear.Job] = {}
+        self.stop_functions: dict[str, str] = {}  # build uuid -> its launcher's stop job
 
     def _onActiveConnection(self, conn: Any) -> None:  # noqa: N802
         _nodelay(conn)
@@ -67,15 +68,21 @@ class BuildClient(gear.Client):
         self.submitJob(job, timeout=timeout)
 
     def cancel_build(self, uuid: str) -> None:
-        job = self.jobs.pop(uuid, None)
-        if job is not None and job.handle:
+        """Take a queued build out of gearman, or ask the launcher running it to stop."""
+        job = self.jobs.get(uuid)
+        stop = self.stop_functions.get(uuid)
+        if stop is not None:
+            self.submitJob(gear.TextJob(stop, json.dumps({"uuid": uuid})), background=True)
+            log.info("Asked %s to stop build %s", stop, uuid)
+        elif job is not None and job.handle and job.connection is not None:
             try:
-                self.cancelJob(job)
+                job.connection.sendAdminRequest(gear.CancelJobAdminRequest(job.handle), 10)
             except gear.GearmanError:
                 log.debug("Build %s already taken; it will finish on its own", uuid)
 
     def _finish(self, job: gear.Job, result: dict) -> None:
         self.jobs.pop(job.unique, None)
+        self.stop_functions.pop(job.unique, None)
         self.on_complete(job.unique, result)
 
     def handleWorkComplete(self, packet: Any) -> gear.Job:  # noqa: N802
@@ -95,6 +102,16 @@ class BuildClient(gear.Client):
     def handleWorkException(self, packet: Any) -> gear.Job:  # noqa: N802
         job = super().handleWorkException(packet)
         self._finish(job, {"result": None, "summary": "The launcher raised an exception."})
+        return job
+
+    def handleWorkData(self, packet: Any) -> gear.Job:  # noqa: N802
+        job = super().handleWorkData(packet)
+        try:
+            data = json.loads(job.data[-1])
+        except (ValueError, IndexError):
+            return job
+        if isinstance(data, dict) and data.get("stop"):
+            self.stop_functions[job.unique] = data["stop"]
         return job
 
     def handleWorkStatus(self, packet: Any) -> gear.Job:  # noqa: N802

@@ -26,7 +26,7 @@ from zuul_lite.layout import Layout, load_layout
 from zuul_lite.manager import PipelineManager, build_path, item_path
 from zuul_lite.manager.independent import IndependentPipelineManager
 from zuul_lite.merger import Merger, MergeResult, MergerThread
-from zuul_lite.model import Build, QueueItem, TriggerEvent
+from zuul_lite.model import Build, BuildState, QueueItem, TriggerEvent
 
 log = logging.getLogger("zuul_lite.scheduler")
 
@@ -130,11 +130,14 @@ class Scheduler(threading.Thread):
     def _reconcile_builds(self) -> None:
         """Builds stored `queued` by a previous scheduler: adopt their result if a
         launcher stored one, wait if a launcher runs them, otherwise start them
-        again (their gearman job died with the old server)."""
+        again (their gearman job died with the old server). Results of builds no
+        item knows any more (dequeued while running) are dropped."""
+        known = set()
         for manager in self.managers.values():
             for item in manager.items.values():
                 for build in item.builds.values():
-                    if build.state != "queued":
+                    known.add(build.uuid)
+                    if build.state != BuildState.QUEUED:
                         continue
                     if self.zk.exists(build_path(build.uuid) + "/result") or self.zk.exists(
                         build_path(build.uuid) + "/running"
@@ -145,6 +148,9 @@ class Scheduler(threading.Thread):
                             "Build %s was lost with the old scheduler; resubmitting", build.uuid
                         )
                         self.submit_build(item, build)
+        for uuid in self.zk.get_children("/zuul/builds"):
+            if uuid not in known and not self.zk.exists(build_path(uuid) + "/running"):
+                self.zk.delete(build_path(uuid), recursive=True)
 
     # Threads post here ----------------------------------------------------
 
