@@ -83,7 +83,8 @@ def extract_summary(records: list[dict[str, Any]], limit: int = SUMMARY_LINES) -
                 lines: list[str] = []
                 for result in failed:
                     lines.extend(_lines(result))
-                errors = [line for line in lines if ERROR_LINE.search(line)]
+                # make repeats its last "***" line from each recursion level.
+                errors = list(dict.fromkeys(line for line in lines if ERROR_LINE.search(line)))
                 quoted = errors[: limit - 1] if errors else lines[-(limit - 1) :]
                 header = f"Task '{task.get('name', '?')}' failed in {record.get('playbook')}:"
                 return "\n".join([header, *(line[:300] for line in quoted)])
