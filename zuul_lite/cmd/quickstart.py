@@ -106,14 +106,19 @@ def submit_samples(local: LocalConnection) -> list[tuple[str, int]]:
 def _progress(zk: ZooKeeper) -> str:
     from zuul_lite.scheduler import status
 
+    shown = {"queued": "running", "waiting": "waiting", "skipped": "SKIPPED"}
     parts = []
     for pipeline in status(zk)["pipelines"]:
         for item in pipeline["items"]:
+            if item["state"] == "merging":
+                parts.append(f"change {item['change']}: merging")
+                continue
             jobs = ", ".join(
-                f"{b['job']} {b['result'] or b['state']}" for b in item["builds"].values()
+                f"{b['job']} {b['result'] or shown.get(b['state'], b['state'])}"
+                for b in item["builds"].values()
             )
-            parts.append(f"change {item['change']} [{item['state']}] {jobs}")
-    return "; ".join(parts) or "no items queued"
+            parts.append(f"change {item['change']}: {jobs}")
+    return "; ".join(parts) or "reporting"
 
 
 def wait_for_votes(zk: ZooKeeper, local: LocalConnection, changes: list[tuple[str, int]]):
