@@ -9,6 +9,7 @@ twice costs only the wait for votes (and submits nothing twice).
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from pathlib import Path
@@ -35,14 +36,16 @@ def say(msg: str) -> None:
 
 
 def _wait(what: str, done, timeout: float, every: float = 20.0, detail=None) -> None:
-    """Wait on `done()` (an Event-backed check), printing a line every `every` s."""
-    start = time.monotonic()
+    """Wait on `done(t)` (an Event-backed check), printing a line every `every` s."""
+    start = last = time.monotonic()
     while not done(every):
-        took = time.monotonic() - start
-        if took > timeout:
-            raise SystemExit(f"zuul-lite: gave up waiting for {what} after {int(took)}s.")
-        extra = f": {detail()}" if detail else ""
-        say(f"  ... still waiting for {what} ({format_duration(took)}){extra}")
+        now = time.monotonic()
+        if now - start > timeout:
+            raise SystemExit(f"zuul-lite: gave up waiting for {what} after {int(now - start)}s.")
+        if now - last >= every:
+            last = now
+            extra = f": {detail()}" if detail else ""
+            say(f"  ... still waiting for {what} ({format_duration(now - start)}){extra}")
 
 
 def _zk_port(hosts: str) -> int:
@@ -175,6 +178,9 @@ def stop_all(zcfg: zconfig.ZuulConfig, npconf: Path) -> int:
 def run(args) -> int:
     from zuul_lite.kerneltree import ensure_kernel_repo
 
+    # The console is for the progress lines; the daemons log to run/*.log.
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("kazoo").setLevel(logging.ERROR)
     zcfg = zconfig.load(args.config)
     npconf = Path(args.config).resolve().parent / "nodepool.yaml"
     if args.stop:
