@@ -210,6 +210,8 @@ def test_scheduler_killed_mid_build_votes_exactly_once(env, tmp_path):
     try:
         votes = wait_for_votes(zk, change, timeout=60)
         assert votes[0]["value"] == 1
+        shown = [ln.split()[1] for ln in votes[0]["message"].splitlines() if ln.startswith("- ")]
+        assert shown == ["lint", "build", "boot"]  # layout order survives the restart
         time.sleep(2)  # a duplicate vote would arrive now
         assert len(local.get_change(change)["votes"]) == 1
         assert {b["job"] for b in launcher2.builds} == {"boot"}

@@ -114,6 +114,7 @@ class Build:
     elapsed: float | None = None
     summary: str = ""
     attempts: int = 0
+    index: int = 0  # the job's place in the project's list: the order votes show
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,6 +163,10 @@ class QueueItem:
     @property
     def label(self) -> str:
         return f"{self.change},{self.patchset}"
+
+    def ordered_builds(self) -> list[Build]:
+        """Builds in layout order (ZooKeeper's JSON keeps keys sorted by name)."""
+        return sorted(self.builds.values(), key=lambda b: b.index)
 
     def finished(self) -> bool:
         return all(

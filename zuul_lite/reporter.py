@@ -31,7 +31,7 @@ def vote_value(pipeline: Pipeline, connection: str, item: QueueItem) -> int | No
 
 def job_lines(item: QueueItem) -> list[str]:
     lines = []
-    for build in item.builds.values():
+    for build in item.ordered_builds():
         url = f" {build.log_url}" if build.log_url else ""
         took = f" in {format_duration(build.elapsed)}" if build.elapsed is not None else ""
         lines.append(f"- {build.job}{url} : {build.result}{took}")

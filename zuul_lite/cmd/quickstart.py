@@ -118,7 +118,7 @@ def _progress(zk: ZooKeeper) -> str:
                 continue
             jobs = ", ".join(
                 f"{b['job']} {b['result'] or shown.get(b['state'], b['state'])}"
-                for b in item["builds"].values()
+                for b in sorted(item["builds"].values(), key=lambda b: b.get("index", 0))
             )
             parts.append(f"change {item['change']}: {jobs}")
     return "; ".join(parts) or "reporting"

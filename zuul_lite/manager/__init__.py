@@ -84,8 +84,8 @@ class PipelineManager:
             owner=change["owner"],
             event_id=event.id,
         )
-        for job in jobs:
-            item.builds[job.name] = Build(job=job.name, node_type=job.node_type)
+        for index, job in enumerate(jobs):
+            item.builds[job.name] = Build(job=job.name, node_type=job.node_type, index=index)
         return item
 
     def superseded_by(self, item: QueueItem) -> list[QueueItem]:
