@@ -139,6 +139,8 @@ def wait_for_votes(zk: ZooKeeper, local: LocalConnection, changes: list[tuple[st
         event.clear()
         return all(voted(n) for _, n in changes)
 
+    if all(voted(n) for _, n in changes):
+        return
     say(
         "Waiting for votes (kernel builds and QEMU boots run on throwaway nodes; "
         "the first build fills the ccache and takes a few minutes)."
