@@ -37,7 +37,8 @@ ensure_venv() {
 
 ensure_system_packages() {
     local missing
-    missing=$("$VENV/bin/bindep" -b -f bindep.txt || true)
+    # shellcheck disable=SC2086
+    missing=$("$VENV/bin/bindep" -b -f bindep.txt $1 || true)
     if [ -n "$missing" ]; then
         # shellcheck disable=SC2086
         apt_install $missing
@@ -62,13 +63,13 @@ ensure_python_packages() {
 case "$MODE" in
     run)
         ensure_venv
-        ensure_system_packages
+        ensure_system_packages ""
         ensure_python_packages ""
         exec "$VENV/bin/zuul-lite" -c etc/zuul.yaml quickstart
         ;;
     test)
         ensure_venv
-        ensure_system_packages
+        ensure_system_packages test
         ensure_python_packages "[test]"
         say "ruff check"
         "$VENV/bin/ruff" check .
