@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import gear
@@ -15,6 +16,8 @@ import yaml
 
 from nodepool_lite.zk import ZooKeeper
 from nodepool_lite.zkserver import free_port
+from zuul_lite.build_contract import BuildRequest, BuildResult
+from zuul_lite.state import ZuulState
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -88,56 +91,86 @@ def wait_for_votes(zk: ZooKeeper, change: int, count: int = 1, timeout: float = 
             return False
         return None
 
-    zk.watch_data(f"/zuul/local/changes/{change}", on_change)
+    zk.watch_data(ZuulState(zk).local_path("changes", change), on_change)
     if not done.wait(timeout):
         raise AssertionError(
             f"change {change} got no {count} vote(s) in {timeout}s; status: "
-            + json.dumps(_status(zk), indent=1)[:3000]
+            + json.dumps(ZuulState(zk).read_status(), indent=1)[:3000]
         )
     return found
 
 
-def _status(zk: ZooKeeper) -> dict:
-    from zuul_lite.scheduler import status
-
-    return status(zk)
+def settle(sched, timeout: float = 30) -> None:
+    """Wait until the scheduler has nothing left to do (Zuul's waitUntilSettled):
+    no event in memory or in ZooKeeper, no merge under way, the loop asleep."""
+    deadline = time.monotonic() + timeout
+    quiet_since = None
+    while time.monotonic() < deadline:
+        busy = (
+            not sched.idle.is_set()
+            or sched.wake_event.is_set()
+            or not sched.events.empty()
+            or any(m.merges_pending() for m in sched.managers.values())
+            or sched.state.trigger_events()
+            or sched.state.management_events()
+        )
+        if busy:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > 0.05:
+            return
+        sched.idle.wait(0.01)
+        time.sleep(0.005)
+    raise AssertionError(
+        "the scheduler did not settle; status: "
+        + json.dumps(sched.state.read_status(), indent=1)[:3000]
+    )
 
 
 class StandInLauncher(threading.Thread):
     """Stands in for zuul-launcher (tested on its own with real nodes) so the
     scheduler's tests stay fast: a real gear Worker that records each build's
-    arguments, stores the result in ZooKeeper as the launcher does, then sends
-    WORK_COMPLETE. `hold` keeps builds until `release(pattern)`."""
+    request, claims it and stores its result in ZooKeeper as the launcher does,
+    then sends WORK_COMPLETE. It answers `launcher:stop:stand-in` like a real
+    launcher. `hold` keeps builds until `release(pattern)`; `results` maps a
+    job name, or "job:change", to its result; `history` lists every build
+    with how it ended (Zuul's assertHistory)."""
+
+    STOP = "launcher:stop:stand-in"
 
     def __init__(self, zk: ZooKeeper, port: int, results: dict[str, str] | None = None) -> None:
         super().__init__(daemon=True)
-        self.zk = zk
+        self.state = ZuulState(zk)
         self.port = port
         self.results = results or {}
         self.builds: list[dict] = []
+        self.history: list[dict] = []
         self.held: list[tuple[gear.Job, dict]] = []
         self.hold = False
         self.lock = threading.Condition()
         self.worker = gear.Worker("stand-in-launcher")
         self.worker.addServer("127.0.0.1", port)
+        self.stopper = gear.Worker("stand-in-launcher-stop")
+        self.stopper.addServer("127.0.0.1", port)
         self.running = True
 
     def run(self) -> None:
         self.worker.waitForServer()
+        self.stopper.waitForServer()
         self.worker.registerFunction("launcher:execute")
+        self.stopper.registerFunction(self.STOP)
+        threading.Thread(target=self._serve_stops, daemon=True).start()
         while self.running:
             try:
                 job = self.worker.getJob()
             except gear.InterruptedError:
                 continue
-            args = json.loads(job.arguments)
+            args = BuildRequest.from_dict(json.loads(job.arguments)).to_dict()
             with self.lock:
                 self.builds.append(args)
-                self.zk.create(
-                    f"/zuul/builds/{args['uuid']}/running",
-                    {"launcher": "stand-in"},
-                    ephemeral=True,
-                )
+                self.state.claim_build(args["uuid"], "stand-in")
+                job.sendWorkData(json.dumps({"stop": self.STOP, "uuid": args["uuid"]}).encode())
                 if self.hold:
                     self.held.append((job, args))
                     self.lock.notify_all()
@@ -145,33 +178,73 @@ class StandInLauncher(threading.Thread):
                 self.lock.notify_all()
             self.finish(job, args)
 
-    def finish(self, job: gear.Job, args: dict) -> None:
-        result = self.results.get(args["job"], "SUCCESS")
-        data = {
-            "result": result,
-            "log_url": f"http://logs/{args['log_path']}/",
-            "elapsed": 1.5,
-            "summary": "" if result == "SUCCESS" else f"{args['job']}: error: something broke",
-        }
-        self.zk.create(f"/zuul/builds/{args['uuid']}/result", data)
-        self.zk.delete(f"/zuul/builds/{args['uuid']}/running")
+    def _serve_stops(self) -> None:
+        while self.running:
+            try:
+                job = self.stopper.getJob()
+            except gear.InterruptedError:
+                continue
+            uuid = json.loads(job.arguments)["uuid"]
+            with self.lock:
+                for held_job, args in list(self.held):
+                    if args["uuid"] == uuid:
+                        self.held.remove((held_job, args))
+                        self.finish(held_job, args, "ABORTED")
+                self.lock.notify_all()
+            job.sendWorkComplete(json.dumps({"uuid": uuid}).encode())
+
+    def result_for(self, args: dict) -> str:
+        return self.results.get(
+            f"{args['job']}:{args['change']}", self.results.get(args["job"], "SUCCESS")
+        )
+
+    def finish(self, job: gear.Job, args: dict, result: str | None = None) -> None:
+        result = result or self.result_for(args)
+        data = BuildResult(
+            result=result,
+            log_url=f"http://logs/{args['log_path']}/",
+            elapsed=1.5,
+            summary="" if result == "SUCCESS" else f"{args['job']}: error: something broke",
+        )
+        self.history.append(
+            {
+                "name": args["job"],
+                "result": result,
+                "changes": args["changes"],
+                "uuid": args["uuid"],
+            }
+        )
+        self.state.store_build_result(args["uuid"], data)
+        self.state.release_build(args["uuid"])
         try:
-            job.sendWorkComplete(json.dumps(data))
+            job.sendWorkComplete(json.dumps(data.to_dict()).encode())
         except Exception:
             pass  # the scheduler (and its gear server) may be gone: ZK has the result
+
+    def early_fail(self, pattern: str) -> None:
+        """Held builds matching `pattern` say they will fail, and stay held."""
+        with self.lock:
+            for _, args in self.held:
+                if re.match(pattern, args["job"]):
+                    self.state.mark_early_failure(args["uuid"], "task 'make' failed")
 
     def wait_for_builds(self, count: int, held: bool = False, timeout: float = 30) -> None:
         with self.lock:
             ok = self.lock.wait_for(
                 lambda: len(self.held if held else self.builds) >= count, timeout
             )
-        assert ok, f"only {len(self.builds)} builds started"
+        assert ok, f"only {len(self.held if held else self.builds)} builds started"
 
-    def release(self, pattern: str = ".*") -> None:
+    def held_builds(self) -> list[tuple[str, str]]:
+        """(job, changes) of every held build, in the order they started."""
+        with self.lock:
+            return [(args["job"], args["changes"]) for _, args in self.held]
+
+    def release(self, pattern: str = ".*", change: int | None = None) -> None:
         with self.lock:
             keep = []
             for job, args in self.held:
-                if re.match(pattern, args["job"]):
+                if re.match(pattern, args["job"]) and change in (None, args["change"]):
                     self.finish(job, args)
                 else:
                     keep.append((job, args))
@@ -180,3 +253,4 @@ class StandInLauncher(threading.Thread):
     def stop(self) -> None:
         self.running = False
         self.worker.shutdown()
+        self.stopper.shutdown()

@@ -8,6 +8,7 @@ from nodepool_lite.zk import ZooKeeper
 from tests.harness import make_project, make_series, write_config
 from zuul_lite import config as zconfig
 from zuul_lite.cmd.client import main
+from zuul_lite.state import ZuulState
 
 
 @pytest.fixture
@@ -34,9 +35,8 @@ def test_submit_show_recheck(cli, capsys):
     cfg = zconfig.load(path)
     zk = ZooKeeper(cfg.zk_hosts)
     zk.connect()
-    events = [
-        zk.get(f"/zuul/events/trigger/{n}")[0] for n in zk.get_children("/zuul/events/trigger")
-    ]
+    state = ZuulState(zk)
+    events = [state.get(state.trigger_event_path(n)) for n in state.trigger_events()]
     zk.disconnect()
     assert [e["type"] for e in events] == ["patchset-created", "patchset-created", "comment-added"]
 

@@ -23,6 +23,7 @@ from nodepool_lite import config as npconfig
 from nodepool_lite.zk import ZooKeeper
 from nodepool_lite.zkserver import ZooKeeperServer, free_port
 from tests.images import ensure_node_image
+from zuul_lite.state import ZuulState
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,8 +86,9 @@ def test_quickstart_votes_on_the_samples(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         out = proc.stdout
         changes = {}
-        for n in zk.get_children("/zuul/local/changes"):
-            change = zk.get(f"/zuul/local/changes/{n}")[0]
+        state = ZuulState(zk)
+        for n in zk.get_children(state.local_path("changes")):
+            change = state.get(state.local_path("changes", n))
             changes[change["number"]] = change
         assert len(changes) == 3
         good, broken, style = (changes[n]["votes"][-1] for n in sorted(changes))

@@ -12,12 +12,20 @@ from pathlib import Path
 import pytest
 
 from nodepool_lite.zk import ZooKeeper
-from tests.harness import StandInLauncher, make_project, make_series, wait_for_votes, write_config
+from tests.harness import (
+    StandInLauncher,
+    make_project,
+    make_series,
+    settle,
+    wait_for_votes,
+    write_config,
+)
 from zuul_lite import config as zconfig
 from zuul_lite.connections.local import LocalConnection
 from zuul_lite.exceptions import InboxError
 from zuul_lite.git import git
 from zuul_lite.scheduler import Scheduler
+from zuul_lite.state import ZuulState
 
 
 @pytest.fixture
@@ -26,7 +34,7 @@ def env(tmp_path, zk_hosts):
     zk = ZooKeeper(zk_hosts)
     zk.connect()
     src = make_project(tmp_path)
-    local = LocalConnection("local", zk, cfg.state_dir)
+    local = LocalConnection("local", {"driver": "local"}, ZuulState(zk), cfg.state_dir)
     local.import_project("demo", src)
     yield cfg, zk, local, src, tmp_path
     zk.disconnect()
@@ -84,7 +92,7 @@ def test_good_series_gets_plus_one(env, scheduler):
     # The published ref was dropped after the report; the merge was real.
     ws = cfg.state_dir / "merger" / "demo"
     assert "return 1;" in git(ws, "show", "HEAD:hello.c")
-    assert zk.get_children("/zuul/pipelines/check/items") == []
+    assert ZuulState(zk).read_status()["pipelines"][0]["items"] == []
 
 
 def test_series_that_does_not_apply_is_merge_conflict(env, scheduler):
@@ -162,6 +170,7 @@ def test_bad_layout_is_refused_and_old_one_kept(env, scheduler, tmp_path):
     cfg.layout_path = bad
     old = scheduler.layout
     scheduler.reconfigure()
+    settle(scheduler)
     assert scheduler.layout is old
     from zuul_lite.exceptions import ConfigError
     from zuul_lite.layout import load_layout
@@ -213,7 +222,7 @@ def test_scheduler_killed_mid_build_votes_exactly_once(env, tmp_path):
         shown = [ln.split()[1] for ln in votes[0]["message"].splitlines() if ln.startswith("- ")]
         assert shown == ["lint", "build", "boot"]  # layout order survives the restart
         time.sleep(2)  # a duplicate vote would arrive now
-        assert len(local.get_change(change)["votes"]) == 1
+        assert len(local.get_change_data(change)["votes"]) == 1
         assert {b["job"] for b in launcher2.builds} == {"boot"}
     finally:
         launcher2.stop()
@@ -229,10 +238,10 @@ def test_new_patchset_supersedes_the_old_one(env, scheduler):
     change, _ = local.submit(good_series(src, tmp / "good"), "demo")
     launcher.wait_for_builds(2, held=True)
     local.submit(good_series(src, tmp / "good2"), "demo", change=change)
-    launcher.wait_for_builds(4, held=True)
+    launcher.wait_for_builds(4)
     launcher.hold = False
     launcher.release()
     votes = wait_for_votes(zk, change)
     launcher.stop()
     assert [(v["patchset"], v["value"]) for v in votes] == [(2, 1)]
-    assert len(local.get_change(change)["votes"]) == 1
+    assert len(local.get_change_data(change)["votes"]) == 1

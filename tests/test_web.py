@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from nodepool_lite.zk import ZooKeeper
 from nodepool_lite.zkserver import free_port
+from zuul_lite.state import ZuulState
 from zuul_lite.web.app import create_app
 from zuul_lite.web.server import WebServer
 from zuul_lite.web.templating import linkify
@@ -48,15 +49,28 @@ def client(zk: ZooKeeper, log_root: Path) -> TestClient:
 def queue_item(uuid: str, change: int, enqueue_time: float, **build: object) -> dict:
     """A queue item in the shape of doc/architecture.md, with one kernel-build build."""
     return {
-        "uuid": uuid, "pipeline": "check", "project": "linux", "branch": "master",
-        "change": change, "patchset": 1, "subject": f"Fix {change}", "owner": "dev",
-        "enqueue_time": enqueue_time, "event_id": "e1", "state": "running",
-        "git_ref": f"refs/zuul/check/{change}/1/{uuid}", "base_sha": "abc", "merge_error": None,
-        "builds": {"kernel-build": {
-            "uuid": "b-" + uuid, "job": "kernel-build", "node_type": "kernel-debian",
-            "state": "running", "result": None, "log_url": None, "start_time": 100.0,
-            "end_time": None, "elapsed": None, "summary": "", **build}},
+        "uuid": uuid, "pipeline": "check", "queue": f"q-{uuid}", "event_id": "e1",
+        "change": {"connection": "local", "project": "linux", "branch": "master",
+                   "number": change, "patchset": 1, "subject": f"Fix {change}", "owner": "dev"},
+        "enqueue_time": enqueue_time, "live": True, "active": True, "item_ahead": None,
+        "buildset": {
+            "uuid": "bs-" + uuid, "attempt": 1, "changes": [f"{change},1"],
+            "merge_state": "complete", "merge_error": None, "base_sha": "abc",
+            "git_ref": f"refs/zuul/check/{change}/1/{uuid}",
+            "builds": {"kernel-build": {
+                "uuid": "b-" + uuid, "job": "kernel-build", "node_type": "kernel-debian",
+                "state": "queued", "result": None, "log_url": None, "start_time": 100.0,
+                "end_time": None, "elapsed": None, "summary": "", **build}}},
     }  # fmt: skip
+
+
+def store_item(zk: ZooKeeper, pipeline: str, item: dict) -> None:
+    state = ZuulState(zk)
+    zk.create(state.item_path(pipeline, item["uuid"]), {**item, "pipeline": pipeline})
+    zk.create(
+        state.queue_path(pipeline, item["queue"]),
+        {"name": item["queue"], "dynamic": True, "window": 0, "items": [item["uuid"]]},
+    )
 
 
 LOCAL_CHANGE = {
@@ -158,10 +172,10 @@ def test_status_without_pipelines(client: TestClient) -> None:
 
 
 def test_status_lists_items_oldest_first(client: TestClient, zk: ZooKeeper) -> None:
-    zk.create("/zuul/pipelines/gate/items/g1", queue_item("g1", 5, 300.0))
-    zk.create("/zuul/pipelines/check/items/c2", queue_item("c2", 4, 200.0))
-    zk.create(
-        "/zuul/pipelines/check/items/c1",
+    store_item(zk, "gate", queue_item("g1", 5, 300.0))
+    store_item(zk, "check", queue_item("c2", 4, 200.0))
+    store_item(
+        zk, "check",
         queue_item("c1", 3, 100.0, state="completed", result="SUCCESS",
                    log_url="http://127.0.0.1:9000/logs/3/1/check/kernel-build/b-c1/",
                    end_time=160.0, elapsed=60.0),
@@ -171,10 +185,10 @@ def test_status_lists_items_oldest_first(client: TestClient, zk: ZooKeeper) -> N
     assert [p["name"] for p in status["pipelines"]] == ["check", "gate"]
     check = status["pipelines"][0]["items"]
     assert [item["uuid"] for item in check] == ["c1", "c2"]
-    build = check[0]["builds"]["kernel-build"]
+    build = check[0]["buildset"]["builds"]["kernel-build"]
     assert (build["state"], build["result"], build["elapsed"]) == ("completed", "SUCCESS", 60.0)
     assert build["log_url"].endswith("/logs/3/1/check/kernel-build/b-c1/")
-    assert check[1]["builds"]["kernel-build"]["state"] == "running"
+    assert check[1]["buildset"]["builds"]["kernel-build"]["state"] == "queued"
 
 
 def test_status_page_and_script(client: TestClient) -> None:
@@ -207,8 +221,9 @@ def test_unknown_page_is_one_sentence(client: TestClient) -> None:
 
 def test_changes_api(client: TestClient, zk: ZooKeeper) -> None:
     assert client.get("/api/changes").json() == []
-    zk.create("/zuul/local/changes/7", LOCAL_CHANGE)
-    zk.create("/zuul/local/changes/8", {**LOCAL_CHANGE, "number": 8, "votes": []})
+    state = ZuulState(zk)
+    zk.create(state.local_path("changes", 7), LOCAL_CHANGE)
+    zk.create(state.local_path("changes", 8), {**LOCAL_CHANGE, "number": 8, "votes": []})
     changes = client.get("/api/changes").json()
     assert [c["number"] for c in changes] == [8, 7]
     assert changes[1]["patchset"] == 2
@@ -220,7 +235,7 @@ def test_changes_api(client: TestClient, zk: ZooKeeper) -> None:
 
 
 def test_change_page_shows_votes_preformatted(client: TestClient, zk: ZooKeeper) -> None:
-    zk.create("/zuul/local/changes/7", LOCAL_CHANGE)
+    zk.create(ZuulState(zk).local_path("changes", 7), LOCAL_CHANGE)
     page = client.get("/change/7")
     assert page.status_code == 200
     assert "mm: fix &lt;leak&gt;" in page.text

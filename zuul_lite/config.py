@@ -7,6 +7,7 @@ from pathlib import Path
 
 import voluptuous as v
 
+from zuul_lite.connections import driver_names
 from zuul_lite.layout import _read_yaml, _validate
 
 SCHEMA = v.Schema(
@@ -20,7 +21,9 @@ SCHEMA = v.Schema(
             "listen": str,
         },
         "scheduler": {"layout": str, "jobs-dir": str},
-        v.Required("connections"): {str: {v.Required("driver"): v.In(["local"]), v.Extra: object}},
+        v.Required("connections"): {
+            str: {v.Required("driver"): v.In(driver_names()), v.Extra: object}
+        },
         "web": {"listen": str, "port": int, "url": str},
         "launcher": dict,
     },

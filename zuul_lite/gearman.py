@@ -15,6 +15,8 @@ from typing import Any
 
 import gear
 
+from zuul_lite.build_contract import BuildRequest
+
 log = logging.getLogger("zuul_lite.gearman")
 
 EXECUTE = "launcher:execute"
@@ -41,19 +43,22 @@ class GearServer(gear.Server):
 
 
 class BuildClient(gear.Client):
-    """Submits builds to `launcher:execute` and hands results to a callback.
+    """Submits builds to `launcher:execute`.
 
-    The callback runs on gear's thread: it must only post an event to the
-    scheduler, never touch pipeline state.
+    A result reaches the scheduler once, through ZooKeeper, where the launcher
+    stores it before WORK_COMPLETE; gearman only tells us about builds that
+    failed without a result (WORK_FAIL: the launcher went away or refused the
+    arguments), through `on_failed`, which runs on gear's thread and must only
+    post an event to the scheduler.
     """
 
     def __init__(
         self,
-        on_complete: Callable[[str, dict], None],
+        on_failed: Callable[[str, str], None],
         on_status: Callable[[str, dict], None] | None = None,
     ) -> None:
         super().__init__(client_id="zuul-lite-scheduler")
-        self.on_complete = on_complete
+        self.on_failed = on_failed
         self.on_status = on_status
         self.jobs: dict[str, gear.Job] = {}
         self.stop_functions: dict[str, str] = {}  # build uuid -> its launcher's stop job
@@ -62,8 +67,8 @@ class BuildClient(gear.Client):
         _nodelay(conn)
         super()._onActiveConnection(conn)
 
-    def submit_build(self, args: dict, timeout: float = 30.0) -> None:
-        job = gear.TextJob(EXECUTE, json.dumps(args), unique=args["uuid"])
+    def submit_build(self, request: BuildRequest, timeout: float = 30.0) -> None:
+        job = gear.TextJob(EXECUTE, json.dumps(request.to_dict()), unique=request.uuid)
         self.jobs[job.unique] = job
         self.submitJob(job, timeout=timeout)
 
@@ -80,28 +85,26 @@ class BuildClient(gear.Client):
             except gear.GearmanError:
                 log.debug("Build %s already taken; it will finish on its own", uuid)
 
-    def _finish(self, job: gear.Job, result: dict) -> None:
+    def _finish(self, job: gear.Job) -> None:
         self.jobs.pop(job.unique, None)
         self.stop_functions.pop(job.unique, None)
-        self.on_complete(job.unique, result)
 
     def handleWorkComplete(self, packet: Any) -> gear.Job:  # noqa: N802
         job = super().handleWorkComplete(packet)
-        try:
-            result = json.loads(job.data[-1] if job.data else "{}")
-        except ValueError:
-            result = {"result": "FAILURE", "summary": "The launcher sent an unreadable result."}
-        self._finish(job, result)
+        self._finish(job)
         return job
 
     def handleWorkFail(self, packet: Any) -> gear.Job:  # noqa: N802
         job = super().handleWorkFail(packet)
-        self._finish(job, {"result": None, "summary": "The launcher failed the job."})
+        self._finish(job)
+        self.on_failed(job.unique, "the launcher failed the job")
         return job
 
     def handleWorkException(self, packet: Any) -> gear.Job:  # noqa: N802
         job = super().handleWorkException(packet)
-        self._finish(job, {"result": None, "summary": "The launcher raised an exception."})
+        self._finish(job)
+        detail = job.exception.decode("utf-8", "replace") if job.exception else ""
+        self.on_failed(job.unique, f"the launcher refused it: {detail}".rstrip(": "))
         return job
 
     def handleWorkData(self, packet: Any) -> gear.Job:  # noqa: N802

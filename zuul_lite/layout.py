@@ -7,6 +7,7 @@ scheduler then keeps the layout it already had.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,14 +16,31 @@ import voluptuous as v
 import yaml
 
 from zuul_lite.exceptions import ConfigError
-from zuul_lite.model import EventFilter, Job
+from zuul_lite.model import EventFilter, Job, Pipeline
 
 log = logging.getLogger("zuul_lite.layout")
 
 MANAGERS = ("independent", "dependent")
 
-_trigger = v.Schema({v.Required("event"): str, "comment": str})
-_report = v.Schema({v.Extra: {v.Optional("verified"): v.In([-1, 0, 1])}})
+# Zuul's built-in job: no node, no playbook, succeeds at once.
+NOOP = Job(name="noop", node_type=None, run=[], description="Does nothing; succeeds at once.")
+
+
+def _regex(value: Any) -> str:
+    """A regex that compiles, so the scheduler never meets a bad one at run time."""
+    if not isinstance(value, str):
+        raise v.Invalid("expected a regular expression")
+    try:
+        re.compile(value)
+    except re.error as error:
+        raise v.Invalid(f"not a valid regular expression ({error})") from None
+    return value
+
+
+_trigger = v.Schema({v.Required("event"): str, "comment": _regex})
+_report = v.Schema(
+    {v.Extra: {v.Optional("verified"): v.In([-2, -1, 0, 1, 2]), v.Optional("submit"): bool}}
+)
 
 PIPELINE = v.Schema(
     {
@@ -34,6 +52,12 @@ PIPELINE = v.Schema(
         "success": _report,
         "failure": _report,
         "merge-failure": _report,
+        "window": v.All(int, v.Range(min=0)),
+        "window-floor": v.All(int, v.Range(min=1)),
+        "window-increase-type": v.In(["linear", "exponential"]),
+        "window-increase-factor": v.All(int, v.Range(min=1)),
+        "window-decrease-type": v.In(["linear", "exponential"]),
+        "window-decrease-factor": v.All(int, v.Range(min=1)),
     }
 )
 
@@ -63,23 +87,12 @@ JOB = v.Schema(
             "post-run": v.Any(str, [str]),
             "dependencies": [str],
             "vars": dict,
+            "failure-output": v.Any(_regex, [_regex]),
         }
     }
 )
 
 JOBS = v.Schema([JOB])
-
-
-@dataclass
-class Pipeline:
-    name: str
-    manager: str
-    source: str
-    triggers: dict[str, list[EventFilter]]
-    success: dict[str, dict]
-    failure: dict[str, dict]
-    merge_failure: dict[str, dict]
-    description: str = ""
 
 
 @dataclass
@@ -90,7 +103,7 @@ class Layout:
 
     def jobs_for(self, project: str, pipeline: str) -> list[Job]:
         names = self.projects.get(project, {}).get(pipeline, [])
-        return [self.jobs[n] for n in names]
+        return [self.jobs[n] for n in names if n in self.jobs]
 
 
 def _key_path(error: v.Invalid) -> str:
@@ -126,7 +139,7 @@ def _as_list(value: str | list[str] | None) -> list[str]:
 
 
 def load_jobs(jobs_dir: Path) -> dict[str, Job]:
-    jobs: dict[str, Job] = {}
+    jobs: dict[str, Job] = {"noop": NOOP}
     files = sorted(jobs_dir.glob("*.yaml"))
     if not files:
         raise ConfigError(f"{jobs_dir}: no job definitions (*.yaml) found.")
@@ -152,13 +165,33 @@ def load_jobs(jobs_dir: Path) -> dict[str, Job]:
                 timeout=d.get("timeout", 1800),
                 dependencies=d.get("dependencies", []),
                 vars=d.get("vars", {}),
+                failure_output=_as_list(d.get("failure-output")),
                 description=d.get("description", ""),
             )
     for job in jobs.values():
         for dep in job.dependencies:
             if dep not in jobs:
                 raise ConfigError(f"{jobs_dir}: job {job.name} depends on unknown job {dep}.")
+    _check_cycles(jobs, jobs_dir)
     return jobs
+
+
+def _check_cycles(jobs: dict[str, Job], jobs_dir: Path) -> None:
+    """A dependency cycle would leave every job in it waiting forever."""
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            cycle = " -> ".join([*path[path.index(name) :], name])
+            raise ConfigError(f"{jobs_dir}: job dependencies form a cycle: {cycle}.")
+        if name in done:
+            return
+        for dep in jobs[name].dependencies:
+            visit(dep, [*path, name])
+        done.add(name)
+
+    for name in jobs:
+        visit(name, [])
 
 
 def load_layout(
@@ -174,6 +207,17 @@ def load_layout(
                 raise ConfigError(
                     f"{path}: pipelines[{i}]: connection {conn} is not defined in zuul.yaml."
                 )
+        if p["name"] in layout.pipelines:
+            raise ConfigError(
+                f"{path}: pipelines[{i}].name: pipeline {p['name']} is defined twice."
+            )
+        for conn in [*p.get("success", {}), *p.get("failure", {}), *p.get("merge-failure", {})]:
+            if conn not in connections:
+                raise ConfigError(
+                    f"{path}: pipelines[{i}]: reporter connection {conn} is not defined "
+                    "in zuul.yaml."
+                )
+        dependent = p["manager"] == "dependent"
         layout.pipelines[p["name"]] = Pipeline(
             name=p["name"],
             manager=p["manager"],
@@ -183,6 +227,12 @@ def load_layout(
             success=p.get("success", {}),
             failure=p.get("failure", {}),
             merge_failure=p.get("merge-failure", p.get("failure", {})),
+            window=p.get("window", 20 if dependent else 0),
+            window_floor=p.get("window-floor", 3),
+            window_increase_type=p.get("window-increase-type", "linear"),
+            window_increase_factor=p.get("window-increase-factor", 1),
+            window_decrease_type=p.get("window-decrease-type", "exponential"),
+            window_decrease_factor=p.get("window-decrease-factor", 2),
         )
     for i, proj in enumerate(data["projects"]):
         entry = {}
@@ -195,10 +245,11 @@ def load_layout(
                 if job not in layout.jobs:
                     raise ConfigError(f"{path}: projects[{i}].{pipeline}.jobs: unknown job {job}.")
                 j = layout.jobs[job]
-                if node_types is not None and j.node_type not in node_types:
+                if node_types is not None and j.node_type and j.node_type not in node_types:
                     raise ConfigError(
                         f"{path}: projects[{i}].{pipeline}.jobs: job {job} "
-                        f"needs unknown node type {j.node_type}."
+                        f"needs node type {j.node_type}, which no nodepool label offers "
+                        f"(labels: {', '.join(sorted(node_types)) or 'none'})."
                     )
                 for dep in j.dependencies:
                     if dep not in body["jobs"]:

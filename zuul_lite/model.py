@@ -1,8 +1,11 @@
-"""The scheduler's data model: events, jobs, builds and queue items.
+"""The scheduler's data model, in Zuul's shape.
 
-Queue items and their builds are stored in ZooKeeper as JSON (see
-doc/architecture.md), so every class here round-trips through
-`to_dict()`/`from_dict()`. MODEL_API versions that stored shape.
+A Pipeline holds ChangeQueues; a ChangeQueue holds QueueItems in order, each
+pointing at the item ahead of it (the state it is tested on top of); an item
+carries a change and one BuildSet per attempt (the merge state it was tested
+on and its Builds). Items are stored in ZooKeeper (zuul_lite/state.py), so
+every stored class round-trips through `to_dict()`/`from_dict()`; MODEL_API
+versions that stored shape (doc/architecture.md has the changelog).
 """
 
 from __future__ import annotations
@@ -10,11 +13,11 @@ from __future__ import annotations
 import re
 import time
 import uuid as uuidlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
-MODEL_API = 1
+MODEL_API = 2
 
 
 class Result(StrEnum):
@@ -27,6 +30,7 @@ class Result(StrEnum):
     RETRY_LIMIT = "RETRY_LIMIT"
     SKIPPED = "SKIPPED"
     ABORTED = "ABORTED"
+    ERROR = "ERROR"  # our own fault: reported without a negative vote
 
 
 class BuildState(StrEnum):
@@ -36,14 +40,19 @@ class BuildState(StrEnum):
     SKIPPED = "skipped"
 
 
-class ItemState(StrEnum):
-    MERGING = "merging"
-    RUNNING = "running"
-    REPORTING = "reporting"
+class MergeState(StrEnum):
+    PENDING = "pending"
+    COMPLETE = "complete"
+    CONFLICT = "conflict"
 
 
 def new_uuid() -> str:
     return uuidlib.uuid4().hex
+
+
+def _from_dict(cls: type, data: dict) -> Any:
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclass(slots=True)
@@ -65,7 +74,26 @@ class TriggerEvent:
 
     @classmethod
     def from_dict(cls, data: dict) -> TriggerEvent:
-        return cls(**{k: data[k] for k in cls.__slots__ if k in data})
+        return _from_dict(cls, data)
+
+
+@dataclass(slots=True)
+class ManagementEvent:
+    """An operator's request from the CLI: enqueue, dequeue or promote."""
+
+    type: str
+    pipeline: str
+    change: int
+    patchset: int | None = None
+    id: str = field(default_factory=new_uuid)
+    time: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ManagementEvent:
+        return _from_dict(cls, data)
 
 
 @dataclass(slots=True)
@@ -84,26 +112,63 @@ class EventFilter:
 
 
 @dataclass(slots=True)
+class Change:
+    """One patchset of a change in a review system, as a connection returns it."""
+
+    connection: str
+    project: str
+    branch: str
+    number: int
+    patchset: int
+    subject: str = ""
+    owner: str = ""
+    status: str = "NEW"  # NEW, MERGED, ABANDONED
+    latest_patchset: int = 0
+    approved: bool = False
+    url: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.number},{self.patchset}"
+
+    @property
+    def is_current(self) -> bool:
+        return not self.latest_patchset or self.patchset == self.latest_patchset
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Change:
+        return _from_dict(cls, data)
+
+
+@dataclass(slots=True)
 class Job:
     """A job definition from jobs/*.yaml."""
 
     name: str
-    node_type: str
+    node_type: str | None  # None: no node (noop)
     run: list[str]
     pre_run: list[str] = field(default_factory=list)
     post_run: list[str] = field(default_factory=list)
     timeout: int = 1800
     dependencies: list[str] = field(default_factory=list)
     vars: dict[str, Any] = field(default_factory=dict)
+    failure_output: list[str] = field(default_factory=list)
     description: str = ""
+
+    @property
+    def noop(self) -> bool:
+        return self.name == "noop"
 
 
 @dataclass(slots=True)
 class Build:
-    """One run of one job for one queue item."""
+    """One run of one job for one build set."""
 
     job: str
-    node_type: str
+    node_type: str | None
     uuid: str = field(default_factory=new_uuid)
     state: str = BuildState.WAITING
     result: str | None = None
@@ -113,7 +178,8 @@ class Build:
     end_time: float | None = None
     elapsed: float | None = None
     summary: str = ""
-    attempts: int = 0
+    attempts: int = 0  # how many uuids this job has had in this build set
+    early_failure: bool = False  # the launcher said it will fail
     index: int = 0  # the job's place in the project's list: the order votes show
 
     def to_dict(self) -> dict:
@@ -121,59 +187,243 @@ class Build:
 
     @classmethod
     def from_dict(cls, data: dict) -> Build:
-        return cls(**{k: data[k] for k in cls.__slots__ if k in data})
+        return _from_dict(cls, data)
+
+    @property
+    def done(self) -> bool:
+        return self.state in (BuildState.COMPLETED, BuildState.SKIPPED)
+
+    @property
+    def failed(self) -> bool:
+        return self.early_failure or (self.done and self.result != Result.SUCCESS)
 
 
 @dataclass(slots=True)
-class QueueItem:
-    """A change (one patchset) in a pipeline, with one build per job."""
+class BuildSet:
+    """One attempt at testing an item: the merge state and the builds on it."""
 
-    pipeline: str
-    connection: str
-    project: str
-    branch: str
-    change: int
-    patchset: int
-    subject: str = ""
-    owner: str = ""
-    event_id: str = ""
     uuid: str = field(default_factory=new_uuid)
-    enqueue_time: float = field(default_factory=time.time)
-    state: str = ItemState.MERGING
-    git_ref: str | None = None
-    base_sha: str | None = None
+    attempt: int = 1
+    changes: list[str] = field(default_factory=list)  # labels applied, in order
+    merge_state: str = MergeState.PENDING
     merge_error: str | None = None
+    base_sha: str | None = None
+    head_sha: str | None = None
+    git_ref: str | None = None
     builds: dict[str, Build] = field(default_factory=dict)
-    version: int = -1  # znode version; not stored
 
     def to_dict(self) -> dict:
-        data = {k: getattr(self, k) for k in self.__slots__ if k not in ("builds", "version")}
+        data = asdict(self)
         data["builds"] = {name: b.to_dict() for name, b in self.builds.items()}
-        data["model_api"] = MODEL_API
         return data
 
     @classmethod
-    def from_dict(cls, data: dict, version: int = -1) -> QueueItem:
-        kwargs = {k: data[k] for k in cls.__slots__ if k in data and k != "builds"}
-        item = cls(**kwargs)
-        item.builds = {n: Build.from_dict(b) for n, b in data.get("builds", {}).items()}
-        item.version = version
-        return item
-
-    @property
-    def label(self) -> str:
-        return f"{self.change},{self.patchset}"
+    def from_dict(cls, data: dict) -> BuildSet:
+        bs = _from_dict(cls, {k: v for k, v in data.items() if k != "builds"})
+        bs.builds = {n: Build.from_dict(b) for n, b in data.get("builds", {}).items()}
+        return bs
 
     def ordered_builds(self) -> list[Build]:
         """Builds in layout order (ZooKeeper's JSON keeps keys sorted by name)."""
         return sorted(self.builds.values(), key=lambda b: b.index)
 
-    def finished(self) -> bool:
-        return all(
-            b.state in (BuildState.COMPLETED, BuildState.SKIPPED) for b in self.builds.values()
-        )
+    @property
+    def merged(self) -> bool:
+        return self.merge_state == MergeState.COMPLETE
+
+    def all_done(self) -> bool:
+        return all(b.done for b in self.builds.values())
+
+    def any_failed(self) -> bool:
+        return any(b.failed for b in self.builds.values())
 
     def succeeded(self) -> bool:
-        return self.merge_error is None and all(
-            b.result == Result.SUCCESS for b in self.builds.values()
+        return self.merged and all(b.result == Result.SUCCESS for b in self.builds.values())
+
+
+@dataclass(eq=False)
+class QueueItem:
+    """A change in a pipeline's queue, tested on top of the item ahead.
+
+    `item_ahead` and `items_behind` are live references rebuilt from the
+    stored `item_ahead` uuid when a pipeline is loaded.
+    """
+
+    pipeline: str
+    queue: str
+    change: Change
+    event_id: str = ""
+    uuid: str = field(default_factory=new_uuid)
+    enqueue_time: float = field(default_factory=time.time)
+    live: bool = True
+    active: bool = False  # inside the queue's window
+    buildset: BuildSet = field(default_factory=BuildSet)
+    error: str | None = None  # set when the item is reported because we failed
+    quiet: bool = False  # dequeued by an operator: no report
+    item_ahead: QueueItem | None = field(default=None, repr=False)
+    items_behind: list[QueueItem] = field(default_factory=list, repr=False)
+    ahead_uuid: str | None = None  # item_ahead as loaded, until linked
+
+    def to_dict(self) -> dict:
+        return {
+            "model_api": MODEL_API,
+            "uuid": self.uuid,
+            "pipeline": self.pipeline,
+            "queue": self.queue,
+            "change": self.change.to_dict(),
+            "event_id": self.event_id,
+            "enqueue_time": self.enqueue_time,
+            "live": self.live,
+            "active": self.active,
+            "buildset": self.buildset.to_dict(),
+            "error": self.error,
+            "quiet": self.quiet,
+            "item_ahead": self.item_ahead.uuid if self.item_ahead else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QueueItem:
+        return cls(
+            pipeline=data["pipeline"],
+            queue=data["queue"],
+            change=Change.from_dict(data["change"]),
+            event_id=data.get("event_id", ""),
+            uuid=data["uuid"],
+            enqueue_time=data.get("enqueue_time", 0.0),
+            live=data.get("live", True),
+            active=data.get("active", False),
+            buildset=BuildSet.from_dict(data.get("buildset", {})),
+            error=data.get("error"),
+            quiet=data.get("quiet", False),
+            ahead_uuid=data.get("item_ahead"),
         )
+
+    @property
+    def label(self) -> str:
+        return self.change.label
+
+    def changes_ahead(self) -> list[QueueItem]:
+        """The live items this one is tested on top of, nearest last."""
+        chain = []
+        ahead = self.item_ahead
+        while ahead is not None:
+            chain.append(ahead)
+            ahead = ahead.item_ahead
+        return list(reversed(chain))
+
+
+@dataclass(eq=False)
+class ChangeQueue:
+    """Items in order; each tested on top of its item ahead. The window is
+    Zuul's: how many items at the head may run jobs at once."""
+
+    pipeline: str
+    name: str
+    window: int = 0  # 0: unlimited
+    window_floor: int = 3
+    window_increase_type: str = "linear"
+    window_increase_factor: int = 1
+    window_decrease_type: str = "exponential"
+    window_decrease_factor: int = 2
+    dynamic: bool = False  # an independent pipeline's one-item queue
+    items: list[QueueItem] = field(default_factory=list)
+    stored: bool = False  # its znode exists
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "window": self.window,
+            "dynamic": self.dynamic,
+            "items": [i.uuid for i in self.items],
+        }
+
+    def enqueue(self, item: QueueItem) -> None:
+        item.queue = self.name
+        if self.items:
+            item.item_ahead = self.items[-1]
+            self.items[-1].items_behind.append(item)
+        self.items.append(item)
+
+    def dequeue(self, item: QueueItem) -> list[QueueItem]:
+        """Remove an item; those behind it move up to its item ahead.
+        Returns the items whose item ahead changed."""
+        moved = list(item.items_behind)
+        if item.item_ahead is not None:
+            item.item_ahead.items_behind.remove(item)
+        for behind in moved:
+            if item.item_ahead is not None:
+                item.item_ahead.items_behind.append(behind)
+            behind.item_ahead = item.item_ahead
+        item.item_ahead = None
+        item.items_behind = []
+        self.items.remove(item)
+        return moved
+
+    def move(self, item: QueueItem, ahead: QueueItem | None) -> list[QueueItem]:
+        """Re-base `item` onto `ahead` (Zuul's moveItem). The order of the
+        list stays; only what it is tested on changes. Returns the items whose
+        item ahead changed (the item and the ones that were behind it)."""
+        if item.item_ahead is ahead:
+            return []
+        moved = list(item.items_behind)
+        if item.item_ahead is not None:
+            item.item_ahead.items_behind.remove(item)
+        for behind in moved:
+            if item.item_ahead is not None:
+                item.item_ahead.items_behind.append(behind)
+            behind.item_ahead = item.item_ahead
+        item.item_ahead = ahead
+        item.items_behind = []
+        if ahead is not None:
+            ahead.items_behind.append(item)
+        return [item, *moved]
+
+    def is_actionable(self, item: QueueItem) -> bool:
+        if not self.window:
+            return True
+        return self.items.index(item) < self.window
+
+    def increase_window(self) -> None:
+        if not self.window:
+            return
+        if self.window_increase_type == "exponential":
+            self.window *= self.window_increase_factor
+        else:
+            self.window += self.window_increase_factor
+
+    def decrease_window(self) -> None:
+        if not self.window:
+            return
+        if self.window_decrease_type == "exponential":
+            self.window = max(self.window_floor, self.window // self.window_decrease_factor)
+        else:
+            self.window = max(self.window_floor, self.window - self.window_decrease_factor)
+
+
+@dataclass(eq=False)
+class Pipeline:
+    """A pipeline as the scheduler runs it: its settings from the layout and
+    its queues. The layout builds the settings; the queues carry over when a
+    new layout replaces them."""
+
+    name: str
+    manager: str
+    source: str
+    triggers: dict[str, list[EventFilter]] = field(default_factory=dict)
+    success: dict[str, dict] = field(default_factory=dict)
+    failure: dict[str, dict] = field(default_factory=dict)
+    merge_failure: dict[str, dict] = field(default_factory=dict)
+    description: str = ""
+    window: int = 20
+    window_floor: int = 3
+    window_increase_type: str = "linear"
+    window_increase_factor: int = 1
+    window_decrease_type: str = "exponential"
+    window_decrease_factor: int = 2
+    queues: list[ChangeQueue] = field(default_factory=list)
+
+    def all_items(self) -> list[QueueItem]:
+        return [item for queue in self.queues for item in queue.items]
+
+    def get_queue(self, name: str) -> ChangeQueue | None:
+        return next((q for q in self.queues if q.name == name), None)

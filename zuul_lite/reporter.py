@@ -1,9 +1,8 @@
-"""Turning a finished queue item into a vote and its message."""
+"""Turning a finished queue item into the text of its report."""
 
 from __future__ import annotations
 
-from zuul_lite.layout import Pipeline
-from zuul_lite.model import QueueItem, Result
+from zuul_lite.model import Pipeline, QueueItem, Result
 
 
 def format_duration(seconds: float | None) -> str:
@@ -19,19 +18,9 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours}h {minutes:02d}m {seconds:02d}s"
 
 
-def vote_value(pipeline: Pipeline, connection: str, item: QueueItem) -> int | None:
-    if item.merge_error is not None:
-        action = pipeline.merge_failure
-    elif item.succeeded():
-        action = pipeline.success
-    else:
-        action = pipeline.failure
-    return action.get(connection, {}).get("verified")
-
-
 def job_lines(item: QueueItem) -> list[str]:
     lines = []
-    for build in item.ordered_builds():
+    for build in item.buildset.ordered_builds():
         url = f" {build.log_url}" if build.log_url else ""
         took = f" in {format_duration(build.elapsed)}" if build.elapsed is not None else ""
         lines.append(f"- {build.job}{url} : {build.result}{took}")
@@ -40,12 +29,32 @@ def job_lines(item: QueueItem) -> list[str]:
     return lines
 
 
-def format_report(pipeline: Pipeline, item: QueueItem) -> str:
+def format_report(
+    pipeline: Pipeline,
+    item: QueueItem,
+    action: str,
+    merged: bool = False,
+    merge_error: str | None = None,
+) -> str:
+    """The message of a report; `action` is the pipeline's action taken
+    (success, failure, merge-failure, error)."""
     head = f"zuul-lite {pipeline.name} pipeline, change {item.label}:"
-    if item.merge_error is not None:
+    bs = item.buildset
+    if action == "error":
+        return f"{head} {Result.ERROR}.\n\n{item.error}\nNo vote: this is not the change's fault."
+    if action == "merge-failure":
         return (
-            f"{head} {Result.MERGE_CONFLICT}.\n\n{item.merge_error}\n"
+            f"{head} {Result.MERGE_CONFLICT}.\n\n{bs.merge_error}\n"
             "No jobs were run: rebase the series onto the branch head and resubmit."
         )
-    verdict = "Build succeeded." if item.succeeded() else "Build failed."
-    return "\n".join([f"{head} {verdict}", "", *job_lines(item)])
+    if merge_error:
+        verdict = f"Build succeeded, but the change could not be merged: {merge_error}"
+    elif action == "success":
+        verdict = "Build succeeded; merged." if merged else "Build succeeded."
+    else:
+        verdict = "Build failed."
+    lines = [f"{head} {verdict}", ""]
+    ahead = [label for label in bs.changes if label != item.label]
+    if ahead:
+        lines[1:1] = ["", f"Tested on top of {', '.join(ahead)}."]
+    return "\n".join([*lines, *job_lines(item)])

@@ -1,8 +1,8 @@
 """The scheduler: one thread owns all pipeline state.
 
-Every other thread (the ZooKeeper watches on the trigger queue and on build
-results, the gear client, the merger) only posts an event and sets
-`wake_event`; the run loop blocks on it, so nothing polls and the model
+Every other thread (ZooKeeper watches on the event queues and on builds, the
+gear client, the merger, timers, the SIGHUP handler) only posts an event and
+sets `wake_event`; the run loop blocks on it, so nothing polls and the model
 needs no locks. Trigger events wait in ZooKeeper until the items they create
 are stored (one transaction), so an event is never lost nor enqueued twice.
 """
@@ -12,33 +12,50 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gear
 
-from nodepool_lite.exceptions import NodeExistsError, NoNodeError, ZKError
+from nodepool_lite.exceptions import NodeExistsError, NoNodeError
 from nodepool_lite.zk import ZooKeeper
+from zuul_lite.build_contract import BuildRequest
 from zuul_lite.config import ZuulConfig
-from zuul_lite.connections.local import EVENT_QUEUE, LocalConnection
+from zuul_lite.connections import make_connections
 from zuul_lite.exceptions import ConfigError, ZuulLiteError
 from zuul_lite.gearman import BuildClient, GearServer
 from zuul_lite.layout import Layout, load_layout
-from zuul_lite.manager import PipelineManager, build_path, item_path
+from zuul_lite.manager import PipelineManager
+from zuul_lite.manager.dependent import DependentPipelineManager
 from zuul_lite.manager.independent import IndependentPipelineManager
 from zuul_lite.merger import Merger, MergeResult, MergerThread
-from zuul_lite.model import Build, BuildState, QueueItem, TriggerEvent
+from zuul_lite.model import Build, ManagementEvent, QueueItem, TriggerEvent
+from zuul_lite.state import ZuulState
 
 log = logging.getLogger("zuul_lite.scheduler")
 
 MANAGERS: dict[str, type[PipelineManager]] = {
     "independent": IndependentPipelineManager,
+    "dependent": DependentPipelineManager,
 }
+MAX_PASSES = 20  # process() passes per wake-up; each pass is cheap when nothing changes
 
 
 @dataclass(frozen=True)
 class BuildCompleted:
     uuid: str
-    result: dict
+
+
+@dataclass(frozen=True)
+class BuildLost:
+    uuid: str
+    why: str
+
+
+@dataclass(frozen=True)
+class BuildEarlyFailure:
+    uuid: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -46,29 +63,40 @@ class MergeCompleted:
     result: MergeResult
 
 
+@dataclass(frozen=True)
+class Reconfigure:
+    pass
+
+
+@dataclass(frozen=True)
+class Callback:
+    func: Callable[[], None]
+
+
 class Scheduler(threading.Thread):
     def __init__(self, config: ZuulConfig, zk: ZooKeeper) -> None:
         super().__init__(name="scheduler", daemon=True)
         self.config = config
         self.zk = zk
+        self.state = ZuulState(zk)
         self.wake_event = threading.Event()
         self.stop_event = threading.Event()
-        self.results: queue.Queue = queue.Queue()
+        self.idle = threading.Event()  # the loop waits for work (tests settle on it)
+        self.events: queue.Queue = queue.Queue()
         self.layout: Layout | None = None
         self.managers: dict[str, PipelineManager] = {}
-        self.connections = {
-            name: LocalConnection(name, zk, config.state_dir)
-            for name, c in config.connections.items()
-            if c["driver"] == "local"
-        }
+        self.connections = make_connections(
+            config.connections, self.state, config.state_dir, self._post_trigger
+        )
         self.merger = MergerThread(Merger(config.state_dir / "merger"), self._on_merged)
         self.gear_server: GearServer | None = None
-        self.gearman = BuildClient(self._on_gear_complete)
+        self.gearman = BuildClient(self._on_gear_failed)
+        self._watched: set[str] = set()
 
     # Lifecycle ----------------------------------------------------------
 
     def start(self) -> None:
-        self.reconfigure(initial=True)
+        self._load_layout(initial=True)
         if self.config.gearman_start:
             self.gear_server = GearServer(
                 port=self.config.gearman_port, host=self.config.gearman_listen
@@ -78,15 +106,16 @@ class Scheduler(threading.Thread):
                 self.config.gearman_listen,
                 self.gear_server.port,
             )
-        port = self.gear_server.port if self.gear_server else self.config.gearman_port
-        self.gearman.addServer(self.config.gearman_server, port)
+        self.gearman.addServer(self.config.gearman_server, self.gearman_port)
         self.gearman.waitForServer()
         self.merger.start()
-        self.zk.ensure_path(EVENT_QUEUE)
         for manager in self.managers.values():
             manager.load()
         self._reconcile_builds()
-        self.zk.watch_children(EVENT_QUEUE, lambda children: self.wake_event.set())
+        self.state.watch_trigger_events(lambda children: self.wake_event.set())
+        self.state.watch_management_events(lambda children: self.wake_event.set())
+        for conn in self.connections.values():
+            conn.start()
         super().start()
 
     @property
@@ -96,12 +125,18 @@ class Scheduler(threading.Thread):
     def stop(self) -> None:
         self.stop_event.set()
         self.wake_event.set()
+        for conn in self.connections.values():
+            conn.stop()
         self.merger.stop()
         self.gearman.shutdown()
         if self.gear_server is not None:
             self.gear_server.shutdown()
 
-    def reconfigure(self, initial: bool = False) -> None:
+    def reconfigure(self) -> None:
+        """Safe from any thread (SIGHUP): the loop reloads the layout."""
+        self._post(Reconfigure())
+
+    def _load_layout(self, initial: bool = False) -> None:
         """Load the layout; on error keep the last good one (or fail at start)."""
         try:
             layout = load_layout(
@@ -112,208 +147,296 @@ class Scheduler(threading.Thread):
                 raise
             log.error("Layout refused, keeping the running one: %s", e)
             return
+        self.layout = layout
         for name, pipeline in layout.pipelines.items():
             manager = self.managers.get(name)
-            if manager is None:
-                self.zk.ensure_path(item_path(name))
-                self.managers[name] = MANAGERS[pipeline.manager](self, pipeline)
-                if not initial:
-                    self.managers[name].load()
-            else:
+            if manager is not None and manager.pipeline.manager == pipeline.manager:
+                pipeline.queues = manager.pipeline.queues
                 manager.pipeline = pipeline
-        self.layout = layout
+                continue
+            if manager is not None:
+                log.error(
+                    "Pipeline %s cannot change from %s to %s while running; keeping %s",
+                    name,
+                    manager.pipeline.manager,
+                    pipeline.manager,
+                    manager.pipeline.manager,
+                )
+                continue
+            self.state.ensure_pipeline(name)
+            self.managers[name] = MANAGERS[pipeline.manager](self, pipeline)
+            if not initial:
+                self.managers[name].load()
+        for name, manager in self.managers.items():
+            if name not in layout.pipelines:
+                # Removed from the layout: its items finish, nothing new enters.
+                manager.pipeline.triggers = {}
         log.info(
             "Layout loaded: pipelines %s, %d jobs", ", ".join(layout.pipelines), len(layout.jobs)
         )
         self.wake_event.set()
 
-    def _reconcile_builds(self) -> None:
-        """Builds stored `queued` by a previous scheduler: adopt their result if a
-        launcher stored one, wait if a launcher runs them, otherwise start them
-        again (their gearman job died with the old server). Results of builds no
-        item knows any more (dequeued while running) are dropped."""
-        known = set()
+    def _all_builds(self):
         for manager in self.managers.values():
-            for item in manager.items.values():
-                for build in item.builds.values():
-                    known.add(build.uuid)
-                    if build.state != BuildState.QUEUED:
-                        continue
-                    if self.zk.exists(build_path(build.uuid) + "/result") or self.zk.exists(
-                        build_path(build.uuid) + "/running"
-                    ):
-                        log.info("Build %s is running or done on a launcher", build.uuid)
-                    else:
-                        log.info(
-                            "Build %s was lost with the old scheduler; resubmitting", build.uuid
-                        )
-                        self.submit_build(item, build)
-        for uuid in self.zk.get_children("/zuul/builds"):
-            if uuid not in known and not self.zk.exists(build_path(uuid) + "/running"):
-                self.zk.delete(build_path(uuid), recursive=True)
+            for item in manager.pipeline.all_items():
+                for build in item.buildset.builds.values():
+                    yield manager, item, build
+
+    def _reconcile_builds(self) -> None:
+        """Builds stored `queued` by a previous scheduler: watch them; a stored
+        result or a launcher still running them is found by the watch, a lost
+        one (its gearman job died with the old server) is started again.
+        Results of builds no item knows any more are dropped."""
+        known = set()
+        for manager, item, build in self._all_builds():
+            known.add(build.uuid)
+            if build.state != "queued":
+                continue
+            if self.state.get_build_result(build.uuid) or self.state.build_running(build.uuid):
+                log.info("[build: %s] running or done on a launcher", build.uuid)
+                self.watch_build(build.uuid)
+            else:
+                log.info("[build: %s] lost with the old scheduler; resubmitting", build.uuid)
+                self.watch_build(build.uuid)
+                self.submit_build(manager.build_request(item, build))
+        for uuid in self.state.build_uuids():
+            if uuid not in known and not self.state.build_running(uuid):
+                self.state.delete_build(uuid)
 
     # Threads post here ----------------------------------------------------
 
     def _post(self, event: object) -> None:
-        self.results.put(event)
+        self.events.put(event)
         self.wake_event.set()
+
+    def _post_trigger(self, event: TriggerEvent) -> None:
+        """The event queue of the scheduler, for connections' watcher threads."""
+        self.state.put_trigger_event(event.to_dict())
 
     def _on_merged(self, result: MergeResult) -> None:
         self._post(MergeCompleted(result))
 
-    def _on_gear_complete(self, uuid: str, result: dict) -> None:
-        self._post(BuildCompleted(uuid, result))
+    def _on_gear_failed(self, uuid: str, why: str) -> None:
+        self._post(BuildLost(uuid, why))
 
-    def watch_build_result(self, uuid: str) -> None:
-        def on_result(data: dict | None, version: int | None) -> bool | None:
-            if data is None:
-                return None
-            self._post(BuildCompleted(uuid, data))
-            return False
+    def call_later(self, delay: float, func: Callable[[], None]) -> None:
+        """Run `func` on the scheduler thread after `delay` seconds."""
+        timer = threading.Timer(delay, self._post, args=(Callback(func),))
+        timer.daemon = True
+        timer.start()
 
-        self.zk.watch_data(build_path(uuid) + "/result", on_result)
+    def watch_build(self, uuid: str) -> None:
+        """One children watch per build: a result, an early failure, or the
+        launcher's `running` claim vanishing without a result (a launcher that
+        died) each post one event."""
+        if uuid in self._watched:
+            return
+        self._watched.add(uuid)
+        seen: dict[str, bool] = {}
+
+        def on_children(children: list[str]) -> bool | None:
+            if uuid not in self._watched:
+                return False
+            if "result" in children:
+                self._post(BuildCompleted(uuid))
+                return False
+            if "early-failure" in children and not seen.get("early"):
+                seen["early"] = True
+                data = self.state.get_early_failure(uuid) or {}
+                self._post(BuildEarlyFailure(uuid, data.get("reason", "a task failed")))
+            if "running" in children:
+                seen["running"] = True
+            elif seen.get("running"):
+                self._post(BuildLost(uuid, "the launcher running it went away"))
+                return False
+            return None
+
+        self.state.watch_build(uuid, on_children)
 
     # Gearman --------------------------------------------------------------
 
-    def submit_build(self, item: QueueItem, build: Build) -> None:
-        job = self.layout.jobs[build.job]
-        deps = {
-            d: str(self.config.log_root / item.builds[d].log_path)
-            for d in job.dependencies
-            if d in item.builds and item.builds[d].log_path
-        }
-        conn = self.connections[item.connection]
-        args = {
-            "uuid": build.uuid,
-            "job": job.name,
-            "node_type": job.node_type,
-            "project": item.project,
-            "branch": item.branch,
-            "change": item.change,
-            "patchset": item.patchset,
-            "pipeline": item.pipeline,
-            "git_ref": item.git_ref,
-            "git_url": str(self.merger.merger.workspace(item.project)),
-            "base_ref": item.base_sha,
-            "vars": job.vars,
-            "timeout": job.timeout,
-            "playbooks": {"pre": job.pre_run, "run": job.run, "post": job.post_run},
-            "artifacts": deps,
-            "log_path": build.log_path,
-            "subject": item.subject,
-            "owner": item.owner,
-            "review_repo": str(conn.repo_path(item.project)),
-        }
+    def submit_build(self, request: BuildRequest) -> None:
         try:
-            self.gearman.submit_build(args)
-            log.info("[build: %s] submitted %s for %s", build.uuid, job.name, item.label)
+            self.gearman.submit_build(request)
         except gear.GearmanError as e:
-            log.error("[build: %s] could not submit to gearman (%s); will retry", build.uuid, e)
-            threading.Timer(5.0, self._post, args=(BuildCompleted(build.uuid, {}),)).start()
+            log.error(
+                "[e: %s] [build: %s] could not submit to gearman (%s); will retry",
+                request.event_id,
+                request.uuid,
+                e,
+            )
+            self.call_later(5.0, lambda: self._resubmit(request))
+
+    def _resubmit(self, request: BuildRequest) -> None:
+        found = self._find_build(request.uuid)
+        if found is not None and found[2].state == "queued":
+            self.submit_build(request)
+
+    def cancel_build(self, uuid: str) -> None:
+        self._watched.discard(uuid)
+        self.gearman.cancel_build(uuid)
 
     # The loop -------------------------------------------------------------
 
     def run(self) -> None:
         while not self.stop_event.is_set():
+            self.idle.set()
             self.wake_event.wait()
+            self.idle.clear()
             self.wake_event.clear()
             if self.stop_event.is_set():
                 return
             try:
+                self._process_management_events()
                 self._process_trigger_events()
-                self._process_results()
-                for manager in list(self.managers.values()):
-                    manager.process()
-            except (ZKError, ZuulLiteError):
-                log.exception("Scheduler loop error; will retry on the next event")
-                threading.Timer(2.0, self.wake_event.set).start()
+                self._process_events()
+                for _ in range(MAX_PASSES):
+                    changed = False
+                    for manager in list(self.managers.values()):
+                        changed = manager.process() or changed
+                    if not changed:
+                        break
             except Exception:
-                log.exception("Unexpected scheduler error; will retry on the next event")
-                threading.Timer(2.0, self.wake_event.set).start()
+                # ZooKeeper away, most likely: everything is in ZK, so retry.
+                log.exception("Scheduler loop error; retrying in 2 s")
+                self.call_later(2.0, lambda: None)
 
     def _process_trigger_events(self) -> None:
-        for name in self.zk.get_children(EVENT_QUEUE):
-            path = f"{EVENT_QUEUE}/{name}"
-            data = self.zk.get_or_none(path)
+        for name in self.state.trigger_events():
+            path = self.state.trigger_event_path(name)
+            data = self.state.get(path)
             if data is None:
                 continue
-            event = TriggerEvent.from_dict(data)
-            self._handle_event(path, event)
-
-    def _handle_event(self, path: str, event: TriggerEvent) -> None:
-        txn = self.zk.transaction()
-        added: list[tuple[PipelineManager, QueueItem]] = []
-        for manager in self.managers.values():
-            if not manager.event_matches(event):
-                continue
             try:
-                item = manager.new_item(event)
-            except ZuulLiteError as e:
-                log.warning("[e: %s] ignored: %s", event.id, e)
-                continue
-            if item is not None:
-                txn.create(item_path(manager.pipeline.name, item.uuid), item.to_dict())
-                added.append((manager, item))
+                event = TriggerEvent.from_dict(data)
+                self._handle_trigger(path, event)
+            except (TypeError, KeyError, ValueError) as error:
+                log.error("Dropped malformed trigger event %s: %s", name, error)
+                self.zk.delete(path)
+            except ZuulLiteError as error:
+                log.warning("[e: %s] dropped: %s", data.get("id"), error)
+                self.zk.delete(path)
+
+    def _handle_trigger(self, path: str, event: TriggerEvent) -> None:
+        conn = self.connections.get(event.connection)
+        if conn is None:
+            raise ZuulLiteError(f"no connection named {event.connection}")
+        if event.type in ("patchset-created", "change-abandoned"):
+            self._drop_outdated(event)
+        wanted = [m for m in self.managers.values() if m.event_matches(event)]
+        txn = self.state.transaction()
+        planned = []
+        if wanted:
+            change = conn.get_change(event.change, event.patchset)
+            for manager in wanted:
+                why = manager.why_not_enqueue(change)
+                if why:
+                    log.info(
+                        "[e: %s] not enqueued in %s: %s", event.id, manager.pipeline.name, why
+                    )
+                    continue
+                planned.append((manager, *manager.plan_enqueue(change, event.id, txn)))
         txn.delete(path)
         try:
             txn.commit()
         except (NodeExistsError, NoNodeError):
             log.warning("[e: %s] event already handled", event.id)
             return
-        for manager, item in added:
-            manager.add_item(item)
-        if not added:
+        for manager, item, change_queue in planned:
+            manager.enqueue(item, change_queue)
+        if not planned:
             log.debug(
-                "[e: %s] %s on %s,%s: no pipeline wants it",
+                "[e: %s] %s on %s,%s: enqueued nowhere",
                 event.id,
                 event.type,
                 event.change,
                 event.patchset,
             )
 
-    def _find_build(self, uuid: str) -> tuple[PipelineManager, QueueItem, Build] | None:
+    def _drop_outdated(self, event: TriggerEvent) -> None:
+        """A new patchset or an abandoned change: older items of it go."""
         for manager in self.managers.values():
-            for item in manager.items.values():
-                for build in item.builds.values():
-                    if build.uuid == uuid:
-                        return manager, item, build
+            for item in manager.find_items(event.change):
+                if event.type == "change-abandoned":
+                    manager.dequeue(item, "the change was abandoned")
+                elif item.change.patchset < event.patchset and manager.changes_merge:
+                    manager.dequeue(item, f"superseded by patchset {event.patchset}")
+
+    def _process_management_events(self) -> None:
+        for name in self.state.management_events():
+            path = self.state.management_event_path(name)
+            data = self.state.get(path)
+            if data is None:
+                continue
+            try:
+                event = ManagementEvent.from_dict(data)
+                self._handle_management(event)
+            except (TypeError, KeyError, ValueError, ZuulLiteError) as error:
+                log.error("Dropped management event %s: %s", name, error)
+            self.zk.delete(path)
+
+    def _handle_management(self, event: ManagementEvent) -> None:
+        manager = self.managers.get(event.pipeline)
+        if manager is None:
+            raise ZuulLiteError(f"no pipeline {event.pipeline}")
+        if event.type == "dequeue":
+            for item in manager.find_items(event.change):
+                manager.dequeue(item, "dequeued by an operator")
+        elif event.type == "promote":
+            items = manager.find_items(event.change)
+            if items and isinstance(manager, DependentPipelineManager):
+                manager.promote(items[0])
+        elif event.type == "enqueue":
+            change = self.connections[manager.pipeline.source].get_change(
+                event.change, event.patchset
+            )
+            why = manager.why_not_enqueue(change)
+            if why:
+                raise ZuulLiteError(why)
+            txn = self.state.transaction()
+            item, change_queue = manager.plan_enqueue(change, event.id, txn)
+            txn.commit()
+            manager.enqueue(item, change_queue)
+
+    def _find_build(self, uuid: str) -> tuple[PipelineManager, QueueItem, Build] | None:
+        for manager, item, build in self._all_builds():
+            if build.uuid == uuid:
+                return manager, item, build
         return None
 
-    def _process_results(self) -> None:
+    def _process_events(self) -> None:
         while True:
             try:
-                event = self.results.get_nowait()
+                event = self.events.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(event, MergeCompleted):
+            if isinstance(event, Reconfigure):
+                self._load_layout()
+            elif isinstance(event, Callback):
+                event.func()
+            elif isinstance(event, MergeCompleted):
                 for manager in self.managers.values():
-                    item = manager.items.get(event.result.item_uuid)
-                    if item is not None:
-                        manager.on_merged(item, event.result)
-            elif isinstance(event, BuildCompleted):
-                found = self._find_build(event.uuid)
-                if found is None:
-                    continue
-                manager, item, build = found
-                result = event.result
-                if result.get("result") is None:
-                    stored = self.zk.get_or_none(build_path(event.uuid) + "/result")
-                    if stored is not None:
-                        result = stored
-                    elif self.zk.exists(build_path(event.uuid) + "/running"):
-                        continue  # the launcher still runs it; its result will come
-                manager.on_build_completed(item, build, result)
+                    for item in manager.pipeline.all_items():
+                        if item.uuid == event.result.item_uuid:
+                            manager.on_merged(item, event.result)
+            else:
+                self._process_build_event(event)
 
-
-def status(zk: ZooKeeper) -> dict:
-    """The pipelines' queues as the web and `zuul-lite status` show them."""
-    out = {"pipelines": []}
-    for pipeline in zk.get_children("/zuul/pipelines"):
-        items = []
-        for uuid in zk.get_children(item_path(pipeline)):
-            data = zk.get_or_none(item_path(pipeline, uuid))
-            if data is not None:
-                items.append(data)
-        items.sort(key=lambda i: i.get("enqueue_time", 0))
-        out["pipelines"].append({"name": pipeline, "items": items})
-    return out
+    def _process_build_event(self, event: BuildCompleted | BuildLost | BuildEarlyFailure) -> None:
+        found = self._find_build(event.uuid)
+        if found is None:
+            # A build of a reset build set or a removed item.
+            if not self.state.build_running(event.uuid):
+                self.state.delete_build(event.uuid)
+            return
+        manager, item, build = found
+        if isinstance(event, BuildEarlyFailure):
+            manager.on_early_failure(item, build, event.reason)
+            return
+        result = self.state.get_build_result(event.uuid)
+        if result is not None:
+            self._watched.discard(event.uuid)
+            manager.on_build_completed(item, build, result)
+        elif isinstance(event, BuildLost) and not self.state.build_running(event.uuid):
+            self._watched.discard(event.uuid)
+            manager.on_build_lost(item, build, event.why)

@@ -20,6 +20,8 @@ from zuul_lite import config as zconfig
 from zuul_lite.connections.local import LocalConnection
 from zuul_lite.exceptions import ZuulLiteError
 from zuul_lite.layout import load_layout
+from zuul_lite.model import ManagementEvent
+from zuul_lite.state import ZuulState
 
 log = logging.getLogger("zuul_lite.cmd")
 
@@ -52,7 +54,7 @@ def _connect(cfg: zconfig.ZuulConfig) -> ZooKeeper:
 def _local(cfg: zconfig.ZuulConfig, zk: ZooKeeper) -> LocalConnection:
     for name, c in cfg.connections.items():
         if c["driver"] == "local":
-            return LocalConnection(name, zk, cfg.state_dir)
+            return LocalConnection(name, c, ZuulState(zk), cfg.state_dir)
     raise ZuulLiteError(f"{cfg.path} defines no local connection.")
 
 
@@ -74,6 +76,7 @@ def cmd_scheduler(args, cfg) -> int:
     zk = _connect(cfg)
     sched = Scheduler(cfg, zk)
     sched.start()
+    # The handler only posts: the scheduler's loop reloads the layout.
     signal.signal(signal.SIGHUP, lambda s, f: sched.reconfigure())
     log.info("Scheduler running (gearman port %s)", sched.gearman_port)
     _wait_for_signal(sched.stop)
@@ -116,6 +119,67 @@ def cmd_recheck(args, cfg) -> int:
     return 0
 
 
+def cmd_approve(args, cfg) -> int:
+    zk = _connect(cfg)
+    try:
+        ps = _local(cfg, zk).approve(args.change)
+    finally:
+        zk.disconnect()
+    print(f"Change {args.change},{ps} approved.")
+    return 0
+
+
+def cmd_abandon(args, cfg) -> int:
+    zk = _connect(cfg)
+    try:
+        _local(cfg, zk).abandon(args.change)
+    finally:
+        zk.disconnect()
+    print(f"Change {args.change} abandoned.")
+    return 0
+
+
+def _queued(state: ZuulState, pipeline: str, change: int) -> list[dict]:
+    for p in state.read_status()["pipelines"]:
+        if p["name"] == pipeline:
+            return [i for i in p["items"] if i["change"]["number"] == change]
+    return []
+
+
+def _manage(args, cfg, kind: str) -> int:
+    """enqueue, dequeue, promote: checked here, carried out by the scheduler."""
+    zk = _connect(cfg)
+    try:
+        layout = load_layout(cfg.layout_path, cfg.jobs_dir, set(cfg.connections))
+        if args.pipeline not in layout.pipelines:
+            known = ", ".join(layout.pipelines)
+            raise ZuulLiteError(f"There is no pipeline {args.pipeline} (pipelines: {known}).")
+        state = ZuulState(zk)
+        queued = _queued(state, args.pipeline, args.change)
+        if kind == "enqueue":
+            change = _local(cfg, zk).get_change(args.change, args.patchset)
+            if change.status != "NEW":
+                raise ZuulLiteError(f"Change {args.change} is {change.status.lower()}.")
+            if any(i["change"]["patchset"] == change.patchset for i in queued):
+                raise ZuulLiteError(f"Change {change.label} is already in {args.pipeline}.")
+        elif not queued:
+            raise ZuulLiteError(f"Change {args.change} is not in {args.pipeline}.")
+        elif kind == "promote" and layout.pipelines[args.pipeline].manager != "dependent":
+            raise ZuulLiteError(f"Pipeline {args.pipeline} has no shared queue to promote in.")
+        state.put_management_event(
+            ManagementEvent(
+                type=kind,
+                pipeline=args.pipeline,
+                change=args.change,
+                patchset=getattr(args, "patchset", None),
+            ).to_dict()
+        )
+    finally:
+        zk.disconnect()
+    print(f"Change {args.change}: {kind} in {args.pipeline} requested.")
+    return 0
+
+
 def format_change(change: dict) -> str:
     lines = [
         f"Change {change['number']}: {change['subject']}",
@@ -135,37 +199,59 @@ def format_change(change: dict) -> str:
 def cmd_show(args, cfg) -> int:
     zk = _connect(cfg)
     try:
-        change = _local(cfg, zk).get_change(args.change)
+        change = _local(cfg, zk).get_change_data(args.change)
     finally:
         zk.disconnect()
     print(json.dumps(change, indent=2) if args.json else format_change(change))
     return 0
 
 
-def cmd_status(args, cfg) -> int:
-    from zuul_lite.scheduler import status
+def format_status(data: dict) -> str:
+    """Each queue in order, each item with the item it is tested on top of."""
+    lines = []
+    for pipeline in data["pipelines"]:
+        lines.append(f"{pipeline['name']}: {len(pipeline['items'])} item(s)")
+        labels = {
+            i["uuid"]: f"{i['change']['number']},{i['change']['patchset']}"
+            for i in pipeline["items"]
+        }
+        for queue in pipeline["queues"]:
+            if not queue.get("dynamic"):
+                window = f", window {queue['window']}" if queue.get("window") else ""
+                lines.append(f"  queue {queue['name']}{window}:")
+            for item in queue["items"]:
+                bs = item["buildset"]
+                ahead = labels.get(item.get("item_ahead") or "", "the branch head")
+                state = "merge conflict" if bs["merge_state"] == "conflict" else bs["merge_state"]
+                if bs["merge_state"] == "complete":
+                    state = "running"
+                if not item.get("active") and bs["merge_state"] == "pending":
+                    state = "waiting"
+                lines.append(
+                    f"    {labels[item['uuid']]} {item['change']['subject']} "
+                    f"[{state}; on top of {ahead}]"
+                )
+                for b in sorted(bs["builds"].values(), key=lambda b: b.get("index", 0)):
+                    early = " (failing)" if b.get("early_failure") and not b["result"] else ""
+                    lines.append(f"      {b['job']}: {b['result'] or b['state']}{early}")
+    return "\n".join(lines)
 
+
+def cmd_status(args, cfg) -> int:
     zk = _connect(cfg)
     try:
-        data = status(zk)
+        data = ZuulState(zk).read_status()
     finally:
         zk.disconnect()
-    if args.json:
-        print(json.dumps(data, indent=2))
-        return 0
-    for pipeline in data["pipelines"]:
-        print(f"{pipeline['name']}: {len(pipeline['items'])} item(s)")
-        for item in pipeline["items"]:
-            print(f"  {item['change']},{item['patchset']} {item['subject']} [{item['state']}]")
-            for b in item["builds"].values():
-                print(f"    {b['job']}: {b['result'] or b['state']}")
+    print(json.dumps(data, indent=2) if args.json else format_status(data))
     return 0
 
 
 def cmd_validate(args, cfg) -> int:
     layout = load_layout(cfg.layout_path, cfg.jobs_dir, set(cfg.connections))
     print(
-        f"{cfg.layout_path}: OK ({len(layout.pipelines)} pipelines, {len(layout.jobs)} jobs, "
+        f"{cfg.layout_path}: OK ({len(layout.pipelines)} pipelines, "
+        f"{sum(1 for j in layout.jobs.values() if not j.noop)} jobs, "
         f"{len(layout.projects)} projects)."
     )
     return 0
@@ -199,6 +285,23 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("recheck", help="run the check pipeline again for a change")
     s.add_argument("change", type=int)
     s.set_defaults(func=cmd_recheck)
+    s = sub.add_parser("approve", help="approve a change for the gate")
+    s.add_argument("change", type=int)
+    s.set_defaults(func=cmd_approve)
+    s = sub.add_parser("abandon", help="abandon a change")
+    s.add_argument("change", type=int)
+    s.set_defaults(func=cmd_abandon)
+    for kind, text in (
+        ("enqueue", "put a change into a pipeline, without a trigger"),
+        ("dequeue", "take a change out of a pipeline, without a report"),
+        ("promote", "move a change to the head of its gate queue"),
+    ):
+        s = sub.add_parser(kind, help=text)
+        s.add_argument("--pipeline", required=True)
+        s.add_argument("change", type=int)
+        if kind == "enqueue":
+            s.add_argument("--patchset", type=int)
+        s.set_defaults(func=lambda a, c, k=kind: _manage(a, c, k))
     s = sub.add_parser("show", help="show a change with its votes")
     s.add_argument("change", type=int)
     s.add_argument("--json", action="store_true")

@@ -23,6 +23,7 @@ from zuul_lite.cmd import services
 from zuul_lite.connections.local import LocalConnection
 from zuul_lite.reporter import format_duration
 from zuul_lite.series import read_series
+from zuul_lite.state import ZuulState
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "doc" / "examples" / "patches"
@@ -89,7 +90,7 @@ def submit_samples(local: LocalConnection) -> list[tuple[str, int]]:
     """Submit each sample once; a rerun finds the change it made before."""
     known = {}
     for number in local.list_changes():
-        change = local.get_change(number)
+        change = local.get_change_data(number)
         for ps in change["patchsets"]:
             known[ps["revision"]] = number
     out = []
@@ -107,30 +108,30 @@ def submit_samples(local: LocalConnection) -> list[tuple[str, int]]:
 
 
 def _progress(zk: ZooKeeper) -> str:
-    from zuul_lite.scheduler import status
-
     shown = {"queued": "running", "waiting": "waiting", "skipped": "SKIPPED"}
     parts = []
-    for pipeline in status(zk)["pipelines"]:
+    for pipeline in ZuulState(zk).read_status()["pipelines"]:
         for item in pipeline["items"]:
-            if item["state"] == "merging":
-                parts.append(f"change {item['change']}: merging")
+            number = item["change"]["number"]
+            bs = item["buildset"]
+            if bs["merge_state"] == "pending":
+                parts.append(f"change {number}: merging")
                 continue
             jobs = ", ".join(
                 f"{b['job']} {b['result'] or shown.get(b['state'], b['state'])}"
-                for b in sorted(item["builds"].values(), key=lambda b: b.get("index", 0))
+                for b in sorted(bs["builds"].values(), key=lambda b: b.get("index", 0))
             )
-            parts.append(f"change {item['change']}: {jobs}")
+            parts.append(f"change {number}: {jobs}")
     return "; ".join(parts) or "reporting"
 
 
 def wait_for_votes(zk: ZooKeeper, local: LocalConnection, changes: list[tuple[str, int]]):
     event = threading.Event()
     for _, number in changes:
-        zk.watch_data(f"/zuul/local/changes/{number}", lambda d, v: event.set())
+        zk.watch_data(local.change_path(number), lambda d, v: event.set())
 
     def voted(number: int) -> bool:
-        change = local.get_change(number)
+        change = local.get_change_data(number)
         latest = len(change["patchsets"])
         return any(v["patchset"] == latest for v in change["votes"])
 
@@ -151,7 +152,7 @@ def wait_for_votes(zk: ZooKeeper, local: LocalConnection, changes: list[tuple[st
 def print_votes(local: LocalConnection, changes: list[tuple[str, int]]) -> None:
     print()
     for name, number in changes:
-        change = local.get_change(number)
+        change = local.get_change_data(number)
         latest = len(change["patchsets"])
         vote = [v for v in change["votes"] if v["patchset"] == latest][-1]
         value = vote["value"]
@@ -211,7 +212,7 @@ def run(args) -> int:
             ensure_image(zk, image)
         say("Kernel tree: importing Debian's linux-source-6.1 (once; reused afterwards).")
         tree = ensure_kernel_repo(progress=lambda m: say(f"  {m}"))
-        local = LocalConnection("local", zk, state)
+        local = LocalConnection("local", {"driver": "local"}, ZuulState(zk), state)
         local.import_project("linux", tree)
         say(f"Project linux: served from {local.repo_path('linux')}.")
         for service in services.services(zcfg.path, npconf, run_dir):

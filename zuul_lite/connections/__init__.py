@@ -1,0 +1,132 @@
+"""Connections to review systems: the driver interface and the registry.
+
+A connection is one review system (the local inbox, a Gerrit, a Patchwork).
+It is a *source* of trigger events, which it hands to `post_event` (the
+scheduler's event queue, which belongs to the scheduler: in ZooKeeper, so an
+event posted by a CLI or a watcher thread survives a scheduler restart), and
+the place changes come from (`get_change`, `get_series`), votes go to
+(`report`) and gate merges happen (`merge`). Pipelines name reporters per
+connection, as Zuul layouts do.
+
+Reports must reach the review system exactly once even though it is outside
+ZooKeeper: the manager records a report before it is made, and on restart
+asks `has_report` before making it again.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from zuul_lite.exceptions import ConfigError
+from zuul_lite.model import Change, TriggerEvent
+from zuul_lite.state import ZuulState
+
+if TYPE_CHECKING:
+    from zuul_lite.merger import Merger
+
+PostEvent = Callable[[TriggerEvent], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """One report on one patchset: `id` makes it recognisable on a retry."""
+
+    id: str
+    pipeline: str
+    message: str
+    verified: int | None = None
+
+
+class Connection(abc.ABC):
+    """The driver interface every review system implements."""
+
+    driver: ClassVar[str]
+
+    def __init__(
+        self,
+        name: str,
+        config: dict[str, Any],
+        state: ZuulState,
+        state_dir: Path,
+        post_event: PostEvent | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.state = state
+        self.state_dir = Path(state_dir)
+        self.post_event = post_event
+
+    def start(self) -> None:  # noqa: B027 (a hook: the local inbox has nothing to watch)
+        """Start watching the review system (threads that call `post_event`)."""
+
+    def stop(self) -> None:  # noqa: B027
+        """Stop watching."""
+
+    @abc.abstractmethod
+    def get_change(self, number: int, patchset: int | None = None) -> Change:
+        """The change (its latest patchset when `patchset` is None); raises
+        a ZuulLiteError with one sentence when there is no such change."""
+
+    @abc.abstractmethod
+    def get_series(self, change: Change) -> bytes:
+        """The patch series of that patchset, byte for byte as submitted."""
+
+    @abc.abstractmethod
+    def branch_repo(self, project: str) -> str:
+        """Where the merger fetches the project's branches from (a path or URL)."""
+
+    @abc.abstractmethod
+    def report(self, change: Change, report: Report) -> None:
+        """Leave the vote and message on the change."""
+
+    @abc.abstractmethod
+    def has_report(self, change: Change, report: Report) -> bool:
+        """Whether `report` already reached the change (a retry after a crash)."""
+
+    @abc.abstractmethod
+    def merge(self, change: Change, sha: str, merger: Merger) -> str | None:
+        """Merge the change as tested (commit `sha` of the merger's workspace); None on
+        success, or one sentence saying why it did not merge. Must succeed
+        again when the change already merged at `sha` (a retry)."""
+
+
+def _drivers() -> dict[str, type[Connection]]:
+    from zuul_lite.connections.local import LocalConnection
+
+    return {cls.driver: cls for cls in (LocalConnection,)}
+
+
+def driver_names() -> list[str]:
+    return sorted(_drivers())
+
+
+def make_connection(
+    name: str,
+    config: dict[str, Any],
+    state: ZuulState,
+    state_dir: Path,
+    post_event: PostEvent | None = None,
+) -> Connection:
+    cls = _drivers().get(config.get("driver", ""))
+    if cls is None:
+        raise ConfigError(
+            f"Connection {name}: unknown driver {config.get('driver')!r} "
+            f"(known: {', '.join(driver_names())})."
+        )
+    return cls(name, config, state, state_dir, post_event)
+
+
+def make_connections(
+    configs: dict[str, dict[str, Any]],
+    state: ZuulState,
+    state_dir: Path,
+    post_event: PostEvent | None = None,
+) -> dict[str, Connection]:
+    return {
+        name: make_connection(name, cfg, state, state_dir, post_event)
+        for name, cfg in configs.items()
+    }

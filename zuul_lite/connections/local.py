@@ -1,12 +1,13 @@
 """The built-in local inbox: a review system kept in ZooKeeper plus bare git repos.
 
 It plays the part Gerrit plays elsewhere: `zuul-lite submit` uploads a series
-as a change (or a new patchset of one), `recheck` leaves a comment, and each
-of these puts a trigger event on the same ZooKeeper queue the Gerrit watcher
-feeds, so the scheduler cannot tell the sources apart. The series itself is
-stored in the project's bare repository as a blob under
+as a change (or a new patchset of one), `recheck` leaves a comment, `approve`
+approves it for the gate; each of these posts a trigger event to the
+scheduler's event queue, so the scheduler cannot tell the sources apart. The
+series itself is stored in the project's bare repository as a blob under
 `refs/changes/<nn>/<change>/<patchset>`; changes, patchsets, comments and
-votes are JSON under `/zuul/local/changes/<number>`.
+votes are JSON in ZooKeeper (zuul_lite/state.py owns the paths). A gate merge
+pushes the tested commit to the project's branch and marks the change MERGED.
 """
 
 from __future__ import annotations
@@ -14,38 +15,53 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from nodepool_lite.exceptions import BadVersionError, NoNodeError
-from nodepool_lite.zk import ZooKeeper
+from zuul_lite.connections import Connection, PostEvent, Report
 from zuul_lite.exceptions import InboxError
 from zuul_lite.git import git
-from zuul_lite.model import TriggerEvent
+from zuul_lite.model import Change, TriggerEvent
 from zuul_lite.series import Series, read_series
+from zuul_lite.state import ZuulState
+
+if TYPE_CHECKING:
+    from zuul_lite.merger import Merger
 
 log = logging.getLogger("zuul_lite.connections.local")
 
-EVENT_QUEUE = "/zuul/events/trigger"
-ROOT = "/zuul/local"
 
-
-class LocalConnection:
+class LocalConnection(Connection):
     driver = "local"
 
-    def __init__(self, name: str, zk: ZooKeeper, state_dir: Path) -> None:
-        self.name = name
-        self.zk = zk
-        self.git_root = Path(state_dir) / "git"
+    def __init__(
+        self,
+        name: str,
+        config: dict[str, Any],
+        state: ZuulState,
+        state_dir: Path,
+        post_event: PostEvent | None = None,
+    ) -> None:
+        super().__init__(name, config, state, state_dir, post_event)
+        self.zk = state.zk
+        self.git_root = self.state_dir / "git"
+        if self.post_event is None:
+            # A CLI process: events go straight to the scheduler's queue.
+            self.post_event = lambda event: state.put_trigger_event(event.to_dict())
 
     # Projects -----------------------------------------------------------
 
     def repo_path(self, project: str) -> Path:
         return self.git_root / f"{project}.git"
 
+    def branch_repo(self, project: str) -> str:
+        return str(self.repo_path(project))
+
     def projects(self) -> list[str]:
-        return self.zk.get_children(f"{ROOT}/projects")
+        return self.zk.get_children(self.state.local_path("projects"))
 
     def get_project(self, project: str) -> dict:
-        data = self.zk.get_or_none(f"{ROOT}/projects/{project}")
+        data = self.zk.get_or_none(self.state.local_path("projects", project))
         if data is None:
             known = ", ".join(self.projects()) or "none"
             raise InboxError(f"Unknown project {project} (known projects: {known}).")
@@ -61,27 +77,50 @@ class LocalConnection:
             tmp.rename(repo)
             log.info("Imported %s from %s", project, source)
         head = git(repo, "rev-parse", f"refs/heads/{branch}").strip()
-        if not self.zk.exists(f"{ROOT}/projects/{project}"):
-            self.zk.create(f"{ROOT}/projects/{project}", {"branch": branch, "path": str(repo)})
+        if not self.zk.exists(self.state.local_path("projects", project)):
+            self.zk.create(
+                self.state.local_path("projects", project), {"branch": branch, "path": str(repo)}
+            )
         log.info("Project %s branch %s is at %s", project, branch, head)
         return repo
 
     # Changes ------------------------------------------------------------
 
-    def _change_path(self, number: int) -> str:
-        return f"{ROOT}/changes/{number}"
+    def change_path(self, number: int) -> str:
+        return self.state.local_path("changes", number)
 
-    def get_change(self, number: int) -> dict:
-        data = self.zk.get_or_none(self._change_path(number))
+    def get_change_data(self, number: int) -> dict:
+        """The stored change: patchsets, comments, votes (what `show` prints)."""
+        data = self.zk.get_or_none(self.change_path(number))
         if data is None:
             raise InboxError(f"There is no change {number}.")
         return data
 
+    def get_change(self, number: int, patchset: int | None = None) -> Change:
+        data = self.get_change_data(number)
+        latest = len(data["patchsets"])
+        ps = patchset or latest
+        if not 1 <= ps <= latest:
+            raise InboxError(f"Change {number} has no patchset {ps}.")
+        return Change(
+            connection=self.name,
+            project=data["project"],
+            branch=data["branch"],
+            number=number,
+            patchset=ps,
+            subject=data["subject"],
+            owner=data["owner"],
+            status=data["status"],
+            latest_patchset=latest,
+            approved=any(a.get("patchset") == latest for a in data.get("approvals", [])),
+        )
+
     def list_changes(self) -> list[int]:
-        return sorted(int(n) for n in self.zk.get_children(f"{ROOT}/changes"))
+        return sorted(int(n) for n in self.zk.get_children(self.state.local_path("changes")))
 
     def _emit(self, event: TriggerEvent) -> None:
-        self.zk.create(f"{EVENT_QUEUE}/event-", event.to_dict(), sequence=True)
+        assert self.post_event is not None
+        self.post_event(event)
         log.info("[e: %s] %s for change %s,%s", event.id, event.type, event.change, event.patchset)
 
     def submit(
@@ -97,11 +136,17 @@ class LocalConnection:
         proj = self.get_project(project)
         branch = branch or proj["branch"]
         if change is not None:
-            existing = self.get_change(change)
+            existing = self.get_change_data(change)
+            if existing["status"] != "NEW":
+                raise InboxError(
+                    f"Change {change} is {existing['status']}: it takes no new patchset."
+                )
             if existing["project"] != project:
                 raise InboxError(f"Change {change} belongs to project {existing['project']}.")
         else:
-            seq = self.zk.create(f"{ROOT}/change-numbers/n-", None, sequence=True)
+            seq = self.zk.create(
+                self.state.local_path("change-numbers", "n-"), None, sequence=True
+            )
             change = int(seq.rsplit("-", 1)[1]) + 1
         return self._store_patchset(series, project, branch, change, owner or series.author)
 
@@ -110,7 +155,7 @@ class LocalConnection:
     ) -> tuple[int, int]:
         repo = self.repo_path(project)
         blob = git(repo, "hash-object", "-w", "--stdin", input=series.mbox()).strip()
-        path = self._change_path(number)
+        path = self.change_path(number)
         while True:
             try:
                 data, version = self.zk.get(path)
@@ -127,6 +172,7 @@ class LocalConnection:
                     "patchsets": [],
                     "votes": [],
                     "comments": [],
+                    "approvals": [],
                 }
             ps = len(data["patchsets"]) + 1
             ref = f"refs/changes/{number % 100:02d}/{number}/{ps}"
@@ -162,7 +208,10 @@ class LocalConnection:
         return number, ps
 
     def recheck(self, number: int, comment: str = "recheck") -> None:
-        change = self.get_change(number)
+        self.comment(number, comment)
+
+    def comment(self, number: int, comment: str) -> None:
+        change = self.get_change_data(number)
         ps = len(change["patchsets"])
         self._update(
             number,
@@ -182,8 +231,49 @@ class LocalConnection:
             )
         )
 
+    def approve(self, number: int) -> int:
+        """Approve the latest patchset for the gate; returns that patchset."""
+        change = self.get_change_data(number)
+        if change["status"] != "NEW":
+            raise InboxError(
+                f"Change {number} is {change['status'].lower()}: only an open change "
+                "can be approved."
+            )
+        ps = len(change["patchsets"])
+        self._update(
+            number,
+            lambda d: d.setdefault("approvals", []).append({"patchset": ps, "time": time.time()}),
+        )
+        self._emit(
+            TriggerEvent(
+                type="change-approved",
+                connection=self.name,
+                project=change["project"],
+                branch=change["branch"],
+                change=number,
+                patchset=ps,
+            )
+        )
+        return ps
+
+    def abandon(self, number: int) -> None:
+        change = self.get_change_data(number)
+        if change["status"] != "NEW":
+            raise InboxError(f"Change {number} is {change['status'].lower()} already.")
+        self._update(number, lambda d: d.update(status="ABANDONED"))
+        self._emit(
+            TriggerEvent(
+                type="change-abandoned",
+                connection=self.name,
+                project=change["project"],
+                branch=change["branch"],
+                change=number,
+                patchset=len(change["patchsets"]),
+            )
+        )
+
     def _update(self, number: int, mutate) -> dict:
-        path = self._change_path(number)
+        path = self.change_path(number)
         while True:
             data, version = self.zk.get(path)
             mutate(data)
@@ -193,30 +283,48 @@ class LocalConnection:
             except BadVersionError:
                 continue
 
-    def get_series(self, project: str, change: int, patchset: int) -> bytes:
-        ref = f"refs/changes/{change % 100:02d}/{change}/{patchset}"
-        return git(self.repo_path(project), "cat-file", "blob", ref).encode()
+    def get_series(self, change: Change) -> bytes:
+        ref = f"refs/changes/{change.number % 100:02d}/{change.number}/{change.patchset}"
+        return git(self.repo_path(change.project), "cat-file", "blob", ref).encode()
 
     def latest_patchset(self, change: int) -> int:
-        return len(self.get_change(change)["patchsets"])
+        return len(self.get_change_data(change)["patchsets"])
 
-    def review_ops(
-        self, change: int, patchset: int, pipeline: str, value: int | None, message: str
-    ) -> tuple[str, dict, int]:
-        """The ZK write that records a vote, for the caller's transaction.
+    # Reporting and merging ----------------------------------------------
 
-        Returned rather than applied so the scheduler can record the vote and
-        drop the queue item in one transaction: a vote is given exactly once.
-        """
-        path = self._change_path(change)
-        data, version = self.zk.get(path)
-        data["votes"].append(
-            {
-                "patchset": patchset,
-                "pipeline": pipeline,
-                "value": value,
-                "message": message,
-                "time": time.time(),
-            }
-        )
-        return path, data, version
+    def report(self, change: Change, report: Report) -> None:
+        def add(data: dict) -> None:
+            if not any(v.get("report_id") == report.id for v in data["votes"]):
+                data["votes"].append(
+                    {
+                        "patchset": change.patchset,
+                        "pipeline": report.pipeline,
+                        "value": report.verified,
+                        "message": report.message,
+                        "time": time.time(),
+                        "report_id": report.id,
+                    }
+                )
+
+        self._update(change.number, add)
+
+    def has_report(self, change: Change, report: Report) -> bool:
+        votes = self.get_change_data(change.number)["votes"]
+        return any(v.get("report_id") == report.id for v in votes)
+
+    def merge(self, change: Change, sha: str, merger: Merger) -> str | None:
+        data = self.get_change_data(change.number)
+        if data["status"] == "MERGED":
+            return (
+                None
+                if data.get("merged_sha") == sha
+                else f"Change {change.number} is merged already."
+            )
+        if data["status"] != "NEW":
+            return f"Change {change.number} was {data['status'].lower()} meanwhile."
+        error = merger.push(change.project, sha, self.repo_path(change.project), change.branch)
+        if error:
+            return error
+        self._update(change.number, lambda d: d.update(status="MERGED", merged_sha=sha))
+        log.info("Change %s merged into %s at %s", change.label, change.branch, sha[:12])
+        return None

@@ -1,11 +1,15 @@
-"""Pipeline managers: the whole life of a queue item, from event to vote.
+"""Pipeline managers: the whole life of a queue item, from event to report.
+
+The base manager walks each ChangeQueue front to back carrying the nearest
+non-failing item (nnfi), as Zuul's processQueue does: an item whose item
+ahead is not the nnfi is re-based onto it and its builds are restarted; that
+is the whole gate reset, in one place. `independent` and `dependent` only
+override hooks.
 
 Only the scheduler thread calls into a manager. Each state change of an item
 is written to ZooKeeper before it is acted upon (a build is stored `queued`
-before it is submitted to Gearman; a vote is recorded in the same
-transaction that removes the item), so a scheduler killed at any line
-restarts into a state it can finish from, and every change gets exactly one
-vote.
+before it is submitted; a report is recorded before it is made), so a
+scheduler killed at any line restarts into a state it can finish from.
 """
 
 from __future__ import annotations
@@ -14,11 +18,22 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from nodepool_lite.exceptions import BadVersionError
-from zuul_lite.layout import Pipeline
-from zuul_lite.merger import MergeRequest, MergeResult
-from zuul_lite.model import Build, BuildState, ItemState, QueueItem, Result, TriggerEvent
-from zuul_lite.reporter import format_report, vote_value
+from nodepool_lite.zk import Transaction
+from zuul_lite.build_contract import BuildRequest, BuildResult
+from zuul_lite.manager.reporting import ItemReporter
+from zuul_lite.merger import MergeChange, MergeRequest, MergeResult
+from zuul_lite.model import (
+    Build,
+    BuildSet,
+    BuildState,
+    Change,
+    ChangeQueue,
+    MergeState,
+    Pipeline,
+    QueueItem,
+    Result,
+    new_uuid,
+)
 
 if TYPE_CHECKING:
     from zuul_lite.scheduler import Scheduler
@@ -26,12 +41,16 @@ if TYPE_CHECKING:
 MAX_ATTEMPTS = 3
 
 
-def item_path(pipeline: str, uuid: str = "") -> str:
-    return f"/zuul/pipelines/{pipeline}/items" + (f"/{uuid}" if uuid else "")
+class ItemLog(logging.LoggerAdapter):
+    """`[e: <event>]` on every line about an item, so one grep follows a patch."""
 
-
-def build_path(uuid: str) -> str:
-    return f"/zuul/builds/{uuid}"
+    def process(self, msg: str, kwargs: dict) -> tuple[str, dict]:
+        item = kwargs.pop("item", None)
+        build = kwargs.pop("build", None)
+        prefix = f"[e: {item.event_id}] " if item is not None else ""
+        if build is not None:
+            prefix += f"[build: {build.uuid}] "
+        return prefix + msg, kwargs
 
 
 class PipelineManager:
@@ -41,239 +60,494 @@ class PipelineManager:
 
     def __init__(self, sched: Scheduler, pipeline: Pipeline) -> None:
         self.sched = sched
+        self.state = sched.state
         self.pipeline = pipeline
-        self.items: dict[str, QueueItem] = {}
-        self.log = logging.getLogger(f"zuul_lite.manager.{pipeline.name}")
-        self._merges_requested: set[str] = set()
-        self._watched: set[str] = set()
+        self.log = ItemLog(logging.getLogger(f"zuul_lite.manager.{pipeline.name}"), {})
+        self._merges_requested: dict[str, str] = {}  # item uuid -> build set uuid
+        self._merge_failures: dict[str, int] = {}
+        self.reporter = ItemReporter(self)
 
-    # Events -------------------------------------------------------------
+    # Hooks ----------------------------------------------------------------
 
-    def event_matches(self, event: TriggerEvent) -> bool:
+    def get_change_queue(self, change: Change) -> ChangeQueue:
+        raise NotImplementedError
+
+    def on_enqueued(self, item: QueueItem) -> None:
+        """After an item is stored (independent: drop older patchsets)."""
+
+    # Events ---------------------------------------------------------------
+
+    def event_matches(self, event) -> bool:
         return any(f.matches(event) for f in self.pipeline.triggers.get(event.connection, []))
 
-    def new_item(self, event: TriggerEvent) -> QueueItem | None:
-        """The item an event adds, or None (already queued, no jobs)."""
-        layout = self.sched.layout
-        jobs = layout.jobs_for(event.project, self.pipeline.name)
-        if not jobs:
-            self.log.debug(
-                "[e: %s] project %s has no %s jobs", event.id, event.project, self.pipeline.name
-            )
-            return None
-        for item in self.items.values():
-            if item.change == event.change and item.patchset == event.patchset:
-                self.log.info(
-                    "[e: %s] change %s,%s is already in %s",
-                    event.id,
-                    event.change,
-                    event.patchset,
-                    self.pipeline.name,
-                )
-                return None
-        conn = self.sched.connections[self.pipeline.source]
-        change = conn.get_change(event.change)
+    def find_items(self, number: int) -> list[QueueItem]:
+        return [i for i in self.pipeline.all_items() if i.change.number == number]
+
+    def why_not_enqueue(self, change: Change) -> str | None:
+        """None if the change may be enqueued, else one sentence why not."""
+        if change.status != "NEW":
+            return f"Change {change.number} is {change.status.lower()}."
+        if not self.sched.layout.jobs_for(change.project, self.pipeline.name):
+            return f"Project {change.project} runs no jobs in {self.pipeline.name}."
+        for item in self.find_items(change.number):
+            if item.change.patchset == change.patchset:
+                return f"Change {change.label} is already in {self.pipeline.name}."
+        return None
+
+    def plan_enqueue(
+        self, change: Change, event_id: str, txn: Transaction
+    ) -> tuple[QueueItem, ChangeQueue]:
+        """Add the item's writes to `txn`; the caller commits, then `enqueue`s."""
+        queue = self.get_change_queue(change)
         item = QueueItem(
-            pipeline=self.pipeline.name,
-            connection=self.pipeline.source,
-            project=event.project,
-            branch=event.branch,
-            change=event.change,
-            patchset=event.patchset,
-            subject=change["subject"],
-            owner=change["owner"],
-            event_id=event.id,
+            pipeline=self.pipeline.name, queue=queue.name, change=change, event_id=event_id
         )
-        for index, job in enumerate(jobs):
-            item.builds[job.name] = Build(job=job.name, node_type=job.node_type, index=index)
-        return item
+        item.buildset = self._new_buildset(item, attempt=1)
+        data = item.to_dict()
+        data["item_ahead"] = queue.items[-1].uuid if queue.items else None
+        txn.create(self.state.item_path(self.pipeline.name, item.uuid), data)
+        stored = {**queue.to_dict(), "items": [*(i.uuid for i in queue.items), item.uuid]}
+        if queue.stored:
+            txn.set(self.state.queue_path(self.pipeline.name, queue.name), stored)
+        else:
+            txn.create(self.state.queue_path(self.pipeline.name, queue.name), stored)
+        return item, queue
 
-    def superseded_by(self, item: QueueItem) -> list[QueueItem]:
-        """Items a new item replaces (older patchsets of the same change)."""
-        return [
-            i
-            for i in self.items.values()
-            if i.change == item.change and i.patchset < item.patchset
-        ]
-
-    def add_item(self, item: QueueItem) -> None:
-        self.items[item.uuid] = item
+    def enqueue(self, item: QueueItem, queue: ChangeQueue) -> None:
+        if queue not in self.pipeline.queues:
+            self.pipeline.queues.append(queue)
+        queue.stored = True
+        queue.enqueue(item)
         self.log.info(
-            "[e: %s] enqueued change %s as item %s", item.event_id, item.label, item.uuid
+            "Enqueued change %s as item %s in queue %s",
+            item.label,
+            item.uuid,
+            queue.name,
+            item=item,
         )
+        self.on_enqueued(item)
 
-    def dequeue(self, item: QueueItem, why: str) -> None:
-        """Drop an item without a vote (superseded); cancel what it runs."""
-        for build in item.builds.values():
-            if build.state == BuildState.QUEUED:
-                self.sched.gearman.cancel_build(build.uuid)
-        self.sched.zk.delete(item_path(self.pipeline.name, item.uuid))
-        self._forget(item)
-        self.log.info("Dequeued %s: %s", item.label, why)
+    def _new_buildset(self, item: QueueItem, attempt: int) -> BuildSet:
+        bs = BuildSet(attempt=attempt)
+        for index, job in enumerate(
+            self.sched.layout.jobs_for(item.change.project, item.pipeline)
+        ):
+            bs.builds[job.name] = Build(job=job.name, node_type=job.node_type, index=index)
+        return bs
 
-    # Persistence --------------------------------------------------------
+    # Persistence ----------------------------------------------------------
 
     def save(self, item: QueueItem) -> None:
-        self.sched.zk.set(item_path(self.pipeline.name, item.uuid), item.to_dict())
+        self.state.zk.set(self.state.item_path(self.pipeline.name, item.uuid), item.to_dict())
+
+    def save_queue(self, queue: ChangeQueue, txn: Transaction | None = None) -> None:
+        path = self.state.queue_path(self.pipeline.name, queue.name)
+        if txn is not None:
+            txn.set(path, queue.to_dict())
+        else:
+            self.state.zk.set(path, queue.to_dict())
 
     def load(self) -> None:
-        """Adopt the items a previous scheduler left in ZooKeeper."""
-        zk = self.sched.zk
-        for uuid in zk.get_children(item_path(self.pipeline.name)):
-            data = zk.get_or_none(item_path(self.pipeline.name, uuid))
-            if data is not None:
-                item = QueueItem.from_dict(data)
-                self.items[item.uuid] = item
-                self.log.info("Resumed item %s (change %s, %s)", uuid, item.label, item.state)
+        """Adopt the queues and items a previous scheduler left in ZooKeeper,
+        in the same order and on the same items ahead."""
+        self.state.ensure_pipeline(self.pipeline.name)
+        stored_queues, stored_items = self.state.load_pipeline(self.pipeline.name)
+        items = {uuid: QueueItem.from_dict(data) for uuid, data in stored_items.items()}
+        placed = set()
+        for data in stored_queues:
+            queue = self._queue_from_dict(data)
+            for uuid in data.get("items", []):
+                item = items.get(uuid)
+                if item is None or uuid in placed:
+                    continue
+                placed.add(uuid)
+                queue.items.append(item)
+            for item in queue.items:
+                ahead = items.get(item.ahead_uuid or "")
+                if ahead is not None and ahead in queue.items:
+                    item.item_ahead = ahead
+                    ahead.items_behind.append(item)
+            if queue.items:
+                self.pipeline.queues.append(queue)
+                self.log.info("Resumed queue %s: %d item(s)", queue.name, len(queue.items))
+            else:
+                self.state.zk.delete(self.state.queue_path(self.pipeline.name, queue.name))
+        for uuid in items:
+            if uuid not in placed:
+                self.log.warning("Item %s had no queue; dropping it", uuid)
+                self.state.zk.delete(self.state.item_path(self.pipeline.name, uuid))
 
-    # Processing ---------------------------------------------------------
+    def _queue_from_dict(self, data: dict) -> ChangeQueue:
+        queue = self.new_queue(data["name"], dynamic=data.get("dynamic", False))
+        if data.get("window") is not None:
+            queue.window = data["window"]
+        queue.stored = True
+        return queue
 
-    def process(self) -> None:
-        for item in sorted(self.items.values(), key=lambda i: i.enqueue_time):
-            self.process_item(item)
+    def new_queue(self, name: str, dynamic: bool = False) -> ChangeQueue:
+        p = self.pipeline
+        return ChangeQueue(
+            pipeline=p.name,
+            name=name,
+            window=0 if dynamic else p.window,
+            window_floor=p.window_floor,
+            window_increase_type=p.window_increase_type,
+            window_increase_factor=p.window_increase_factor,
+            window_decrease_type=p.window_decrease_type,
+            window_decrease_factor=p.window_decrease_factor,
+            dynamic=dynamic,
+        )
 
-    def process_item(self, item: QueueItem) -> None:
-        if item.state == ItemState.MERGING:
-            self._request_merge(item)
-        elif item.state == ItemState.RUNNING:
-            self._run_builds(item)
-            if item.finished():
-                item.state = ItemState.REPORTING
-                self.save(item)
-        if item.state == ItemState.REPORTING:
-            self.report(item)
+    # Processing -----------------------------------------------------------
+
+    def process(self) -> bool:
+        """One pass over every queue; True if anything changed (pass again)."""
+        changed = False
+        for queue in list(self.pipeline.queues):
+            nnfi: QueueItem | None = None
+            for item in list(queue.items):
+                if item not in queue.items:
+                    continue  # removed while an item ahead was processed
+                try:
+                    nnfi, item_changed = self._process_item(queue, item, nnfi)
+                except Exception as error:  # one item must never stop the loop
+                    self.log.exception("Item %s raised", item.uuid, item=item)
+                    self._fail_item(item, error)
+                    item_changed = True
+                changed = changed or item_changed
+        return changed
+
+    def _process_item(
+        self, queue: ChangeQueue, item: QueueItem, nnfi: QueueItem | None
+    ) -> tuple[QueueItem | None, bool]:
+        changed = False
+        if item.item_ahead is not nnfi:
+            old = item.item_ahead
+            moved = queue.move(item, nnfi)
+            self.log.info(
+                "Item %s re-based from %s onto %s",
+                item.label,
+                old.label if old else "the branch head",
+                nnfi.label if nnfi else "the branch head",
+                item=item,
+            )
+            for other in moved:
+                self.reset_item(other) if other is item else self.save(other)
+            changed = True
+        actionable = queue.is_actionable(item)
+        if item.active != actionable:
+            item.active = actionable
+            self.save(item)
+        bs = item.buildset
+        if item.error is not None:
+            return self._report_and_dequeue(item, queue), True
+        if bs.merge_state == MergeState.CONFLICT:
+            # A series that does not apply is reported at once, wherever it is.
+            self.log.info("Change %s does not apply: %s", item.label, bs.merge_error, item=item)
+            return self._report_and_dequeue(item, queue, reset_behind=True), True
+        if actionable:
+            if bs.merge_state == MergeState.PENDING:
+                self._request_merge(item)
+            elif bs.merged:
+                changed = self._run_builds(item) or changed
+        failing = bs.any_failed()
+        if item.item_ahead is None and bs.merged and bs.all_done():
+            return self._report_and_dequeue(item, queue, reset_behind=failing), True
+        if not failing:
+            nnfi = item
+        return nnfi, changed
+
+    def _report_and_dequeue(
+        self, item: QueueItem, queue: ChangeQueue, reset_behind: bool = False
+    ) -> QueueItem | None:
+        """Report, then remove the item; returns the nnfi for the next item."""
+        ahead = item.item_ahead
+        merged = self.reporter.report(item)
+        if self.changes_merge and not item.error:
+            queue.increase_window() if merged else queue.decrease_window()
+        self.remove_item(item, reset_behind=reset_behind or (self.changes_merge and not merged))
+        return ahead
+
+    def remove_item(self, item: QueueItem, reset_behind: bool = False) -> None:
+        """Take the item out of its queue and ZooKeeper; cancel what it runs."""
+        queue = self.pipeline.get_queue(item.queue)
+        self.cancel_builds(item)
+        behind = queue.dequeue(item) if queue and item in queue.items else []
+        txn = self.state.transaction()
+        txn.delete(self.state.item_path(self.pipeline.name, item.uuid))
+        if queue is not None and queue.items:
+            self.save_queue(queue, txn)
+        elif queue is not None:
+            txn.delete(self.state.queue_path(self.pipeline.name, queue.name))
+            self.pipeline.queues.remove(queue)
+        if self.reporter.recorded(item):
+            txn.delete(self.state.report_path(item.uuid))
+        txn.commit()
+        self.reporter.forget(item)
+        for other in behind:
+            self.reset_item(other) if reset_behind else self.save(other)
+        self._forget(item)
+
+    def dequeue(self, item: QueueItem, why: str) -> None:
+        """Drop an item without a report (superseded, abandoned, an operator)."""
+        self.log.info("Dequeued %s: %s", item.label, why, item=item)
+        self.remove_item(item, reset_behind=True)
+
+    def _fail_item(self, item: QueueItem, error: Exception) -> None:
+        """An item that raised is reported with one sentence and removed."""
+        item.error = (
+            f"zuul-lite hit an internal error on this change ({type(error).__name__}: {error})."
+        )
+        try:
+            queue = self.pipeline.get_queue(item.queue)
+            self._report_and_dequeue(item, queue, reset_behind=True)
+        except Exception:
+            self.log.exception("Could not report item %s; dropping it", item.uuid, item=item)
+            try:
+                self.remove_item(item, reset_behind=True)
+            except Exception:
+                self.log.exception("Could not remove item %s", item.uuid, item=item)
+                queue = self.pipeline.get_queue(item.queue)
+                if queue is not None and item in queue.items:
+                    queue.dequeue(item)
+
+    # Build sets and merges --------------------------------------------------
+
+    def reset_item(self, item: QueueItem) -> None:
+        """Start the item over: cancel its builds, new build set, new merge."""
+        self.cancel_builds(item)
+        self._merges_requested.pop(item.uuid, None)
+        item.buildset = self._new_buildset(item, attempt=item.buildset.attempt + 1)
+        self.save(item)
+
+    def cancel_builds(self, item: QueueItem) -> None:
+        for build in item.buildset.builds.values():
+            if build.state == BuildState.QUEUED:
+                self.log.info("Cancelling build %s", build.job, item=item, build=build)
+                self.sched.cancel_build(build.uuid)
+        if item.buildset.git_ref:
+            self.sched.merger.merger.forget(item.change.project, item.buildset.git_ref)
 
     def _request_merge(self, item: QueueItem) -> None:
-        if item.uuid in self._merges_requested:
+        bs = item.buildset
+        if self._merges_requested.get(item.uuid) == bs.uuid:
             return
-        conn = self.sched.connections[item.connection]
-        self._merges_requested.add(item.uuid)
+        ahead = item.changes_ahead()
+        changes = [*(i.change for i in ahead), item.change]
+        bs.changes = [c.label for c in changes]
+        self._merges_requested[item.uuid] = bs.uuid
         self.sched.merger.submit(
             MergeRequest(
                 item_uuid=item.uuid,
-                project=item.project,
-                branch=item.branch,
-                ref=f"refs/zuul/{item.pipeline}/{item.change}/{item.patchset}/{item.uuid}",
-                series=conn.get_series(item.project, item.change, item.patchset),
-                review_repo=conn.repo_path(item.project),
+                project=item.change.project,
+                branch=item.change.branch,
+                ref=self.ref_for(item),
+                changes=[
+                    MergeChange(c.label, self.sched.connections[c.connection].get_series(c))
+                    for c in changes
+                ],
+                review_repo=self.sched.connections[item.change.connection].branch_repo(
+                    item.change.project
+                ),
+                event_id=item.event_id,
             )
         )
 
+    def merges_pending(self) -> int:
+        return len(self._merges_requested)
+
+    def ref_for(self, item: QueueItem) -> str:
+        c = item.change
+        return f"refs/zuul/{item.pipeline}/{c.number}/{c.patchset}/{item.buildset.uuid}"
+
     def on_merged(self, item: QueueItem, result: MergeResult) -> None:
-        self._merges_requested.discard(item.uuid)
-        item.base_sha = result.base_sha
+        bs = item.buildset
+        if result.ref != self.ref_for(item) or bs.merge_state != MergeState.PENDING:
+            return  # a merge for a build set that was reset meanwhile
+        self._merges_requested.pop(item.uuid, None)
+        if result.internal:
+            self._merge_failed(item, bs.uuid, result.error or "unknown error")
+            return
+        self._merge_failures.pop(item.uuid, None)
+        bs.base_sha = result.base_sha
         if result.error:
-            item.merge_error = result.error
-            for build in item.builds.values():
+            if result.failed_change and result.failed_change != item.label:
+                # A change ahead does not apply: it is dequeued and this item
+                # is then re-based, so this result is moot.
+                self.log.info("A change ahead does not apply: %s", result.error, item=item)
+                return
+            bs.merge_state = MergeState.CONFLICT
+            bs.merge_error = result.error
+            for build in bs.builds.values():
                 build.state, build.result = BuildState.SKIPPED, Result.SKIPPED
-            item.state = ItemState.REPORTING
         else:
-            item.git_ref = result.ref
-            item.state = ItemState.RUNNING
+            bs.merge_state = MergeState.COMPLETE
+            bs.git_ref = result.ref
+            bs.head_sha = result.head_sha
         self.save(item)
 
-    def _dependency_failed(self, item: QueueItem, build: Build) -> str | None:
+    def _merge_failed(self, item: QueueItem, bs_uuid: str, error: str) -> None:
+        """Our merger failed (not a conflict): try again a little later, and
+        after MAX_ATTEMPTS report the item without a vote instead of leaving
+        it merging forever."""
+        count = self._merge_failures.get(item.uuid, 0) + 1
+        self._merge_failures[item.uuid] = count
+        if count >= MAX_ATTEMPTS:
+            self.log.error("Merger failed %d times: %s", count, error, item=item)
+            item.error = f"The merger failed {count} times on this change: {error}"
+            self._merges_requested.pop(item.uuid, None)
+            self.save(item)
+            return
+        self.log.warning("Merger error, retrying: %s", error, item=item)
+
+        def retry() -> None:
+            if self._merges_requested.get(item.uuid) == bs_uuid:
+                del self._merges_requested[item.uuid]  # the next pass asks again
+
+        self.sched.call_later(2.0 * count, retry)
+
+    # Builds -------------------------------------------------------------------
+
+    def _dependency_failed(self, bs: BuildSet, build: Build) -> str | None:
         job = self.sched.layout.jobs.get(build.job)
         for dep in job.dependencies if job else []:
-            dep_build = item.builds.get(dep)
-            if (
-                dep_build
-                and dep_build.state in (BuildState.COMPLETED, BuildState.SKIPPED)
-                and dep_build.result != Result.SUCCESS
-            ):
+            dep_build = bs.builds.get(dep)
+            if dep_build and dep_build.done and dep_build.result != Result.SUCCESS:
                 return dep
         return None
 
-    def _ready(self, item: QueueItem, build: Build) -> bool:
+    def _ready(self, bs: BuildSet, build: Build) -> bool:
         job = self.sched.layout.jobs.get(build.job)
         return all(
-            item.builds[d].result == Result.SUCCESS
+            bs.builds[d].result == Result.SUCCESS
             for d in (job.dependencies if job else [])
-            if d in item.builds
+            if d in bs.builds
         )
 
-    def _run_builds(self, item: QueueItem) -> None:
-        for build in item.builds.values():
-            if build.state == BuildState.WAITING:
-                dep = self._dependency_failed(item, build)
-                if dep:
-                    build.state, build.result = BuildState.SKIPPED, Result.SKIPPED
-                    build.summary = f"Not run: {dep} did not succeed."
-                    self.save(item)
-                elif self._ready(item, build):
-                    self._launch(item, build)
-            elif build.state == BuildState.QUEUED:
-                self._watch(item, build)
+    def _run_builds(self, item: QueueItem) -> bool:
+        changed = False
+        bs = item.buildset
+        for build in bs.ordered_builds():
+            if build.state != BuildState.WAITING:
+                continue
+            dep = self._dependency_failed(bs, build)
+            if dep:
+                build.state, build.result = BuildState.SKIPPED, Result.SKIPPED
+                build.summary = f"Not run: {dep} did not succeed."
+                self.save(item)
+                changed = True
+            elif self._ready(bs, build):
+                self._launch(item, build)
+                changed = True
+        return changed
 
     def _launch(self, item: QueueItem, build: Build) -> None:
-        if build.job not in self.sched.layout.jobs:
+        job = self.sched.layout.jobs.get(build.job)
+        if job is None:
             build.state, build.result = BuildState.COMPLETED, Result.FAILURE
             build.summary = f"Job {build.job} is no longer defined in the layout."
             self.save(item)
             return
-        build.state = BuildState.QUEUED
         build.attempts += 1
         build.start_time = time.time()
-        build.log_path = f"{item.change}/{item.patchset}/{item.pipeline}/{build.job}/{build.uuid}"
+        c = item.change
+        build.log_path = f"{c.number}/{c.patchset}/{item.pipeline}/{build.job}/{build.uuid}"
+        if job.noop:
+            build.state, build.result = BuildState.COMPLETED, Result.SUCCESS
+            build.end_time = build.start_time
+            build.elapsed = 0.0
+            self.save(item)
+            return
+        build.state = BuildState.QUEUED
         self.save(item)
-        self._watch(item, build)
-        self.sched.submit_build(item, build)
+        self.sched.watch_build(build.uuid)
+        self.sched.submit_build(self.build_request(item, build))
+        self.log.info("Submitted %s", build.job, item=item, build=build)
 
-    def _watch(self, item: QueueItem, build: Build) -> None:
-        if build.uuid not in self._watched:
-            self._watched.add(build.uuid)
-            self.sched.watch_build_result(build.uuid)
+    def build_request(self, item: QueueItem, build: Build) -> BuildRequest:
+        job = self.sched.layout.jobs[build.job]
+        bs = item.buildset
+        c = item.change
+        log_root = self.sched.config.log_root
+        return BuildRequest(
+            uuid=build.uuid,
+            job=job.name,
+            node_type=job.node_type or "",
+            log_path=build.log_path or "",
+            project=c.project,
+            branch=c.branch,
+            change=c.number,
+            patchset=c.patchset,
+            pipeline=item.pipeline,
+            event_id=item.event_id,
+            git_ref=bs.git_ref,
+            git_url=str(self.sched.merger.merger.workspace(c.project)),
+            base_ref=bs.base_sha,
+            changes=" ".join(bs.changes),
+            vars=job.vars,
+            timeout=job.timeout,
+            playbooks={"pre": job.pre_run, "run": job.run, "post": job.post_run},
+            artifacts={
+                d: str(log_root / bs.builds[d].log_path)
+                for d in job.dependencies
+                if d in bs.builds and bs.builds[d].log_path
+            },
+            failure_output=job.failure_output,
+            subject=c.subject,
+            owner=c.owner,
+            review_repo=self.sched.connections[c.connection].branch_repo(c.project),
+        )
 
-    def on_build_completed(self, item: QueueItem, build: Build, result: dict) -> None:
+    def on_build_completed(self, item: QueueItem, build: Build, result: BuildResult) -> None:
         if build.state != BuildState.QUEUED:
-            return  # a second copy of a result we already have
-        if result.get("result") is None:
-            if build.attempts < MAX_ATTEMPTS:
-                self.log.warning(
-                    "Build %s of %s was lost; starting it again", build.uuid, item.label
-                )
-                self._watched.discard(build.uuid)
-                build.state = BuildState.WAITING
-                self.save(item)
-                return
-            result = {**result, "result": Result.RETRY_LIMIT}
+            return
         build.state = BuildState.COMPLETED
-        build.result = result["result"]
-        build.log_url = result.get("log_url")
-        build.summary = result.get("summary") or ""
+        build.result = result.result
+        build.log_url = result.log_url
+        build.summary = result.summary or ""
         build.end_time = time.time()
-        build.elapsed = result.get("elapsed")
+        build.elapsed = result.elapsed
         if build.elapsed is None and build.start_time:
             build.elapsed = build.end_time - build.start_time
-        self.log.info("Build %s (%s) of %s: %s", build.uuid, build.job, item.label, build.result)
+        self.log.info("%s: %s", build.job, build.result, item=item, build=build)
         self.save(item)
 
-    # Reporting ----------------------------------------------------------
-
-    def report(self, item: QueueItem) -> None:
-        conn = self.sched.connections[item.connection]
-        message = format_report(self.pipeline, item)
-        value = vote_value(self.pipeline, item.connection, item)
-        while True:
-            path, data, version = conn.review_ops(
-                item.change, item.patchset, self.pipeline.name, value, message
+    def on_build_lost(self, item: QueueItem, build: Build, why: str) -> None:
+        """No launcher runs it and it has no result: run it again on a new node,
+        under a new uuid so a late result of the lost one is never taken."""
+        if build.state != BuildState.QUEUED:
+            return
+        old = build.uuid
+        if build.attempts >= MAX_ATTEMPTS:
+            build.state, build.result = BuildState.COMPLETED, Result.RETRY_LIMIT
+            build.summary = f"Gave up after {build.attempts} attempts: {why}"
+            build.end_time = time.time()
+            self.log.warning("%s: RETRY_LIMIT (%s)", build.job, why, item=item, build=build)
+        else:
+            build.uuid = new_uuid()
+            build.state = BuildState.WAITING
+            build.early_failure = False
+            self.log.warning(
+                "%s was lost (%s); retrying as %s",
+                build.job,
+                why,
+                build.uuid,
+                item=item,
+                build=Build(job=build.job, node_type=None, uuid=old),
             )
-            txn = self.sched.zk.transaction()
-            txn.set(path, data, version)
-            txn.delete(item_path(self.pipeline.name, item.uuid))
-            try:
-                txn.commit()
-                break
-            except BadVersionError:
-                continue  # a comment landed meanwhile; vote on the fresh change
-        self.log.info("Reported change %s: vote %s", item.label, value)
-        self._forget(item)
+        self.save(item)
+        self.state.delete_build(old)
+
+    def on_early_failure(self, item: QueueItem, build: Build, reason: str) -> None:
+        if build.state != BuildState.QUEUED or build.early_failure:
+            return
+        build.early_failure = True
+        self.log.info("%s will fail: %s", build.job, reason, item=item, build=build)
+        self.save(item)
 
     def _forget(self, item: QueueItem) -> None:
-        self.items.pop(item.uuid, None)
-        self._merges_requested.discard(item.uuid)
-        for build in item.builds.values():
-            self._watched.discard(build.uuid)
-            self.sched.zk.delete(build_path(build.uuid), recursive=True)
-        if item.git_ref:
-            self.sched.merger.merger.forget(item.project, item.git_ref)
+        self._merges_requested.pop(item.uuid, None)
+        self._merge_failures.pop(item.uuid, None)
+        for build in item.buildset.builds.values():
+            if build.state != BuildState.QUEUED:
+                self.state.delete_build(build.uuid)

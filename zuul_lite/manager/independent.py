@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from zuul_lite.manager import PipelineManager
-from zuul_lite.model import QueueItem
+from zuul_lite.model import Change, ChangeQueue, QueueItem
 
 
 class IndependentPipelineManager(PipelineManager):
-    """Each item stands alone on the branch head; a new patchset of a change
-    replaces the older one, which is dequeued without a vote."""
+    """Each item gets a queue of its own on the branch head; a new patchset of
+    a change replaces the older one, which is dequeued without a report."""
 
-    def add_item(self, item: QueueItem) -> None:
-        for old in self.superseded_by(item):
-            self.dequeue(old, f"superseded by patchset {item.patchset}")
-        super().add_item(item)
+    def get_change_queue(self, change: Change) -> ChangeQueue:
+        return self.new_queue(f"{change.project}-{change.number}-{change.patchset}", dynamic=True)
+
+    def on_enqueued(self, item: QueueItem) -> None:
+        for old in self.find_items(item.change.number):
+            if old.change.patchset < item.change.patchset:
+                self.dequeue(old, f"superseded by patchset {item.change.patchset}")

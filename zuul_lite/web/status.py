@@ -11,24 +11,21 @@ import time
 from typing import Any
 
 from nodepool_lite.zk import ZooKeeper
-from zuul_lite import scheduler
-
-LOCAL_CHANGES = "/zuul/local/changes"
+from zuul_lite.state import ZuulState
 
 
 def read_status(zk: ZooKeeper) -> dict[str, Any]:
     """The scheduler's view of its queues, plus `now` from the server's clock.
 
     `now` lets a browser with a skewed clock still show the right elapsed time
-    for running builds. The queues are read by the scheduler's own function,
-    so the znode layout of queue items has a single owner.
+    for running builds. The state module owns the znode layout.
     """
-    return {**scheduler.status(zk), "now": time.time()}
+    return {**ZuulState(zk).read_status(), "now": time.time()}
 
 
 def read_change(zk: ZooKeeper, number: int) -> dict[str, Any] | None:
     """One local inbox change with its patchsets, votes and comments."""
-    return zk.get_or_none(f"{LOCAL_CHANGES}/{number}")
+    return zk.get_or_none(ZuulState(zk).local_path("changes", number))
 
 
 def _summary(change: dict[str, Any]) -> dict[str, Any]:
@@ -46,7 +43,9 @@ def _summary(change: dict[str, Any]) -> dict[str, Any]:
 
 def read_changes(zk: ZooKeeper) -> list[dict[str, Any]]:
     """Summaries of all local inbox changes, newest first."""
-    found = (zk.get_or_none(f"{LOCAL_CHANGES}/{name}") for name in zk.get_children(LOCAL_CHANGES))
+    state = ZuulState(zk)
+    names = zk.get_children(state.local_path("changes"))
+    found = (zk.get_or_none(state.local_path("changes", name)) for name in names)
     # A change deleted between the listing and the read is simply skipped.
     changes = [_summary(change) for change in found if change is not None]
     changes.sort(key=lambda change: change.get("number") or 0, reverse=True)

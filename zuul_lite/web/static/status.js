@@ -45,22 +45,36 @@ function renderBuild(build, now) {
   return row;
 }
 
+function itemState(item) {
+  const bs = item.buildset;
+  if (item.error) return "error";
+  if (bs.merge_state === "pending") return item.active ? "merging" : "waiting (outside the window)";
+  if (bs.merge_state === "conflict") return "merge conflict";
+  return "running";
+}
+
 function renderItem(item, now) {
+  const change = item.change;
+  const bs = item.buildset;
   const box = el("div", null, "item");
   const title = el("div");
-  const label = `${item.change},${item.patchset}`;
-  title.appendChild(localChanges ? link(`/change/${item.change}`, label) : el("b", label));
-  title.appendChild(document.createTextNode(` ${item.subject || ""}`));
+  const label = `${change.number},${change.patchset}`;
+  title.appendChild(localChanges ? link(`/change/${change.number}`, label) : el("b", label));
+  title.appendChild(document.createTextNode(` ${change.subject || ""}`));
   box.appendChild(title);
-  const meta = `${item.project} ${item.branch} · ${item.owner || ""} · ${item.state}` +
-    ` · queued ${duration(now - item.enqueue_time)} ago`;
+  const ahead = (bs.changes || []).filter((c) => c !== label);
+  const meta = `${change.project} ${change.branch} · ${change.owner || ""} · ${itemState(item)}` +
+    ` · queued ${duration(now - item.enqueue_time)} ago` +
+    (ahead.length ? ` · tested on top of ${ahead.join(", ")}` : "");
   box.appendChild(el("div", meta, "meta"));
-  if (item.merge_error) box.appendChild(el("pre", item.merge_error));
+  if (bs.merge_error) box.appendChild(el("pre", bs.merge_error));
+  if (item.error) box.appendChild(el("pre", item.error));
   const table = el("table");
   const head = el("tr");
   for (const name of ["Job", "State", "Result", "Elapsed", "Logs"]) head.appendChild(el("th", name));
   table.appendChild(head);
-  for (const build of Object.values(item.builds || {})) table.appendChild(renderBuild(build, now));
+  const builds = Object.values(bs.builds || {}).sort((a, b) => (a.index || 0) - (b.index || 0));
+  for (const build of builds) table.appendChild(renderBuild(build, now));
   box.appendChild(table);
   return box;
 }
@@ -72,7 +86,10 @@ function render(status) {
     const section = el("section", null, "pipeline");
     section.appendChild(el("h2", `${pipeline.name} (${pipeline.items.length})`));
     if (!pipeline.items.length) section.appendChild(el("p", "Queue is empty.", "muted"));
-    for (const item of pipeline.items) section.appendChild(renderItem(item, status.now));
+    for (const queue of pipeline.queues || []) {
+      if (!queue.dynamic) section.appendChild(el("h3", `queue ${queue.name}`));
+      for (const item of queue.items) section.appendChild(renderItem(item, status.now));
+    }
     root.appendChild(section);
   }
 }

@@ -1,0 +1,116 @@
+"""Reporting an item exactly once, even to a review system outside ZooKeeper.
+
+Before anything reaches the review system, the report is recorded at
+`/zuul/reports/<item>` with what it will say and whether the change is to be
+merged; the record goes away in the transaction that removes the item. A
+scheduler killed in between finds the record on restart, merges only if the
+record says the merge has not happened (and the connection's merge is
+idempotent for the same commit), and asks the connection whether the report
+is already there before making it again.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from nodepool_lite.exceptions import NodeExistsError
+from zuul_lite.connections import Report
+from zuul_lite.model import MergeState, QueueItem
+from zuul_lite.reporter import format_report
+
+if TYPE_CHECKING:
+    from zuul_lite.manager import PipelineManager
+
+log = logging.getLogger("zuul_lite.reporting")
+
+
+class ItemReporter:
+    def __init__(self, manager: PipelineManager) -> None:
+        self.manager = manager
+        self._recorded: set[str] = set()
+
+    def recorded(self, item: QueueItem) -> bool:
+        return item.uuid in self._recorded
+
+    def forget(self, item: QueueItem) -> None:
+        self._recorded.discard(item.uuid)
+
+    def action(self, item: QueueItem) -> str:
+        if item.error is not None:
+            return "error"
+        if item.buildset.merge_state == MergeState.CONFLICT:
+            return "merge-failure"
+        return "success" if item.buildset.succeeded() else "failure"
+
+    def _settings(self, action: str, connection: str) -> dict | None:
+        p = self.manager.pipeline
+        table = {
+            "success": p.success,
+            "failure": p.failure,
+            "merge-failure": p.merge_failure,
+            "error": p.failure,
+        }[action]
+        return table.get(connection)
+
+    def report(self, item: QueueItem) -> bool:
+        """Merge (if the pipeline does) and report; True if the change merged."""
+        state = self.manager.state
+        sched = self.manager.sched
+        change = item.change
+        record = state.get_report(item.uuid)
+        if record is None:
+            action = self.action(item)
+            settings = self._settings(action, change.connection) or {}
+            record = {
+                "report_id": f"{item.uuid}-{item.buildset.uuid}",
+                "action": action,
+                "submit": bool(settings.get("submit")) and self.manager.changes_merge,
+                "merged": False,
+                "merge_error": None,
+            }
+            try:
+                state.zk.create(state.report_path(item.uuid), record)
+            except NodeExistsError:
+                record = state.get_report(item.uuid) or record
+        self._recorded.add(item.uuid)
+        conn = sched.connections[change.connection]
+        if record["submit"] and not record["merged"] and record["merge_error"] is None:
+            error = conn.merge(change, item.buildset.head_sha or "", sched.merger.merger)
+            if error:
+                record.update(merge_error=error, action="failure")
+            else:
+                record["merged"] = True
+            state.zk.set(state.report_path(item.uuid), record)
+        settings = self._settings(record["action"], change.connection)
+        if settings is None:
+            self.manager.log.info(
+                "No %s reporter for connection %s", record["action"], change.connection, item=item
+            )
+            return record["merged"]
+        verified = settings.get("verified") if record["action"] != "error" else None
+        report = Report(
+            id=record["report_id"],
+            pipeline=self.manager.pipeline.name,
+            message=format_report(
+                self.manager.pipeline,
+                item,
+                record["action"],
+                merged=record["merged"],
+                merge_error=record["merge_error"],
+            ),
+            verified=verified,
+        )
+        if conn.has_report(change, report):
+            self.manager.log.info("Report %s was made already", report.id, item=item)
+        else:
+            conn.report(change, report)
+            self.manager.log.info(
+                "Reported %s: %s, vote %s%s",
+                change.label,
+                record["action"],
+                verified,
+                ", merged" if record["merged"] else "",
+                item=item,
+            )
+        return record["merged"]

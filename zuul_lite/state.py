@@ -1,0 +1,238 @@
+"""Every `/zuul` ZooKeeper path, and the verbs that read and write them.
+
+No other module spells a `/zuul` path: the scheduler, the managers, the
+connections, the launcher, the web and the CLI all come here. The layout
+(doc/architecture.md):
+
+```
+/zuul/events/trigger/<seq>              TriggerEvent queue of the scheduler
+/zuul/events/management/<seq>           operator requests (enqueue, dequeue, promote)
+/zuul/pipelines/<p>/queues/<queue>      ChangeQueue: {"name", "items": [uuid, ...], window}
+/zuul/pipelines/<p>/items/<uuid>        QueueItem with its current BuildSet and builds
+/zuul/builds/<uuid>/running             ephemeral: the launcher running the build
+/zuul/builds/<uuid>/result              BuildResult, stored before WORK_COMPLETE
+/zuul/builds/<uuid>/early-failure       the build will fail (first failed task)
+/zuul/reports/<item uuid>               a report under way (exactly-once reporting)
+/zuul/connections/<name>/cursor         where a connection's event stream stands
+/zuul/local/...                         the local inbox's review data
+/zuul/locks/<name>                      locks (one scheduler at a time)
+```
+
+Values are JSON objects; kazoo stays behind `nodepool_lite.zk`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from nodepool_lite.exceptions import NodeExistsError
+from nodepool_lite.zk import Lock, Transaction, ZooKeeper
+from zuul_lite.build_contract import BuildResult, ContractError
+
+ROOT = "/zuul"
+TRIGGER_EVENTS = f"{ROOT}/events/trigger"
+MANAGEMENT_EVENTS = f"{ROOT}/events/management"
+PIPELINES = f"{ROOT}/pipelines"
+BUILDS = f"{ROOT}/builds"
+REPORTS = f"{ROOT}/reports"
+CONNECTIONS = f"{ROOT}/connections"
+LOCAL = f"{ROOT}/local"
+LOCKS = f"{ROOT}/locks"
+
+
+class ZuulState:
+    """The scheduler's ZooKeeper state, over the shared facade."""
+
+    def __init__(self, zk: ZooKeeper) -> None:
+        self.zk = zk
+
+    def transaction(self) -> Transaction:
+        return self.zk.transaction()
+
+    # Events ----------------------------------------------------------------
+
+    def trigger_event_path(self, name: str) -> str:
+        return f"{TRIGGER_EVENTS}/{name}"
+
+    def put_trigger_event(self, data: dict) -> str:
+        return self.zk.create(f"{TRIGGER_EVENTS}/event-", data, sequence=True)
+
+    def trigger_events(self) -> list[str]:
+        return self.zk.get_children(TRIGGER_EVENTS)
+
+    def watch_trigger_events(self, callback: Callable[[list[str]], Any]) -> None:
+        self.zk.watch_children(TRIGGER_EVENTS, callback)
+
+    def management_event_path(self, name: str) -> str:
+        return f"{MANAGEMENT_EVENTS}/{name}"
+
+    def put_management_event(self, data: dict) -> str:
+        return self.zk.create(f"{MANAGEMENT_EVENTS}/event-", data, sequence=True)
+
+    def management_events(self) -> list[str]:
+        return self.zk.get_children(MANAGEMENT_EVENTS)
+
+    def watch_management_events(self, callback: Callable[[list[str]], Any]) -> None:
+        self.zk.watch_children(MANAGEMENT_EVENTS, callback)
+
+    def get(self, path: str) -> dict | None:
+        return self.zk.get_or_none(path)
+
+    # Pipelines, queues, items ---------------------------------------------
+
+    def pipeline_names(self) -> list[str]:
+        return self.zk.get_children(PIPELINES)
+
+    def ensure_pipeline(self, pipeline: str) -> None:
+        self.zk.ensure_path(f"{PIPELINES}/{pipeline}/items")
+        self.zk.ensure_path(f"{PIPELINES}/{pipeline}/queues")
+
+    def item_path(self, pipeline: str, uuid: str) -> str:
+        return f"{PIPELINES}/{pipeline}/items/{uuid}"
+
+    def queue_path(self, pipeline: str, queue: str) -> str:
+        return f"{PIPELINES}/{pipeline}/queues/{queue}"
+
+    def load_pipeline(self, pipeline: str) -> tuple[list[dict], dict[str, dict]]:
+        """(queues as stored, items by uuid) of one pipeline."""
+        queues = []
+        for name in self.zk.get_children(f"{PIPELINES}/{pipeline}/queues"):
+            data = self.zk.get_or_none(self.queue_path(pipeline, name))
+            if data is not None:
+                queues.append(data)
+        items = {}
+        for uuid in self.zk.get_children(f"{PIPELINES}/{pipeline}/items"):
+            data = self.zk.get_or_none(self.item_path(pipeline, uuid))
+            if data is not None:
+                items[uuid] = data
+        return queues, items
+
+    def read_status(self) -> dict:
+        """Every pipeline's queues with their items in queue order, for the web
+        and `zuul-lite status` (which never import the scheduler)."""
+        out: dict[str, Any] = {"pipelines": []}
+        for pipeline in self.pipeline_names():
+            queues, items = self.load_pipeline(pipeline)
+            shown = []
+            placed: set[str] = set()
+            for queue in queues:
+                members = [items[u] for u in queue.get("items", []) if u in items]
+                placed.update(i["uuid"] for i in members)
+                if members:
+                    shown.append({**queue, "items": members})
+            # An item stored without its queue (a crash between the two writes
+            # is impossible: they share a transaction) would still be shown.
+            stray = [i for u, i in items.items() if u not in placed]
+            if stray:
+                shown.append({"name": "(unqueued)", "items": stray})
+            shown.sort(key=lambda q: min(i.get("enqueue_time", 0) for i in q["items"]))
+            flat = [i for q in shown for i in q["items"]]
+            out["pipelines"].append({"name": pipeline, "queues": shown, "items": flat})
+        return out
+
+    # Builds ----------------------------------------------------------------
+
+    def build_uuids(self) -> list[str]:
+        return self.zk.get_children(BUILDS)
+
+    def build_result_path(self, uuid: str) -> str:
+        return f"{BUILDS}/{uuid}/result"
+
+    def build_running_path(self, uuid: str) -> str:
+        return f"{BUILDS}/{uuid}/running"
+
+    def build_early_failure_path(self, uuid: str) -> str:
+        return f"{BUILDS}/{uuid}/early-failure"
+
+    def claim_build(self, uuid: str, launcher: str) -> bool:
+        """Mark a build as run by `launcher` (ephemeral: it vanishes with the
+        launcher's session). False if another launcher already runs it."""
+        try:
+            self.zk.create(self.build_running_path(uuid), {"launcher": launcher}, ephemeral=True)
+        except NodeExistsError:
+            return False
+        return True
+
+    def release_build(self, uuid: str) -> None:
+        self.zk.delete(self.build_running_path(uuid))
+
+    def build_running(self, uuid: str) -> bool:
+        return self.zk.exists(self.build_running_path(uuid))
+
+    def store_build_result(self, uuid: str, result: BuildResult) -> BuildResult:
+        """Store the result unless one is there; return the one that counts."""
+        try:
+            self.zk.create(self.build_result_path(uuid), result.to_dict())
+        except NodeExistsError:
+            stored = self.get_build_result(uuid)
+            if stored is not None:
+                return stored
+        return result
+
+    def get_build_result(self, uuid: str) -> BuildResult | None:
+        data = self.zk.get_or_none(self.build_result_path(uuid))
+        if data is None:
+            return None
+        try:
+            return BuildResult.from_dict(data)
+        except ContractError as error:
+            return BuildResult("FAILURE", summary=f"The launcher stored a bad result: {error}")
+
+    def mark_early_failure(self, uuid: str, reason: str) -> None:
+        try:
+            self.zk.create(
+                self.build_early_failure_path(uuid), {"reason": reason, "time": time.time()}
+            )
+        except NodeExistsError:
+            pass
+
+    def get_early_failure(self, uuid: str) -> dict | None:
+        return self.zk.get_or_none(self.build_early_failure_path(uuid))
+
+    def watch_build(self, uuid: str, callback: Callable[[list[str]], bool | None]) -> None:
+        """`callback(children)` of the build's znode (running, result,
+        early-failure) now and on every change; it ends when the build's znode
+        is deleted or the callback returns False."""
+        self.zk.watch_children(f"{BUILDS}/{uuid}", callback)
+
+    def delete_build(self, uuid: str) -> None:
+        self.zk.delete(f"{BUILDS}/{uuid}", recursive=True)
+
+    # Reports ---------------------------------------------------------------
+
+    def report_path(self, item_uuid: str) -> str:
+        return f"{REPORTS}/{item_uuid}"
+
+    def get_report(self, item_uuid: str) -> dict | None:
+        return self.zk.get_or_none(self.report_path(item_uuid))
+
+    def report_uuids(self) -> list[str]:
+        return self.zk.get_children(REPORTS)
+
+    def delete_report(self, item_uuid: str) -> None:
+        self.zk.delete(self.report_path(item_uuid))
+
+    # Connections -----------------------------------------------------------
+
+    def cursor_path(self, connection: str) -> str:
+        return f"{CONNECTIONS}/{connection}/cursor"
+
+    def get_cursor(self, connection: str) -> dict | None:
+        return self.zk.get_or_none(self.cursor_path(connection))
+
+    def set_cursor(self, connection: str, data: dict) -> None:
+        path = self.cursor_path(connection)
+        try:
+            self.zk.create(path, data)
+        except NodeExistsError:
+            self.zk.set(path, data)
+
+    def local_path(self, *parts: str | int) -> str:
+        return "/".join([LOCAL, *(str(p) for p in parts)])
+
+    # Locks -----------------------------------------------------------------
+
+    def lock(self, name: str, identifier: str = "", timeout: float | None = None) -> Lock:
+        return self.zk.lock(f"{LOCKS}/{name}", identifier, timeout=timeout)
