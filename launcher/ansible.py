@@ -15,9 +15,11 @@ import os
 import signal
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
+from launcher.buildlog import Log
 from launcher.jobdir import JobDir
 
 log = logging.getLogger("launcher.ansible")
@@ -41,6 +43,14 @@ def timestamp() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
+class OutputWatch(Protocol):
+    """Sees each output line of a playbook (EarlyFailure is the one there is)."""
+
+    def env(self) -> dict[str, str]: ...
+
+    def feed(self, line: str) -> bool: ...
+
+
 class OutputLog:
     """job-output.txt, appended line by line with a timestamp on each line."""
 
@@ -52,11 +62,16 @@ class OutputLog:
         with self._lock, open(self.path, "a", encoding="utf-8") as out:
             out.write(f"{timestamp()} | {line.rstrip()}\n")
 
-    def copy_stream(self, stream: IO[bytes]) -> None:
-        """Copy a process's output until EOF; one open file, flushed per line."""
+    def copy_stream(self, stream: IO[bytes], keep: Callable[[str], bool] | None = None) -> None:
+        """Copy a process's output until EOF; one open file, flushed per line.
+
+        `keep(line)` sees every line first and may leave it out.
+        """
         with open(self.path, "a", encoding="utf-8") as out:
             for raw in iter(stream.readline, b""):
                 line = raw.decode("utf-8", errors="replace").rstrip("\n")
+                if keep is not None and not keep(line):
+                    continue
                 with self._lock:
                     out.write(f"{timestamp()} | {line}\n")
                     out.flush()
@@ -65,10 +80,13 @@ class OutputLog:
 class AnsibleRunner:
     """Runs the playbooks of one build, one ansible-playbook process at a time."""
 
-    def __init__(self, jobdir: JobDir, output: OutputLog, ansible_playbook: str) -> None:
+    def __init__(
+        self, jobdir: JobDir, output: OutputLog, ansible_playbook: str, build_log: Log = log
+    ) -> None:
         self.jobdir = jobdir
         self.output = output
         self.ansible_playbook = ansible_playbook
+        self.log = build_log
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._aborted = False
@@ -94,7 +112,7 @@ class AnsibleRunner:
             proc = self._proc
         if proc is None or proc.poll() is not None:
             return
-        log.info("Killing ansible-playbook (pid %s): %s", proc.pid, why)
+        self.log.info("Killing ansible-playbook (pid %s): %s", proc.pid, why)
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -121,10 +139,22 @@ class AnsibleRunner:
                 timeout=30,
             )
 
-    def run(self, playbook: Path, phase: str, timeout: float | None) -> Outcome:
-        """Run one playbook against the node; `timeout` seconds or None for no limit."""
+    def run(
+        self,
+        playbook: Path,
+        phase: str,
+        timeout: float | None,
+        watch: OutputWatch | None = None,
+    ) -> Outcome:
+        """Run one playbook against the node; `timeout` seconds or None for no limit.
+
+        `watch` sees every output line (and adds to the environment) while it runs.
+        """
         cmd = [self.ansible_playbook, "-e", f"@{self.jobdir.vars}", str(playbook)]
         self.output.write(f"PLAYBOOK [{phase}] {playbook.name}")
+        env = self._env(phase)
+        if watch is not None:
+            env.update(watch.env())
         timed_out = threading.Event()
         with self._lock:
             if self._aborted:
@@ -132,7 +162,7 @@ class AnsibleRunner:
             self._proc = subprocess.Popen(
                 cmd,
                 cwd=self.jobdir.ansible,
-                env=self._env(phase),
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -150,7 +180,7 @@ class AnsibleRunner:
             timer.daemon = True
             timer.start()
         try:
-            self.output.copy_stream(proc.stdout)
+            self.output.copy_stream(proc.stdout, watch.feed if watch is not None else None)
             rc = proc.wait()
         finally:
             if timer is not None:
@@ -158,7 +188,7 @@ class AnsibleRunner:
             proc.stdout.close()
             with self._lock:
                 self._proc = None
-        log.debug("%s finished with rc %s", playbook.name, rc)
+        self.log.debug("%s finished with rc %s", playbook.name, rc)
         if self._aborted:
             return Outcome.ABORTED
         if timed_out.is_set():

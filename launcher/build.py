@@ -1,16 +1,22 @@
 """One build: node, playbooks, logs, result; the launcher's AnsibleJob.
 
-The flow (doc/architecture.md): an existing result is returned as is (the
-scheduler re-submits after a restart); otherwise hold the ephemeral
-`/zuul/builds/<uuid>/running`, get a node, run setup → pre → run → post →
-collect-logs, give the node back, publish logs, store the result JSON and
+The flow (doc/architecture.md): a stored result is returned as is (the
+scheduler re-submits after a restart); otherwise claim the build in
+ZooKeeper (ZuulState.claim_build), get a node, run setup → pre → run → post →
+collect-logs, give the node back, publish logs, store the BuildResult and
 only then return it for WORK_COMPLETE. Node trouble and pre-run failures are
 retried on a fresh node, as Zuul does, up to `attempts`.
+
+Two ways to stop a build, kept apart: cancel() is the scheduler's
+`launcher:stop:<name>` and ends the build ABORTED like any result; abandon()
+is this launcher shutting down: ansible is killed and the node released as
+well, but no result is stored and run() raises BuildAbandoned, so the
+scheduler sees a build without a result and runs it again on a new node
+instead of voting on an ABORTED that no change caused.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -19,32 +25,25 @@ from pathlib import Path
 
 from launcher import logs
 from launcher.ansible import AnsibleRunner, Outcome, OutputLog
+from launcher.buildlog import build_log
 from launcher.config import LauncherConfig
+from launcher.earlyfailure import EarlyFailure
 from launcher.jobdir import JobDir
 from launcher.nodes import NodeError, NodeRequestCancelled, NodeRequester
 from launcher.playbooks import NodeAddress, PlaybookError, resolve_playbooks, write_ansible_dir
 from nodepool_lite import exceptions as npexc
-from nodepool_lite.zk import ZooKeeper
+from zuul_lite.build_contract import BuildRequest, BuildResult
+from zuul_lite.state import ZuulState
 
-BUILDS_ROOT = "/zuul/builds"
 STEPS = ("node", "setup", "pre", "run", "post", "collect")
+# Results an early failure overrides: the scheduler was already told "fails".
+OVERRIDDEN_BY_EARLY_FAILURE = ("SUCCESS", "POST_FAILURE", "NODE_FAILURE")
 
 StatusCallback = Callable[[str, int, int], None]
 
 
-def result_path(uuid: str) -> str:
-    return f"{BUILDS_ROOT}/{uuid}/result"
-
-
-def running_path(uuid: str) -> str:
-    return f"{BUILDS_ROOT}/{uuid}/running"
-
-
-class BuildLog(logging.LoggerAdapter):
-    """Prefixes `[build: <uuid>]`, so one grep follows a build through the launcher."""
-
-    def process(self, msg: str, kwargs: dict) -> tuple[str, dict]:
-        return f"[build: {self.extra['build']}] {msg}", kwargs
+class BuildAbandoned(Exception):
+    """The launcher stopped under the build: no result, the scheduler runs it again."""
 
 
 @dataclass(slots=True)
@@ -58,34 +57,54 @@ class Attempt:
 
 
 class Build:
-    """Runs one `launcher:execute` job; cancel() may be called from another thread."""
+    """Runs one `launcher:execute` job; cancel() and abandon() may come from any thread."""
 
     def __init__(
-        self, config: LauncherConfig, zk: ZooKeeper, args: dict, status: StatusCallback
+        self,
+        config: LauncherConfig,
+        state: ZuulState,
+        request: BuildRequest,
+        status: StatusCallback,
     ) -> None:
         self.config = config
-        self.zk = zk
-        self.args = args
-        self.uuid: str = args["uuid"]
+        self.state = state
+        self.request = request
+        self.uuid = request.uuid
         self.status = status
-        self.log = BuildLog(logging.getLogger("launcher.build"), {"build": self.uuid})
+        self.log = build_log("launcher.build", request)
         self.jobdir = JobDir(config.work_root, self.uuid)
-        self.requester = NodeRequester(zk, f"{config.name}:{self.uuid}")
+        self.requester = NodeRequester(
+            state.zk, f"{config.name}:{self.uuid}", build_log("launcher.nodes", request)
+        )
         self.runner: AnsibleRunner | None = None
-        self.log_dir = logs.log_dir(config.log_root, args["log_path"])
+        self.log_dir = logs.log_dir(config.log_root, request.log_path)
         self.output = OutputLog(self.log_dir / "job-output.txt")
-        self.cancelled = threading.Event()
+        self.early = EarlyFailure(request.failure_output, self._report_early_failure, self.log)
+        self.cancelled = threading.Event()  # set by cancel() and by abandon()
+        self.abandoned = threading.Event()  # only abandon(): store no result
         self.lost_reason: str | None = None
         self.records: list[dict] = []
         self._cancel_hooks: list[Callable[[], None]] = []
+        self._claim_lock = threading.Lock()
+        self._claimed = False
+        self._session_lost = False
 
     @property
     def log_url(self) -> str:
-        return f"{self.config.log_url.rstrip('/')}/{self.args['log_path'].strip('/')}/"
+        return f"{self.config.log_url.rstrip('/')}/{self.request.log_path.strip('/')}/"
 
     def cancel(self) -> None:
-        """Abort the build (scheduler cancel or launcher stop): kill ansible, free the node."""
+        """The scheduler stops the build: kill ansible, free the node, end ABORTED."""
         self.log.info("Cancelling")
+        self._halt()
+
+    def abandon(self) -> None:
+        """The launcher stops: kill ansible, free the node, but store no result."""
+        self.log.info("Abandoning: the launcher is stopping")
+        self.abandoned.set()
+        self._halt()
+
+    def _halt(self) -> None:
         self.cancelled.set()
         for hook in self._cancel_hooks:
             hook()
@@ -93,101 +112,137 @@ class Build:
         if self.runner is not None:
             self.runner.abort()
 
-    def _node_lost(self, reason: str) -> None:
-        self.log.warning("%s", reason)
-        self.lost_reason = reason
-        if self.runner is not None:
-            self.runner.abort()
+    def on_connection(self, state: str) -> None:
+        """A ZooKeeper state change, from kazoo's thread (so nothing here blocks).
 
-    def run(self) -> dict:
-        """Run the build (or fetch its stored result) and return the result JSON."""
-        stored = self.zk.get_or_none(result_path(self.uuid))
+        A new session after a lost one has dropped our ephemeral node request
+        (the requester asks again) and our `running` claim (claimed again here).
+        """
+        self.requester.on_connection(state)
+        if state == "LOST":
+            self._session_lost = True
+        elif state == "CONNECTED" and self._session_lost:
+            self._session_lost = False
+            threading.Thread(target=self._reclaim, name="launcher-reclaim", daemon=True).start()
+
+    def _claim(self) -> bool:
+        with self._claim_lock:
+            self._claimed = self.state.claim_build(self.uuid, self.config.name)
+            return self._claimed
+
+    def _release(self) -> None:
+        with self._claim_lock:
+            self._claimed = False
+            self.state.release_build(self.uuid)
+
+    def _reclaim(self) -> None:
+        """Claim the build again after a session loss, unless it ended meanwhile."""
+        with self._claim_lock:
+            if not self._claimed:
+                return
+            try:
+                if self.state.get_build_result(self.uuid) is not None:
+                    return
+                if self.state.claim_build(self.uuid, self.config.name):
+                    self.log.info("Claimed the build again after a ZooKeeper session loss")
+                else:
+                    self.log.warning(
+                        "Another launcher claimed the build while our session was lost"
+                    )
+            except npexc.NodepoolError as error:
+                self.log.warning("Could not claim the build again: %s", error)
+
+    def run(self) -> BuildResult:
+        """Run the build (or fetch its stored result) and return the result.
+
+        Raises BuildAbandoned when abandon() stopped it: nothing is stored then.
+        """
+        stored = self.state.get_build_result(self.uuid)
         if stored is not None:
             self.log.info("Already has a result; returning it")
             return stored
         start = time.monotonic()
-        try:
-            self.zk.create(running_path(self.uuid), {"launcher": self.config.name}, ephemeral=True)
-        except npexc.NodeExistsError:
+        if not self._claim():
             return self._await_other_launcher()
         try:
             attempt = self._run_attempts()
-            result = {
-                "result": attempt.result,
-                "log_url": self.log_url,
-                "elapsed": round(time.monotonic() - start, 3),
-                "summary": attempt.summary,
-            }
+            if self.abandoned.is_set():
+                self.output.write("The launcher stopped; the build will run again on a new node.")
+                self.log.info("Abandoned without a result")
+                raise BuildAbandoned()
+            result = BuildResult(
+                attempt.result,
+                self.log_url,
+                round(time.monotonic() - start, 3),
+                attempt.summary,
+            )
             self._publish()
-            try:
-                self.zk.create(result_path(self.uuid), result)
-            except npexc.NodeExistsError:
+            counted = self.state.store_build_result(self.uuid, result)
+            if counted is not result:
                 # Our ZK session was lost mid-build and another launcher finished it.
                 self.log.warning("A result was stored meanwhile; returning that one")
-                return self.zk.get(result_path(self.uuid))[0]
-            self.log.info("%s in %.1f s", result["result"], result["elapsed"])
-            return result
+            else:
+                self.log.info("%s in %.1f s", result.result, result.elapsed)
+            return counted
         finally:
-            self.zk.delete(running_path(self.uuid))
+            self._release()
             self.jobdir.cleanup()
 
-    def _await_other_launcher(self) -> dict:
+    def _await_other_launcher(self) -> BuildResult:
         """Another launcher runs this uuid (a re-submission): wait for its result.
 
-        If that launcher dies first (its ephemeral `running` vanishes without a
+        If that launcher dies first (its ephemeral claim vanishes without a
         result), run the build here.
         """
         self.log.info("Running elsewhere; waiting for its result")
         wake = threading.Event()
         self._cancel_hooks.append(wake.set)
 
-        def on_change(data: dict | None, version: int | None, want_gone: bool) -> bool:
-            if (data is None) == want_gone:
+        def on_children(children: list[str]) -> bool:
+            if "result" in children or "running" not in children:
                 wake.set()
             return not wake.is_set()
 
-        self.zk.watch_data(result_path(self.uuid), lambda d, v: on_change(d, v, False))
-        self.zk.watch_data(running_path(self.uuid), lambda d, v: on_change(d, v, True))
+        self.state.watch_build(self.uuid, on_children)
         wake.wait()
-        stored = self.zk.get_or_none(result_path(self.uuid))
+        stored = self.state.get_build_result(self.uuid)
         if stored is not None:
             return stored
+        if self.abandoned.is_set():
+            raise BuildAbandoned()
         if self.cancelled.is_set():
-            return {
-                "result": "ABORTED",
-                "log_url": self.log_url,
-                "elapsed": 0.0,
-                "summary": "The build was cancelled.",
-            }
+            return BuildResult("ABORTED", self.log_url, 0.0, "The build was cancelled.")
         return self.run()
 
     def _run_attempts(self) -> Attempt:
         self.jobdir.logs.mkdir(parents=True, exist_ok=True)
         try:
-            resolve_playbooks(self.args, self.config.jobs_dir)
+            resolve_playbooks(self.request, self.config.jobs_dir)
         except PlaybookError as error:
             self.output.write(str(error))
             return Attempt("FAILURE", str(error))
+        attempts = self.config.attempts
         attempt = Attempt("NODE_FAILURE")
-        for number in range(1, self.config.attempts + 1):
+        for number in range(1, attempts + 1):
             if number > 1:
                 self.output.write(
-                    f"Retrying on a new node (attempt {number} of "
-                    f"{self.config.attempts}): {attempt.summary}"
+                    f"Retrying on a new node (attempt {number} of {attempts}): {attempt.summary}"
                 )
-            attempt = self._attempt()
+            attempt = self._attempt(last=number == attempts)
             self._log_attempt(number, attempt)
-            if not attempt.retry or self.cancelled.is_set():
+            # After an early failure the scheduler counts the build as failed:
+            # another attempt could not change that.
+            if not attempt.retry or self.cancelled.is_set() or self.early.reason:
                 break
-        else:
-            if self.config.attempts > 1:
-                return Attempt(
-                    "RETRY_LIMIT",
-                    f"Gave up after {self.config.attempts} "
-                    f"attempts; the last one said:\n{attempt.summary}",
-                )
         if self.cancelled.is_set():
             return Attempt("ABORTED", "The build was cancelled.")
+        if self.early.reason and attempt.result in OVERRIDDEN_BY_EARLY_FAILURE:
+            return Attempt("FAILURE", self.early.reason)
+        if attempt.retry and attempts > 1:
+            return Attempt(
+                "RETRY_LIMIT",
+                f"Gave up after {attempts} attempts; the last one said:\n{attempt.summary}",
+            )
         return attempt
 
     def _log_attempt(self, number: int, attempt: Attempt) -> None:
@@ -197,11 +252,20 @@ class Build:
         for line in (attempt.summary or "").splitlines():
             self.output.write(line)
 
-    def _attempt(self) -> Attempt:
+    def _report_early_failure(self, reason: str) -> None:
+        """Tell the scheduler now; the result stored at the end still says it all."""
+        self.log.info("Early failure: %s", reason)
+        self.output.write(f"Early failure, reported to the scheduler: {reason}")
+        try:
+            self.state.mark_early_failure(self.uuid, reason)
+        except npexc.NodepoolError as error:
+            self.log.warning("Could not store the early failure: %s", error)
+
+    def _attempt(self, last: bool) -> Attempt:
         self.lost_reason = None
         self.status("node", 1, len(STEPS))
         try:
-            node = self.requester.request(self.args["node_type"], self.config.node_timeout)
+            node = self.requester.request(self.request.node_type, self.config.node_timeout)
         except NodeRequestCancelled:
             return Attempt("ABORTED")
         except NodeError as error:
@@ -216,24 +280,32 @@ class Build:
                 list(node.host_keys),
             )
             self.output.write(f"Node {node.id} ({node.type}) at {address.host}:{address.port}")
-            return self._run_playbooks(address)
+            return self._run_playbooks(address, last)
         finally:
             stop_watch()
             self.requester.release(node)
 
-    def _run_playbooks(self, address: NodeAddress) -> Attempt:
+    def _node_lost(self, reason: str) -> None:
+        self.log.warning("%s", reason)
+        self.lost_reason = reason
+        if self.runner is not None:
+            self.runner.abort()
+
+    def _run_playbooks(self, address: NodeAddress, last: bool) -> Attempt:
         cfg = self.config
         phases = write_ansible_dir(
             self.jobdir,
-            self.args,
+            self.request,
             address,
             jobs_dir=cfg.jobs_dir,
             private_key=cfg.private_key,
             connect_timeout=cfg.connect_timeout,
         )
-        self.runner = AnsibleRunner(self.jobdir, self.output, cfg.ansible_playbook)
+        self.runner = AnsibleRunner(self.jobdir, self.output, cfg.ansible_playbook, self.log)
+        if self.cancelled.is_set():  # a stop that came before the runner existed
+            self.runner.abort()
         try:
-            attempt = self._main_phases(phases)
+            attempt = self._main_phases(phases, last)
             if attempt.collect:
                 self._collect(phases["collect"][0])
             return attempt
@@ -242,10 +314,12 @@ class Build:
             self.records.extend(logs.read_results(self.jobdir))
             self.jobdir.results.unlink(missing_ok=True)
 
-    def _play(self, playbook: Path, phase: str, timeout: float | None) -> Outcome:
+    def _play(
+        self, playbook: Path, phase: str, timeout: float | None, watch: bool = False
+    ) -> Outcome:
         assert self.runner is not None
         self.status(phase, STEPS.index(phase) + 1, len(STEPS))
-        outcome = self.runner.run(playbook, phase, timeout)
+        outcome = self.runner.run(playbook, phase, timeout, self.early if watch else None)
         if outcome == Outcome.ABORTED and self.lost_reason and not self.cancelled.is_set():
             return Outcome.UNREACHABLE
         return outcome
@@ -253,21 +327,26 @@ class Build:
     def _summary(self, fallback: str) -> str:
         return logs.extract_summary(logs.read_results(self.jobdir)) or fallback
 
-    def _main_phases(self, phases: dict[str, list[Path]]) -> Attempt:
-        """setup, pre and run; then post, which runs whenever setup worked."""
+    def _main_phases(self, phases: dict[str, list[Path]], last: bool) -> Attempt:
+        """setup, pre and run; then post, which runs whenever setup worked.
+
+        Early failure is watched for where a failure ends the build as
+        FAILURE: run playbooks, and pre playbooks on the last attempt (before
+        that, a pre failure is retried on a new node).
+        """
         outcome = self._play(phases["setup"][0], "setup", self.config.setup_timeout)
         if outcome == Outcome.ABORTED:
             return Attempt("ABORTED", collect=False)
         if outcome != Outcome.OK:
             reason = self.lost_reason or self._summary("The node could not be prepared.")
             return Attempt("NODE_FAILURE", reason, retry=True, collect=False)
-        timeout = float(self.args.get("timeout") or 0) or None
+        timeout = float(self.request.timeout or 0) or None
         deadline = time.monotonic() + timeout if timeout else None
         attempt = Attempt("SUCCESS")
         for phase in ("pre", "run"):
             for playbook in phases[phase]:
                 left = None if deadline is None else deadline - time.monotonic()
-                outcome = self._play(playbook, phase, left)
+                outcome = self._play(playbook, phase, left, watch=phase == "run" or last)
                 attempt = self._map(phase, outcome, timeout)
                 if attempt.result != "SUCCESS":
                     break

@@ -3,16 +3,22 @@
 Nodepool v3's handshake (doc/architecture.md): create an ephemeral request,
 wait for its DataWatch to report `fulfilled` or `failed`, lock the node and
 mark it `in-use`, delete the request; after the build mark it `used` and
-unlock, and nodepool destroys it. Waiting is one threading.Event set by the
-watch (or by cancel()), never a polling loop.
+unlock, and nodepool destroys it. Waiting is one condition woken by the
+watch, by cancel() or by a ZooKeeper state change, never a polling loop.
+
+The request is ephemeral, so an expired ZooKeeper session deletes it: that is
+not nodepool's answer, so once a new session is up the requester asks again
+(within the same overall timeout) instead of failing the build.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
+from launcher.buildlog import Log
 from nodepool_lite import exceptions as npexc
 from nodepool_lite.model import Node, NodeRequest, NodeState, RequestState
 from nodepool_lite.zk import NODE_ROOT, ZooKeeper
@@ -33,16 +39,26 @@ class NodeRequestCancelled(Exception):
 class NodeRequester:
     """Gets one node of a label for one build, and gives it back afterwards."""
 
-    def __init__(self, zk: ZooKeeper, requestor: str) -> None:
+    def __init__(self, zk: ZooKeeper, requestor: str, build_log: Log = log) -> None:
         self.zk = zk
         self.requestor = requestor
-        self._wake = threading.Event()
+        self.log = build_log
+        self._cond = threading.Condition()
         self._cancelled = False
+        self._sessions_lost = 0
 
     def cancel(self) -> None:
         """Wake a waiting request() so it gives up; safe from any thread."""
-        self._cancelled = True
-        self._wake.set()
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify_all()
+
+    def on_connection(self, state: str) -> None:
+        """A ZooKeeper state change ("CONNECTED", "SUSPENDED", "LOST"); never blocks."""
+        with self._cond:
+            if state == "LOST":
+                self._sessions_lost += 1
+            self._cond.notify_all()
 
     def request(self, node_type: str, timeout: float) -> Node:
         """Block until nodepool fulfils a request for `node_type`; return the node in use.
@@ -50,25 +66,66 @@ class NodeRequester:
         Raises NodeError when the request fails, times out or the node vanished,
         NodeRequestCancelled when cancel() was called.
         """
-        self._wake.clear()
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._cond:
+                self._cond.wait_for(
+                    lambda: self._cancelled or self.zk.connected, deadline - time.monotonic()
+                )
+            if self._cancelled:
+                raise NodeRequestCancelled()
+            if not self.zk.connected:
+                raise NodeError(f"No {node_type} node was provided within {timeout:.0f} seconds.")
+            node = self._request_once(node_type, deadline, timeout)
+            if node is not None:
+                return node
+
+    def _request_once(self, node_type: str, deadline: float, timeout: float) -> Node | None:
+        """One request; None when the ZooKeeper session (and so the request) was lost."""
         outcome: dict[str, NodeRequest | None] = {}
 
         def watcher(req: NodeRequest | None) -> bool | None:
             if req is None or req.state in (RequestState.FULFILLED, RequestState.FAILED):
-                outcome["request"] = req
-                self._wake.set()
+                with self._cond:
+                    outcome["request"] = req
+                    self._cond.notify_all()
                 return False
             return None
 
+        with self._cond:
+            session = self._sessions_lost
         req = NodeRequest(node_types=[node_type], requestor=self.requestor)
-        self.zk.submit_node_request(req, watcher)
-        log.info("Node request %s for %s submitted", req.id, node_type)
         try:
-            if not self._wake.wait(timeout) and "request" not in outcome:
-                raise NodeError(f"No {node_type} node was provided within {timeout:.0f} seconds.")
+            self.zk.submit_node_request(req, watcher)
+        except npexc.ZKError as error:
+            if self.zk.connected:
+                raise NodeError(
+                    f"Could not ask nodepool for a {node_type} node: {error}"
+                ) from None
+            self.log.warning("ZooKeeper went away while asking for a node; asking again once back")
+            return None
+        self.log.info("Node request %s for %s submitted", req.id, node_type)
+        try:
+            with self._cond:
+                self._cond.wait_for(
+                    lambda: (
+                        self._cancelled or "request" in outcome or self._sessions_lost != session
+                    ),
+                    deadline - time.monotonic(),
+                )
+                lost = self._sessions_lost != session
             if self._cancelled:
                 raise NodeRequestCancelled()
             done = outcome.get("request")
+            if done is None and lost:
+                self.log.warning(
+                    "The ZooKeeper session expired while node request %s waited; "
+                    "asking again once it is back",
+                    req.id,
+                )
+                return None
+            if "request" not in outcome:
+                raise NodeError(f"No {node_type} node was provided within {timeout:.0f} seconds.")
             if done is None:
                 raise NodeError(f"Node request {req.id} for {node_type} vanished.")
             if done.state == RequestState.FAILED:
@@ -76,7 +133,14 @@ class NodeRequester:
                 raise NodeError(f"Node request for {node_type} failed: {reason}.")
             return self._accept(done, node_type)
         finally:
+            self._discard(req)
+
+    def _discard(self, req: NodeRequest) -> None:
+        """Delete the request; with the session down it is gone already."""
+        try:
             self.zk.delete_node_request(req)
+        except npexc.NodepoolError as error:
+            self.log.debug("Could not delete node request %s: %s", req.id, error)
 
     def _accept(self, req: NodeRequest, node_type: str) -> Node:
         if not req.nodes:
@@ -96,7 +160,7 @@ class NodeRequester:
         except npexc.NodepoolError as error:
             self.zk.unlock_node(node)
             raise NodeError(f"Node {node.id} for {node_type} is not usable: {error}") from error
-        log.info("Node %s (%s:%s) in use", node.id, node.interface_ip, node.connection_port)
+        self.log.info("Node %s (%s:%s) in use", node.id, node.interface_ip, node.connection_port)
         return node
 
     def watch_lost(self, node: Node, on_lost: Callable[[str], None]) -> Callable[[], None]:
@@ -130,15 +194,17 @@ class NodeRequester:
         try:
             fresh = self.zk.get_node(node.id or "")
             if fresh is None or fresh.state != NodeState.IN_USE:
-                log.info("Node %s is already %s", node.id, fresh.state.value if fresh else "gone")
+                self.log.info(
+                    "Node %s is already %s", node.id, fresh.state.value if fresh else "gone"
+                )
                 return
             node.state = NodeState.USED
             self.zk.store_node(node)
-            log.info("Node %s released (used)", node.id)
+            self.log.info("Node %s released (used)", node.id)
         except npexc.NodepoolError:
-            log.exception("Could not mark node %s used", node.id)
+            self.log.exception("Could not mark node %s used", node.id)
         finally:
             try:
                 self.zk.unlock_node(node)
             except npexc.NodepoolError:
-                log.exception("Could not unlock node %s", node.id)
+                self.log.exception("Could not unlock node %s", node.id)

@@ -18,10 +18,13 @@ from typing import Any
 import yaml
 
 from launcher.jobdir import PHASES, JobDir
+from zuul_lite.build_contract import BuildRequest
 
 log = logging.getLogger("launcher.playbooks")
 
 CALLBACK_DIR = Path(__file__).parent / "callback"
+# Fields of the request written by patch authors: ansible must never template them.
+AUTHOR_TEXT = ("subject", "owner")
 
 
 @dataclass(slots=True)
@@ -38,8 +41,27 @@ class PlaybookError(Exception):
     """A job names a playbook that the jobs dir does not have (a config error)."""
 
 
+class Unsafe(str):
+    """A string written with YAML's `!unsafe` tag, which ansible never templates."""
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(Unsafe, lambda dumper, value: dumper.represent_scalar("!unsafe", value))
+
+
 def _dump(path: Path, data: Any) -> None:
-    path.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+    path.write_text(yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False))
+
+
+def zuul_variable(request: BuildRequest) -> dict[str, Any]:
+    """The `zuul` variable: the request, with the patch authors' text marked unsafe."""
+    data = request.to_dict()
+    for key in AUTHOR_TEXT:
+        data[key] = Unsafe(data[key])
+    return data
 
 
 def _setup_playbook(connect_timeout: int) -> list[dict]:
@@ -184,21 +206,20 @@ def known_hosts_lines(node: NodeAddress) -> list[str]:
     return [f"{name} {key.strip()}" for key in node.host_keys if key.strip()]
 
 
-def resolve_playbooks(args: dict, jobs_dir: Path) -> dict[str, list[Path]]:
+def resolve_playbooks(request: BuildRequest, jobs_dir: Path) -> dict[str, list[Path]]:
     """The job's pre/run/post playbooks as files in the jobs dir.
 
     Checked before a node is requested, so a config error costs no node.
     Raises PlaybookError when a path is missing or leaves the jobs dir.
     """
-    declared = args.get("playbooks") or {}
     resolved: dict[str, list[Path]] = {}
     for phase in PHASES:
         resolved[phase] = []
-        for rel in declared.get(phase) or []:
+        for rel in request.playbooks.get(phase) or []:
             source = (jobs_dir / rel).resolve()
             if not source.is_relative_to(jobs_dir.resolve()) or not source.is_file():
                 raise PlaybookError(
-                    f"Job {args.get('job')} names playbook {rel}, which is not a file "
+                    f"Job {request.job} names playbook {rel}, which is not a file "
                     f"in the jobs dir {jobs_dir}."
                 )
             resolved[phase].append(source)
@@ -207,7 +228,7 @@ def resolve_playbooks(args: dict, jobs_dir: Path) -> dict[str, list[Path]]:
 
 def write_ansible_dir(
     jobdir: JobDir,
-    args: dict,
+    request: BuildRequest,
     node: NodeAddress,
     *,
     jobs_dir: Path,
@@ -218,7 +239,7 @@ def write_ansible_dir(
 
     Phases are `setup`, `pre`, `run`, `post`, `collect`, in the order they run.
     """
-    sources = resolve_playbooks(args, jobs_dir)
+    sources = resolve_playbooks(request, jobs_dir)
     jobdir.prepare()
     keys = known_hosts_lines(node)
     jobdir.known_hosts.write_text("".join(line + "\n" for line in keys))
@@ -256,7 +277,7 @@ def write_ansible_dir(
         "stdout_callback = default\n"
         # Failed results (printed in full) stay readable; zuul_output echoes ok output.
         "callback_result_format = yaml\n"
-        "callbacks_enabled = zuul_json, zuul_output\n"
+        "callbacks_enabled = zuul_json, zuul_output, zuul_early_failure\n"
         f"callback_plugins = {CALLBACK_DIR}\n"
         f"local_tmp = {jobdir.tmp}\n"
         f"roles_path = {jobs_dir / 'roles'}:{jobs_dir / 'playbooks' / 'roles'}\n"
@@ -271,11 +292,11 @@ def write_ansible_dir(
         f"control_path_dir = {jobdir.control_dir}\n"
     )
     zuul_vars = {
-        "zuul": args,
+        "zuul": zuul_variable(request),
         "zuul_log_dir": str(jobdir.logs),
         "zuul_artifacts_dir": "~/artifacts",
     }
-    _dump(jobdir.vars, {**(args.get("vars") or {}), **zuul_vars})
+    _dump(jobdir.vars, {**request.vars, **zuul_vars})
     _dump(jobdir.setup_playbook, _setup_playbook(connect_timeout))
     _dump(jobdir.collect_playbook, _collect_playbook(jobdir.node_logs_archive))
     phases: dict[str, list[Path]] = {"setup": [jobdir.setup_playbook]}

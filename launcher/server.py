@@ -6,6 +6,11 @@ are stopped through a second worker registered as `launcher:stop:<name>`
 (Zuul 2.5's `stop:<worker>`): its own connection and thread, so a stop
 arrives even while every build thread is busy. The first WORK_DATA of each
 build names that function, so the scheduler knows where to send the stop.
+
+Stopping the launcher (SIGTERM, a restart) is not a verdict on any change:
+its running builds are abandoned (see Build.abandon) and their gear jobs
+failed with WORK_FAIL, so the scheduler runs them again on a new node. Only a
+stop through `launcher:stop:<name>` ends a build ABORTED.
 """
 
 from __future__ import annotations
@@ -17,14 +22,15 @@ from typing import Any
 
 import gear
 
-from launcher.build import Build
+from launcher.build import Build, BuildAbandoned
 from launcher.config import LauncherConfig
 from launcher.gearworker import NoDelayWorker
 from nodepool_lite.zk import ZooKeeper
+from zuul_lite.build_contract import BuildRequest, ContractError
+from zuul_lite.state import ZuulState
 
 EXECUTE = "launcher:execute"
 STOP_PREFIX = "launcher:stop:"
-REQUIRED_ARGS = ("uuid", "job", "node_type", "log_path")
 
 log = logging.getLogger("launcher.server")
 
@@ -36,6 +42,8 @@ class LauncherServer:
         self.config = config
         self.zk = zk or ZooKeeper(config.zk_hosts)
         self._own_zk = zk is None
+        self.state = ZuulState(self.zk)
+        self.zk.add_connection_listener(self._on_zk_state)
         self.stop_function = STOP_PREFIX + config.name
         self.worker = NoDelayWorker(client_id=f"zuul-launcher-{config.name}")
         self.stop_worker = NoDelayWorker(client_id=f"zuul-launcher-{config.name}-stop")
@@ -68,14 +76,14 @@ class LauncherServer:
         self._threads.append(thread)
 
     def stop(self) -> None:
-        """Take no new builds, abort the running ones (they report ABORTED), disconnect."""
+        """Take no new builds; abandon the running ones, which the scheduler runs again."""
         log.info("Stopping launcher %s", self.config.name)
         self._stopping.set()
         self.worker.setFunctions([])
         with self._builds_lock:
             running = list(self.builds.values())
         for build in running:
-            build.cancel()
+            build.abandon()
         for worker in (self.worker, self.stop_worker):
             worker.stopWaitingForJobs()
 
@@ -99,24 +107,36 @@ class LauncherServer:
                 return
             self._execute(job)
 
+    def _on_zk_state(self, state: str) -> None:
+        """From kazoo's thread: pass the state on to the running builds (non-blocking)."""
+        (log.info if state == "CONNECTED" else log.warning)("ZooKeeper connection %s", state)
+        with self._builds_lock:
+            running = list(self.builds.values())
+        for build in running:
+            build.on_connection(state)
+
     def _execute(self, job: gear.WorkerJob) -> None:
         try:
-            args = json.loads(job.arguments)
-            missing = [key for key in REQUIRED_ARGS if key not in args]
-            if missing:
-                raise ValueError(f"missing {', '.join(missing)}.")
-            build = Build(self.config, self.zk, args, lambda *s: self._status(job, build, *s))
-        except ValueError as error:  # also a log_path that leaves the log root
-            log.error("Refusing a build with bad arguments: %s", error)
-            job.sendWorkException(f"The build arguments are invalid: {error}".encode())
+            request = BuildRequest.from_dict(_json(job.arguments))
+            build = Build(
+                self.config, self.state, request, lambda *s: self._status(job, build, *s)
+            )
+        except ValueError as error:  # ContractError, or a log_path that leaves the log root
+            sentence = str(error)[:1].upper() + str(error)[1:]
+            log.error("Refusing a build: %s", sentence)
+            job.sendWorkException(sentence.encode())
             return
         with self._builds_lock:
             self.builds[build.uuid] = build
+            if self._stopping.is_set():  # stop() listed the builds before this one
+                build.abandon()
         try:
             result = build.run()
-            job.sendWorkComplete(json.dumps(result).encode())
+            job.sendWorkComplete(json.dumps(result.to_dict()).encode())
+        except BuildAbandoned:
+            self._send_safely(job.sendWorkFail)
         except Exception as error:
-            log.exception("Build %s failed inside the launcher", build.uuid)
+            build.log.exception("Failed inside the launcher")
             self._send_safely(job.sendWorkException, f"Launcher error: {error}".encode())
         finally:
             with self._builds_lock:
@@ -162,3 +182,10 @@ class LauncherServer:
         if build is not None:
             build.cancel()
         job.sendWorkComplete(json.dumps({"uuid": uuid, "cancelled": build is not None}).encode())
+
+
+def _json(arguments: bytes) -> object:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        raise ContractError("the build arguments are not JSON.") from None

@@ -100,9 +100,22 @@ def wait_for_votes(zk: ZooKeeper, change: int, count: int = 1, timeout: float = 
     return found
 
 
-def settle(sched, timeout: float = 30) -> None:
+def _undelivered(sched, launcher) -> bool:
+    """Whether a build the scheduler submitted has not reached the launcher yet."""
+    if launcher is None:
+        return False
+    with launcher.lock:
+        seen = {b["uuid"] for b in launcher.builds}
+    return any(
+        build.state == "queued" and build.uuid not in seen
+        for _, _, build in list(sched._all_builds())
+    )
+
+
+def settle(sched, launcher=None, timeout: float = 30) -> None:
     """Wait until the scheduler has nothing left to do (Zuul's waitUntilSettled):
-    no event in memory or in ZooKeeper, no merge under way, the loop asleep."""
+    no event in memory or in ZooKeeper, no merge under way, the loop asleep,
+    and every submitted build taken by the stand-in launcher."""
     deadline = time.monotonic() + timeout
     quiet_since = None
     while time.monotonic() < deadline:
@@ -113,6 +126,7 @@ def settle(sched, timeout: float = 30) -> None:
             or any(m.merges_pending() for m in sched.managers.values())
             or sched.state.trigger_events()
             or sched.state.management_events()
+            or _undelivered(sched, launcher)
         )
         if busy:
             quiet_since = None

@@ -6,12 +6,15 @@ nodepool's part of the request handshake by writing a ready Node for each
 request (pointing at that sshd) or failing requests for unknown labels, so the
 launcher's own request, lock, in-use, used, unlock path runs for real.
 The "node" is this host, so every test's sshd sets HOME to a tmp dir.
+A ZooKeeper session is expired for real: a second client attaches to the
+session and closes it, as a partition that outlasts the timeout would.
 """
 
 from __future__ import annotations
 
 import getpass
 import json
+import logging
 import queue
 import re
 import shutil
@@ -25,6 +28,7 @@ from pathlib import Path
 import gear
 import pytest
 import yaml
+from kazoo.client import KazooClient
 
 from launcher.config import LauncherConfig
 from launcher.gearworker import NoDelayClient
@@ -32,6 +36,7 @@ from launcher.server import EXECUTE, LauncherServer
 from nodepool_lite.model import Node, NodeState, RequestState
 from nodepool_lite.zk import REQUEST_ROOT, ZooKeeper
 from nodepool_lite.zkserver import free_port
+from zuul_lite.state import ZuulState
 
 LABEL = "test-label"
 
@@ -86,6 +91,9 @@ class FakeNodepool:
         self.nodes: list[str] = []
         self.seen: set[str] = set()
         self.todo: queue.Queue[str | None] = queue.Queue()
+        self.requested: queue.Queue[str] = queue.Queue()  # every request id, as it appears
+        self.serving = threading.Event()  # cleared: requests wait, as with no free quota
+        self.serving.set()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         zk.watch_children(REQUEST_ROOT, self._on_children)
@@ -94,10 +102,12 @@ class FakeNodepool:
         for child in children:
             if child not in self.seen:
                 self.seen.add(child)
+                self.requested.put(child)
                 self.todo.put(child)
 
     def _run(self) -> None:
         while (request_id := self.todo.get()) is not None:
+            self.serving.wait()
             req = self.zk.get_node_request(request_id)
             if req is None:
                 continue
@@ -125,7 +135,11 @@ class FakeNodepool:
             self.zk.store_node_request(req)
             self.zk.unlock_node_request(req)
 
+    def next_request(self, timeout: float = 60) -> str:
+        return self.requested.get(timeout=timeout)
+
     def stop(self) -> None:
+        self.serving.set()
         self.todo.put(None)
         self.thread.join(10)
 
@@ -150,6 +164,11 @@ class BuildClient(NoDelayClient):
         assert self.done[job.unique].wait(timeout), "build did not complete"
         assert job.complete and not job.failure, f"job failed: {job.exception}"
         return json.loads(job.data[-1])
+
+    def wait_failed(self, job: gear.TextJob, timeout: float = 180) -> None:
+        """WORK_FAIL: the launcher gave the build back without a result."""
+        assert self.done[job.unique].wait(timeout), "build did not end"
+        assert job.failure and job.exception is None, (job.data, job.exception)
 
     def wait_phase(self, job: gear.TextJob, phase: str, timeout: float = 60) -> None:
         with self.phase_event:
@@ -244,6 +263,44 @@ PLAYBOOKS = {
             "tasks": [{"name": "Fail", "ansible.builtin.fail": {"msg": "ERROR: pre step broke"}}],
         }
     ],
+    "caught.yaml": [
+        {
+            "hosts": "node",
+            "gather_facts": False,
+            "tasks": [
+                {"name": "Ignored", "ansible.builtin.command": "false", "ignore_errors": True},
+                {"name": "Never failed", "ansible.builtin.command": "false", "failed_when": False},
+                {
+                    "block": [{"name": "Rescued", "ansible.builtin.command": "false"}],
+                    "rescue": [{"name": "Rescue", "ansible.builtin.command": "true"}],
+                },
+            ],
+        }
+    ],
+    "oops.yaml": [
+        {
+            "hosts": "node",
+            "gather_facts": False,
+            "tasks": [
+                {
+                    "name": "Boot",
+                    "ansible.builtin.shell": "echo 'BUG: kernel NULL pointer dereference'",
+                }
+            ],
+        }
+    ],
+    "wait-release.yaml": [
+        {
+            "hosts": "node",
+            "gather_facts": False,
+            "tasks": [
+                {
+                    "name": "Wait until the test releases the post playbook",
+                    "ansible.builtin.wait_for": {"path": "~/release", "timeout": 60},
+                }
+            ],
+        }
+    ],
 }
 
 
@@ -304,6 +361,8 @@ def launcher_env(tmp_path, zk, zk_hosts, gear_server, ssh_host, git_repo):
     env = {
         "config": config,
         "zk": zk,
+        "state": ZuulState(zk),
+        "ssh_host": ssh_host,
         "nodepool": nodepool,
         "client": client,
         "git": git_repo,
@@ -366,10 +425,11 @@ def assert_nodes_used(env) -> None:
     assert env["zk"].get_children("/nodepool/nodes/" + env["nodepool"].nodes[0] + "/lock") == []
 
 
-def test_success_publishes_logs_and_result(launcher_env):
+def test_success_publishes_logs_and_result(launcher_env, caplog):
     env = launcher_env
+    caplog.set_level(logging.INFO, logger="launcher")
     env["start"]()
-    args, result = run_build(env, {"run": ["playbooks/ok.yaml"]})
+    args, result = run_build(env, {"run": ["playbooks/ok.yaml"]}, event_id="ev-1")
     assert result["result"] == "SUCCESS", result
     assert result["log_url"] == f"http://logs.example/logs/{args['log_path']}/"
     assert result["summary"] == ""
@@ -399,10 +459,14 @@ def test_success_publishes_logs_and_result(launcher_env):
         .read_text()
         .split("ansible_ssh_private_key_file")[0]
     )
-    assert env["zk"].get_or_none(f"/zuul/builds/{args['uuid']}/result") == result
-    assert not env["zk"].exists(f"/zuul/builds/{args['uuid']}/running")
+    assert env["state"].get_build_result(args["uuid"]).to_dict() == result
+    assert not env["state"].build_running(args["uuid"])
+    assert env["state"].get_early_failure(args["uuid"]) is None
     assert_nodes_used(env)
     assert not (env["config"].work_root / args["uuid"]).exists()
+    prefix = f"[e: ev-1] [build: {args['uuid']}] "
+    assert prefix + "SUCCESS in " in caplog.text
+    assert prefix + f"Node {env['nodepool'].nodes[0]} released (used)" in caplog.text
 
 
 def test_dependency_artifacts_are_copied_to_the_node(launcher_env):
@@ -434,9 +498,10 @@ def test_unreachable_node_is_node_failure(launcher_env):
     env = launcher_env
     env["nodepool"].port = free_port()  # nothing listens there
     env["start"](connect_timeout=3)
-    _, result = run_build(env, {"run": ["playbooks/ok.yaml"]})
+    args, result = run_build(env, {"run": ["playbooks/ok.yaml"]})
     assert result["result"] == "NODE_FAILURE", result
     assert_nodes_used(env)
+    assert env["state"].get_early_failure(args["uuid"]) is None
 
 
 def test_unreachable_retries_on_new_node_then_retry_limit(launcher_env):
@@ -478,13 +543,20 @@ def test_timeout_and_post_failure(launcher_env):
     assert "ERROR: pre step broke" in result["summary"]
 
 
-def test_pre_failure_is_retried(launcher_env):
+def test_pre_failure_is_retried_and_early_only_on_the_last_attempt(launcher_env):
     env = launcher_env
     env["start"](attempts=2)
-    _, result = run_build(env, {"pre": ["playbooks/fail.yaml"], "run": ["playbooks/ok.yaml"]})
+    args = build_args(env, {"pre": ["playbooks/fail.yaml"], "run": ["playbooks/ok.yaml"]})
+    job = env["client"].submit(EXECUTE, args)
+    env["nodepool"].next_request()
+    env["nodepool"].next_request()  # asked for once the first attempt has ended
+    assert env["state"].get_early_failure(args["uuid"]) is None
+    result = env["client"].wait(job)
     assert result["result"] == "RETRY_LIMIT"
     assert "ERROR: pre step broke" in result["summary"]
     assert len(env["nodepool"].nodes) == 2
+    early = env["state"].get_early_failure(args["uuid"])
+    assert early["reason"] == "Task 'Fail' failed in pre-0.yaml."
 
 
 def test_stop_aborts_a_running_build(launcher_env):
@@ -499,6 +571,7 @@ def test_stop_aborts_a_running_build(launcher_env):
     assert env["client"].wait(stop) == {"uuid": args["uuid"], "cancelled": True}
     result = env["client"].wait(job)
     assert result["result"] == "ABORTED"
+    assert env["state"].get_build_result(args["uuid"]).result == "ABORTED"
     assert_nodes_used(env)
 
 
@@ -511,7 +584,7 @@ def test_at_most_max_builds_run_at_once(launcher_env):
     client.wait_phase(jobs[0], "run")
     client.wait_phase(jobs[1], "run")
     assert client.phases[jobs[2].unique] == []  # still queued in gearman
-    assert not env["zk"].exists(f"/zuul/builds/{builds[2]['uuid']}/running")
+    assert not env["state"].build_running(builds[2]["uuid"])
     client.wait(client.submit(server.stop_function, {"uuid": builds[0]["uuid"]}))
     client.wait_phase(jobs[2], "run")
     for args in builds[1:]:
@@ -563,9 +636,7 @@ def test_console_script_serves_and_stops_on_sigterm(tmp_path, zk_hosts, gear_ser
         client.waitForServer()
         job = client.submit(EXECUTE, {"uuid": "x"})
         assert client.done[job.unique].wait(60)
-        assert job.exception == (
-            "The build arguments are invalid: missing job, node_type, log_path."
-        )
+        assert job.exception == "The build arguments miss job, node_type, log_path."
         client.shutdown()
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -579,3 +650,143 @@ def test_console_script_refuses_a_bad_config(tmp_path):
     out = subprocess.run([str(launcher), "-c", str(conf)], capture_output=True, text=True)
     assert out.returncode == 2
     assert "launcher/max-builds: expected int." in out.stderr
+
+
+def write_launcher_config(env, path: Path) -> Path:
+    """A zuul.yaml for the console script that matches launcher_env's config."""
+    config = env["config"]
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "state-dir": str(path.parent / "state"),
+                "zookeeper": {"hosts": config.zk_hosts},
+                "gearman": {"server": "127.0.0.1", "port": config.gearman_port},
+                "launcher": {
+                    "name": "cli",
+                    "private-key": str(config.private_key),
+                    "jobs-dir": str(config.jobs_dir),
+                    "log-root": str(config.log_root),
+                    "attempts": 1,
+                },
+            }
+        )
+    )
+    return path
+
+
+def test_sigterm_gives_running_builds_back_without_a_result(launcher_env, tmp_path):
+    env = launcher_env
+    client, state = env["client"], env["state"]
+    conf = write_launcher_config(env, tmp_path / "zuul.yaml")
+    launcher = Path(sys.executable).parent / "zuul-launcher"
+    proc = subprocess.Popen([str(launcher), "-c", str(conf)], stderr=subprocess.PIPE, text=True)
+    try:
+        args = build_args(env, {"run": ["playbooks/sleep.yaml"]})
+        job = client.submit(EXECUTE, args)
+        client.wait_phase(job, "run")
+        assert state.build_running(args["uuid"])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, proc.stderr.read()
+    client.wait_failed(job)  # no vote: the scheduler runs the build again
+    assert state.get_build_result(args["uuid"]) is None
+    assert not state.build_running(args["uuid"])
+    assert_nodes_used(env)
+    output = (env["config"].log_root / args["log_path"] / "job-output.txt").read_text()
+    assert "The launcher stopped; the build will run again on a new node." in output
+    # Run again (as the scheduler does, same uuid) it runs on a new node.
+    env["start"]()
+    again = client.wait(
+        client.submit(EXECUTE, {**args, "playbooks": {"run": ["playbooks/ok.yaml"]}})
+    )
+    assert again["result"] == "SUCCESS"
+    assert len(env["nodepool"].nodes) == 2
+
+
+def test_stop_of_the_server_fails_the_gear_job(launcher_env):
+    env = launcher_env
+    server = env["start"]()
+    args = build_args(env, {"run": ["playbooks/sleep.yaml"]})
+    job = env["client"].submit(EXECUTE, args)
+    env["client"].wait_phase(job, "run")
+    server.stop()
+    env["client"].wait_failed(job)
+    assert env["state"].get_build_result(args["uuid"]) is None
+    assert not env["state"].build_running(args["uuid"])
+    assert_nodes_used(env)
+
+
+def expire_session(zk: ZooKeeper) -> None:
+    """End zk's session on the server: a second client attaches to it and closes it."""
+    session_id, password = zk.client.client_id
+    other = KazooClient(hosts=zk.hosts, client_id=(session_id, password))
+    other.start(timeout=30)
+    other.stop()
+    other.close()
+
+
+def test_session_expiry_while_waiting_for_a_node_asks_again(launcher_env, caplog):
+    env = launcher_env
+    caplog.set_level(logging.INFO, logger="launcher")
+    nodepool, state = env["nodepool"], env["state"]
+    nodepool.serving.clear()  # no node yet: the build waits on its request
+    server = env["start"]()
+    args = build_args(env, {"run": ["playbooks/ok.yaml"]})
+    job = env["client"].submit(EXECUTE, args)
+    first = nodepool.next_request()
+    assert state.build_running(args["uuid"])
+    expire_session(server.zk)  # returns once the server dropped the session's ephemerals
+    second = nodepool.next_request()
+    assert second != first and env["zk"].get_node_request(first) is None
+    claimed = threading.Event()
+    state.watch_build(args["uuid"], lambda names: claimed.set() if "running" in names else None)
+    assert claimed.wait(30), "the build was not claimed again"
+    nodepool.serving.set()
+    result = env["client"].wait(job)
+    assert result["result"] == "SUCCESS", result
+    assert len(nodepool.nodes) == 1
+    assert f"node request {first} waited; asking again" in caplog.text
+    assert f"[build: {args['uuid']}] Claimed the build again" in caplog.text
+
+
+def test_failed_task_is_reported_before_post_playbooks_end(launcher_env):
+    env = launcher_env
+    state = env["state"]
+    env["start"]()
+    args = build_args(
+        env, {"run": ["playbooks/compile-error.yaml"], "post": ["playbooks/wait-release.yaml"]}
+    )
+    marked = threading.Event()
+    state.watch_build(
+        args["uuid"], lambda names: marked.set() if "early-failure" in names else None
+    )
+    job = env["client"].submit(EXECUTE, args)
+    assert marked.wait(120), "no early failure"
+    reason = "Task 'Build' failed in run-0.yaml."
+    assert state.get_early_failure(args["uuid"])["reason"] == reason
+    assert state.get_build_result(args["uuid"]) is None  # post still waits for us
+    (env["ssh_host"].home / "release").touch()
+    result = env["client"].wait(job)
+    assert result["result"] == "FAILURE"
+    assert "kernel/fork.c:42:1: error: expected" in result["summary"]
+    output = (env["config"].log_root / args["log_path"] / "job-output.txt").read_text()
+    assert f"Early failure, reported to the scheduler: {reason}" in output
+    assert '"task": "Build"' not in output  # the callback's token line stays out
+
+
+def test_ignored_and_rescued_failures_are_not_early_failures(launcher_env):
+    env = launcher_env
+    env["start"]()
+    args, result = run_build(env, {"run": ["playbooks/caught.yaml"]})
+    assert result["result"] == "SUCCESS", result
+    assert env["state"].get_early_failure(args["uuid"]) is None
+
+
+def test_failure_output_match_fails_the_build_early(launcher_env):
+    env = launcher_env
+    env["start"]()
+    args, result = run_build(env, {"run": ["playbooks/oops.yaml"]}, failure_output=[r"^BUG: "])
+    reason = "Output matched failure-output '^BUG: ': BUG: kernel NULL pointer dereference"
+    assert env["state"].get_early_failure(args["uuid"])["reason"] == reason
+    assert result["result"] == "FAILURE"
+    assert result["summary"] == reason

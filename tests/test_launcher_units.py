@@ -1,8 +1,10 @@
-"""Launcher pieces that need no engines: summary, playbook files, publishing, config."""
+"""Launcher pieces that need no engines: summary, playbook files, publishing, config,
+log prefixes, failure-output matching."""
 
 from __future__ import annotations
 
 import io
+import logging
 import tarfile
 from pathlib import Path
 
@@ -10,7 +12,9 @@ import pytest
 import yaml
 
 from launcher import logs
+from launcher.buildlog import build_log
 from launcher.config import ConfigError, load
+from launcher.earlyfailure import EarlyFailure
 from launcher.jobdir import JobDir
 from launcher.playbooks import (
     NodeAddress,
@@ -19,6 +23,18 @@ from launcher.playbooks import (
     resolve_playbooks,
     write_ansible_dir,
 )
+from zuul_lite.build_contract import BuildRequest
+
+
+class VarsLoader(yaml.SafeLoader):
+    """Reads vars.yaml as ansible does: `!unsafe` strings are plain strings."""
+
+
+VarsLoader.add_constructor("!unsafe", lambda loader, node: loader.construct_scalar(node))
+
+
+def request(**fields) -> BuildRequest:
+    return BuildRequest(**{"uuid": "abc", "job": "j", "node_type": "n", "log_path": "l", **fields})
 
 
 def record(playbook: str, tasks: list[dict]) -> dict:
@@ -96,11 +112,11 @@ def test_playbooks_must_stay_inside_the_jobs_dir(tmp_path):
     (jobs / "playbooks").mkdir(parents=True)
     (jobs / "playbooks" / "ok.yaml").write_text("[]")
     (tmp_path / "outside.yaml").write_text("[]")
-    args = {"job": "j", "playbooks": {"run": ["playbooks/ok.yaml"]}}
-    assert resolve_playbooks(args, jobs)["run"] == [(jobs / "playbooks" / "ok.yaml").resolve()]
+    req = request(playbooks={"run": ["playbooks/ok.yaml"]})
+    assert resolve_playbooks(req, jobs)["run"] == [(jobs / "playbooks" / "ok.yaml").resolve()]
     for bad in ("../outside.yaml", "playbooks/missing.yaml"):
         with pytest.raises(PlaybookError, match="not a file in the jobs dir"):
-            resolve_playbooks({"job": "j", "playbooks": {"run": [bad]}}, jobs)
+            resolve_playbooks(request(playbooks={"run": [bad]}), jobs)
 
 
 def test_ansible_dir_layout(tmp_path):
@@ -108,10 +124,14 @@ def test_ansible_dir_layout(tmp_path):
     (jobs / "playbooks").mkdir(parents=True)
     (jobs / "playbooks" / "build.yaml").write_text("- hosts: node\n  tasks: []\n")
     jobdir = JobDir(tmp_path / "work", "abc")
-    args = {"job": "j", "vars": {"arch": "x86_64"}, "playbooks": {"run": ["playbooks/build.yaml"]}}
+    req = request(
+        vars={"arch": "x86_64"},
+        playbooks={"run": ["playbooks/build.yaml"]},
+        subject="{{ lookup('pipe', 'id') }}",
+    )
     node = NodeAddress("127.0.0.1", 2222, "zuul", ["ssh-ed25519 AAAA"])
     phases = write_ansible_dir(
-        jobdir, args, node, jobs_dir=jobs, private_key=Path("/keys/id_ed25519"), connect_timeout=5
+        jobdir, req, node, jobs_dir=jobs, private_key=Path("/keys/id_ed25519"), connect_timeout=5
     )
     assert [p.name for ps in phases.values() for p in ps] == [
         "setup.yaml",
@@ -125,8 +145,10 @@ def test_ansible_dir_layout(tmp_path):
     assert "pipelining = True" in cfg and "retry_files_enabled = False" in cfg
     assert f"UserKnownHostsFile={jobdir.known_hosts}" in cfg
     assert "StrictHostKeyChecking=yes" in cfg
-    variables = yaml.safe_load(jobdir.vars.read_text())
-    assert variables["arch"] == "x86_64" and variables["zuul"] == args
+    text = jobdir.vars.read_text()
+    assert "  subject: !unsafe " in text and "  owner: !unsafe " in text
+    variables = yaml.load(text, Loader=VarsLoader)
+    assert variables["arch"] == "x86_64" and variables["zuul"] == req.to_dict()
     assert variables["zuul_log_dir"] == str(jobdir.logs)
     assert len(str(jobdir.control_dir)) < 40  # room for ssh's socket name under 108 bytes
 
@@ -195,3 +217,31 @@ def test_config_defaults_and_errors(tmp_path):
     conf.write_text(yaml.safe_dump({"launcher": {"colour": "red"}, "zookeeper": {"hosts": "h"}}))
     with pytest.raises(ConfigError, match="launcher/colour: extra keys not allowed"):
         load(conf)
+
+
+def test_build_log_lines_carry_event_and_build(caplog):
+    caplog.set_level(logging.INFO, logger="launcher.build")
+    build_log("launcher.build", request(event_id="ev1")).info("Node %s in use", 7)
+    build_log("launcher.build", request()).info("No event")
+    assert caplog.messages == ["[e: ev1] [build: abc] Node 7 in use", "[build: abc] No event"]
+
+
+def test_failure_output_fires_once_and_sees_command_lines():
+    reasons: list[str] = []
+    watch = EarlyFailure([r"^BUG: ", "(unclosed"], reasons.append, logging.getLogger("t"))
+    assert watch.feed("TASK [Boot] ***") and reasons == []
+    assert watch.feed("node | BUG: kernel NULL pointer dereference")
+    assert watch.feed("node | BUG: again")
+    assert reasons == [
+        "Output matched failure-output '^BUG: ': BUG: kernel NULL pointer dereference"
+    ]
+
+
+def test_failure_token_lines_are_reported_and_left_out_of_the_log():
+    reasons: list[str] = []
+    watch = EarlyFailure([], reasons.append, logging.getLogger("t"))
+    forged = 'node | 0123 {"task": "x", "playbook": "y"}'
+    assert watch.feed(forged) and reasons == []
+    assert not watch.feed(f'{watch.token} {{"task": "Build", "playbook": "run-0.yaml"}}')
+    assert reasons == ["Task 'Build' failed in run-0.yaml."]
+    assert watch.env() == {"ZUUL_EARLY_FAILURE_TOKEN": watch.token}

@@ -255,7 +255,18 @@ class Merger:
         commits: dict[str, str] = {}
         for index, change in enumerate(req.changes):
             try:
-                git(ws, "am", "--quiet", "--3way", "--keep-cr", input=change.series)
+                # The committer date is the author's, so the same series on the
+                # same base is the same commit in every build set: a gate item
+                # tested on top of another stays a fast-forward of its merge.
+                git(
+                    ws,
+                    "am",
+                    "--quiet",
+                    "--3way",
+                    "--keep-cr",
+                    "--committer-date-is-author-date",
+                    input=change.series,
+                )
             except GitError as e:
                 files = git(ws, "diff", "--name-only", "--diff-filter=U", check=False).split()
                 git(ws, "am", "--abort", check=False)

@@ -1,0 +1,232 @@
+"""The gate (dependent pipeline) in the style of Zuul's gate tests: hold the
+builds, release them one at a time, and check the exact combination of
+changes each build was tested on. Real ZooKeeper, gear, git and merger; the
+stand-in launcher answers builds (tests/harness.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from nodepool_lite.zk import ZooKeeper
+from tests.harness import (
+    StandInLauncher,
+    make_project,
+    make_series,
+    settle,
+    wait_for_votes,
+    write_config,
+)
+from zuul_lite import config as zconfig
+from zuul_lite.connections.local import LocalConnection
+from zuul_lite.exceptions import InboxError
+from zuul_lite.git import git
+from zuul_lite.model import ManagementEvent
+from zuul_lite.scheduler import Scheduler
+from zuul_lite.state import ZuulState
+
+
+@pytest.fixture
+def gate(tmp_path, zk_hosts):
+    cfg = zconfig.load(write_config(tmp_path, zk_hosts, layout="gate.yaml"))
+    zk = ZooKeeper(zk_hosts)
+    zk.connect()
+    src = make_project(tmp_path)
+    local = LocalConnection("local", {"driver": "local"}, ZuulState(zk), cfg.state_dir)
+    local.import_project("demo", src)
+    sched = Scheduler(cfg, zk)
+    sched.start()
+    launcher = StandInLauncher(zk, sched.gearman_port)
+    launcher.hold = True
+    launcher.start()
+    env = Gate(cfg, zk, local, src, tmp_path, sched, launcher)
+    yield env
+    launcher.stop()
+    sched.stop()
+    zk.disconnect()
+
+
+class Gate:
+    def __init__(self, cfg, zk, local, src, tmp, sched, launcher) -> None:
+        self.cfg, self.zk, self.local, self.src = cfg, zk, local, src
+        self.tmp, self.sched, self.launcher = tmp, sched, launcher
+
+    def change(self, name: str, content: str | None = None, path: str | None = None) -> int:
+        """A one-patch change adding its own file (so changes do not conflict)."""
+        out = make_series(
+            self.src,
+            self.tmp / f"series-{name}",
+            [(path or f"{name}.txt", content or f"{name}\n", f"{name}: add")],
+        )
+        number, _ = self.local.submit(out, "demo")
+        return number
+
+    def approve(self, *numbers: int) -> None:
+        for n in numbers:
+            self.local.approve(n)
+        settle(self.sched, self.launcher)
+
+    def running(self) -> list[tuple[str, str]]:
+        settle(self.sched, self.launcher)
+        return sorted(self.launcher.held_builds())
+
+    def release(self, pattern: str = ".*", change: int | None = None) -> None:
+        self.launcher.release(pattern, change)
+        settle(self.sched, self.launcher)
+
+    def history(self) -> list[tuple[str, str, str]]:
+        return sorted((h["name"], h["result"], h["changes"]) for h in self.launcher.history)
+
+    def branch_log(self) -> list[str]:
+        repo = self.local.repo_path("demo")
+        return git(repo, "log", "--format=%s", "master").split("\n")[:-1]
+
+    def gate_votes(self, number: int) -> list[int | None]:
+        votes = self.local.get_change_data(number)["votes"]
+        return [v["value"] for v in votes if v["pipeline"] == "gate"]
+
+
+def test_all_pass_merge_in_order(gate: Gate) -> None:
+    a, b, c = (gate.change(n) for n in "abc")
+    gate.approve(a, b, c)
+    assert gate.running() == [
+        ("build", "1,1"),
+        ("build", "1,1 2,1"),
+        ("build", "1,1 2,1 3,1"),
+        ("lint", "1,1"),
+        ("lint", "1,1 2,1"),
+        ("lint", "1,1 2,1 3,1"),
+    ]
+    # C finishes first but merges only after A and B.
+    gate.release(change=c)
+    assert gate.branch_log()[0] == "Initial commit"
+    gate.release(change=b)
+    assert gate.branch_log()[0] == "Initial commit"
+    gate.release(change=a)
+    wait_for_votes(gate.zk, c, count=2)
+    assert gate.branch_log() == ["c: add", "b: add", "a: add", "Initial commit"], _debug_votes(
+        gate, a, b, c
+    )
+    for n in (a, b, c):
+        assert gate.gate_votes(n) == [1]
+        assert gate.local.get_change_data(n)["status"] == "MERGED"
+    assert "merged" in gate.local.get_change_data(c)["votes"][-1]["message"]
+    assert gate.sched.state.read_status()["pipelines"][1]["items"] == []
+
+
+def test_first_fails_others_rebased(gate: Gate) -> None:
+    a, b, c = (gate.change(n) for n in "abc")
+    gate.launcher.results = {f"build:{a}": "FAILURE"}
+    gate.approve(a, b, c)
+    gate.release("build", change=a)  # A fails: B and C restart without it
+    assert gate.running() == [
+        ("build", "2,1"),
+        ("build", "2,1 3,1"),
+        ("lint", "1,1"),
+        ("lint", "2,1"),
+        ("lint", "2,1 3,1"),
+    ]
+    gate.launcher.hold = False
+    gate.release()
+    wait_for_votes(gate.zk, c, count=2)
+    assert gate.gate_votes(a) == [-1]
+    assert gate.gate_votes(b) == [1] and gate.gate_votes(c) == [1]
+    assert gate.branch_log() == ["c: add", "b: add", "Initial commit"]
+    aborted = [h for h in gate.history() if h[1] == "ABORTED"]
+    assert sorted(h[2] for h in aborted) == ["1,1 2,1", "1,1 2,1", "1,1 2,1 3,1", "1,1 2,1 3,1"]
+
+
+def test_middle_fails(gate: Gate) -> None:
+    a, b, c = (gate.change(n) for n in "abc")
+    gate.launcher.results = {f"lint:{b}": "FAILURE"}
+    gate.approve(a, b, c)
+    gate.release("lint", change=b)
+    assert ("build", "1,1 3,1") in gate.running()
+    assert ("build", "1,1 2,1 3,1") not in gate.running()
+    gate.launcher.hold = False
+    gate.release()
+    wait_for_votes(gate.zk, c, count=2)
+    votes = [gate.gate_votes(n) for n in (a, b, c)]
+    assert votes == [[1], [-1], [1]], _debug_votes(gate, a, b, c)
+    assert gate.branch_log() == ["c: add", "a: add", "Initial commit"]
+    assert "Tested on top of 1,1." in gate.local.get_change_data(c)["votes"][-1]["message"]
+
+
+def test_merge_conflict_mid_queue(gate: Gate) -> None:
+    a = gate.change("a", "from a\n", path="shared.txt")
+    b = gate.change("b", "from b\n", path="shared.txt")  # conflicts with a
+    c = gate.change("c")
+    gate.approve(a, b, c)
+    assert gate.gate_votes(b) == [-1]
+    message = gate.local.get_change_data(b)["votes"][-1]["message"]
+    assert "MERGE_CONFLICT" in message and "with change 1,1 applied" in message
+    assert gate.running() == [
+        ("build", "1,1"),
+        ("build", "1,1 3,1"),
+        ("lint", "1,1"),
+        ("lint", "1,1 3,1"),
+    ]
+    gate.launcher.hold = False
+    gate.release()
+    wait_for_votes(gate.zk, c, count=2)
+    assert gate.branch_log() == ["c: add", "a: add", "Initial commit"]
+
+
+def test_approved_again_while_queued(gate: Gate) -> None:
+    a = gate.change("a")
+    gate.approve(a)
+    before = gate.running()
+    gate.approve(a)
+    assert gate.running() == before
+    items = gate.sched.state.read_status()["pipelines"][1]["items"]
+    assert len(items) == 1
+
+
+def test_operator_dequeue(gate: Gate) -> None:
+    a, b = gate.change("a"), gate.change("b")
+    gate.approve(a, b)
+    gate.sched.state.put_management_event(
+        ManagementEvent(type="dequeue", pipeline="gate", change=a).to_dict()
+    )
+    assert gate.running() == [("build", "2,1"), ("lint", "2,1")]
+    assert gate.gate_votes(a) == []
+    gate.launcher.hold = False
+    gate.release()
+    wait_for_votes(gate.zk, b, count=2)
+    assert gate.branch_log() == ["b: add", "Initial commit"]
+
+
+def test_early_failure_resets_before_the_build_ends(gate: Gate) -> None:
+    a, b = gate.change("a"), gate.change("b")
+    gate.approve(a, b)
+    gate.launcher.early_fail("build")  # every held build says it will fail...
+    running = gate.running()
+    # ...so B is re-based onto the branch head while A's build still runs.
+    assert ("build", "1,1") in running and ("build", "2,1") in running
+    assert ("build", "1,1 2,1") not in running
+
+
+def test_bad_approvals(gate: Gate) -> None:
+    with pytest.raises(InboxError, match="There is no change 99"):
+        gate.local.approve(99)
+    a = gate.change("a")
+    gate.local.abandon(a)
+    with pytest.raises(InboxError, match="abandoned: only an open change can be approved"):
+        gate.local.approve(a)
+    assert gate.sched.state.read_status()["pipelines"][1]["items"] == []
+
+
+def test_window_limits_active_items(gate: Gate) -> None:
+    gate.sched.managers["gate"].pipeline.window = 2
+    for queue in gate.sched.managers["gate"].pipeline.queues:
+        queue.window = 2
+    numbers = [gate.change(n) for n in "abcd"]
+    gate.approve(*numbers)
+    assert {c for _, c in gate.running()} == {"1,1", "1,1 2,1"}
+
+
+def _debug_votes(gate: Gate, *numbers: int) -> str:
+    return "\n".join(
+        f"{n}: {v['pipeline']} {v['value']} {v['message']}"
+        for n in numbers
+        for v in gate.local.get_change_data(n)["votes"]
+    )
