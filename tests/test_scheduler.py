@@ -245,3 +245,28 @@ def test_new_patchset_supersedes_the_old_one(env, scheduler):
     launcher.stop()
     assert [(v["patchset"], v["value"]) for v in votes] == [(2, 1)]
     assert len(local.get_change_data(change)["votes"]) == 1
+
+
+def test_item_stored_by_model_api_1_is_resumed(env, tmp_path):
+    """An upgrade loses no change: an item in the old shape is started over."""
+    cfg, zk, local, src, tmp = env
+    change, ps = local.submit(good_series(src, tmp / "good"), "demo")
+    state = ZuulState(zk)
+    for name in state.trigger_events():
+        zk.delete(state.trigger_event_path(name))
+    zk.create(
+        state.item_path("check", "old1"),
+        {"uuid": "old1", "pipeline": "check", "connection": "local", "project": "demo",
+         "branch": "master", "change": change, "patchset": ps, "subject": "old",
+         "owner": "dev", "event_id": "e-old", "state": "running", "builds": {}},
+    )  # fmt: skip
+    sched = Scheduler(cfg, zk)
+    sched.start()
+    launcher = StandInLauncher(zk, sched.gearman_port)
+    launcher.start()
+    try:
+        votes = wait_for_votes(zk, change)
+        assert votes[0]["value"] == 1
+    finally:
+        launcher.stop()
+        sched.stop()

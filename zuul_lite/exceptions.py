@@ -15,3 +15,13 @@ class InboxError(ZuulLiteError):
 
 class MergeError(ZuulLiteError):
     """A series does not apply; the message names the failing patch."""
+
+
+class EnqueueRefused(ZuulLiteError):
+    """A change that does not enter a pipeline; `report` when its author must
+    be told (a Depends-On cycle or a missing change), not for the ordinary
+    cases (already queued, no jobs)."""
+
+    def __init__(self, message: str, report: bool = False) -> None:
+        super().__init__(message)
+        self.report = report

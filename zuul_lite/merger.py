@@ -254,6 +254,7 @@ class Merger:
             return MergeResult(req.item_uuid, ref=req.ref, error=error)
         commits: dict[str, str] = {}
         for index, change in enumerate(req.changes):
+            before = rev_parse(ws, "HEAD")
             try:
                 # The committer date is the author's, so the same series on the
                 # same base is the same commit in every build set: a gate item
@@ -265,6 +266,7 @@ class Merger:
                     "--3way",
                     "--keep-cr",
                     "--committer-date-is-author-date",
+                    "--empty=drop",  # a cover letter ("[PATCH 0/N]") is not a commit
                     input=change.series,
                 )
             except GitError as e:
@@ -278,6 +280,13 @@ class Merger:
                     req.item_uuid, base, None, req.ref, error, change.label, commits=commits
                 )
             commits[change.label] = rev_parse(ws, "HEAD")
+            if commits[change.label] == before:
+                error = _conflict(req.changes, index, "the series holds no patch", [])
+                elog.info("Merge of %s failed: %s", req.ref, error)
+                del commits[change.label]
+                return MergeResult(
+                    req.item_uuid, base, None, req.ref, error, change.label, commits=commits
+                )
         head = rev_parse(ws, "HEAD")
         git(ws, "update-ref", req.ref, head)
         elog.info("Published %s = %s: %s on %s", req.ref, head[:12], " ".join(commits), base[:12])

@@ -126,6 +126,7 @@ class Change:
     latest_patchset: int = 0
     approved: bool = False
     url: str = ""
+    depends_on: list[str] = field(default_factory=list)  # Depends-On footers, as written
 
     @property
     def label(self) -> str:
@@ -259,6 +260,7 @@ class QueueItem:
     active: bool = False  # inside the queue's window
     buildset: BuildSet = field(default_factory=BuildSet)
     error: str | None = None  # set when the item is reported because we failed
+    failure: str | None = None  # reported as failing without its jobs (a lost dependency)
     quiet: bool = False  # dequeued by an operator: no report
     item_ahead: QueueItem | None = field(default=None, repr=False)
     items_behind: list[QueueItem] = field(default_factory=list, repr=False)
@@ -277,6 +279,7 @@ class QueueItem:
             "active": self.active,
             "buildset": self.buildset.to_dict(),
             "error": self.error,
+            "failure": self.failure,
             "quiet": self.quiet,
             "item_ahead": self.item_ahead.uuid if self.item_ahead else None,
         }
@@ -294,6 +297,7 @@ class QueueItem:
             active=data.get("active", False),
             buildset=BuildSet.from_dict(data.get("buildset", {})),
             error=data.get("error"),
+            failure=data.get("failure"),
             quiet=data.get("quiet", False),
             ahead_uuid=data.get("item_ahead"),
         )

@@ -47,6 +47,8 @@ def format_report(
             f"{head} {Result.MERGE_CONFLICT}.\n\n{bs.merge_error}\n"
             "No jobs were run: rebase the series onto the branch head and resubmit."
         )
+    if item.failure:
+        return f"{head} Build failed.\n\n{item.failure}"
     if merge_error:
         verdict = f"Build succeeded, but the change could not be merged: {merge_error}"
     elif action == "success":

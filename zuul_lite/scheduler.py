@@ -22,7 +22,7 @@ from nodepool_lite.zk import ZooKeeper
 from zuul_lite.build_contract import BuildRequest
 from zuul_lite.config import ZuulConfig
 from zuul_lite.connections import make_connections
-from zuul_lite.exceptions import ConfigError, ZuulLiteError
+from zuul_lite.exceptions import ConfigError, EnqueueRefused, ZuulLiteError
 from zuul_lite.gearman import BuildClient, GearServer
 from zuul_lite.layout import Layout, load_layout
 from zuul_lite.manager import PipelineManager
@@ -329,21 +329,22 @@ class Scheduler(threading.Thread):
         if wanted:
             change = conn.get_change(event.change, event.patchset)
             for manager in wanted:
-                why = manager.why_not_enqueue(change)
-                if why:
+                try:
+                    planned.append((manager, manager.plan(change, event.id, txn)))
+                except EnqueueRefused as refused:
                     log.info(
-                        "[e: %s] not enqueued in %s: %s", event.id, manager.pipeline.name, why
+                        "[e: %s] not enqueued in %s: %s", event.id, manager.pipeline.name, refused
                     )
-                    continue
-                planned.append((manager, *manager.plan_enqueue(change, event.id, txn)))
+                    if refused.report:
+                        manager.reporter.report_refusal(change, str(refused), event.id)
         txn.delete(path)
         try:
             txn.commit()
         except (NodeExistsError, NoNodeError):
             log.warning("[e: %s] event already handled", event.id)
             return
-        for manager, item, change_queue in planned:
-            manager.enqueue(item, change_queue)
+        for manager, items in planned:
+            manager.enqueue(items)
         if not planned:
             log.debug(
                 "[e: %s] %s on %s,%s: enqueued nowhere",
@@ -390,13 +391,10 @@ class Scheduler(threading.Thread):
             change = self.connections[manager.pipeline.source].get_change(
                 event.change, event.patchset
             )
-            why = manager.why_not_enqueue(change)
-            if why:
-                raise ZuulLiteError(why)
             txn = self.state.transaction()
-            item, change_queue = manager.plan_enqueue(change, event.id, txn)
+            items = manager.plan(change, event.id, txn)
             txn.commit()
-            manager.enqueue(item, change_queue)
+            manager.enqueue(items)
 
     def _find_build(self, uuid: str) -> tuple[PipelineManager, QueueItem, Build] | None:
         for manager, item, build in self._all_builds():

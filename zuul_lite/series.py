@@ -9,6 +9,7 @@ from __future__ import annotations
 import email
 import email.policy
 import mailbox
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,14 +23,25 @@ class Patch:
     raw: bytes
 
 
+# "Depends-On: 5", "Depends-On: http://host/change/5" (Zuul's cross-change footer).
+DEPENDS_ON = re.compile(r"^Depends-On:\s*(\S+)\s*$", re.IGNORECASE | re.MULTILINE)
+COVER = re.compile(r"\[[^\]]*\b0+/\d+\]")
+
+
+def depends_on(text: str) -> list[str]:
+    """The Depends-On values of a commit message or cover letter, in order."""
+    return DEPENDS_ON.findall(text)
+
+
 @dataclass(frozen=True)
 class Series:
     patches: list[Patch]
+    cover: Patch | None = None  # a "[PATCH 0/N]" letter: no diff, not applied
 
     @property
     def subject(self) -> str:
-        """The cover subject: the first patch's, without its [PATCH n/m] prefix."""
-        subj = self.patches[0].subject
+        """The cover letter's subject, else the first patch's, without its [PATCH n/m]."""
+        subj = (self.cover or self.patches[0]).subject
         if subj.startswith("[") and "]" in subj:
             subj = subj.split("]", 1)[1].strip()
         return subj
@@ -39,7 +51,16 @@ class Series:
         return self.patches[0].author
 
     def mbox(self) -> bytes:
-        return b"".join(p.raw if p.raw.endswith(b"\n") else p.raw + b"\n" for p in self.patches)
+        messages = ([self.cover] if self.cover else []) + self.patches
+        return b"".join(p.raw if p.raw.endswith(b"\n") else p.raw + b"\n" for p in messages)
+
+    def depends_on(self) -> list[str]:
+        """Depends-On footers of the cover letter and of every commit message."""
+        found: list[str] = []
+        for patch in ([self.cover] if self.cover else []) + self.patches:
+            text = patch.raw.decode("utf-8", "replace").split("\n---\n", 1)[0]
+            found += [d for d in depends_on(text) if d not in found]
+        return found
 
 
 def _check(msg: email.message.Message, raw: bytes, where: str) -> Patch:
@@ -47,6 +68,8 @@ def _check(msg: email.message.Message, raw: bytes, where: str) -> Patch:
     if not subject:
         raise InboxError(f"{where} is not a patch email: it has no Subject header.")
     body = raw.decode("utf-8", "replace")
+    if COVER.search(subject):
+        return Patch(subject=subject, author=str(msg.get("From", "")), raw=raw)
     if "\ndiff --git " not in body and "\n+++ " not in body:
         raise InboxError(f"{where} ('{subject}') holds no diff.")
     return Patch(subject=subject, author=str(msg.get("From", "")), raw=raw)
@@ -81,6 +104,11 @@ def read_series(path: Path | str) -> Series:
         patches = [p for f in files for p in _from_file(f)]
     else:
         patches = _from_file(path)
+    cover = None
+    if patches and COVER.search(patches[0].subject):
+        cover, patches = patches[0], patches[1:]
+    if any(COVER.search(p.subject) for p in patches):
+        raise InboxError(f"{path} holds a cover letter that is not its first message.")
     if not patches:
         raise InboxError(f"{path} holds no patches.")
-    return Series(patches)
+    return Series(patches, cover)

@@ -193,9 +193,31 @@ class ZuulState:
 
     def watch_build(self, uuid: str, callback: Callable[[list[str]], bool | None]) -> None:
         """`callback(children)` of the build's znode (running, result,
-        early-failure) now and on every change; it ends when the build's znode
-        is deleted or the callback returns False."""
-        self.zk.watch_children(f"{BUILDS}/{uuid}", callback)
+        early-failure) now and on every change, and `callback([])` once if the
+        build's znode is deleted (kazoo's ChildrenWatch ends silently then);
+        it ends there or when the callback returns False."""
+        path = f"{BUILDS}/{uuid}"
+        done: list[bool] = []
+
+        def on_children(children: list[str]) -> bool | None:
+            if done:
+                return False
+            if callback(children) is False:
+                done.append(True)
+                return False
+            return None
+
+        def on_data(data: dict | None, version: int | None) -> bool | None:
+            if done:
+                return False
+            if version is None:
+                done.append(True)
+                callback([])
+                return False
+            return None
+
+        self.zk.watch_children(path, on_children)
+        self.zk.watch_data(path, on_data)
 
     def delete_build(self, uuid: str) -> None:
         self.zk.delete(f"{BUILDS}/{uuid}", recursive=True)

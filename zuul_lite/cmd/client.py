@@ -247,8 +247,20 @@ def cmd_status(args, cfg) -> int:
     return 0
 
 
+def _offered_labels(path: Path) -> set[str]:
+    """Labels some nodepool pool can provide: a job needing another never runs."""
+    from nodepool_lite import config as npconfig
+
+    ncfg = npconfig.load(path)
+    return {label for p in ncfg.providers for pool in p.pools for label in pool.labels}
+
+
 def cmd_validate(args, cfg) -> int:
-    layout = load_layout(cfg.layout_path, cfg.jobs_dir, set(cfg.connections))
+    nodepool_conf = Path(args.nodepool_config or cfg.path.parent / "nodepool.yaml")
+    node_types = None
+    if args.nodepool_config or nodepool_conf.exists():
+        node_types = _offered_labels(nodepool_conf)
+    layout = load_layout(cfg.layout_path, cfg.jobs_dir, set(cfg.connections), node_types)
     print(
         f"{cfg.layout_path}: OK ({len(layout.pipelines)} pipelines, "
         f"{sum(1 for j in layout.jobs.values() if not j.noop)} jobs, "
@@ -309,9 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="show the pipelines' queues")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
-    sub.add_parser("validate-config", help="check the layout and jobs").set_defaults(
-        func=cmd_validate
+    s = sub.add_parser("validate-config", help="check the layout and jobs")
+    s.add_argument(
+        "--nodepool-config",
+        help="nodepool.yaml whose labels the jobs' node types must be among "
+        "(default: nodepool.yaml beside zuul.yaml, if there is one)",
     )
+    s.set_defaults(func=cmd_validate)
     s = sub.add_parser("import-project", help="serve a git repo as a project of the inbox")
     s.add_argument("project")
     s.add_argument("source", help="a git repository to import")

@@ -16,12 +16,13 @@ asks `has_report` before making it again.
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from zuul_lite.exceptions import ConfigError
+from zuul_lite.exceptions import ConfigError, ZuulLiteError
 from zuul_lite.model import Change, TriggerEvent
 from zuul_lite.state import ZuulState
 
@@ -70,6 +71,22 @@ class Connection(abc.ABC):
     def get_change(self, number: int, patchset: int | None = None) -> Change:
         """The change (its latest patchset when `patchset` is None); raises
         a ZuulLiteError with one sentence when there is no such change."""
+
+    def find_change(self, ref: str) -> Change | None:
+        """The change a Depends-On footer names (a number, or a URL ending in
+        one), or None when there is no such change."""
+        match = re.fullmatch(r"(?:.*/)?(\d+)/?", ref.strip())
+        if match is None:
+            return None
+        try:
+            return self.get_change(int(match.group(1)))
+        except ZuulLiteError:
+            return None
+
+    def changes_depending_on(self, change: Change) -> list[Change]:
+        """Open changes whose Depends-On names `change` (for the gate, which
+        enqueues approved ones behind it)."""
+        return []
 
     @abc.abstractmethod
     def get_series(self, change: Change) -> bytes:

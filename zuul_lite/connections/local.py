@@ -113,7 +113,19 @@ class LocalConnection(Connection):
             status=data["status"],
             latest_patchset=latest,
             approved=any(a.get("patchset") == latest for a in data.get("approvals", [])),
+            depends_on=list(data["patchsets"][ps - 1].get("depends_on", [])),
         )
+
+    def changes_depending_on(self, change: Change) -> list[Change]:
+        found = []
+        for number in self.list_changes():
+            other = self.get_change(number)
+            if other.status == "NEW" and any(
+                (dep := self.find_change(ref)) is not None and dep.number == change.number
+                for ref in other.depends_on
+            ):
+                found.append(other)
+        return found
 
     def list_changes(self) -> list[int]:
         return sorted(int(n) for n in self.zk.get_children(self.state.local_path("changes")))
@@ -185,6 +197,7 @@ class LocalConnection(Connection):
                     "revision": blob,
                     "created": time.time(),
                     "patches": [p.subject for p in series.patches],
+                    "depends_on": series.depends_on(),
                 }
             )
             try:

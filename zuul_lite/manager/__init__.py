@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from nodepool_lite.zk import Transaction
 from zuul_lite.build_contract import BuildRequest, BuildResult
+from zuul_lite.exceptions import EnqueueRefused
 from zuul_lite.manager.reporting import ItemReporter
 from zuul_lite.merger import MergeChange, MergeRequest, MergeResult
 from zuul_lite.model import (
@@ -65,6 +66,7 @@ class PipelineManager:
         self.log = ItemLog(logging.getLogger(f"zuul_lite.manager.{pipeline.name}"), {})
         self._merges_requested: dict[str, str] = {}  # item uuid -> build set uuid
         self._merge_failures: dict[str, int] = {}
+        self._new_queues: dict[str, ChangeQueue] = {}  # planned, not yet committed
         self.reporter = ItemReporter(self)
 
     # Hooks ----------------------------------------------------------------
@@ -74,6 +76,24 @@ class PipelineManager:
 
     def on_enqueued(self, item: QueueItem) -> None:
         """After an item is stored (independent: drop older patchsets)."""
+
+    def check_needed_changes(self, item: QueueItem) -> str | None:
+        """None while the changes the item needs are merged or ahead of it,
+        else the sentence its failure report gives."""
+        if not item.change.depends_on:
+            return None
+        try:
+            needed = self.dependencies(item.change)
+        except EnqueueRefused as refused:
+            return str(refused)
+        ahead = {i.change.number for i in item.changes_ahead()}
+        for dep in needed:
+            if dep.number not in ahead:
+                return (
+                    f"Change {item.change.number} depends on change {dep.number}, which is "
+                    "neither merged nor ahead of it in the queue any more."
+                )
+        return None
 
     # Events ---------------------------------------------------------------
 
@@ -90,42 +110,108 @@ class PipelineManager:
         if not self.sched.layout.jobs_for(change.project, self.pipeline.name):
             return f"Project {change.project} runs no jobs in {self.pipeline.name}."
         for item in self.find_items(change.number):
-            if item.change.patchset == change.patchset:
+            if item.live and item.change.patchset == change.patchset:
                 return f"Change {change.label} is already in {self.pipeline.name}."
         return None
 
-    def plan_enqueue(
-        self, change: Change, event_id: str, txn: Transaction
-    ) -> tuple[QueueItem, ChangeQueue]:
-        """Add the item's writes to `txn`; the caller commits, then `enqueue`s."""
-        queue = self.get_change_queue(change)
-        item = QueueItem(
-            pipeline=self.pipeline.name, queue=queue.name, change=change, event_id=event_id
-        )
-        item.buildset = self._new_buildset(item, attempt=1)
-        data = item.to_dict()
-        data["item_ahead"] = queue.items[-1].uuid if queue.items else None
-        txn.create(self.state.item_path(self.pipeline.name, item.uuid), data)
-        stored = {**queue.to_dict(), "items": [*(i.uuid for i in queue.items), item.uuid]}
+    def dependencies(self, change: Change) -> list[Change]:
+        """The open changes `change` needs (Depends-On, recursively), the
+        deepest first; EnqueueRefused(report=True) for a cycle, a missing or an
+        abandoned change."""
+        conn = self.sched.connections[change.connection]
+        needed: list[Change] = []
+
+        def visit(current: Change, path: list[int]) -> None:
+            for ref in current.depends_on:
+                dep = conn.find_change(ref)
+                if dep is None:
+                    raise EnqueueRefused(
+                        f"Change {current.number} says Depends-On: {ref}, which names no change.",
+                        report=True,
+                    )
+                if dep.number in path:
+                    cycle = " -> ".join(
+                        str(n) for n in [*path[path.index(dep.number) :], dep.number]
+                    )
+                    raise EnqueueRefused(f"Depends-On cycle: {cycle}.", report=True)
+                if dep.status == "MERGED":
+                    continue
+                if dep.status != "NEW":
+                    raise EnqueueRefused(
+                        f"Change {current.number} depends on change {dep.number}, which is "
+                        f"{dep.status.lower()}.",
+                        report=True,
+                    )
+                visit(dep, [*path, dep.number])
+                if all(n.number != dep.number for n in needed):
+                    needed.append(dep)
+
+        visit(change, [change.number])
+        return needed
+
+    def plan(self, change: Change, event_id: str, txn: Transaction) -> list[QueueItem]:
+        """Add the writes that enqueue `change` (and the changes it needs, as
+        the manager's kind wants them) to `txn`; the caller commits, then
+        calls `enqueue`. Raises EnqueueRefused."""
+        why = self.why_not_enqueue(change)
+        if why:
+            raise EnqueueRefused(why)
+        return self.plan_items(self.changes_to_enqueue(change), event_id, txn)
+
+    def changes_to_enqueue(self, change: Change) -> list[tuple[Change, bool]]:
+        """(change, live) in queue order: the changes it needs, then itself."""
+        raise NotImplementedError
+
+    def plan_items(
+        self, changes: list[tuple[Change, bool]], event_id: str, txn: Transaction
+    ) -> list[QueueItem]:
+        queue = self.get_change_queue(changes[-1][0])
+        items = []
+        ahead = queue.items[-1].uuid if queue.items else None
+        for change, live in changes:
+            item = QueueItem(
+                pipeline=self.pipeline.name,
+                queue=queue.name,
+                change=change,
+                event_id=event_id,
+                live=live,
+            )
+            if live:
+                item.buildset = self._new_buildset(item, attempt=1)
+            data = item.to_dict()
+            data["item_ahead"] = ahead
+            ahead = item.uuid
+            txn.create(self.state.item_path(self.pipeline.name, item.uuid), data)
+            items.append(item)
+        stored = {
+            **queue.to_dict(),
+            "items": [*(i.uuid for i in queue.items), *(i.uuid for i in items)],
+        }
         if queue.stored:
             txn.set(self.state.queue_path(self.pipeline.name, queue.name), stored)
         else:
             txn.create(self.state.queue_path(self.pipeline.name, queue.name), stored)
-        return item, queue
-
-    def enqueue(self, item: QueueItem, queue: ChangeQueue) -> None:
         if queue not in self.pipeline.queues:
+            self._new_queues[queue.name] = queue
+        return items
+
+    def enqueue(self, items: list[QueueItem]) -> None:
+        queue = self.pipeline.get_queue(items[0].queue)
+        if queue is None:
+            queue = self._new_queues.pop(items[0].queue)
             self.pipeline.queues.append(queue)
         queue.stored = True
-        queue.enqueue(item)
-        self.log.info(
-            "Enqueued change %s as item %s in queue %s",
-            item.label,
-            item.uuid,
-            queue.name,
-            item=item,
-        )
-        self.on_enqueued(item)
+        for item in items:
+            queue.enqueue(item)
+            self.log.info(
+                "Enqueued change %s as %s item %s in queue %s",
+                item.label,
+                "live" if item.live else "non-live",
+                item.uuid,
+                queue.name,
+                item=item,
+            )
+        self.on_enqueued(items[-1])
 
     def _new_buildset(self, item: QueueItem, attempt: int) -> BuildSet:
         bs = BuildSet(attempt=attempt)
@@ -152,7 +238,11 @@ class PipelineManager:
         in the same order and on the same items ahead."""
         self.state.ensure_pipeline(self.pipeline.name)
         stored_queues, stored_items = self.state.load_pipeline(self.pipeline.name)
-        items = {uuid: QueueItem.from_dict(data) for uuid, data in stored_items.items()}
+        items = {}
+        for uuid, data in stored_items.items():
+            if data.get("model_api", 1) < 2:
+                stored_queues.append(self._upgrade_v1(data))
+            items[uuid] = QueueItem.from_dict(data)
         placed = set()
         for data in stored_queues:
             queue = self._queue_from_dict(data)
@@ -176,6 +266,38 @@ class PipelineManager:
             if uuid not in placed:
                 self.log.warning("Item %s had no queue; dropping it", uuid)
                 self.state.zk.delete(self.state.item_path(self.pipeline.name, uuid))
+
+    def _upgrade_v1(self, data: dict) -> dict:
+        """An item stored by MODEL_API 1 (check only, no queues): give it a
+        queue of its own and start it over, so an upgrade loses no change."""
+        change = Change(
+            connection=data["connection"],
+            project=data["project"],
+            branch=data["branch"],
+            number=data["change"],
+            patchset=data["patchset"],
+            subject=data.get("subject", ""),
+            owner=data.get("owner", ""),
+        )
+        queue = self.get_change_queue(change)
+        item = QueueItem(
+            pipeline=self.pipeline.name,
+            queue=queue.name,
+            change=change,
+            event_id=data.get("event_id", ""),
+            uuid=data["uuid"],
+            enqueue_time=data.get("enqueue_time", 0.0),
+        )
+        item.buildset = self._new_buildset(item, attempt=1)
+        data.clear()
+        data.update(item.to_dict())
+        stored = {**queue.to_dict(), "items": [item.uuid]}
+        txn = self.state.transaction()
+        txn.set(self.state.item_path(self.pipeline.name, item.uuid), data)
+        txn.create(self.state.queue_path(self.pipeline.name, queue.name), stored)
+        txn.commit()
+        self.log.info("Upgraded item %s from MODEL_API 1", item.uuid, item=item)
+        return stored
 
     def _queue_from_dict(self, data: dict) -> ChangeQueue:
         queue = self.new_queue(data["name"], dynamic=data.get("dynamic", False))
@@ -221,7 +343,16 @@ class PipelineManager:
         self, queue: ChangeQueue, item: QueueItem, nnfi: QueueItem | None
     ) -> tuple[QueueItem | None, bool]:
         changed = False
-        if item.item_ahead is not nnfi:
+        if not item.live:
+            # Only there to be applied under the items behind it.
+            if not item.items_behind:
+                self.remove_item(item)
+                return nnfi, True
+            return nnfi, False
+        ahead = item.item_ahead
+        if ahead is not None and not ahead.live:
+            ahead = None  # tested on top of it, but not waiting for it
+        if ahead is not nnfi:
             old = item.item_ahead
             moved = queue.move(item, nnfi)
             self.log.info(
@@ -239,8 +370,12 @@ class PipelineManager:
             item.active = actionable
             self.save(item)
         bs = item.buildset
-        if item.error is not None:
-            return self._report_and_dequeue(item, queue), True
+        if item.error is None and item.failure is None:
+            item.failure = self.check_needed_changes(item)
+            if item.failure is not None:
+                self.save(item)
+        if item.error is not None or item.failure is not None:
+            return self._report_and_dequeue(item, queue, reset_behind=True), True
         if bs.merge_state == MergeState.CONFLICT:
             # A series that does not apply is reported at once, wherever it is.
             self.log.info("Change %s does not apply: %s", item.label, bs.merge_error, item=item)
@@ -251,7 +386,7 @@ class PipelineManager:
             elif bs.merged:
                 changed = self._run_builds(item) or changed
         failing = bs.any_failed()
-        if item.item_ahead is None and bs.merged and bs.all_done():
+        if ahead is None and bs.merged and bs.all_done():
             return self._report_and_dequeue(item, queue, reset_behind=failing), True
         if not failing:
             nnfi = item

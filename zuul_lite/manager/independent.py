@@ -13,7 +13,11 @@ class IndependentPipelineManager(PipelineManager):
     def get_change_queue(self, change: Change) -> ChangeQueue:
         return self.new_queue(f"{change.project}-{change.number}-{change.patchset}", dynamic=True)
 
+    def changes_to_enqueue(self, change: Change) -> list[tuple[Change, bool]]:
+        """Tested on top of the changes it needs, which are not reported."""
+        return [*((dep, False) for dep in self.dependencies(change)), (change, True)]
+
     def on_enqueued(self, item: QueueItem) -> None:
         for old in self.find_items(item.change.number):
-            if old.change.patchset < item.change.patchset:
+            if old.live and old.change.patchset < item.change.patchset:
                 self.dequeue(old, f"superseded by patchset {item.change.patchset}")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from nodepool_lite.exceptions import NodeExistsError
 from zuul_lite.connections import Report
-from zuul_lite.model import MergeState, QueueItem
+from zuul_lite.model import Change, MergeState, QueueItem
 from zuul_lite.reporter import format_report
 
 if TYPE_CHECKING:
@@ -39,6 +39,8 @@ class ItemReporter:
     def action(self, item: QueueItem) -> str:
         if item.error is not None:
             return "error"
+        if item.failure is not None:
+            return "failure"
         if item.buildset.merge_state == MergeState.CONFLICT:
             return "merge-failure"
         return "success" if item.buildset.succeeded() else "failure"
@@ -52,6 +54,23 @@ class ItemReporter:
             "error": p.failure,
         }[action]
         return table.get(connection)
+
+    def report_refusal(self, change: Change, sentence: str, event_id: str) -> None:
+        """Tell the author why a change did not enter the pipeline (a
+        Depends-On cycle, a missing change); once per trigger event."""
+        conn = self.manager.sched.connections[change.connection]
+        settings = self._settings("failure", change.connection)
+        if settings is None:
+            return
+        report = Report(
+            id=f"refused-{event_id}",
+            pipeline=self.manager.pipeline.name,
+            message=f"zuul-lite {self.manager.pipeline.name} pipeline, change {change.label}: "
+            f"not enqueued.\n\n{sentence}",
+            verified=settings.get("verified"),
+        )
+        if not conn.has_report(change, report):
+            conn.report(change, report)
 
     def report(self, item: QueueItem) -> bool:
         """Merge (if the pipeline does) and report; True if the change merged."""
