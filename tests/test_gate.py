@@ -133,6 +133,8 @@ def test_first_fails_others_rebased(gate: Gate) -> None:
     assert gate.branch_log() == ["c: add", "b: add", "Initial commit"]
     aborted = [h for h in gate.history() if h[1] == "ABORTED"]
     assert sorted(h[2] for h in aborted) == ["1,1 2,1", "1,1 2,1", "1,1 2,1 3,1", "1,1 2,1 3,1"]
+    settle(gate.sched, gate.launcher)
+    assert gate.sched.state.build_uuids() == []  # results of stopped builds cleaned up
 
 
 def test_middle_fails(gate: Gate) -> None:

@@ -273,7 +273,7 @@ class Scheduler(threading.Thread):
             self.submit_build(request)
 
     def cancel_build(self, uuid: str) -> None:
-        self._watched.discard(uuid)
+        """Stop it; its watch stays, so its late result is cleaned up."""
         self.gearman.cancel_build(uuid)
 
     # The loop -------------------------------------------------------------
@@ -423,9 +423,11 @@ class Scheduler(threading.Thread):
     def _process_build_event(self, event: BuildCompleted | BuildLost | BuildEarlyFailure) -> None:
         found = self._find_build(event.uuid)
         if found is None:
-            # A build of a reset build set or a removed item.
-            if not self.state.build_running(event.uuid):
-                self.state.delete_build(event.uuid)
+            # A build of a reset build set or a removed item: clean up.
+            if not isinstance(event, BuildEarlyFailure):
+                self._watched.discard(event.uuid)
+                if not self.state.build_running(event.uuid):
+                    self.state.delete_build(event.uuid)
             return
         manager, item, build = found
         if isinstance(event, BuildEarlyFailure):

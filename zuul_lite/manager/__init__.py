@@ -452,8 +452,10 @@ class PipelineManager:
         """Start the item over: cancel its builds, new build set, new merge."""
         self.cancel_builds(item)
         self._merges_requested.pop(item.uuid, None)
-        item.buildset = self._new_buildset(item, attempt=item.buildset.attempt + 1)
+        old = item.buildset
+        item.buildset = self._new_buildset(item, attempt=old.attempt + 1)
         self.save(item)
+        self._delete_finished_builds(old)
 
     def cancel_builds(self, item: QueueItem) -> None:
         for build in item.buildset.builds.values():
@@ -683,6 +685,11 @@ class PipelineManager:
     def _forget(self, item: QueueItem) -> None:
         self._merges_requested.pop(item.uuid, None)
         self._merge_failures.pop(item.uuid, None)
-        for build in item.buildset.builds.values():
-            if build.state != BuildState.QUEUED:
+        self._delete_finished_builds(item.buildset)
+
+    def _delete_finished_builds(self, bs: BuildSet) -> None:
+        """Their results are in the item; a cancelled one is deleted when its
+        result (or its launcher's going) arrives."""
+        for build in bs.builds.values():
+            if build.state == BuildState.COMPLETED:
                 self.state.delete_build(build.uuid)
