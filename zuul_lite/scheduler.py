@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import gear
 
-from nodepool_lite.exceptions import NodeExistsError, NoNodeError
+from nodepool_lite.exceptions import NodeExistsError, NoNodeError, ZKError
 from nodepool_lite.zk import ZooKeeper
 from zuul_lite.build_contract import BuildRequest
 from zuul_lite.config import ZuulConfig
@@ -316,6 +316,11 @@ class Scheduler(threading.Thread):
             except ZuulLiteError as error:
                 log.warning("[e: %s] dropped: %s", data.get("id"), error)
                 self.zk.delete(path)
+            except ZKError:
+                raise  # ZooKeeper away: the event stays queued; the loop retries
+            except Exception as error:  # one bad event never stops the others
+                log.exception("[e: %s] dropped: it raised %r", data.get("id"), error)
+                self.zk.delete(path)
 
     def _handle_trigger(self, path: str, event: TriggerEvent) -> None:
         conn = self.connections.get(event.connection)
@@ -374,6 +379,10 @@ class Scheduler(threading.Thread):
                 self._handle_management(event)
             except (TypeError, KeyError, ValueError, ZuulLiteError) as error:
                 log.error("Dropped management event %s: %s", name, error)
+            except ZKError:
+                raise
+            except Exception as error:
+                log.exception("Dropped management event %s: it raised %r", name, error)
             self.zk.delete(path)
 
     def _handle_management(self, event: ManagementEvent) -> None:
