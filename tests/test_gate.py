@@ -232,3 +232,27 @@ def _debug_votes(gate: Gate, *numbers: int) -> str:
         for n in numbers
         for v in gate.local.get_change_data(n)["votes"]
     )
+
+
+def test_head_fails_last_so_all_behind_restart(gate: Gate) -> None:
+    """The failing item is at the head when its last build ends: every item
+    behind it, not only the next one, restarts without it."""
+    a, b, c, d = (gate.change(n) for n in "abcd")
+    gate.launcher.results = {f"build:{a}": "FAILURE"}
+    gate.approve(a, b, c, d)
+    gate.release("lint", change=a)
+    gate.release("build", change=a)
+    assert gate.gate_votes(a) == [-1]
+    assert sorted(c for _, c in gate.running()) == [
+        "2,1",
+        "2,1",
+        "2,1 3,1",
+        "2,1 3,1",
+        "2,1 3,1 4,1",
+        "2,1 3,1 4,1",
+    ]
+    gate.launcher.hold = False
+    gate.release()
+    wait_for_votes(gate.zk, d, count=2)
+    assert [gate.gate_votes(n) for n in (b, c, d)] == [[1], [1], [1]]
+    assert gate.branch_log() == ["d: add", "c: add", "b: add", "Initial commit"]

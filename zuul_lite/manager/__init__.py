@@ -449,7 +449,11 @@ class PipelineManager:
     # Build sets and merges --------------------------------------------------
 
     def reset_item(self, item: QueueItem) -> None:
-        """Start the item over: cancel its builds, new build set, new merge."""
+        """Start the item over: cancel its builds, new build set, new merge;
+        and every item behind it, which was tested on top of it (Zuul's
+        cancelJobs with prime)."""
+        for behind in item.items_behind:
+            self.reset_item(behind)
         self.cancel_builds(item)
         self._merges_requested.pop(item.uuid, None)
         old = item.buildset
