@@ -1,0 +1,224 @@
+"""Shared setup for the scheduler benchmarks (bench/gate.py, bench/scheduler.py).
+
+One real ZooKeeper (fsync off, as tests/conftest.py), one Scheduler in this
+process with its embedded gear server, a project imported into the local
+inbox, and a StandInLauncher (tests/harness.py) answering builds. Everything
+lives under one tempfile directory that `close()` removes.
+
+The bench side (submitting, approving, watching votes) and the stand-in use
+ZooKeeper sessions of their own, as the CLI and the launcher would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import yaml  # noqa: E402
+
+from nodepool_lite.zk import ZooKeeper  # noqa: E402
+from nodepool_lite.zkserver import ZooKeeperServer, free_port  # noqa: E402
+from tests.harness import FIXTURES, StandInLauncher, make_project, run_git  # noqa: E402
+from zuul_lite import config as zconfig  # noqa: E402
+from zuul_lite.connections.local import LocalConnection  # noqa: E402
+from zuul_lite.model import TriggerEvent  # noqa: E402
+from zuul_lite.scheduler import Scheduler  # noqa: E402
+from zuul_lite.state import ZuulState  # noqa: E402
+
+
+def quiet_logs() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("gear", "zuul_lite", "nodepool_lite"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # kazoo warns "Connection dropped" when nodepool_lite.zk closes the client
+    # it uses to create the chroot: expected, not worth a line.
+    logging.getLogger("kazoo").setLevel(logging.ERROR)
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """Nearest-rank percentile (p100 is the maximum)."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), int(-(-pct * len(ordered) // 100))))
+    return ordered[rank - 1]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def make_patches(repo: Path, out: Path, names: list[str]) -> list[Path]:
+    """One one-patch series per name, each adding its own file `<name>.txt`
+    on the same base (so none conflict): commit them all on a branch,
+    `git format-patch` once, reset. Returns one .patch file per name."""
+    base = run_git(repo, "rev-parse", "HEAD").strip()
+    for name in names:
+        (repo / f"{name}.txt").write_text(f"{name}\n")
+        run_git(repo, "add", f"{name}.txt")
+        run_git(repo, "commit", "-qs", "-m", f"{name}: add")
+    out.mkdir(parents=True, exist_ok=True)
+    run_git(repo, "format-patch", "-q", "-o", str(out), base)
+    run_git(repo, "reset", "-q", "--hard", base)
+    files = sorted(out.glob("*.patch"))
+    assert len(files) == len(names), (len(files), len(names))
+    # format-patch numbers them in commit order, which is the order of `names`.
+    return files
+
+
+class ZuulEnv:
+    """ZooKeeper server + scheduler + stand-in launcher in a temp dir."""
+
+    def __init__(
+        self,
+        layout: dict,
+        launcher_cls: type[StandInLauncher] = StandInLauncher,
+        hold: bool = False,
+        results: dict[str, str] | None = None,
+    ) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="zuul-lite-bench-"))
+        self.zk_server = ZooKeeperServer(self.tmp / "zk", port=free_port(), force_sync=False)
+        self.sched: Scheduler | None = None
+        self.launcher: StandInLauncher | None = None
+        self.clients: list[ZooKeeper] = []
+        self.event_times: dict[int, list[float]] = {}  # change -> TriggerEvent.time, in order
+        try:
+            self._start(layout, launcher_cls, hold, results)
+        except BaseException:
+            self.close()
+            raise
+
+    def _client(self, hosts: str) -> ZooKeeper:
+        client = ZooKeeper(hosts)
+        client.connect()
+        self.clients.append(client)
+        return client
+
+    def _start(self, layout, launcher_cls, hold, results) -> None:
+        self.zk_server.start()
+        hosts = f"{self.zk_server.hosts}/bench"
+        layout_path = self.tmp / "layout.yaml"
+        layout_path.write_text(yaml.safe_dump(layout, sort_keys=False))
+        cfg_path = self.tmp / "zuul.yaml"
+        cfg_path.write_text(
+            yaml.safe_dump(
+                {
+                    "state-dir": str(self.tmp / "state"),
+                    "zookeeper": {"hosts": hosts},
+                    "gearman": {"server": "127.0.0.1", "port": free_port(), "start": True},
+                    "scheduler": {
+                        "layout": str(layout_path),
+                        "jobs-dir": str(FIXTURES / "jobs"),
+                    },
+                    "connections": {"local": {"driver": "local"}},
+                    "web": {"listen": "127.0.0.1", "port": free_port()},
+                    "launcher": {"log-root": str(self.tmp / "state" / "logs")},
+                }
+            )
+        )
+        self.cfg = zconfig.load(cfg_path)
+        self.zk_sched = self._client(hosts)
+        self.zk_user = self._client(hosts)
+        self.zk_launcher = self._client(hosts)
+        self.state = ZuulState(self.zk_user)
+        self.src = make_project(self.tmp)
+        self.local = LocalConnection(
+            "local",
+            {"driver": "local"},
+            self.state,
+            self.cfg.state_dir,
+            post_event=self._post_event,
+        )
+        self.local.import_project("demo", self.src)
+        self.sched = Scheduler(self.cfg, self.zk_sched)
+        self.sched.start()
+        self.launcher = launcher_cls(self.zk_launcher, self.sched.gearman_port, results)
+        self.launcher.hold = hold
+        self.launcher.start()
+
+    def _post_event(self, event: TriggerEvent) -> None:
+        """As the CLI posts it, remembering the event's own timestamp."""
+        self.event_times.setdefault(event.change, []).append(event.time)
+        self.state.put_trigger_event(event.to_dict())
+
+    def patches(self, prefix: str, count: int) -> list[Path]:
+        names = [f"{prefix}{i:04d}" for i in range(count)]
+        return make_patches(self.src, self.tmp / f"patches-{prefix}", names)
+
+    def submit(self, patch: Path) -> int:
+        number, _ = self.local.submit(patch, "demo")
+        return number
+
+    def watch(self, numbers: list[int], done: Callable[[dict], bool]) -> ChangeWatch:
+        return ChangeWatch(self.zk_user, self.state, numbers, done)
+
+    def status_dump(self) -> str:
+        return json.dumps(self.state.read_status(), indent=1)[:2000]
+
+    def close(self) -> None:
+        # Held builds die with the gear connections: gear logs each at ERROR.
+        logging.getLogger("gear").setLevel(logging.CRITICAL)
+        if self.sched is not None:
+            self.sched.stop()
+            self.sched.join(10)
+        if self.launcher is not None:
+            self.launcher.stop()
+        for client in self.clients:
+            try:
+                client.disconnect()
+            except Exception:
+                pass
+        self.zk_server.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class ChangeWatch:
+    """DataWatches on changes until `done(change data)` holds for each; records
+    the monotonic time each one got there and its data then."""
+
+    def __init__(
+        self, zk: ZooKeeper, state: ZuulState, numbers: list[int], done: Callable[[dict], bool]
+    ) -> None:
+        self.numbers = list(numbers)
+        self.done = done
+        self.at: dict[int, float] = {}
+        self.data: dict[int, dict] = {}
+        self.cond = threading.Condition()
+        for number in self.numbers:
+            zk.watch_data(state.local_path("changes", number), self._callback(number))
+
+    def _callback(self, number: int):
+        def on_change(data, version):
+            if data and self.done(data):
+                now = time.monotonic()
+                with self.cond:
+                    if number not in self.at:
+                        self.at[number] = now
+                        self.data[number] = data
+                    self.cond.notify_all()
+                return False
+            return None
+
+        return on_change
+
+    def wait(self, timeout: float, env: ZuulEnv | None = None) -> float:
+        """Monotonic time the last change got there."""
+        with self.cond:
+            ok = self.cond.wait_for(lambda: len(self.at) == len(self.numbers), timeout)
+        if not ok:
+            missing = [n for n in self.numbers if n not in self.at]
+            raise RuntimeError(
+                f"changes {missing} not done in {timeout}s"
+                + (f"; status: {env.status_dump()}" if env else "")
+            )
+        return max(self.at.values())

@@ -1,0 +1,210 @@
+"""Gate throughput: 10 approved series with instant jobs against one series.
+
+Goal: 10 approved series merge in <= 1.3x the time of one series, and in
+<= 2.3x when the 3rd fails; also printed: the ratio to running the 10 one at
+a time (approve, wait for the merge, approve the next).
+
+A real ZooKeeper (fsync off), the scheduler in this process with its gear
+server, the real merger (git am) and the local inbox's gate merge (git push);
+a StandInLauncher (tests/harness.py) answers `lint` and `build` at once.
+Each series is one patch adding its own file, so none conflict. Waits are
+DataWatches on the changes (a gate vote, status MERGED), never sleeps.
+
+    .venv/bin/python bench/gate.py [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from _zuul_env import ZuulEnv, median, quiet_logs
+
+from tests.harness import settle
+
+LAYOUT = {
+    "pipelines": [
+        {
+            "name": "gate",
+            "manager": "dependent",
+            "source": "local",
+            "trigger": {"local": [{"event": "change-approved"}]},
+            "success": {"local": {"verified": 1, "submit": True}},
+            "failure": {"local": {"verified": -1}},
+            "window": 20,
+        }
+    ],
+    "projects": [{"name": "demo", "gate": {"jobs": ["lint", "build"]}}],
+}
+SERIES = 10
+FAILING = 2  # index of the 3rd series
+TIMEOUT = 90.0
+
+
+def gate_voted(data: dict) -> bool:
+    return any(v["pipeline"] == "gate" for v in data.get("votes", []))
+
+
+class Counters:
+    """Wraps the merger's merge and push (on this process's objects) to count
+    them and their time: where the time of a gate run goes."""
+
+    def __init__(self, env: ZuulEnv) -> None:
+        merger = env.sched.merger.merger
+        self.merges = self.pushes = 0
+        self.merge_time = self.push_time = 0.0
+        merge, push = merger.merge, merger.push
+
+        def timed_merge(req):
+            start = time.perf_counter()
+            try:
+                return merge(req)
+            finally:
+                self.merges += 1
+                self.merge_time += time.perf_counter() - start
+
+        def timed_push(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return push(*args, **kwargs)
+            finally:
+                self.pushes += 1
+                self.push_time += time.perf_counter() - start
+
+        merger.merge, merger.push = timed_merge, timed_push
+        self.launcher = env.launcher
+
+    def snapshot(self) -> tuple[int, float, int, float, int]:
+        return (
+            self.merges,
+            self.merge_time,
+            self.pushes,
+            self.push_time,
+            len(self.launcher.history),
+        )
+
+    def since(self, before: tuple) -> str:
+        m, mt, p, pt, b = (now - then for now, then in zip(self.snapshot(), before, strict=True))
+        return (
+            f"{m:3d} merges ({mt:5.2f} s, {1000 * mt / max(m, 1):5.1f} ms each), "
+            f"{p:2d} pushes ({pt:4.2f} s), {b:3d} builds"
+        )
+
+
+def run_together(env: ZuulEnv, numbers: list[int]) -> float:
+    """Approve all at once; seconds until every one has its gate vote."""
+    watch = env.watch(numbers, gate_voted)
+    start = time.monotonic()
+    for n in numbers:
+        env.local.approve(n)
+    end = watch.wait(TIMEOUT, env)
+    settle(env.sched, env.launcher)
+    return end - start
+
+
+def run_one(env: ZuulEnv, number: int) -> float:
+    return run_together(env, [number])
+
+
+def outcome(env: ZuulEnv, numbers: list[int]) -> str:
+    merged = failed = 0
+    for n in numbers:
+        data = env.local.get_change_data(n)
+        votes = [v["value"] for v in data["votes"] if v["pipeline"] == "gate"]
+        if data["status"] == "MERGED" and votes == [1]:
+            merged += 1
+        elif votes == [-1]:
+            failed += 1
+    return f"{merged} merged, {failed} voted -1"
+
+
+def surprises(env: ZuulEnv, numbers: list[int], failing: int | None = None) -> None:
+    """One line per change that did not end as expected (a scheduler bug, not timing)."""
+    for n in numbers:
+        data = env.local.get_change_data(n)
+        votes = [v for v in data["votes"] if v["pipeline"] == "gate"]
+        want = [-1] if n == failing else [1]
+        if [v["value"] for v in votes] != want or (n != failing) != (data["status"] == "MERGED"):
+            first = votes[-1]["message"].split("\n")[0] if votes else "no vote"
+            values = [v["value"] for v in votes]
+            print(f"      ! change {n}: {data['status']}, votes {values}: {first}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3, help="runs of the single series (median)")
+    opts = parser.parse_args()
+    quiet_logs()
+    print(
+        f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+        f"({os.cpu_count()} CPUs)"
+    )
+    t_setup = time.monotonic()
+    env = ZuulEnv(LAYOUT)
+    try:
+        count = 1 + opts.reps + 3 * SERIES
+        patches = env.patches("s", count)
+        numbers = [env.submit(p) for p in patches]  # patchset-created: no pipeline wants it
+        settle(env.sched, env.launcher)
+        warm, numbers = numbers[0], numbers[1:]
+        singles, numbers = numbers[: opts.reps], numbers[opts.reps :]
+        together, numbers = numbers[:SERIES], numbers[SERIES:]
+        failing, serial = numbers[:SERIES], numbers[SERIES:]
+        counters = Counters(env)
+        run_one(env, warm)  # the merger clones its workspace on the first merge
+        print(
+            f"setup: ZooKeeper, scheduler, {count} series submitted, warm-up merge: "
+            f"{time.monotonic() - t_setup:.1f} s"
+        )
+
+        before = counters.snapshot()
+        one = [run_one(env, n) for n in singles]
+        a = median(one)
+        print(
+            f"(a) 1 series, approve -> merged     : {a:6.3f} s  (median of "
+            f"{len(one)}: {', '.join(f'{t:.3f}' for t in one)})"
+        )
+        print(f"      {counters.since(before)} in {len(one)} runs")
+
+        before = counters.snapshot()
+        b = run_together(env, together)
+        print(
+            f"(b) {SERIES} series at once -> all merged: {b:6.3f} s  [{outcome(env, together)}; "
+            f"expected {SERIES} merged]"
+        )
+        print(f"      {counters.since(before)}")
+        surprises(env, together)
+
+        env.launcher.results = {f"build:{failing[FAILING]}": "FAILURE"}
+        before = counters.snapshot()
+        c = run_together(env, failing)
+        env.launcher.results = {}
+        print(
+            f"(c) {SERIES} at once, 3rd build fails    : {c:6.3f} s  [{outcome(env, failing)}; "
+            f"expected {SERIES - 1} merged, 1 voted -1]"
+        )
+        print(f"      {counters.since(before)}")
+        surprises(env, failing, failing[FAILING])
+
+        before = counters.snapshot()
+        start = time.monotonic()
+        for n in serial:
+            run_one(env, n)
+        d = time.monotonic() - start
+        print(f"(d) {SERIES} one at a time (serial)     : {d:6.3f} s  [{outcome(env, serial)}]")
+        print(f"      {counters.since(before)}")
+        surprises(env, serial)
+
+        print()
+        print(f"b/a  10 at once / 1 series      : {b / a:5.2f}x   (goal <= 1.3x)")
+        print(f"c/a  10 with 3rd failing / 1    : {c / a:5.2f}x   (goal <= 2.3x)")
+        print(f"d/b  serial / at once           : {d / b:5.2f}x   (gain of gating together)")
+        print(f"per series: at once {1000 * b / SERIES:.0f} ms, serial {1000 * d / SERIES:.0f} ms")
+        print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    finally:
+        env.close()
+
+
+if __name__ == "__main__":
+    main()
