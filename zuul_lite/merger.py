@@ -59,6 +59,11 @@ class MergeRequest:
     changes: Sequence[MergeChange]  # the changes ahead in the queue, then the item's own
     review_repo: Path  # where the branch head comes from (a local repository)
     event_id: str = ""
+    # A commit of the workspace to apply onto instead of the branch head: the
+    # state the item ahead was tested on, so each gate item applies only its
+    # own series (its changes ahead are in that commit already).
+    base: str | None = None
+    base_changes: Sequence[str] = ()  # labels of the changes `base` holds, for messages
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "changes", tuple(self.changes))
@@ -103,9 +108,15 @@ def _patch_at_fault(e: GitError) -> bool:
     )
 
 
-def _conflict(changes: Sequence[MergeChange], index: int, output: str, files: list[str]) -> str:
+def _conflict(
+    changes: Sequence[MergeChange],
+    index: int,
+    output: str,
+    files: list[str],
+    base_changes: Sequence[str] = (),
+) -> str:
     """One sentence saying which patch of which change does not apply onto what."""
-    ahead = [c.label for c in changes[:index]]
+    ahead = [*base_changes, *(c.label for c in changes[:index])]
     where = "to the branch head"
     if ahead:
         where += f" with {'change' if len(ahead) == 1 else 'changes'} {' '.join(ahead)} applied"
@@ -223,7 +234,9 @@ class Merger:
             if "couldn't find remote ref" in e.output:
                 return None
             raise
-        base = rev_parse(ws, f"{remote}^{{commit}}")
+        base = rev_parse(ws, f"{req.base or remote}^{{commit}}")
+        if not base:
+            raise GitError(["rev-parse", str(req.base)], 1, f"{req.base} is not in the workspace")
         git(ws, "checkout", "--quiet", "--force", "--detach", base)
         git(ws, "clean", "-qfdx")
         return base
@@ -274,14 +287,16 @@ class Merger:
                 git(ws, "am", "--abort", check=False)
                 if not _patch_at_fault(e):
                     raise
-                error = _conflict(req.changes, index, e.output, files)
+                error = _conflict(req.changes, index, e.output, files, req.base_changes)
                 elog.info("Merge of %s failed: %s", req.ref, error)
                 return MergeResult(
                     req.item_uuid, base, None, req.ref, error, change.label, commits=commits
                 )
             commits[change.label] = rev_parse(ws, "HEAD")
             if commits[change.label] == before:
-                error = _conflict(req.changes, index, "the series holds no patch", [])
+                error = _conflict(
+                    req.changes, index, "the series holds no patch", [], req.base_changes
+                )
                 elog.info("Merge of %s failed: %s", req.ref, error)
                 del commits[change.label]
                 return MergeResult(
@@ -358,10 +373,14 @@ class MergerThread(threading.Thread):
         super().__init__(name="merger", daemon=True)
         self.merger = merger
         self.on_result = on_result
-        self.requests: queue.Queue[MergeRequest | None] = queue.Queue()
+        self.requests: queue.Queue[MergeRequest | tuple[str, str] | None] = queue.Queue()
 
     def submit(self, req: MergeRequest) -> None:
         self.requests.put(req)
+
+    def forget(self, project: str, ref: str) -> None:
+        """Drop a published ref, on this thread: the caller never waits on a merge."""
+        self.requests.put((project, ref))
 
     def stop(self) -> None:
         self.requests.put(None)
@@ -371,6 +390,12 @@ class MergerThread(threading.Thread):
             req = self.requests.get()
             if req is None:
                 return
+            if isinstance(req, tuple):
+                try:
+                    self.merger.forget(*req)
+                except Exception:
+                    log.exception("Could not drop %s of %s", req[1], req[0])
+                continue
             try:
                 result = self.merger.merge(req)
             except Exception as e:  # merge() catches everything; this is the last net

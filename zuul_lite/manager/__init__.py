@@ -467,15 +467,26 @@ class PipelineManager:
                 self.log.info("Cancelling build %s", build.job, item=item, build=build)
                 self.sched.cancel_build(build.uuid)
         if item.buildset.git_ref:
-            self.sched.merger.merger.forget(item.change.project, item.buildset.git_ref)
+            self.sched.merger.forget(item.change.project, item.buildset.git_ref)
 
     def _request_merge(self, item: QueueItem) -> None:
         bs = item.buildset
         if self._merges_requested.get(item.uuid) == bs.uuid:
             return
         ahead = item.changes_ahead()
+        # Apply onto the state the nearest merged live item ahead was tested
+        # on; the ones between (non-live, in check) are applied again.
+        base, rest = None, ahead
+        for index in range(len(ahead) - 1, -1, -1):
+            other = ahead[index]
+            if other.live:
+                if not other.buildset.merged:
+                    return  # its merge comes first; this one follows its result
+                base, rest = other.buildset.head_sha, ahead[index + 1 :]
+                break
         changes = [*(i.change for i in ahead), item.change]
         bs.changes = [c.label for c in changes]
+        apply = [*(i.change for i in rest), item.change]
         self._merges_requested[item.uuid] = bs.uuid
         self.sched.merger.submit(
             MergeRequest(
@@ -485,8 +496,10 @@ class PipelineManager:
                 ref=self.ref_for(item),
                 changes=[
                     MergeChange(c.label, self.sched.connections[c.connection].get_series(c))
-                    for c in changes
+                    for c in apply
                 ],
+                base=base,
+                base_changes=[i.change.label for i in ahead[: len(ahead) - len(rest)]],
                 review_repo=self.sched.connections[item.change.connection].branch_repo(
                     item.change.project
                 ),
@@ -510,7 +523,10 @@ class PipelineManager:
             self._merge_failed(item, bs.uuid, result.error or "unknown error")
             return
         self._merge_failures.pop(item.uuid, None)
-        bs.base_sha = result.base_sha
+        # The base of the item's own series: what checkpatch and warning
+        # diffs compare against.
+        own = list(result.commits)
+        bs.base_sha = result.commits[own[-2]] if len(own) > 1 else result.base_sha
         if result.error:
             if result.failed_change and result.failed_change != item.label:
                 # A change ahead does not apply: it is dequeued and this item
