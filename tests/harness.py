@@ -268,3 +268,61 @@ class StandInLauncher(threading.Thread):
         self.running = False
         self.worker.shutdown()
         self.stopper.shutdown()
+
+
+# Helpers for the fault and CLI gate tests (tests/test_gate_faults.py,
+# tests/test_cli_gate.py) -------------------------------------------------
+
+REPO_ROOT = Path(__file__).parents[1]
+
+
+def start_scheduler_process(config: Path, log: Path) -> subprocess.Popen:
+    """`zuul-lite scheduler` in a process of its own (to be killed with -9)."""
+    import os
+    import sys
+
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "zuul_lite.cmd.client",
+            "-c",
+            str(config),
+            "-v",
+            "--log-file",
+            str(log),
+            "scheduler",
+        ],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+
+
+def wait_until(predicate, timeout: float = 30, what: str = "the condition") -> None:
+    """Wait for `predicate()` to hold (for state another process writes, where
+    no watch or settle() applies); fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def pipeline_status(zk: ZooKeeper, pipeline: str) -> list[dict]:
+    """The stored items of `pipeline`, in queue order (as `zuul-lite status` reads them)."""
+    for p in ZuulState(zk).read_status()["pipelines"]:
+        if p["name"] == pipeline:
+            return p["items"]
+    return []
+
+
+def queue_shape(zk: ZooKeeper, pipeline: str) -> list[tuple[int, str, str | None]]:
+    """(change number, item uuid, uuid of the item ahead) of each item, in order."""
+    items = pipeline_status(zk, pipeline)
+    return [(i["change"]["number"], i["uuid"], i["item_ahead"]) for i in items]
+
+
+def votes_in(zk: ZooKeeper, change: int, pipeline: str) -> list:
+    """The values of the votes `pipeline` left on `change`."""
+    data = zk.get_or_none(ZuulState(zk).local_path("changes", change)) or {}
+    return [v["value"] for v in data.get("votes", []) if v["pipeline"] == pipeline]

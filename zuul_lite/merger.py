@@ -136,12 +136,21 @@ def _conflict(
     return f"Change {changes[index].label} ahead in the queue: {sentence}"
 
 
+def _resolve(repo: Path, rev: str) -> str:
+    """The commit `rev` names, or "" when there is none."""
+    return git(repo, "rev-parse", "--verify", "--quiet", rev, check=False).strip()
+
+
 class Merger:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._lock = threading.RLock()  # one merge (or forget) at a time
         self._swap = threading.Lock()  # a push reads the workspace a re-clone replaces
         self._suspect: set[str] = set()
+        # Projects whose workspace was checked since this merger started or its
+        # last error: the checks cost a few git processes per merge otherwise.
+        self._sound: set[str] = set()
+        self._fetched: dict[str, str] = {}  # project/branch -> branch head last fetched
 
     def workspace(self, project: str) -> Path:
         return self.root / project
@@ -154,6 +163,8 @@ class Merger:
 
     def _mark_suspect(self, project: str) -> None:
         self._suspect.add(project)
+        self._sound.discard(project)
+        self._fetched = {k: v for k, v in self._fetched.items() if not k.startswith(project + "/")}
         try:  # survives a restart of the merger
             self._sibling(project, ".suspect").touch()
         except OSError:
@@ -176,6 +187,8 @@ class Merger:
         if self._is_suspect(req.project):
             elog.warning("Workspace %s may be damaged by an earlier error; cloning it again", ws)
             return self._reclone(req, elog)
+        if req.project in self._sound:
+            return ws
         gitdir = ws / ".git"
         if not gitdir.is_dir():
             return self._reclone(req, elog)
@@ -197,6 +210,7 @@ class Merger:
                 )
                 return self._reclone(req, elog)
         git(ws, "config", "gc.autoDetach", "false")  # no gc left running behind our back
+        self._sound.add(req.project)
         return ws
 
     def _reclone(self, req: MergeRequest, elog: logging.LoggerAdapter) -> Path:
@@ -220,23 +234,41 @@ class Merger:
         shutil.rmtree(old, ignore_errors=True)
         self._suspect.discard(req.project)
         self._sibling(req.project, ".suspect").unlink(missing_ok=True)
+        self._sound.add(req.project)
         return ws
 
     # -- merging -----------------------------------------------------------
 
-    def _checkout_base(self, ws: Path, req: MergeRequest) -> str | None:
-        """Fetch the branch and check its head out clean; None if there is no such branch."""
+    def _branch_head(self, ws: Path, req: MergeRequest) -> str | None:
+        """The branch head, fetched only when it moved; None if there is no such branch."""
         ref = f"refs/heads/{req.branch}"
         remote = f"refs/remotes/origin/{req.branch}"
+        key = f"{req.project}/{req.branch}"
+        if Path(req.review_repo).is_dir():  # a local repository: its head costs no fetch
+            head = _resolve(Path(req.review_repo), f"{ref}^{{commit}}")
+            if head and self._fetched.get(key) == head:
+                return head
         try:
             git(ws, "fetch", "--quiet", "--no-tags", str(req.review_repo), f"+{ref}:{remote}")
         except GitError as e:
             if "couldn't find remote ref" in e.output:
                 return None
             raise
-        base = rev_parse(ws, f"{req.base or remote}^{{commit}}")
-        if not base:
-            raise GitError(["rev-parse", str(req.base)], 1, f"{req.base} is not in the workspace")
+        head = rev_parse(ws, f"{remote}^{{commit}}")
+        self._fetched[key] = head
+        return head
+
+    def _checkout_base(self, ws: Path, req: MergeRequest) -> str | None:
+        """Check the base out clean: the branch head, or `req.base`; None if the
+        branch does not exist, "" if `req.base` is not there."""
+        if req.base:
+            base = _resolve(ws, f"{req.base}^{{commit}}")
+            if not base:
+                return ""
+        else:
+            base = self._branch_head(ws, req)
+            if base is None:
+                return None
         git(ws, "checkout", "--quiet", "--force", "--detach", base)
         git(ws, "clean", "-qfdx")
         return base
@@ -265,9 +297,17 @@ class Merger:
             error = f"Branch '{req.branch}' does not exist in project {req.project}."
             elog.info("Merge of %s failed: %s", req.ref, error)
             return MergeResult(req.item_uuid, ref=req.ref, error=error)
+        if base == "":
+            # The state of the changes ahead was not published (their merge
+            # failed): this request is moot, the scheduler re-bases the item.
+            ahead = req.base_changes[-1] if req.base_changes else None
+            error = f"The state of the changes ahead ({' '.join(req.base_changes)}) is not there."
+            elog.info("Merge of %s skipped: %s", req.ref, error)
+            return MergeResult(req.item_uuid, ref=req.ref, error=error, failed_change=ahead)
         commits: dict[str, str] = {}
+        head = base
         for index, change in enumerate(req.changes):
-            before = rev_parse(ws, "HEAD")
+            before = head
             try:
                 # The committer date is the author's, so the same series on the
                 # same base is the same commit in every build set: a gate item
@@ -292,8 +332,8 @@ class Merger:
                 return MergeResult(
                     req.item_uuid, base, None, req.ref, error, change.label, commits=commits
                 )
-            commits[change.label] = rev_parse(ws, "HEAD")
-            if commits[change.label] == before:
+            head = commits[change.label] = rev_parse(ws, "HEAD")
+            if head == before:
                 error = _conflict(
                     req.changes, index, "the series holds no patch", [], req.base_changes
                 )
@@ -302,7 +342,6 @@ class Merger:
                 return MergeResult(
                     req.item_uuid, base, None, req.ref, error, change.label, commits=commits
                 )
-        head = rev_parse(ws, "HEAD")
         git(ws, "update-ref", req.ref, head)
         elog.info("Published %s = %s: %s on %s", req.ref, head[:12], " ".join(commits), base[:12])
         return MergeResult(req.item_uuid, base, head, req.ref, commits=commits)

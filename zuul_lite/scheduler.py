@@ -304,22 +304,26 @@ class Scheduler(threading.Thread):
     def _process_trigger_events(self) -> None:
         for name in self.state.trigger_events():
             path = self.state.trigger_event_path(name)
-            data = self.state.get(path)
-            if data is None:
-                continue
+            event_id = name
             try:
+                data = self.state.get(path)
+                if data is None:
+                    continue
+                if not isinstance(data, dict):
+                    raise ValueError("not a JSON object")
+                event_id = data.get("id", name)
                 event = TriggerEvent.from_dict(data)
                 self._handle_trigger(path, event)
+            except ZKError:
+                raise  # ZooKeeper away: the event stays queued; the loop retries
             except (TypeError, KeyError, ValueError) as error:
                 log.error("Dropped malformed trigger event %s: %s", name, error)
                 self.zk.delete(path)
             except ZuulLiteError as error:
-                log.warning("[e: %s] dropped: %s", data.get("id"), error)
+                log.warning("[e: %s] dropped: %s", event_id, error)
                 self.zk.delete(path)
-            except ZKError:
-                raise  # ZooKeeper away: the event stays queued; the loop retries
             except Exception as error:  # one bad event never stops the others
-                log.exception("[e: %s] dropped: it raised %r", data.get("id"), error)
+                log.exception("[e: %s] dropped: it raised %r", event_id, error)
                 self.zk.delete(path)
 
     def _handle_trigger(self, path: str, event: TriggerEvent) -> None:
@@ -371,16 +375,17 @@ class Scheduler(threading.Thread):
     def _process_management_events(self) -> None:
         for name in self.state.management_events():
             path = self.state.management_event_path(name)
-            data = self.state.get(path)
-            if data is None:
-                continue
             try:
-                event = ManagementEvent.from_dict(data)
-                self._handle_management(event)
-            except (TypeError, KeyError, ValueError, ZuulLiteError) as error:
-                log.error("Dropped management event %s: %s", name, error)
+                data = self.state.get(path)
+                if data is None:
+                    continue
+                if not isinstance(data, dict):
+                    raise ValueError("not a JSON object")
+                self._handle_management(ManagementEvent.from_dict(data))
             except ZKError:
                 raise
+            except (TypeError, KeyError, ValueError, ZuulLiteError) as error:
+                log.error("Dropped management event %s: %s", name, error)
             except Exception as error:
                 log.exception("Dropped management event %s: it raised %r", name, error)
             self.zk.delete(path)

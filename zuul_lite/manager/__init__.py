@@ -474,15 +474,21 @@ class PipelineManager:
         if self._merges_requested.get(item.uuid) == bs.uuid:
             return
         ahead = item.changes_ahead()
-        # Apply onto the state the nearest merged live item ahead was tested
-        # on; the ones between (non-live, in check) are applied again.
+        # Apply onto the state the nearest live item ahead is tested on (its
+        # ref: the merger serves requests in order, so a merge requested for it
+        # is published before this one runs); the ones between (non-live, in
+        # check) are applied again.
         base, rest = None, ahead
         for index in range(len(ahead) - 1, -1, -1):
             other = ahead[index]
             if other.live:
-                if not other.buildset.merged:
-                    return  # its merge comes first; this one follows its result
-                base, rest = other.buildset.head_sha, ahead[index + 1 :]
+                if other.buildset.merged:
+                    base = other.buildset.head_sha
+                elif self._merges_requested.get(other.uuid) == other.buildset.uuid:
+                    base = self.ref_for(other)
+                else:
+                    return  # its merge is requested first; this one follows
+                rest = ahead[index + 1 :]
                 break
         changes = [*(i.change for i in ahead), item.change]
         bs.changes = [c.label for c in changes]
@@ -556,6 +562,7 @@ class PipelineManager:
             self.save(item)
             return
         self.log.warning("Merger error, retrying: %s", error, item=item)
+        self._merges_requested[item.uuid] = bs_uuid  # no new request until the timer
 
         def retry() -> None:
             if self._merges_requested.get(item.uuid) == bs_uuid:
