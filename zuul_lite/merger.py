@@ -151,6 +151,9 @@ class Merger:
         # last error: the checks cost a few git processes per merge otherwise.
         self._sound: set[str] = set()
         self._fetched: dict[str, str] = {}  # project/branch -> branch head last fetched
+        # (project, ref, sha) the workspace is clean at, after the last merge:
+        # a gate request chained on that ref needs no checkout.
+        self._at: tuple[str, str, str] | None = None
 
     def workspace(self, project: str) -> Path:
         return self.root / project
@@ -162,6 +165,7 @@ class Merger:
     # -- keeping the workspace sound ---------------------------------------
 
     def _mark_suspect(self, project: str) -> None:
+        self._at = None
         self._suspect.add(project)
         self._sound.discard(project)
         self._fetched = {k: v for k, v in self._fetched.items() if not k.startswith(project + "/")}
@@ -215,6 +219,7 @@ class Merger:
 
     def _reclone(self, req: MergeRequest, elog: logging.LoggerAdapter) -> Path:
         """Clone the project afresh next to the workspace, keep its published refs, swap."""
+        self._at = None
         ws, tmp, old = (self._sibling(req.project, s) for s in ("", ".tmp", ".old"))
         ws.parent.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -261,6 +266,9 @@ class Merger:
     def _checkout_base(self, ws: Path, req: MergeRequest) -> str | None:
         """Check the base out clean: the branch head, or `req.base`; None if the
         branch does not exist, "" if `req.base` is not there."""
+        at, self._at = self._at, None
+        if at is not None and req.base and at[0] == req.project and req.base in at[1:]:
+            return at[2]  # the previous merge left the workspace exactly there
         if req.base:
             base = _resolve(ws, f"{req.base}^{{commit}}")
             if not base:
@@ -343,6 +351,7 @@ class Merger:
                     req.item_uuid, base, None, req.ref, error, change.label, commits=commits
                 )
         git(ws, "update-ref", req.ref, head)
+        self._at = (req.project, req.ref, head)
         elog.info("Published %s = %s: %s on %s", req.ref, head[:12], " ".join(commits), base[:12])
         return MergeResult(req.item_uuid, base, head, req.ref, commits=commits)
 
