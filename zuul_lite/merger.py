@@ -389,7 +389,7 @@ class Merger:
         head = git(review_repo, "rev-parse", "--verify", "--quiet", ref, check=False).strip()
         if not re.fullmatch(r"[0-9a-f]{40,64}", head):
             return f"Branch '{branch}' does not exist in project {project}."
-        if self._landed(review_repo, head, sha):
+        if head == sha or self._landed(review_repo, head, sha):
             log.info("%s is already on %s of %s", sha[:12], branch, project)
             return None
         try:

@@ -72,6 +72,26 @@ class ItemReporter:
         if not conn.has_report(change, report):
             conn.report(change, report)
 
+    @staticmethod
+    def _run_end(item: QueueItem) -> str | None:
+        end = item
+        while True:
+            nxt = next(
+                (
+                    i
+                    for i in end.items_behind
+                    if i.live
+                    and i.error is None
+                    and i.failure is None
+                    and i.buildset.succeeded()
+                    and i.buildset.changes[:-1] == end.buildset.changes
+                ),
+                None,
+            )
+            if nxt is None:
+                return end.buildset.head_sha
+            end = nxt
+
     def report(self, item: QueueItem) -> bool:
         """Merge (if the pipeline does) and report; True if the change merged."""
         state = self.manager.state
@@ -81,10 +101,15 @@ class ItemReporter:
         if record is None:
             action = self.action(item)
             settings = self._settings(action, change.connection) or {}
+            submit = bool(settings.get("submit")) and self.manager.changes_merge
             record = {
                 "report_id": f"{item.uuid}-{item.buildset.uuid}",
                 "action": action,
-                "submit": bool(settings.get("submit")) and self.manager.changes_merge,
+                "submit": submit,
+                # What to merge: the state of the furthest item behind that
+                # passed on top of this one, so a run of passed items takes one
+                # push instead of one each (its changes land in order).
+                "sha": self._run_end(item) if submit and action == "success" else None,
                 "merged": False,
                 "merge_error": None,
             }
@@ -95,7 +120,8 @@ class ItemReporter:
         self._recorded.add(item.uuid)
         conn = sched.connections[change.connection]
         if record["submit"] and not record["merged"] and record["merge_error"] is None:
-            error = conn.merge(change, item.buildset.head_sha or "", sched.merger.merger)
+            sha = record.get("sha") or item.buildset.head_sha or ""
+            error = conn.merge(change, sha, sched.merger.merger)
             if error:
                 record.update(merge_error=error, action="failure")
             else:
