@@ -256,3 +256,17 @@ def test_head_fails_last_so_all_behind_restart(gate: Gate) -> None:
     wait_for_votes(gate.zk, d, count=2)
     assert [gate.gate_votes(n) for n in (b, c, d)] == [[1], [1], [1]]
     assert gate.branch_log() == ["d: add", "c: add", "b: add", "Initial commit"]
+
+
+def test_window_shrinks_on_a_failure(gate: Gate) -> None:
+    """Zuul's window: halved (down to its floor) when an item fails at the head."""
+    pipeline = gate.sched.managers["gate"].pipeline
+    pipeline.window, pipeline.window_floor = 4, 2
+    numbers = [gate.change(n) for n in "abcdef"]
+    gate.launcher.results = {f"build:{numbers[0]}": "FAILURE"}
+    gate.approve(*numbers)
+    assert {c for _, c in gate.running()} == {"1,1", "1,1 2,1", "1,1 2,1 3,1", "1,1 2,1 3,1 4,1"}
+    gate.release(change=numbers[0])
+    assert gate.gate_votes(numbers[0]) == [-1]
+    assert {c for _, c in gate.running()} == {"2,1", "2,1 3,1"}
+    assert gate.sched.state.read_status()["pipelines"][1]["queues"][0]["window"] == 2

@@ -375,11 +375,13 @@ class PipelineManager:
             if item.failure is not None:
                 self.save(item)
         if item.error is not None or item.failure is not None:
-            return self._report_and_dequeue(item, queue, reset_behind=True), True
+            self._report_and_dequeue(item, queue, reset_behind=True)
+            return nnfi, True
         if bs.merge_state == MergeState.CONFLICT:
             # A series that does not apply is reported at once, wherever it is.
             self.log.info("Change %s does not apply: %s", item.label, bs.merge_error, item=item)
-            return self._report_and_dequeue(item, queue, reset_behind=True), True
+            self._report_and_dequeue(item, queue, reset_behind=True)
+            return nnfi, True
         if actionable:
             if bs.merge_state == MergeState.PENDING:
                 self._request_merge(item)
@@ -387,21 +389,20 @@ class PipelineManager:
                 changed = self._run_builds(item) or changed
         failing = bs.any_failed()
         if ahead is None and bs.merged and bs.all_done():
-            return self._report_and_dequeue(item, queue, reset_behind=failing), True
+            self._report_and_dequeue(item, queue, reset_behind=failing)
+            return nnfi, True
         if not failing:
             nnfi = item
         return nnfi, changed
 
     def _report_and_dequeue(
         self, item: QueueItem, queue: ChangeQueue, reset_behind: bool = False
-    ) -> QueueItem | None:
-        """Report, then remove the item; returns the nnfi for the next item."""
-        ahead = item.item_ahead
+    ) -> None:
+        """Report, then remove the item (Zuul's window grows on a merge)."""
         merged = self.reporter.report(item)
         if self.changes_merge and not item.error:
             queue.increase_window() if merged else queue.decrease_window()
         self.remove_item(item, reset_behind=reset_behind or (self.changes_merge and not merged))
-        return ahead
 
     def remove_item(self, item: QueueItem, reset_behind: bool = False) -> None:
         """Take the item out of its queue and ZooKeeper; cancel what it runs."""
