@@ -131,6 +131,7 @@ class ZuulEnv:
         self.zk_user = self._client(hosts)
         self.zk_launcher = self._client(hosts)
         self.state = ZuulState(self.zk_user)
+        self.held: list[TriggerEvent] | None = None
         self.src = make_project(self.tmp)
         self.local = LocalConnection(
             "local",
@@ -147,9 +148,19 @@ class ZuulEnv:
         self.launcher.start()
 
     def _post_event(self, event: TriggerEvent) -> None:
-        """As the CLI posts it, remembering the event's own timestamp."""
+        """As the CLI posts it, remembering the event's own timestamp; kept
+        back while `held` is a list (to post a burst of events at once)."""
+        if self.held is not None:
+            self.held.append(event)
+            return
         self.event_times.setdefault(event.change, []).append(event.time)
         self.state.put_trigger_event(event.to_dict())
+
+    def post_held(self) -> None:
+        held, self.held = self.held or [], None
+        for event in held:
+            event.time = time.time()
+            self._post_event(event)
 
     def patches(self, prefix: str, count: int) -> list[Path]:
         names = [f"{prefix}{i:04d}" for i in range(count)]
