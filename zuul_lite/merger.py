@@ -154,6 +154,9 @@ class Merger:
         # (project, ref, sha) the workspace is clean at, after the last merge:
         # a gate request chained on that ref needs no checkout.
         self._at: tuple[str, str, str] | None = None
+        # Projects whose worktree holds no stray file (only a failed `git am`
+        # leaves some): they need no `git clean` before a merge.
+        self._clean: set[str] = set()
 
     def workspace(self, project: str) -> Path:
         return self.root / project
@@ -166,6 +169,7 @@ class Merger:
 
     def _mark_suspect(self, project: str) -> None:
         self._at = None
+        self._clean.discard(project)
         self._suspect.add(project)
         self._sound.discard(project)
         self._fetched = {k: v for k, v in self._fetched.items() if not k.startswith(project + "/")}
@@ -278,7 +282,9 @@ class Merger:
             if base is None:
                 return None
         git(ws, "checkout", "--quiet", "--force", "--detach", base)
-        git(ws, "clean", "-qfdx")
+        if req.project not in self._clean:
+            git(ws, "clean", "-qfdx")
+            self._clean.add(req.project)
         return base
 
     def merge(self, req: MergeRequest) -> MergeResult:
@@ -333,6 +339,7 @@ class Merger:
             except GitError as e:
                 files = git(ws, "diff", "--name-only", "--diff-filter=U", check=False).split()
                 git(ws, "am", "--abort", check=False)
+                self._clean.discard(req.project)
                 if not _patch_at_fault(e):
                     raise
                 error = _conflict(req.changes, index, e.output, files, req.base_changes)
