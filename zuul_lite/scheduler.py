@@ -92,6 +92,8 @@ class Scheduler(threading.Thread):
         self.gear_server: GearServer | None = None
         self.gearman = BuildClient(self._on_gear_failed)
         self._watched: set[str] = set()
+        self._triggers = threading.Event()
+        self._manages = threading.Event()
 
     # Lifecycle ----------------------------------------------------------
 
@@ -112,8 +114,8 @@ class Scheduler(threading.Thread):
         for manager in self.managers.values():
             manager.load()
         self._reconcile_builds()
-        self.state.watch_trigger_events(lambda children: self.wake_event.set())
-        self.state.watch_management_events(lambda children: self.wake_event.set())
+        self.state.watch_trigger_events(lambda children: self._queue_changed(self._triggers))
+        self.state.watch_management_events(lambda children: self._queue_changed(self._manages))
         for conn in self.connections.values():
             conn.start()
         super().start()
@@ -209,6 +211,12 @@ class Scheduler(threading.Thread):
         self.events.put(event)
         self.wake_event.set()
 
+    def _queue_changed(self, flag: threading.Event) -> None:
+        """An event queue in ZooKeeper changed: list it on the next pass (and
+        only then: listing it on every pass costs a round trip)."""
+        flag.set()
+        self.wake_event.set()
+
     def _post_trigger(self, event: TriggerEvent) -> None:
         """The event queue of the scheduler, for connections' watcher threads."""
         self.state.put_trigger_event(event.to_dict())
@@ -296,13 +304,23 @@ class Scheduler(threading.Thread):
                         changed = manager.process() or changed
                     if not changed:
                         break
+                for manager in self.managers.values():
+                    manager.flush()
             except Exception:
                 # ZooKeeper away, most likely: everything is in ZK, so retry.
                 log.exception("Scheduler loop error; retrying in 2 s")
                 self.call_later(2.0, lambda: None)
 
     def _process_trigger_events(self) -> None:
-        for name in self.state.trigger_events():
+        if not self._triggers.is_set():
+            return
+        self._triggers.clear()
+        try:
+            names = self.state.trigger_events()
+        except ZKError:
+            self._triggers.set()
+            raise
+        for name in names:
             path = self.state.trigger_event_path(name)
             event_id = name
             try:
@@ -315,7 +333,8 @@ class Scheduler(threading.Thread):
                 event = TriggerEvent.from_dict(data)
                 self._handle_trigger(path, event)
             except ZKError:
-                raise  # ZooKeeper away: the event stays queued; the loop retries
+                self._triggers.set()  # ZooKeeper away: the event stays queued
+                raise
             except (TypeError, KeyError, ValueError) as error:
                 log.error("Dropped malformed trigger event %s: %s", name, error)
                 self.zk.delete(path)
@@ -373,7 +392,15 @@ class Scheduler(threading.Thread):
                     manager.dequeue(item, f"superseded by patchset {event.patchset}")
 
     def _process_management_events(self) -> None:
-        for name in self.state.management_events():
+        if not self._manages.is_set():
+            return
+        self._manages.clear()
+        try:
+            names = self.state.management_events()
+        except ZKError:
+            self._manages.set()
+            raise
+        for name in names:
             path = self.state.management_event_path(name)
             try:
                 data = self.state.get(path)
@@ -383,6 +410,7 @@ class Scheduler(threading.Thread):
                     raise ValueError("not a JSON object")
                 self._handle_management(ManagementEvent.from_dict(data))
             except ZKError:
+                self._manages.set()
                 raise
             except (TypeError, KeyError, ValueError, ZuulLiteError) as error:
                 log.error("Dropped management event %s: %s", name, error)

@@ -46,6 +46,9 @@ class Connection(abc.ABC):
     """The driver interface every review system implements."""
 
     driver: ClassVar[str]
+    # report() itself leaves a report with the same id only once, so the
+    # scheduler need not ask has_report() first.
+    report_is_idempotent: ClassVar[bool] = False
 
     def __init__(
         self,

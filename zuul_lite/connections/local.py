@@ -34,6 +34,7 @@ log = logging.getLogger("zuul_lite.connections.local")
 
 class LocalConnection(Connection):
     driver = "local"
+    report_is_idempotent = True
 
     def __init__(
         self,

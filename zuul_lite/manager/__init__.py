@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from zuul_lite.scheduler import Scheduler
 
 MAX_ATTEMPTS = 3
+FLUSH_CHUNK = 64
 
 
 class ItemLog(logging.LoggerAdapter):
@@ -67,6 +68,7 @@ class PipelineManager:
         self._merges_requested: dict[str, str] = {}  # item uuid -> build set uuid
         self._merge_failures: dict[str, int] = {}
         self._new_queues: dict[str, ChangeQueue] = {}  # planned, not yet committed
+        self._dirty: dict[str, QueueItem] = {}  # saved in memory, not yet in ZooKeeper
         self.reporter = ItemReporter(self)
 
     # Hooks ----------------------------------------------------------------
@@ -178,6 +180,8 @@ class PipelineManager:
             )
             if live:
                 item.buildset = self._new_buildset(item, attempt=1)
+            position = len(queue.items) + len(items)
+            item.active = not queue.window or position < queue.window
             data = item.to_dict()
             data["item_ahead"] = ahead
             ahead = item.uuid
@@ -224,7 +228,27 @@ class PipelineManager:
     # Persistence ----------------------------------------------------------
 
     def save(self, item: QueueItem) -> None:
-        self.state.zk.set(self.state.item_path(self.pipeline.name, item.uuid), item.to_dict())
+        """Mark the item for the next `flush`: all of a loop pass's changes go to
+        ZooKeeper in one transaction. Before anything leaves the scheduler (a
+        build submitted, builds cancelled), `flush` is called first."""
+        self._dirty[item.uuid] = item
+
+    def flush(self) -> None:
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, {}
+        pending = list(dirty.items())
+        try:
+            while pending:
+                # A few items a transaction: ZooKeeper caps a request at 1 MB.
+                chunk, pending = pending[:FLUSH_CHUNK], pending[FLUSH_CHUNK:]
+                txn = self.state.transaction()
+                for uuid, item in chunk:
+                    txn.set(self.state.item_path(self.pipeline.name, uuid), item.to_dict())
+                txn.commit()
+        except Exception:
+            self._dirty.update(dict(chunk + pending))  # written on the next flush
+            raise
 
     def save_queue(self, queue: ChangeQueue, txn: Transaction | None = None) -> None:
         path = self.state.queue_path(self.pipeline.name, queue.name)
@@ -237,6 +261,7 @@ class PipelineManager:
         """Adopt the queues and items a previous scheduler left in ZooKeeper,
         in the same order and on the same items ahead."""
         self.state.ensure_pipeline(self.pipeline.name)
+        self.reporter.load()
         stored_queues, stored_items = self.state.load_pipeline(self.pipeline.name)
         items = {}
         for uuid, data in stored_items.items():
@@ -407,8 +432,8 @@ class PipelineManager:
     def remove_item(self, item: QueueItem, reset_behind: bool = False) -> None:
         """Take the item out of its queue and ZooKeeper; cancel what it runs."""
         queue = self.pipeline.get_queue(item.queue)
-        self.cancel_builds(item)
         behind = queue.dequeue(item) if queue and item in queue.items else []
+        self._dirty.pop(item.uuid, None)
         txn = self.state.transaction()
         txn.delete(self.state.item_path(self.pipeline.name, item.uuid))
         if queue is not None and queue.items:
@@ -419,6 +444,7 @@ class PipelineManager:
         if self.reporter.recorded(item):
             txn.delete(self.state.report_path(item.uuid))
         txn.commit()
+        self.cancel_builds(item)  # once ZooKeeper no longer has them
         self.reporter.forget(item)
         for other in behind:
             self.reset_item(other) if reset_behind else self.save(other)
@@ -455,20 +481,22 @@ class PipelineManager:
         cancelJobs with prime)."""
         for behind in item.items_behind:
             self.reset_item(behind)
-        self.cancel_builds(item)
         self._merges_requested.pop(item.uuid, None)
         old = item.buildset
         item.buildset = self._new_buildset(item, attempt=old.attempt + 1)
         self.save(item)
+        self.flush()  # a restart must not find the builds about to be cancelled
+        self.cancel_builds(item, old)
         self._delete_finished_builds(old)
 
-    def cancel_builds(self, item: QueueItem) -> None:
-        for build in item.buildset.builds.values():
+    def cancel_builds(self, item: QueueItem, bs: BuildSet | None = None) -> None:
+        bs = bs or item.buildset
+        for build in bs.builds.values():
             if build.state == BuildState.QUEUED:
                 self.log.info("Cancelling build %s", build.job, item=item, build=build)
                 self.sched.cancel_build(build.uuid)
-        if item.buildset.git_ref:
-            self.sched.merger.forget(item.change.project, item.buildset.git_ref)
+        if bs.git_ref:
+            self.sched.merger.forget(item.change.project, bs.git_ref)
 
     def _request_merge(self, item: QueueItem) -> None:
         bs = item.buildset
@@ -625,6 +653,7 @@ class PipelineManager:
             return
         build.state = BuildState.QUEUED
         self.save(item)
+        self.flush()  # stored `queued` before it is submitted
         self.sched.watch_build(build.uuid)
         self.sched.submit_build(self.build_request(item, build))
         self.log.info("Submitted %s", build.job, item=item, build=build)
@@ -719,5 +748,5 @@ class PipelineManager:
         """Their results are in the item; a cancelled one is deleted when its
         result (or its launcher's going) arrives."""
         for build in bs.builds.values():
-            if build.state == BuildState.COMPLETED:
+            if build.state == BuildState.COMPLETED and build.node_type is not None:
                 self.state.delete_build(build.uuid)

@@ -29,12 +29,17 @@ class ItemReporter:
     def __init__(self, manager: PipelineManager) -> None:
         self.manager = manager
         self._recorded: set[str] = set()
+        self._left: set[str] = set()  # records a previous scheduler left
+
+    def load(self) -> None:
+        self._left = set(self.manager.state.report_uuids())
 
     def recorded(self, item: QueueItem) -> bool:
         return item.uuid in self._recorded
 
     def forget(self, item: QueueItem) -> None:
         self._recorded.discard(item.uuid)
+        self._left.discard(item.uuid)
 
     def action(self, item: QueueItem) -> str:
         if item.error is not None:
@@ -97,7 +102,7 @@ class ItemReporter:
         state = self.manager.state
         sched = self.manager.sched
         change = item.change
-        record = state.get_report(item.uuid)
+        record = state.get_report(item.uuid) if item.uuid in self._left | self._recorded else None
         if record is None:
             action = self.action(item)
             settings = self._settings(action, change.connection) or {}
@@ -146,7 +151,7 @@ class ItemReporter:
             ),
             verified=verified,
         )
-        if conn.has_report(change, report):
+        if not conn.report_is_idempotent and conn.has_report(change, report):
             self.manager.log.info("Report %s was made already", report.id, item=item)
         else:
             conn.report(change, report)
