@@ -14,6 +14,7 @@ from pathlib import Path
 import gear
 import yaml
 
+from launcher.gearworker import NoDelayWorker
 from nodepool_lite.zk import ZooKeeper
 from nodepool_lite.zkserver import free_port
 from zuul_lite.build_contract import BuildRequest, BuildResult
@@ -163,9 +164,11 @@ class StandInLauncher(threading.Thread):
         self.held: list[tuple[gear.Job, dict]] = []
         self.hold = False
         self.lock = threading.Condition()
-        self.worker = gear.Worker("stand-in-launcher")
+        # TCP_NODELAY as the real launcher's worker: without it every build
+        # waits ~40 ms on Nagle and delayed ACKs (MACHINE-NOTES).
+        self.worker = NoDelayWorker("stand-in-launcher")
         self.worker.addServer("127.0.0.1", port)
-        self.stopper = gear.Worker("stand-in-launcher-stop")
+        self.stopper = NoDelayWorker("stand-in-launcher-stop")
         self.stopper.addServer("127.0.0.1", port)
         self.running = True
 
