@@ -13,13 +13,8 @@ import pytest
 from tests.harness import make_project, make_series, run_git
 from zuul_lite import merger as merger_mod
 from zuul_lite.git import GitError, git, rev_parse
-from zuul_lite.merger import (
-    MergeChange,
-    Merger,
-    MergeRequest,
-    MergeResult,
-    MergerThread,
-)
+from zuul_lite.merger import MergeChange, Merger, MergeRequest, MergeResult
+from zuul_lite.merger_pool import MergerPool
 
 
 class Env:
@@ -272,7 +267,7 @@ def test_merger_thread_survives_exceptions(env, monkeypatch):
             raise ValueError("the scheduler choked")
 
     monkeypatch.setattr(Merger, "merge", flaky_merge)
-    thread = MergerThread(env.merger, on_result)
+    thread = MergerPool(env.merger, on_result, workers=1)
     thread.start()
     for name in ("a", "b", "c"):
         thread.submit(env.request(*changes, ref=f"refs/zuul/gate/{name}"))
@@ -333,17 +328,23 @@ def test_series_missing_its_first_patch(env):
     assert result.failed_change == "7,1" and not result.internal
 
 
-def test_push_does_not_wait_for_a_merge(env):
-    """The scheduler pushes while the merger thread is busy with the next item."""
-    result = env.merger.merge(env.request(*three_changes(env)))
+def test_push_does_not_wait_for_a_merge(env, monkeypatch):
+    """The scheduler pushes while a merger worker is busy with the next item."""
+    changes = three_changes(env)
+    result = env.merger.merge(env.request(*changes))
     holding, done = threading.Event(), threading.Event()
+    real_git = merger_mod.git
 
-    def busy_merger():
-        with env.merger._lock:
+    def slow_am(repo, *args, **kwargs):
+        if args[:1] == ("am",) and kwargs.get("input") is not None:
             holding.set()
             done.wait(60)
+        return real_git(repo, *args, **kwargs)
 
-    thread = threading.Thread(target=busy_merger)
+    monkeypatch.setattr(merger_mod, "git", slow_am)
+    thread = threading.Thread(
+        target=env.merger.merge, args=(env.request(changes[0], ref="refs/zuul/gate/busy"),)
+    )
     thread.start()
     assert holding.wait(60)
     try:

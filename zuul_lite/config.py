@@ -20,7 +20,11 @@ SCHEMA = v.Schema(
             "start": bool,  # embed gear.Server in the scheduler
             "listen": str,
         },
-        "scheduler": {"layout": str, "jobs-dir": str},
+        "scheduler": {
+            "layout": str,
+            "jobs-dir": str,
+            "merger-workers": v.All(int, v.Range(min=1, max=16)),
+        },
         v.Required("connections"): {
             str: {v.Required("driver"): v.In(driver_names()), v.Extra: object}
         },
@@ -42,6 +46,7 @@ class ZuulConfig:
     gearman_listen: str
     layout_path: Path
     jobs_dir: Path
+    merger_workers: int = 2  # merges in parallel, each in its own git worktree
     connections: dict[str, dict] = field(default_factory=dict)
     web_listen: str = "127.0.0.1"
     web_port: int = 9000
@@ -78,6 +83,7 @@ def load(path: Path | str) -> ZuulConfig:
         gearman_listen=gearman.get("listen", "127.0.0.1"),
         layout_path=(here / sched.get("layout", "layout.yaml")).resolve(),
         jobs_dir=(here / sched.get("jobs-dir", "../jobs")).resolve(),
+        merger_workers=sched.get("merger-workers", 2),
         connections=data["connections"],
         web_listen=listen,
         web_port=port,

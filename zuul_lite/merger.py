@@ -8,23 +8,33 @@ which each change ends. It works in its own non-bare clone per project
 (`<state>/merger/<project>`), so the review tree is never touched; nodes fetch
 the published `refs/zuul/...` from that clone (bind-mounted read-only).
 
+Merges run in parallel, one per worktree: worker 0 uses the clone itself,
+worker N a `git worktree` of it (`<project>.wtN`), which shares its refs and
+objects, so every worker publishes into the repository the nodes fetch from
+(zuul_lite/merger_pool.py runs the workers). Each worktree has its own HEAD,
+index and `git am` state; fetching the branch head into the shared
+`refs/remotes/origin/...` is serialised per project.
+
 A series that does not apply is the change's fault (MERGE_CONFLICT); anything
 else that goes wrong is ours (`internal=True`, the scheduler retries). A
 workspace left broken by a killed or failed merger is repaired, or cloned
-again keeping its published refs, before the next merge. One Merger owns its
-root: it assumes no other process writes there (stale git locks are removed).
-Merges run one at a time; `push` (the gate's merge into the branch) does not
-wait for a running merge, only for a re-clone swapping the workspace.
+again keeping its published refs (its worktrees are made again), before the
+next merge: under the project's exclusive lock, which no merge or `forget` on
+that project holds meanwhile. One Merger owns its root: it assumes no other
+process writes there (stale git locks are removed). `push` (the gate's merge
+into the branch) does not wait for merges, only for a re-clone swapping the
+workspace.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import re
 import shutil
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +52,11 @@ _OUR_FAULT = re.compile(
 _PATCH_FAULT = re.compile(
     r"Patch failed at|Patch is empty|Patch format detection failed|corrupt patch"
 )
+# A shared ref some other git process holds locked: busy, not broken.
+_REF_LOCKED = re.compile(r"cannot lock ref|Unable to create '[^']*\.lock'|\.lock'?: File exists")
+# Automatic gc is off in the workspaces (run by one worker, it would lock refs
+# and HEADs the others are updating); it runs between merges every so often.
+GC_EVERY = 200
 
 
 @dataclass(frozen=True)
@@ -141,48 +156,146 @@ def _resolve(repo: Path, rev: str) -> str:
     return git(repo, "rev-parse", "--verify", "--quiet", rev, check=False).strip()
 
 
+class _Busy(Exception):
+    """A shared ref stayed locked by another git process: retry later, not a damaged workspace."""
+
+
+def _git_ref_update(repo: Path, *args: str) -> str:
+    """git, retried while a ref it updates is locked by another process."""
+    for delay in (0.05, 0.1, 0.2, 0.4, None):
+        try:
+            return git(repo, *args)
+        except GitError as e:
+            if not _REF_LOCKED.search(e.output):
+                raise
+            if delay is None:
+                raise _Busy(str(e)) from e
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class _SharedLock:
+    """Many holders of `shared()` or one of `exclusive()`; a waiting exclusive goes first."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._exclusive and not self._shared)
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+class _Tree:
+    """One worktree of a project's workspace and what is known of its state."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = threading.Lock()  # one merge at a time in it
+        # (ref, sha) the worktree is clean at after its last merge: a gate
+        # request chained on that ref needs no checkout.
+        self.at: tuple[str, str] | None = None
+        # No stray file in it (only a failed `git am` leaves some): no `git clean`.
+        self.clean = False
+
+
+class _Project:
+    def __init__(self) -> None:
+        # Merges and forgets hold it shared; checking, repairing, re-cloning
+        # and gc hold it exclusive.
+        self.lock = _SharedLock()
+        self.fetch = threading.Lock()  # fetches into the shared refs/remotes/origin/*
+        self.fetched: dict[str, str] = {}  # branch -> head last fetched (under `fetch`)
+        # Checked since this merger started or its last error: the checks cost
+        # a few git processes per merge otherwise.
+        self.sound = False
+        self.suspect = False  # to be cloned again
+        self.merges = 0  # published since the last gc
+        self.trees: dict[int, _Tree] = {}
+
+
 class Merger:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self._lock = threading.RLock()  # one merge (or forget) at a time
         self._swap = threading.Lock()  # a push reads the workspace a re-clone replaces
-        self._suspect: set[str] = set()
-        # Projects whose workspace was checked since this merger started or its
-        # last error: the checks cost a few git processes per merge otherwise.
-        self._sound: set[str] = set()
-        self._fetched: dict[str, str] = {}  # project/branch -> branch head last fetched
-        # (project, ref, sha) the workspace is clean at, after the last merge:
-        # a gate request chained on that ref needs no checkout.
-        self._at: tuple[str, str, str] | None = None
-        # Projects whose worktree holds no stray file (only a failed `git am`
-        # leaves some): they need no `git clean` before a merge.
-        self._clean: set[str] = set()
+        self._projects: dict[str, _Project] = {}
+        self._projects_lock = threading.Lock()
+        self._local = threading.local()  # the worktree this thread merges in
 
     def workspace(self, project: str) -> Path:
         return self.root / project
+
+    def worktree(self, project: str, worker: int) -> Path:
+        """Where `worker` merges: the workspace itself for worker 0."""
+        return self._sibling(project, f".wt{worker}") if worker else self.workspace(project)
+
+    def use_worktree(self, worker: int) -> None:
+        """Merges called from this thread from now on run in worktree `worker`."""
+        self._local.worker = worker
 
     def _sibling(self, project: str, suffix: str) -> Path:
         ws = self.workspace(project)
         return ws.with_name(ws.name + suffix)
 
-    # -- keeping the workspace sound ---------------------------------------
+    def _project(self, project: str) -> _Project:
+        with self._projects_lock:
+            return self._projects.setdefault(project, _Project())
+
+    def _tree(self, project: str, proj: _Project, worker: int) -> _Tree:
+        with self._projects_lock:
+            tree = proj.trees.get(worker)
+            if tree is None:
+                tree = proj.trees[worker] = _Tree(self.worktree(project, worker))
+            return tree
+
+    def _worktree_dirs(self, project: str) -> list[Path]:
+        ws = self.workspace(project)
+        return [
+            p for p in ws.parent.glob(ws.name + ".wt*") if p.name[len(ws.name) + 3 :].isdigit()
+        ]
+
+    # -- keeping the workspace sound (_check, _reclone, _gc: under the exclusive lock) --
 
     def _mark_suspect(self, project: str) -> None:
-        self._at = None
-        self._clean.discard(project)
-        self._suspect.add(project)
-        self._sound.discard(project)
-        self._fetched = {k: v for k, v in self._fetched.items() if not k.startswith(project + "/")}
+        proj = self._project(project)
+        proj.suspect, proj.sound = True, False
         try:  # survives a restart of the merger
             self._sibling(project, ".suspect").touch()
         except OSError:
             pass
 
-    def _is_suspect(self, project: str) -> bool:
-        return project in self._suspect or self._sibling(project, ".suspect").exists()
+    def _forget_state(self, proj: _Project) -> None:
+        proj.fetched.clear()
+        for tree in proj.trees.values():
+            tree.at, tree.clean = None, False
 
-    def _ready_workspace(self, req: MergeRequest, elog: logging.LoggerAdapter) -> Path:
-        """The project's workspace, repaired or cloned again if it is not sound."""
+    def _check(self, req: MergeRequest, proj: _Project, elog: logging.LoggerAdapter) -> None:
+        """Repair the project's workspace and worktrees, or clone it again."""
+        self._forget_state(proj)
         ws, tmp, old = (self._sibling(req.project, s) for s in ("", ".tmp", ".old"))
         if tmp.exists():
             elog.warning("Removing %s left by an interrupted clone", tmp)
@@ -192,21 +305,25 @@ class Merger:
                 shutil.rmtree(old)
             else:
                 old.rename(ws)
-        if self._is_suspect(req.project):
+        if proj.suspect or self._sibling(req.project, ".suspect").exists():
             elog.warning("Workspace %s may be damaged by an earlier error; cloning it again", ws)
-            return self._reclone(req, elog)
-        if req.project in self._sound:
-            return ws
+            return self._reclone(req, proj, elog)
         gitdir = ws / ".git"
         if not gitdir.is_dir():
-            return self._reclone(req, elog)
-        for lock in [*gitdir.glob("*.lock"), *(gitdir / "refs").rglob("*.lock")]:
+            return self._reclone(req, proj, elog)
+        own = [gitdir, *(gitdir / "worktrees").glob("*")]  # each worktree's HEAD, index, am
+        for lock in [
+            *(p for d in own for p in d.glob("*.lock")),
+            *(gitdir / "refs").rglob("*.lock"),
+        ]:
             elog.warning("Removing stale %s", lock)
             lock.unlink(missing_ok=True)
-        for state in ("rebase-apply", "rebase-merge"):
-            if (gitdir / state).exists():
-                elog.warning("Workspace %s was left in the middle of `git am`; resetting it", ws)
-                shutil.rmtree(gitdir / state)
+        for state in (d / s for d in own for s in ("rebase-apply", "rebase-merge")):
+            if state.exists():
+                elog.warning(
+                    "A worktree of %s was left in the middle of `git am`; resetting it", ws
+                )
+                shutil.rmtree(state)
         try:
             rev_parse(ws, "HEAD^{commit}")
         except GitError:
@@ -216,21 +333,41 @@ class Merger:
                 elog.warning(
                     "Workspace %s is broken (%s); cloning it again", ws, _one_line(str(e))
                 )
-                return self._reclone(req, elog)
-        git(ws, "config", "gc.autoDetach", "false")  # no gc left running behind our back
-        self._sound.add(req.project)
-        return ws
+                return self._reclone(req, proj, elog)
+        for path in self._worktree_dirs(req.project):
+            if not self._worktree_ok(ws, path):
+                elog.warning("Worktree %s is broken; making it again", path)
+                shutil.rmtree(path)
+        self._configure(ws)
+        proj.sound = True
 
-    def _reclone(self, req: MergeRequest, elog: logging.LoggerAdapter) -> Path:
+    @staticmethod
+    def _worktree_ok(ws: Path, path: Path) -> bool:
+        dotgit = path / ".git"
+        if not dotgit.is_file():  # else git would look for a repository further up
+            return False
+        try:
+            common = git(path, "rev-parse", "--path-format=absolute", "--git-common-dir")
+            rev_parse(path, "HEAD^{commit}")
+        except GitError:
+            return False
+        return Path(common.strip()).resolve() == (ws / ".git").resolve()
+
+    @staticmethod
+    def _configure(ws: Path) -> None:
+        git(ws, "config", "gc.autoDetach", "false")  # no gc left running behind our back
+        git(ws, "config", "gc.auto", "0")  # see GC_EVERY
+        git(ws, "worktree", "prune")  # forget worktrees whose directory is gone
+
+    def _reclone(self, req: MergeRequest, proj: _Project, elog: logging.LoggerAdapter) -> None:
         """Clone the project afresh next to the workspace, keep its published refs, swap."""
-        self._at = None
+        self._forget_state(proj)
         ws, tmp, old = (self._sibling(req.project, s) for s in ("", ".tmp", ".old"))
         ws.parent.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         elog.info("Cloning %s into %s", req.review_repo, ws)
         git(None, "clone", "--quiet", "--no-checkout", str(req.review_repo), str(tmp))
-        git(tmp, "config", "gc.autoDetach", "false")
         if (ws / ".git").is_dir():  # nodes may still fetch the refs of items in flight
             try:
                 git(tmp, "fetch", "--quiet", "--no-tags", str(ws), "+refs/zuul/*:refs/zuul/*")
@@ -241,72 +378,116 @@ class Merger:
                 ws.rename(old)
             tmp.rename(ws)
         shutil.rmtree(old, ignore_errors=True)
-        self._suspect.discard(req.project)
+        for path in self._worktree_dirs(req.project):  # worktrees of the old clone
+            shutil.rmtree(path)
+        self._configure(ws)
+        proj.suspect, proj.sound, proj.merges = False, True, 0
         self._sibling(req.project, ".suspect").unlink(missing_ok=True)
-        self._sound.add(req.project)
-        return ws
+
+    def _gc(self, project: str, proj: _Project, elog: logging.LoggerAdapter) -> None:
+        proj.merges = 0
+        elog.debug("Running git gc --auto in %s", self.workspace(project))
+        git(self.workspace(project), "-c", "gc.auto=6700", "gc", "--auto", "--quiet")
 
     # -- merging -----------------------------------------------------------
 
-    def _branch_head(self, ws: Path, req: MergeRequest) -> str | None:
+    def _branch_head(self, ws: Path, req: MergeRequest, proj: _Project) -> str | None:
         """The branch head, fetched only when it moved; None if there is no such branch."""
         ref = f"refs/heads/{req.branch}"
         remote = f"refs/remotes/origin/{req.branch}"
-        key = f"{req.project}/{req.branch}"
-        if Path(req.review_repo).is_dir():  # a local repository: its head costs no fetch
-            head = _resolve(Path(req.review_repo), f"{ref}^{{commit}}")
-            if head and self._fetched.get(key) == head:
-                return head
-        try:
-            git(ws, "fetch", "--quiet", "--no-tags", str(req.review_repo), f"+{ref}:{remote}")
-        except GitError as e:
-            if "couldn't find remote ref" in e.output:
-                return None
-            raise
-        head = rev_parse(ws, f"{remote}^{{commit}}")
-        self._fetched[key] = head
-        return head
+        with proj.fetch:  # refs/remotes/origin/* are shared by the worktrees
+            if Path(req.review_repo).is_dir():  # a local repository: its head costs no fetch
+                head = _resolve(Path(req.review_repo), f"{ref}^{{commit}}")
+                if head and proj.fetched.get(req.branch) == head:
+                    return head
+            try:
+                _git_ref_update(
+                    ws, "fetch", "--quiet", "--no-tags", str(req.review_repo), f"+{ref}:{remote}"
+                )
+            except GitError as e:
+                if "couldn't find remote ref" in e.output:
+                    return None
+                raise
+            head = proj.fetched[req.branch] = rev_parse(ws, f"{remote}^{{commit}}")
+            return head
 
-    def _checkout_base(self, ws: Path, req: MergeRequest) -> str | None:
-        """Check the base out clean: the branch head, or `req.base`; None if the
-        branch does not exist, "" if `req.base` is not there."""
-        at, self._at = self._at, None
-        if at is not None and req.base and at[0] == req.project and req.base in at[1:]:
-            return at[2]  # the previous merge left the workspace exactly there
+    def _checkout_base(self, tree: _Tree, req: MergeRequest, proj: _Project) -> str | None:
+        """Check the base out clean in `tree`: the branch head, or `req.base`; None if
+        the branch does not exist, "" if `req.base` is not there."""
+        at, tree.at = tree.at, None
+        if at is not None and req.base and req.base in at:
+            return at[1]  # the previous merge left the worktree exactly there
+        ws = self.workspace(req.project)  # refs are the same in every worktree
         if req.base:
             base = _resolve(ws, f"{req.base}^{{commit}}")
             if not base:
                 return ""
         else:
-            base = self._branch_head(ws, req)
+            base = self._branch_head(ws, req, proj)
             if base is None:
                 return None
-        git(ws, "checkout", "--quiet", "--force", "--detach", base)
-        if req.project not in self._clean:
-            git(ws, "clean", "-qfdx")
-            self._clean.add(req.project)
+        if not (tree.path / ".git").exists():  # made on first use, or again after a re-clone
+            git(ws, "worktree", "add", "--quiet", "--detach", str(tree.path), base)
+            tree.clean = True
+            return base
+        git(tree.path, "checkout", "--quiet", "--force", "--detach", base)
+        if not tree.clean:
+            git(tree.path, "clean", "-qfdx")
+            tree.clean = True
         return base
 
     def merge(self, req: MergeRequest) -> MergeResult:
-        """Never raises: a failure that is not the changes' becomes internal=True."""
+        """Never raises: a failure that is not the changes' becomes internal=True.
+
+        Runs in the worktree of this thread's worker (see `use_worktree`), 0 by default.
+        """
         elog = _EventLog(log, {"event_id": req.event_id})
-        with self._lock:
+        proj = self._project(req.project)
+        tree = self._tree(req.project, proj, getattr(self._local, "worker", 0))
+        with tree.lock:
             try:
-                return self._merge(req, elog)
+                return self._merge(req, proj, tree, elog)
+            except _Busy as e:  # not damage: the next merge checks the project (stale locks)
+                elog.warning("Merge of %s: %s", req.ref, e)
+                proj.sound = False
+                error = _internal_error(e)
             except Exception as e:
                 elog.exception("Merger error for %s", req.ref)
                 self._mark_suspect(req.project)
                 error = _internal_error(e)
-                return MergeResult(req.item_uuid, ref=req.ref, error=error, internal=True)
+            return MergeResult(req.item_uuid, ref=req.ref, error=error, internal=True)
 
-    def _merge(self, req: MergeRequest, elog: logging.LoggerAdapter) -> MergeResult:
-        ws = self._ready_workspace(req, elog)
-        try:
-            base = self._checkout_base(ws, req)
-        except GitError as e:
-            elog.warning("Preparing %s failed (%s); cloning it again", ws, _one_line(str(e)))
-            ws = self._reclone(req, elog)
-            base = self._checkout_base(ws, req)
+    def _merge(
+        self, req: MergeRequest, proj: _Project, tree: _Tree, elog: logging.LoggerAdapter
+    ) -> MergeResult:
+        retried = False
+        while True:
+            if not proj.sound or proj.suspect or proj.merges >= GC_EVERY:
+                with proj.lock.exclusive():  # no merge or forget of the project runs
+                    if not proj.sound or proj.suspect:
+                        self._check(req, proj, elog)
+                    if proj.merges >= GC_EVERY:
+                        self._gc(req.project, proj, elog)
+            with proj.lock.shared():
+                try:
+                    base = self._checkout_base(tree, req, proj)
+                except GitError as e:
+                    if retried:
+                        raise
+                    elog.warning("Preparing %s failed: %s", tree.path, _one_line(str(e)))
+                    self._mark_suspect(req.project)
+                    retried = True
+                    continue
+                return self._apply(req, proj, tree, base, elog)
+
+    def _apply(
+        self,
+        req: MergeRequest,
+        proj: _Project,
+        tree: _Tree,
+        base: str | None,
+        elog: logging.LoggerAdapter,
+    ) -> MergeResult:
         if base is None:
             error = f"Branch '{req.branch}' does not exist in project {req.project}."
             elog.info("Merge of %s failed: %s", req.ref, error)
@@ -327,7 +508,7 @@ class Merger:
                 # same base is the same commit in every build set: a gate item
                 # tested on top of another stays a fast-forward of its merge.
                 git(
-                    ws,
+                    tree.path,
                     "am",
                     "--quiet",
                     "--3way",
@@ -337,17 +518,17 @@ class Merger:
                     input=change.series,
                 )
             except GitError as e:
-                files = git(ws, "diff", "--name-only", "--diff-filter=U", check=False).split()
-                git(ws, "am", "--abort", check=False)
-                self._clean.discard(req.project)
+                files = git(tree.path, "diff", "--name-only", "--diff-filter=U", check=False)
+                git(tree.path, "am", "--abort", check=False)
+                tree.clean = False
                 if not _patch_at_fault(e):
                     raise
-                error = _conflict(req.changes, index, e.output, files, req.base_changes)
+                error = _conflict(req.changes, index, e.output, files.split(), req.base_changes)
                 elog.info("Merge of %s failed: %s", req.ref, error)
                 return MergeResult(
                     req.item_uuid, base, None, req.ref, error, change.label, commits=commits
                 )
-            head = commits[change.label] = rev_parse(ws, "HEAD")
+            head = commits[change.label] = rev_parse(tree.path, "HEAD")
             if head == before:
                 error = _conflict(
                     req.changes, index, "the series holds no patch", [], req.base_changes
@@ -357,14 +538,15 @@ class Merger:
                 return MergeResult(
                     req.item_uuid, base, None, req.ref, error, change.label, commits=commits
                 )
-        git(ws, "update-ref", req.ref, head)
-        self._at = (req.project, req.ref, head)
+        _git_ref_update(tree.path, "update-ref", req.ref, head)
+        tree.at = (req.ref, head)
+        proj.merges += 1
         elog.info("Published %s = %s: %s on %s", req.ref, head[:12], " ".join(commits), base[:12])
         return MergeResult(req.item_uuid, base, head, req.ref, commits=commits)
 
     def forget(self, project: str, ref: str) -> None:
         """Drop a published ref once its item is reported, so refs do not pile up."""
-        with self._lock:
+        with self._project(project).lock.shared():
             git(self.workspace(project), "update-ref", "-d", ref, check=False)
 
     # -- gate merge --------------------------------------------------------
@@ -419,45 +601,3 @@ class Merger:
             return error
         log.info("Pushed %s to %s of %s", sha[:12], branch, project)
         return None
-
-
-class MergerThread(threading.Thread):
-    """Serves merge requests in order and hands each result to `on_result`; never dies."""
-
-    def __init__(self, merger: Merger, on_result: Callable[[MergeResult], None]) -> None:
-        super().__init__(name="merger", daemon=True)
-        self.merger = merger
-        self.on_result = on_result
-        self.requests: queue.Queue[MergeRequest | tuple[str, str] | None] = queue.Queue()
-
-    def submit(self, req: MergeRequest) -> None:
-        self.requests.put(req)
-
-    def forget(self, project: str, ref: str) -> None:
-        """Drop a published ref, on this thread: the caller never waits on a merge."""
-        self.requests.put((project, ref))
-
-    def stop(self) -> None:
-        self.requests.put(None)
-
-    def run(self) -> None:
-        while True:
-            req = self.requests.get()
-            if req is None:
-                return
-            if isinstance(req, tuple):
-                try:
-                    self.merger.forget(*req)
-                except Exception:
-                    log.exception("Could not drop %s of %s", req[1], req[0])
-                continue
-            try:
-                result = self.merger.merge(req)
-            except Exception as e:  # merge() catches everything; this is the last net
-                log.exception("[e: %s] Merger error for %s", req.event_id, req.ref)
-                error = _internal_error(e)
-                result = MergeResult(req.item_uuid, ref=req.ref, error=error, internal=True)
-            try:
-                self.on_result(result)
-            except Exception:
-                log.exception("[e: %s] Handing over the merge result failed", req.event_id)

@@ -28,7 +28,8 @@ from zuul_lite.layout import Layout, load_layout
 from zuul_lite.manager import PipelineManager
 from zuul_lite.manager.dependent import DependentPipelineManager
 from zuul_lite.manager.independent import IndependentPipelineManager
-from zuul_lite.merger import Merger, MergeResult, MergerThread
+from zuul_lite.merger import Merger, MergeResult
+from zuul_lite.merger_pool import MergerPool
 from zuul_lite.model import Build, ManagementEvent, QueueItem, TriggerEvent
 from zuul_lite.state import ZuulState
 
@@ -88,7 +89,9 @@ class Scheduler(threading.Thread):
         self.connections = make_connections(
             config.connections, self.state, config.state_dir, self._post_trigger
         )
-        self.merger = MergerThread(Merger(config.state_dir / "merger"), self._on_merged)
+        self.merger = MergerPool(
+            Merger(config.state_dir / "merger"), self._on_merged, workers=config.merger_workers
+        )
         self.gear_server: GearServer | None = None
         self.gearman = BuildClient(self._on_gear_failed)
         self._watched: set[str] = set()

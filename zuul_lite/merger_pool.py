@@ -1,0 +1,150 @@
+"""Workers serving merge requests in parallel, each in its own worktree of the Merger.
+
+Each worker has a FIFO queue. A request chained on another (`base` is the ref
+the merge of the item ahead publishes) goes to the worker that merge went to,
+behind it, so the ref is there when it runs (and the worktree is still at that
+state, which spares the checkout); so does a `forget` of a ref, and a request
+publishing a ref whose merge is still queued. Anything else goes to the worker
+with the fewest requests waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from zuul_lite.merger import Merger, MergeRequest, MergeResult, _internal_error
+
+log = logging.getLogger("zuul_lite.merger")
+
+# Refs whose merge is done, remembered (oldest dropped first) to send what is
+# chained on them to the same worker: only spares a checkout by then.
+_REMEMBERED = 4096
+
+
+class MergerPool:
+    """Serves merge requests on `workers` threads and hands each result to
+    `on_result` (called from a worker thread); never dies."""
+
+    def __init__(
+        self, merger: Merger, on_result: Callable[[MergeResult], None], workers: int = 2
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"a merger pool needs at least one worker, not {workers}")
+        self.merger = merger
+        self.on_result = on_result
+        self._queues: list[queue.Queue[MergeRequest | tuple[str, str] | None]] = [
+            queue.Queue() for _ in range(workers)
+        ]
+        self._lock = threading.Lock()
+        self._load = [0] * workers  # requests queued or running, per worker
+        self._pending: dict[tuple[str, str], list[int]] = {}  # (project, ref) -> [worker, count]
+        self._done: OrderedDict[tuple[str, str], int] = OrderedDict()  # (project, ref) -> worker
+        self._threads = [
+            threading.Thread(target=self._run, args=(i,), name=f"merger-{i}", daemon=True)
+            for i in range(workers)
+        ]
+
+    @property
+    def workers(self) -> int:
+        return len(self._threads)
+
+    def _worker_of(self, project: str, ref: str) -> int | None:
+        pending = self._pending.get((project, ref))
+        return pending[0] if pending else self._done.get((project, ref))
+
+    def _put(self, worker: int, item: MergeRequest | tuple[str, str]) -> None:
+        self._load[worker] += 1
+        self._queues[worker].put(item)
+
+    def _least_loaded(self) -> int:
+        return min(range(self.workers), key=self._load.__getitem__)
+
+    def submit(self, req: MergeRequest) -> None:
+        with self._lock:
+            worker = self._worker_of(req.project, req.ref)
+            if worker is None and req.base and req.base.startswith("refs/"):
+                worker = self._worker_of(req.project, req.base)
+            if worker is None:
+                worker = self._least_loaded()
+            key = (req.project, req.ref)
+            self._done.pop(key, None)
+            self._pending.setdefault(key, [worker, 0])[1] += 1
+            self._put(worker, req)
+
+    def forget(self, project: str, ref: str) -> None:
+        """Drop a published ref, on a worker (after its merge): the caller never waits."""
+        with self._lock:
+            worker = self._worker_of(project, ref)
+            self._done.pop((project, ref), None)
+            self._put(self._least_loaded() if worker is None else worker, (project, ref))
+
+    def _finished(self, worker: int, item: MergeRequest | tuple[str, str]) -> None:
+        with self._lock:
+            self._load[worker] -= 1
+            if not isinstance(item, MergeRequest):
+                return
+            key = (item.project, item.ref)
+            pending = self._pending[key]
+            pending[1] -= 1
+            if not pending[1]:
+                del self._pending[key]
+                self._done[key] = worker
+                while len(self._done) > _REMEMBERED:
+                    self._done.popitem(last=False)
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        """Each worker stops once the requests queued before are served."""
+        for q in self._queues:
+            q.put(None)
+
+    def join(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            if thread.is_alive():
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                thread.join(left)
+
+    def is_alive(self) -> bool:
+        return any(thread.is_alive() for thread in self._threads)
+
+    def _run(self, worker: int) -> None:
+        self.merger.use_worktree(worker)
+        requests = self._queues[worker]
+        while True:
+            item = requests.get()
+            if item is None:
+                return
+            try:
+                if isinstance(item, MergeRequest):
+                    self._serve(item)
+                else:
+                    self._forget(*item)
+            finally:
+                self._finished(worker, item)
+
+    def _forget(self, project: str, ref: str) -> None:
+        try:
+            self.merger.forget(project, ref)
+        except Exception:
+            log.exception("Could not drop %s of %s", ref, project)
+
+    def _serve(self, req: MergeRequest) -> None:
+        try:
+            result = self.merger.merge(req)
+        except Exception as e:  # merge() catches everything; this is the last net
+            log.exception("[e: %s] Merger error for %s", req.event_id, req.ref)
+            error = _internal_error(e)
+            result = MergeResult(req.item_uuid, ref=req.ref, error=error, internal=True)
+        try:
+            self.on_result(result)
+        except Exception:
+            log.exception("[e: %s] Handing over the merge result failed", req.event_id)
