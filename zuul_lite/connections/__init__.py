@@ -27,6 +27,7 @@ from zuul_lite.model import Change, TriggerEvent
 from zuul_lite.state import ZuulState
 
 if TYPE_CHECKING:
+    from nodepool_lite.zk import Transaction
     from zuul_lite.merger import Merger
 
 PostEvent = Callable[[TriggerEvent], None]
@@ -46,9 +47,9 @@ class Connection(abc.ABC):
     """The driver interface every review system implements."""
 
     driver: ClassVar[str]
-    # report() itself leaves a report with the same id only once, so the
-    # scheduler need not ask has_report() first.
-    report_is_idempotent: ClassVar[bool] = False
+    # The review system lives in ZooKeeper: report_ops() adds the vote to the
+    # transaction that removes the item (the local inbox).
+    reports_in_transaction: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -102,6 +103,10 @@ class Connection(abc.ABC):
     @abc.abstractmethod
     def report(self, change: Change, report: Report) -> None:
         """Leave the vote and message on the change."""
+
+    def report_ops(self, change: Change, report: Report, txn: Transaction) -> None:
+        """Add the writes of `report` to `txn` (only with reports_in_transaction)."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def has_report(self, change: Change, report: Report) -> bool:

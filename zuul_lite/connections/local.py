@@ -27,6 +27,7 @@ from zuul_lite.series import Series, read_series
 from zuul_lite.state import ZuulState
 
 if TYPE_CHECKING:
+    from nodepool_lite.zk import Transaction
     from zuul_lite.merger import Merger
 
 log = logging.getLogger("zuul_lite.connections.local")
@@ -34,7 +35,7 @@ log = logging.getLogger("zuul_lite.connections.local")
 
 class LocalConnection(Connection):
     driver = "local"
-    report_is_idempotent = True
+    reports_in_transaction = True
 
     def __init__(
         self,
@@ -339,21 +340,32 @@ class LocalConnection(Connection):
 
     # Reporting and merging ----------------------------------------------
 
+    @staticmethod
+    def _vote(change: Change, report: Report) -> dict:
+        return {
+            "patchset": change.patchset,
+            "pipeline": report.pipeline,
+            "value": report.verified,
+            "message": report.message,
+            "time": time.time(),
+            "report_id": report.id,
+        }
+
     def report(self, change: Change, report: Report) -> None:
         def add(data: dict) -> None:
             if not any(v.get("report_id") == report.id for v in data["votes"]):
-                data["votes"].append(
-                    {
-                        "patchset": change.patchset,
-                        "pipeline": report.pipeline,
-                        "value": report.verified,
-                        "message": report.message,
-                        "time": time.time(),
-                        "report_id": report.id,
-                    }
-                )
+                data["votes"].append(self._vote(change, report))
 
         self._update(change.number, add)
+
+    def report_ops(self, change: Change, report: Report, txn: Transaction) -> None:
+        """The vote, as a versioned write of the change: if the change is
+        written meanwhile (a comment), the transaction fails and is redone."""
+        path = self.change_path(change.number)
+        data, version = self.zk.get(path)
+        if not any(v.get("report_id") == report.id for v in data["votes"]):
+            data["votes"].append(self._vote(change, report))
+        txn.set(path, data, version)
 
     def has_report(self, change: Change, report: Report) -> bool:
         votes = self.get_change_data(change.number)["votes"]

@@ -18,6 +18,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from nodepool_lite.exceptions import BadVersionError
 from nodepool_lite.zk import Transaction
 from zuul_lite.build_contract import BuildRequest, BuildResult
 from zuul_lite.exceptions import EnqueueRefused
@@ -423,28 +424,46 @@ class PipelineManager:
     def _report_and_dequeue(
         self, item: QueueItem, queue: ChangeQueue, reset_behind: bool = False
     ) -> None:
-        """Report, then remove the item (Zuul's window grows on a merge)."""
-        merged = self.reporter.report(item)
-        if self.changes_merge and not item.error:
-            queue.increase_window() if merged else queue.decrease_window()
-        self.remove_item(item, reset_behind=reset_behind or (self.changes_merge and not merged))
+        """Report, then remove the item (Zuul's window grows on a merge). A
+        review system in ZooKeeper gets its vote in the transaction that
+        removes the item; if the change was written meanwhile, do it again."""
+        while True:
+            txn = self.state.transaction()
+            merged = self.reporter.report(item, txn)
+            window = queue.window
+            if self.changes_merge and not item.error:
+                queue.increase_window() if merged else queue.decrease_window()
+            try:
+                self.remove_item(
+                    item, reset_behind or (self.changes_merge and not merged), txn=txn
+                )
+                return
+            except BadVersionError:
+                queue.window = window
 
-    def remove_item(self, item: QueueItem, reset_behind: bool = False) -> None:
-        """Take the item out of its queue and ZooKeeper; cancel what it runs."""
+    def remove_item(
+        self, item: QueueItem, reset_behind: bool = False, txn: Transaction | None = None
+    ) -> None:
+        """Take the item out of its queue and ZooKeeper (in `txn`, with what the
+        caller put there); then cancel what it runs."""
         queue = self.pipeline.get_queue(item.queue)
-        behind = queue.dequeue(item) if queue and item in queue.items else []
-        self._dirty.pop(item.uuid, None)
-        txn = self.state.transaction()
+        txn = txn or self.state.transaction()
         txn.delete(self.state.item_path(self.pipeline.name, item.uuid))
-        if queue is not None and queue.items:
-            self.save_queue(queue, txn)
+        rest = [i for i in queue.items if i is not item] if queue is not None else []
+        if rest:
+            stored = {**queue.to_dict(), "items": [i.uuid for i in rest]}
+            txn.set(self.state.queue_path(self.pipeline.name, queue.name), stored)
         elif queue is not None:
             txn.delete(self.state.queue_path(self.pipeline.name, queue.name))
-            self.pipeline.queues.remove(queue)
         if self.reporter.recorded(item):
             txn.delete(self.state.report_path(item.uuid))
         txn.commit()
-        self.cancel_builds(item)  # once ZooKeeper no longer has them
+        # ZooKeeper has it: now the memory, and then what runs.
+        self._dirty.pop(item.uuid, None)
+        behind = queue.dequeue(item) if queue is not None and item in queue.items else []
+        if queue is not None and not queue.items:
+            self.pipeline.queues.remove(queue)
+        self.cancel_builds(item)
         self.reporter.forget(item)
         for other in behind:
             self.reset_item(other) if reset_behind else self.save(other)

@@ -15,6 +15,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from nodepool_lite.exceptions import NodeExistsError
+from nodepool_lite.zk import Transaction
 from zuul_lite.connections import Report
 from zuul_lite.model import Change, MergeState, QueueItem
 from zuul_lite.reporter import format_report
@@ -35,7 +36,8 @@ class ItemReporter:
         self._left = set(self.manager.state.report_uuids())
 
     def recorded(self, item: QueueItem) -> bool:
-        return item.uuid in self._recorded
+        """Whether a report record exists, to be deleted with the item."""
+        return item.uuid in self._recorded or item.uuid in self._left
 
     def forget(self, item: QueueItem) -> None:
         self._recorded.discard(item.uuid)
@@ -97,33 +99,45 @@ class ItemReporter:
                 return end.buildset.head_sha
             end = nxt
 
-    def report(self, item: QueueItem) -> bool:
-        """Merge (if the pipeline does) and report; True if the change merged."""
+    def _new_record(self, item: QueueItem) -> dict:
+        action = self.action(item)
+        settings = self._settings(action, item.change.connection) or {}
+        submit = bool(settings.get("submit")) and self.manager.changes_merge
+        return {
+            "report_id": f"{item.uuid}-{item.buildset.uuid}",
+            "action": action,
+            "submit": submit,
+            # What to merge: the state of the furthest item behind that passed
+            # on top of this one, so a run of passed items takes one push
+            # instead of one each (its changes land in order).
+            "sha": self._run_end(item) if submit and action == "success" else None,
+            "merged": False,
+            "merge_error": None,
+        }
+
+    def report(self, item: QueueItem, txn: Transaction) -> bool:
+        """Merge (if the pipeline does) and report; True if the change merged.
+
+        A connection that reports inside a ZooKeeper transaction (the local
+        inbox) adds its vote to `txn`, which also removes the item: exactly
+        once with no record, since its merge is idempotent for the same commit.
+        Any other is reported through the record described above.
+        """
         state = self.manager.state
         sched = self.manager.sched
         change = item.change
-        record = state.get_report(item.uuid) if item.uuid in self._left | self._recorded else None
-        if record is None:
-            action = self.action(item)
-            settings = self._settings(action, change.connection) or {}
-            submit = bool(settings.get("submit")) and self.manager.changes_merge
-            record = {
-                "report_id": f"{item.uuid}-{item.buildset.uuid}",
-                "action": action,
-                "submit": submit,
-                # What to merge: the state of the furthest item behind that
-                # passed on top of this one, so a run of passed items takes one
-                # push instead of one each (its changes land in order).
-                "sha": self._run_end(item) if submit and action == "success" else None,
-                "merged": False,
-                "merge_error": None,
-            }
-            try:
-                state.zk.create(state.report_path(item.uuid), record)
-            except NodeExistsError:
-                record = state.get_report(item.uuid) or record
-        self._recorded.add(item.uuid)
         conn = sched.connections[change.connection]
+        record = None
+        if item.uuid in self._left | self._recorded:  # a report under way
+            record = state.get_report(item.uuid)
+        if record is None:
+            record = self._new_record(item)
+            if not conn.reports_in_transaction:
+                try:
+                    state.zk.create(state.report_path(item.uuid), record)
+                except NodeExistsError:
+                    record = state.get_report(item.uuid) or record
+                self._recorded.add(item.uuid)
         if record["submit"] and not record["merged"] and record["merge_error"] is None:
             sha = record.get("sha") or item.buildset.head_sha or ""
             error = conn.merge(change, sha, sched.merger.merger)
@@ -131,7 +145,8 @@ class ItemReporter:
                 record.update(merge_error=error, action="failure")
             else:
                 record["merged"] = True
-            state.zk.set(state.report_path(item.uuid), record)
+            if not conn.reports_in_transaction:
+                state.zk.set(state.report_path(item.uuid), record)
         settings = self._settings(record["action"], change.connection)
         if settings is None:
             self.manager.log.info(
@@ -151,16 +166,19 @@ class ItemReporter:
             ),
             verified=verified,
         )
-        if not conn.report_is_idempotent and conn.has_report(change, report):
+        if conn.reports_in_transaction:
+            conn.report_ops(change, report, txn)
+        elif conn.has_report(change, report):
             self.manager.log.info("Report %s was made already", report.id, item=item)
+            return record["merged"]
         else:
             conn.report(change, report)
-            self.manager.log.info(
-                "Reported %s: %s, vote %s%s",
-                change.label,
-                record["action"],
-                verified,
-                ", merged" if record["merged"] else "",
-                item=item,
-            )
+        self.manager.log.info(
+            "Reported %s: %s, vote %s%s",
+            change.label,
+            record["action"],
+            verified,
+            ", merged" if record["merged"] else "",
+            item=item,
+        )
         return record["merged"]
