@@ -288,9 +288,13 @@ class ZooKeeper(NodepoolZK):
     def ensure_path(self, path: str) -> None:
         self._zk.ensure_path(path)
 
-    def watch_children(self, path: str, callback: Callable[[list[str]], bool | None]) -> None:
-        """Call `callback(sorted children)` now and on every change; False stops."""
-        self.ensure_path(path)
+    def watch_children(
+        self, path: str, callback: Callable[[list[str]], bool | None], ensure: bool = True
+    ) -> None:
+        """Call `callback(sorted children)` now and on every change; False stops.
+        `ensure=False` when the caller knows the znode exists (saves round trips)."""
+        if ensure:
+            self.ensure_path(path)
 
         def wrapper(children: list[str]) -> bool | None:
             try:

@@ -96,6 +96,7 @@ class Scheduler(threading.Thread):
         self.gearman = BuildClient(self._on_gear_failed)
         self._watched: set[str] = set()
         self._triggers = threading.Event()
+        self._janitor: queue.Queue[str | None] = queue.Queue()
         self._manages = threading.Event()
 
     # Lifecycle ----------------------------------------------------------
@@ -113,7 +114,9 @@ class Scheduler(threading.Thread):
             )
         self.gearman.addServer(self.config.gearman_server, self.gearman_port)
         self.gearman.waitForServer()
+        self.state.ensure_roots()
         self.merger.start()
+        threading.Thread(target=self._clean_up, name="janitor", daemon=True).start()
         for manager in self.managers.values():
             manager.load()
         self._reconcile_builds()
@@ -133,6 +136,7 @@ class Scheduler(threading.Thread):
         for conn in self.connections.values():
             conn.stop()
         self.merger.stop()
+        self._janitor.put(None)
         self.gearman.shutdown()
         if self.gear_server is not None:
             self.gear_server.shutdown()
@@ -236,10 +240,10 @@ class Scheduler(threading.Thread):
         timer.daemon = True
         timer.start()
 
-    def watch_build(self, uuid: str) -> None:
+    def watch_build(self, uuid: str, created: bool = False) -> None:
         """One children watch per build: a result, an early failure, or the
         launcher's `running` claim vanishing without a result (a launcher that
-        died) each post one event."""
+        died) each post one event. `created`: its znode was just created."""
         if uuid in self._watched:
             return
         self._watched.add(uuid)
@@ -262,7 +266,21 @@ class Scheduler(threading.Thread):
                 return False
             return None
 
-        self.state.watch_build(uuid, on_children)
+        self.state.watch_build(uuid, on_children, notify_deleted=False, exists=created)
+
+    def delete_build_later(self, uuid: str) -> None:
+        """Clean a build's znodes up off the scheduler thread: nothing waits on it."""
+        self._janitor.put(uuid)
+
+    def _clean_up(self) -> None:
+        while True:
+            uuid = self._janitor.get()
+            if uuid is None:
+                return
+            try:
+                self.state.delete_build(uuid)
+            except ZKError as error:
+                log.warning("[build: %s] not cleaned up (%s); the next start does it", uuid, error)
 
     # Gearman --------------------------------------------------------------
 
@@ -472,7 +490,7 @@ class Scheduler(threading.Thread):
             if not isinstance(event, BuildEarlyFailure):
                 self._watched.discard(event.uuid)
                 if not self.state.build_running(event.uuid):
-                    self.state.delete_build(event.uuid)
+                    self.delete_build_later(event.uuid)
             return
         manager, item, build = found
         if isinstance(event, BuildEarlyFailure):

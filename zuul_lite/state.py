@@ -51,6 +51,11 @@ class ZuulState:
     def transaction(self) -> Transaction:
         return self.zk.transaction()
 
+    def ensure_roots(self) -> None:
+        """The parents that transactions create children under (no makepath there)."""
+        for path in (TRIGGER_EVENTS, MANAGEMENT_EVENTS, BUILDS, REPORTS):
+            self.zk.ensure_path(path)
+
     # Events ----------------------------------------------------------------
 
     def trigger_event_path(self, name: str) -> str:
@@ -191,11 +196,21 @@ class ZuulState:
     def get_early_failure(self, uuid: str) -> dict | None:
         return self.zk.get_or_none(self.build_early_failure_path(uuid))
 
-    def watch_build(self, uuid: str, callback: Callable[[list[str]], bool | None]) -> None:
+    def build_path(self, uuid: str) -> str:
+        return f"{BUILDS}/{uuid}"
+
+    def watch_build(
+        self,
+        uuid: str,
+        callback: Callable[[list[str]], bool | None],
+        notify_deleted: bool = True,
+        exists: bool = False,
+    ) -> None:
         """`callback(children)` of the build's znode (running, result,
-        early-failure) now and on every change, and `callback([])` once if the
-        build's znode is deleted (kazoo's ChildrenWatch ends silently then);
-        it ends there or when the callback returns False."""
+        early-failure) now and on every change, and (`notify_deleted`)
+        `callback([])` once if the build's znode is deleted (kazoo's
+        ChildrenWatch ends silently then); it ends there or when the callback
+        returns False. `exists`: the caller created the znode already."""
         path = f"{BUILDS}/{uuid}"
         done: list[bool] = []
 
@@ -216,8 +231,9 @@ class ZuulState:
                 return False
             return None
 
-        self.zk.watch_children(path, on_children)
-        self.zk.watch_data(path, on_data)
+        self.zk.watch_children(path, on_children, ensure=not exists)
+        if notify_deleted:
+            self.zk.watch_data(path, on_data)
 
     def delete_build(self, uuid: str) -> None:
         self.zk.delete(f"{BUILDS}/{uuid}", recursive=True)

@@ -70,6 +70,7 @@ class PipelineManager:
         self._merge_failures: dict[str, int] = {}
         self._new_queues: dict[str, ChangeQueue] = {}  # planned, not yet committed
         self._dirty: dict[str, QueueItem] = {}  # saved in memory, not yet in ZooKeeper
+        self._new_builds: list[str] = []  # build znodes the next flush creates
         self.reporter = ItemReporter(self)
 
     # Hooks ----------------------------------------------------------------
@@ -238,6 +239,7 @@ class PipelineManager:
         if not self._dirty:
             return
         dirty, self._dirty = self._dirty, {}
+        builds, self._new_builds = self._new_builds, []
         pending = list(dirty.items())
         try:
             while pending:
@@ -246,9 +248,13 @@ class PipelineManager:
                 txn = self.state.transaction()
                 for uuid, item in chunk:
                     txn.set(self.state.item_path(self.pipeline.name, uuid), item.to_dict())
+                for uuid in builds:
+                    txn.create(self.state.build_path(uuid))
+                builds = []
                 txn.commit()
         except Exception:
             self._dirty.update(dict(chunk + pending))  # written on the next flush
+            self._new_builds.extend(builds)
             raise
 
     def save_queue(self, queue: ChangeQueue, txn: Transaction | None = None) -> None:
@@ -672,8 +678,9 @@ class PipelineManager:
             return
         build.state = BuildState.QUEUED
         self.save(item)
-        self.flush()  # stored `queued` before it is submitted
-        self.sched.watch_build(build.uuid)
+        self._new_builds.append(build.uuid)
+        self.flush()  # stored `queued` (and its znode made) before it is submitted
+        self.sched.watch_build(build.uuid, created=True)
         self.sched.submit_build(self.build_request(item, build))
         self.log.info("Submitted %s", build.job, item=item, build=build)
 
@@ -749,7 +756,7 @@ class PipelineManager:
                 build=Build(job=build.job, node_type=None, uuid=old),
             )
         self.save(item)
-        self.state.delete_build(old)
+        self.sched.delete_build_later(old)
 
     def on_early_failure(self, item: QueueItem, build: Build, reason: str) -> None:
         if build.state != BuildState.QUEUED or build.early_failure:
@@ -768,4 +775,4 @@ class PipelineManager:
         result (or its launcher's going) arrives."""
         for build in bs.builds.values():
             if build.state == BuildState.COMPLETED and build.node_type is not None:
-                self.state.delete_build(build.uuid)
+                self.sched.delete_build_later(build.uuid)
