@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from tests.harness import (
     make_project,
     make_series,
     settle,
+    start_scheduler_process,
     wait_for_votes,
     write_config,
 )
@@ -179,30 +178,12 @@ def test_bad_layout_is_refused_and_old_one_kept(env, scheduler, tmp_path):
         load_layout(bad, cfg.jobs_dir, {"local"})
 
 
-def _start_scheduler(config: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "zuul_lite.cmd.client",
-            "-c",
-            str(config),
-            "-v",
-            "--log-file",
-            str(log),
-            "scheduler",
-        ],
-        cwd=Path(__file__).parents[1],
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
-    )
-
-
 def test_scheduler_killed_mid_build_votes_exactly_once(env, tmp_path):
     """kill -9 the scheduler (and its embedded gear server) while one build runs
     and two wait; the restarted scheduler adopts the running build's result,
     resubmits the lost ones, and each change gets exactly one vote."""
     cfg, zk, local, src, tmp = env
-    proc = _start_scheduler(cfg.path, tmp_path / "sched1.log")
+    proc = start_scheduler_process(cfg.path, tmp_path / "sched1.log")
     launcher = StandInLauncher(zk, cfg.gearman_port)
     launcher.hold = True
     launcher.start()
@@ -213,7 +194,7 @@ def test_scheduler_killed_mid_build_votes_exactly_once(env, tmp_path):
     launcher.hold = False
     launcher.release()  # results land in ZK while no scheduler runs
     launcher.stop()
-    proc = _start_scheduler(cfg.path, tmp_path / "sched2.log")
+    proc = start_scheduler_process(cfg.path, tmp_path / "sched2.log")
     launcher2 = StandInLauncher(zk, cfg.gearman_port)
     launcher2.start()
     try:

@@ -332,16 +332,20 @@ class Scheduler(threading.Thread):
                 log.exception("Scheduler loop error; retrying in 2 s")
                 self.call_later(2.0, lambda: None)
 
-    def _process_trigger_events(self) -> None:
-        if not self._triggers.is_set():
-            return
-        self._triggers.clear()
+    @staticmethod
+    def _pending(flag: threading.Event, list_names: Callable[[], list[str]]) -> list[str]:
+        """The events in a ZooKeeper queue whose watch fired since the last pass."""
+        if not flag.is_set():
+            return []
+        flag.clear()
         try:
-            names = self.state.trigger_events()
+            return list_names()
         except ZKError:
-            self._triggers.set()
+            flag.set()
             raise
-        for name in names:
+
+    def _process_trigger_events(self) -> None:
+        for name in self._pending(self._triggers, self.state.trigger_events):
             path = self.state.trigger_event_path(name)
             event_id = name
             try:
@@ -413,15 +417,7 @@ class Scheduler(threading.Thread):
                     manager.dequeue(item, f"superseded by patchset {event.patchset}")
 
     def _process_management_events(self) -> None:
-        if not self._manages.is_set():
-            return
-        self._manages.clear()
-        try:
-            names = self.state.management_events()
-        except ZKError:
-            self._manages.set()
-            raise
-        for name in names:
+        for name in self._pending(self._manages, self.state.management_events):
             path = self.state.management_event_path(name)
             try:
                 data = self.state.get(path)

@@ -164,6 +164,19 @@ class LocalConnection(Connection):
     def list_changes(self) -> list[int]:
         return sorted(int(n) for n in self.zk.get_children(self.state.local_path("changes")))
 
+    def _emit_for(self, change: dict, kind: str, patchset: int, comment: str = "") -> None:
+        self._emit(
+            TriggerEvent(
+                type=kind,
+                connection=self.name,
+                project=change["project"],
+                branch=change["branch"],
+                change=change["number"],
+                patchset=patchset,
+                comment=comment,
+            )
+        )
+
     def _emit(self, event: TriggerEvent) -> None:
         assert self.post_event is not None
         self.post_event(event)
@@ -243,16 +256,7 @@ class LocalConnection(Connection):
             except BadVersionError:
                 continue
         self._index_depends_on(number, series.depends_on())
-        self._emit(
-            TriggerEvent(
-                type="patchset-created",
-                connection=self.name,
-                project=project,
-                branch=branch,
-                change=number,
-                patchset=ps,
-            )
-        )
+        self._emit_for(data, "patchset-created", ps)
         return number, ps
 
     def recheck(self, number: int, comment: str = "recheck") -> None:
@@ -267,17 +271,7 @@ class LocalConnection(Connection):
                 {"patchset": ps, "message": comment, "time": time.time()}
             ),
         )
-        self._emit(
-            TriggerEvent(
-                type="comment-added",
-                connection=self.name,
-                project=change["project"],
-                branch=change["branch"],
-                change=number,
-                patchset=ps,
-                comment=comment,
-            )
-        )
+        self._emit_for(change, "comment-added", ps, comment=comment)
 
     def approve(self, number: int) -> int:
         """Approve the latest patchset for the gate; returns that patchset."""
@@ -292,16 +286,7 @@ class LocalConnection(Connection):
             number,
             lambda d: d.setdefault("approvals", []).append({"patchset": ps, "time": time.time()}),
         )
-        self._emit(
-            TriggerEvent(
-                type="change-approved",
-                connection=self.name,
-                project=change["project"],
-                branch=change["branch"],
-                change=number,
-                patchset=ps,
-            )
-        )
+        self._emit_for(change, "change-approved", ps)
         return ps
 
     def abandon(self, number: int) -> None:
@@ -309,16 +294,7 @@ class LocalConnection(Connection):
         if change["status"] != "NEW":
             raise InboxError(f"Change {number} is {change['status'].lower()} already.")
         self._update(number, lambda d: d.update(status="ABANDONED"))
-        self._emit(
-            TriggerEvent(
-                type="change-abandoned",
-                connection=self.name,
-                project=change["project"],
-                branch=change["branch"],
-                change=number,
-                patchset=len(change["patchsets"]),
-            )
-        )
+        self._emit_for(change, "change-abandoned", len(change["patchsets"]))
 
     def _update(self, number: int, mutate) -> dict:
         path = self.change_path(number)
