@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from typing import Any
 
 import gear
@@ -31,6 +32,7 @@ from zuul_lite.state import ZuulState
 
 EXECUTE = "launcher:execute"
 STOP_PREFIX = "launcher:stop:"
+REWAKE = 0.5  # seconds between wake-ups of idle build threads while stopping
 
 log = logging.getLogger("launcher.server")
 
@@ -88,9 +90,22 @@ class LauncherServer:
             worker.stopWaitingForJobs()
 
     def join(self, timeout: float | None = None) -> None:
-        """Wait for build threads to finish, then close the gearman connections."""
+        """Wait for build threads to finish, then close the gearman connections.
+
+        gear's stopWaitingForJobs() wakes only the threads already waiting in
+        getJob(); one that finished its build (or checked `_stopping`) just
+        before would wait there for good, so idle threads are woken again
+        until every thread is gone.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            while thread.is_alive():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                thread.join(REWAKE if left is None else min(REWAKE, left))
+                for worker in (self.worker, self.stop_worker):
+                    worker.stopWaitingForJobs()
         self.worker.shutdown()
         self.stop_worker.shutdown()
         if self._own_zk:
