@@ -348,18 +348,23 @@ class ChangeQueue:
             self.items[-1].items_behind.append(item)
         self.items.append(item)
 
-    def dequeue(self, item: QueueItem) -> list[QueueItem]:
-        """Remove an item; those behind it move up to its item ahead.
-        Returns the items whose item ahead changed."""
+    @staticmethod
+    def _detach(item: QueueItem) -> list[QueueItem]:
+        """Unlink `item`; the items behind it move up to its item ahead."""
         moved = list(item.items_behind)
         if item.item_ahead is not None:
             item.item_ahead.items_behind.remove(item)
+            item.item_ahead.items_behind.extend(moved)
         for behind in moved:
-            if item.item_ahead is not None:
-                item.item_ahead.items_behind.append(behind)
             behind.item_ahead = item.item_ahead
         item.item_ahead = None
         item.items_behind = []
+        return moved
+
+    def dequeue(self, item: QueueItem) -> list[QueueItem]:
+        """Remove an item; those behind it move up to its item ahead.
+        Returns the items whose item ahead changed."""
+        moved = self._detach(item)
         self.items.remove(item)
         return moved
 
@@ -369,15 +374,8 @@ class ChangeQueue:
         item ahead changed (the item and the ones that were behind it)."""
         if item.item_ahead is ahead:
             return []
-        moved = list(item.items_behind)
-        if item.item_ahead is not None:
-            item.item_ahead.items_behind.remove(item)
-        for behind in moved:
-            if item.item_ahead is not None:
-                item.item_ahead.items_behind.append(behind)
-            behind.item_ahead = item.item_ahead
+        moved = self._detach(item)
         item.item_ahead = ahead
-        item.items_behind = []
         if ahead is not None:
             ahead.items_behind.append(item)
         return [item, *moved]

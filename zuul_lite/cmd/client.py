@@ -97,44 +97,40 @@ def cmd_web(args, cfg) -> int:
     return 0
 
 
-def cmd_submit(args, cfg) -> int:
+def _inbox(cfg: zconfig.ZuulConfig, action):
+    """Run `action(local inbox)` on a ZooKeeper connection of its own."""
     zk = _connect(cfg)
     try:
-        change, ps = _local(cfg, zk).submit(
-            args.path, args.project, branch=args.branch, change=args.change, owner=args.owner
-        )
+        return action(_local(cfg, zk))
     finally:
         zk.disconnect()
+
+
+def cmd_submit(args, cfg) -> int:
+    change, ps = _inbox(
+        cfg,
+        lambda local: local.submit(
+            args.path, args.project, branch=args.branch, change=args.change, owner=args.owner
+        ),
+    )
     print(f"Change {change} patchset {ps} submitted to {args.project}.")
     return 0
 
 
 def cmd_recheck(args, cfg) -> int:
-    zk = _connect(cfg)
-    try:
-        _local(cfg, zk).recheck(args.change)
-    finally:
-        zk.disconnect()
+    _inbox(cfg, lambda local: local.recheck(args.change))
     print(f"Recheck requested for change {args.change}.")
     return 0
 
 
 def cmd_approve(args, cfg) -> int:
-    zk = _connect(cfg)
-    try:
-        ps = _local(cfg, zk).approve(args.change)
-    finally:
-        zk.disconnect()
+    ps = _inbox(cfg, lambda local: local.approve(args.change))
     print(f"Change {args.change},{ps} approved.")
     return 0
 
 
 def cmd_abandon(args, cfg) -> int:
-    zk = _connect(cfg)
-    try:
-        _local(cfg, zk).abandon(args.change)
-    finally:
-        zk.disconnect()
+    _inbox(cfg, lambda local: local.abandon(args.change))
     print(f"Change {args.change} abandoned.")
     return 0
 
@@ -197,11 +193,7 @@ def format_change(change: dict) -> str:
 
 
 def cmd_show(args, cfg) -> int:
-    zk = _connect(cfg)
-    try:
-        change = _local(cfg, zk).get_change_data(args.change)
-    finally:
-        zk.disconnect()
+    change = _inbox(cfg, lambda local: local.get_change_data(args.change))
     print(json.dumps(change, indent=2) if args.json else format_change(change))
     return 0
 
@@ -270,11 +262,9 @@ def cmd_validate(args, cfg) -> int:
 
 
 def cmd_import(args, cfg) -> int:
-    zk = _connect(cfg)
-    try:
-        repo = _local(cfg, zk).import_project(args.project, Path(args.source), args.branch)
-    finally:
-        zk.disconnect()
+    repo = _inbox(
+        cfg, lambda local: local.import_project(args.project, Path(args.source), args.branch)
+    )
     print(f"Project {args.project} served from {repo}.")
     return 0
 
