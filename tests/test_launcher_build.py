@@ -579,7 +579,11 @@ def test_at_most_max_builds_run_at_once(launcher_env):
     env = launcher_env
     server = env["start"](max_builds=2)
     client = env["client"]
-    builds = [build_args(env, {"run": ["playbooks/sleep.yaml"]}) for _ in range(3)]
+    # The "nodes" share one host and HOME: builds running at once each clone
+    # into a directory of their own, as they would on separate nodes.
+    builds = [
+        build_args(env, {"run": ["playbooks/sleep.yaml"]}, project=f"linux{n}") for n in range(3)
+    ]
     jobs = [client.submit(EXECUTE, args) for args in builds]
     client.wait_phase(jobs[0], "run")
     client.wait_phase(jobs[1], "run")
