@@ -52,16 +52,17 @@ class Counters:
 
     def __init__(self, env: ZuulEnv) -> None:
         merger = env.sched.merger.merger
-        self.merges = self.pushes = 0
+        self.merges = self.batches = self.pushes = 0
         self.merge_time = self.push_time = 0.0
-        merge, push = merger.merge, merger.push
+        merge_chain, push = merger.merge_chain, merger.push
 
-        def timed_merge(req):
+        def timed_merge(reqs):
             start = time.perf_counter()
             try:
-                return merge(req)
+                return merge_chain(reqs)
             finally:
-                self.merges += 1
+                self.merges += len(reqs)
+                self.batches += 1
                 self.merge_time += time.perf_counter() - start
 
         def timed_push(*args, **kwargs):
@@ -72,12 +73,13 @@ class Counters:
                 self.pushes += 1
                 self.push_time += time.perf_counter() - start
 
-        merger.merge, merger.push = timed_merge, timed_push
+        merger.merge_chain, merger.push = timed_merge, timed_push
         self.launcher = env.launcher
 
-    def snapshot(self) -> tuple[int, float, int, float, int]:
+    def snapshot(self) -> tuple[int, int, float, int, float, int]:
         return (
             self.merges,
+            self.batches,
             self.merge_time,
             self.pushes,
             self.push_time,
@@ -85,9 +87,12 @@ class Counters:
         )
 
     def since(self, before: tuple) -> str:
-        m, mt, p, pt, b = (now - then for now, then in zip(self.snapshot(), before, strict=True))
+        m, mb, mt, p, pt, b = (
+            now - then for now, then in zip(self.snapshot(), before, strict=True)
+        )
         return (
-            f"{m:3d} merges ({mt:5.2f} s, {1000 * mt / max(m, 1):5.1f} ms each), "
+            f"{m:3d} merges in {mb:2d} runs of the merger ({mt:5.2f} s, "
+            f"{1000 * mt / max(mb, 1):5.1f} ms a run), "
             f"{p:2d} pushes ({pt:4.2f} s), {b:3d} builds"
         )
 

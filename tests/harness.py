@@ -116,7 +116,8 @@ def _undelivered(sched, launcher) -> bool:
 def settle(sched, launcher=None, timeout: float = 30) -> None:
     """Wait until the scheduler has nothing left to do (Zuul's waitUntilSettled):
     no event in memory or in ZooKeeper, no merge under way, the loop asleep,
-    and every submitted build taken by the stand-in launcher."""
+    nothing left to submit or to clean up, and every submitted build taken by
+    the stand-in launcher."""
     deadline = time.monotonic() + timeout
     quiet_since = None
     while time.monotonic() < deadline:
@@ -124,6 +125,8 @@ def settle(sched, launcher=None, timeout: float = 30) -> None:
             not sched.idle.is_set()
             or sched.wake_event.is_set()
             or not sched.events.empty()
+            or sched.dispatcher.busy()
+            or sched.cleaning_up()
             or any(m.merges_pending() for m in sched.managers.values())
             or sched.state.trigger_events()
             or sched.state.management_events()

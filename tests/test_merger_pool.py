@@ -341,3 +341,87 @@ def test_gc_runs_between_merges_with_no_merge_running(env, monkeypatch):
     gcs = [other for kind, other in events if kind == "gc"]
     assert len(gcs) >= 2 and set(gcs) == {0}  # no other git of the merger meanwhile
     assert git(env.ws, "config", "gc.auto").strip() == "0"  # never behind a merge's back
+
+
+COVER = (
+    b"From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001\n"
+    b"From: A U Thor <author@example.com>\n"
+    b"Date: Thu, 1 Jan 2026 00:00:00 +0000\n"
+    b"Subject: [PATCH 0/2] two steps at once\n\n"
+    b"The cover letter: no patch, no commit.\n\n-- \n2.39.2\n\n"
+)
+
+
+def chained(env: PoolEnv, series: list[tuple[str, bytes]]) -> list[MergeRequest]:
+    """Gate requests, each onto the ref the one before publishes."""
+    chain: list[MergeRequest] = []
+    for label, mbox in series:
+        req = env.request((label, mbox), ref=f"refs/zuul/gate/{label.split(',')[0]}")
+        if chain:
+            ahead = [c.label for r in chain for c in r.changes]
+            req = MergeRequest(**{**req.__dict__, "base": chain[-1].ref, "base_changes": ahead})
+        chain.append(req)
+    return chain
+
+
+def test_chained_requests_queued_behind_each_other_take_one_am(env, monkeypatch, tmp_path):
+    steps = env.patches(*[("README", f"demo v{i}\n", f"README: version {i}") for i in range(1, 7)])
+    # Change 3 is a two-patch series with a cover letter.
+    series = [("1,1", steps[0]), ("2,1", steps[1]), ("3,1", COVER + steps[2] + steps[3])]
+    series += [("4,1", steps[4]), ("5,1", steps[5])]
+    chain = chained(env, series)
+    started, release = blocking_am(monkeypatch, lambda repo: True)
+    ams = []
+    held_git = merger_mod.git
+
+    def counting_git(repo, *args, **kwargs):
+        if args[:1] == ("am",) and kwargs.get("input") is not None:
+            ams.append(args)
+        return held_git(repo, *args, **kwargs)
+
+    monkeypatch.setattr(merger_mod, "git", counting_git)
+    env.pool.start()
+    env.pool.submit(chain[0])
+    assert started.wait(TIMEOUT)
+    for req in chain[1:]:  # queued while the head of the queue merges
+        env.pool.submit(req)
+    release.set()
+    results = env.wait(len(chain))
+    assert len(ams) == 2  # the first alone, the four behind it at once
+    # The same commits as merging them one at a time: nodes test the same state.
+    alone = Merger(tmp_path / "alone")
+    previous, versions = env.base, [1, 2, 4, 5, 6]
+    for req, version in zip(chain, versions, strict=True):
+        result = results[req.ref]
+        assert result.error is None, result.error
+        assert result.base_sha == previous and list(result.commits) == [req.changes[0].label]
+        assert rev_parse(env.ws, req.ref) == result.head_sha
+        assert env.show(result.head_sha, "README") == f"demo v{version}\n"
+        assert alone.merge(req).head_sha == result.head_sha
+        previous = result.head_sha
+    assert (
+        rev_parse(env.ws, f"{results[chain[2].ref].head_sha}~2") == results[chain[1].ref].head_sha
+    )
+
+
+def test_a_batch_that_does_not_apply_is_merged_one_at_a_time(env, monkeypatch):
+    steps = env.patches(*[("README", f"demo v{i}\n", f"README: version {i}") for i in range(1, 4)])
+    (stale,) = env.patches(("README", "another README\n", "README: rewrite"))
+    chain = chained(env, [("1,1", steps[0]), ("2,1", steps[1]), ("3,1", stale), ("4,1", steps[2])])
+    started, release = blocking_am(monkeypatch, lambda repo: True)
+    env.pool.start()
+    env.pool.submit(chain[0])
+    assert started.wait(TIMEOUT)
+    for req in chain[1:]:
+        env.pool.submit(req)
+    release.set()
+    results = env.wait(len(chain))
+    assert results[chain[0].ref].error is None and results[chain[1].ref].error is None
+    assert rev_parse(env.ws, chain[1].ref) == results[chain[1].ref].head_sha
+    third = results[chain[2].ref]
+    assert third.failed_change == "3,1" and not third.internal
+    assert third.error.startswith("Patch 1 ('README: rewrite') does not apply"), third.error
+    # Behind it: the state it was to be tested on is not there; the scheduler re-bases it.
+    fourth = results[chain[3].ref]
+    assert fourth.failed_change == "3,1" and fourth.head_sha is None
+    assert git(env.ws, "rev-parse", "--verify", "--quiet", chain[2].ref, check=False) == ""

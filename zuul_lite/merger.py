@@ -28,6 +28,10 @@ workspace.
 
 from __future__ import annotations
 
+import email.header
+import email.parser
+import email.utils
+import io
 import logging
 import re
 import shutil
@@ -156,15 +160,100 @@ def _resolve(repo: Path, rev: str) -> str:
     return git(repo, "rev-parse", "--verify", "--quiet", rev, check=False).strip()
 
 
+def _is_from_line(line: bytes) -> bool:
+    """Whether `line` starts a message of an mbox, as git mailsplit decides
+    (is_from_line in git's mailsplit.c: "From ", then a time and a year)."""
+    if len(line) < 20 or not line.startswith(b"From "):
+        return False
+    colon = line.rfind(b":", 4, len(line) - 2)
+    try:
+        if colon < 4 or not all(chr(line[colon + i]).isdigit() for i in (-4, -2, -1, 1, 2)):
+            return False
+    except IndexError:
+        return False
+    year = re.match(rb"\s*(\d+)", line[colon + 3 :])
+    return bool(year) and int(year.group(1)) > 90
+
+
+def _clean_subject(subject: str) -> str:
+    """A mail's subject as `git am` makes it the commit's (cleanup_subject in
+    git's mailinfo.c: leading "Re:", "[PATCH n/m]" groups and spaces go)."""
+    while True:
+        cleaned = re.sub(r"^(?:[ \t:]+|[Rr][Ee]:|\[[^\]]*\])", "", subject)
+        if cleaned == subject:
+            return " ".join(subject.split())
+        subject = cleaned
+
+
+def _patch_marks(series: bytes) -> list[tuple[int, str]] | None:
+    """(author date, subject) of each patch of an mbox, in order (a cover
+    letter has no patch and makes no commit); None when the mbox is not plain
+    enough to tell. `git am` gives each commit those, which is how a batch of
+    series applied at once is cut back into one head per series, checked
+    commit by commit (see Merger.merge_chain)."""
+    lines = io.BytesIO(series).readlines()  # on "\n" only, as git reads it
+    if not lines or not _is_from_line(lines[0]):
+        return None
+    messages: list[list[bytes]] = []
+    for line in lines:
+        if _is_from_line(line):
+            messages.append([])
+        messages[-1].append(line)
+    marks = []
+    for message in messages:
+        has_patch = any(
+            line.startswith(b"diff --git ")
+            or (
+                line.startswith(b"--- ")
+                and message[i + 1 : i + 2] != []
+                and message[i + 1].startswith(b"+++ ")
+            )
+            for i, line in enumerate(message)
+        )
+        if not has_patch:
+            continue
+        header = email.parser.BytesHeaderParser().parsebytes(b"".join(message))
+        if header["Date"] is None or header["Subject"] is None:
+            return None
+        try:
+            date = email.utils.parsedate_to_datetime(str(header["Date"]))
+            subject = str(
+                email.header.make_header(email.header.decode_header(str(header["Subject"])))
+            )
+        except (TypeError, ValueError, LookupError):
+            return None
+        if date.tzinfo is None:
+            return None
+        marks.append((int(date.timestamp()), _clean_subject(subject)))
+    return marks
+
+
+def _am(tree: Path, mbox: bytes) -> None:
+    """Apply an mbox onto the checked-out commit of `tree`, one commit a patch."""
+    # The committer date is the author's, so the same series on the same base
+    # is the same commit in every build set: a gate item tested on top of
+    # another stays a fast-forward of its merge.
+    git(
+        tree,
+        "am",
+        "--quiet",
+        "--3way",
+        "--keep-cr",
+        "--committer-date-is-author-date",
+        "--empty=drop",  # a cover letter ("[PATCH 0/N]") is not a commit
+        input=mbox,
+    )
+
+
 class _Busy(Exception):
     """A shared ref stayed locked by another git process: retry later, not a damaged workspace."""
 
 
-def _git_ref_update(repo: Path, *args: str) -> str:
+def _git_ref_update(repo: Path, *args: str, input: bytes | None = None) -> str:
     """git, retried while a ref it updates is locked by another process."""
     for delay in (0.05, 0.1, 0.2, 0.4, None):
         try:
-            return git(repo, *args)
+            return git(repo, *args, input=input)
         except GitError as e:
             if not _REF_LOCKED.search(e.output):
                 raise
@@ -504,19 +593,7 @@ class Merger:
         for index, change in enumerate(req.changes):
             before = head
             try:
-                # The committer date is the author's, so the same series on the
-                # same base is the same commit in every build set: a gate item
-                # tested on top of another stays a fast-forward of its merge.
-                git(
-                    tree.path,
-                    "am",
-                    "--quiet",
-                    "--3way",
-                    "--keep-cr",
-                    "--committer-date-is-author-date",
-                    "--empty=drop",  # a cover letter ("[PATCH 0/N]") is not a commit
-                    input=change.series,
-                )
+                _am(tree.path, change.series)
             except GitError as e:
                 files = git(tree.path, "diff", "--name-only", "--diff-filter=U", check=False)
                 git(tree.path, "am", "--abort", check=False)
@@ -543,6 +620,100 @@ class Merger:
         proj.merges += 1
         elog.info("Published %s = %s: %s on %s", req.ref, head[:12], " ".join(commits), base[:12])
         return MergeResult(req.item_uuid, base, head, req.ref, commits=commits)
+
+    def merge_chain(self, reqs: Sequence[MergeRequest]) -> list[MergeResult]:
+        """Serve requests each chained on the one before it (its `base` is the
+        ref the previous one publishes), as a gate queue asks for them: all
+        their series in one `git am`, which costs about what one series costs
+        (git's start-up is most of an am). Unless that is a clean run whose
+        commits are cut back into one head per change for certain, they are
+        merged one at a time, which also says which change does not apply."""
+        if len(reqs) > 1:
+            results = self._merge_batch(reqs)
+            if results is not None:
+                return results
+        return [self.merge(req) for req in reqs]
+
+    def _merge_batch(self, reqs: Sequence[MergeRequest]) -> list[MergeResult] | None:
+        first = reqs[0]
+        elog = _EventLog(log, {"event_id": first.event_id})
+        proj = self._project(first.project)
+        tree = self._tree(first.project, proj, getattr(self._local, "worker", 0))
+        changes = [c for r in reqs for c in r.changes]
+        marks = [_patch_marks(c.series) for c in changes]
+        if not all(marks):
+            return None  # a series with no patch, or one we cannot cut: one at a time
+        with tree.lock:
+            if not proj.sound or proj.suspect or proj.merges >= GC_EVERY:
+                return None  # repaired or collected on the one-at-a-time path first
+            try:
+                with proj.lock.shared():
+                    base = self._checkout_base(tree, first, proj)
+                    if not base:
+                        return None
+                    return self._apply_batch(reqs, marks, tree, proj, base, elog)
+            except Exception as e:
+                elog.warning(
+                    "Merging %d requests at once failed: %s", len(reqs), _one_line(str(e))
+                )
+                tree.at, tree.clean = None, False
+                return None
+
+    def _apply_batch(
+        self,
+        reqs: Sequence[MergeRequest],
+        marks: list[list[tuple[int, str]]],
+        tree: _Tree,
+        proj: _Project,
+        base: str,
+        elog: logging.LoggerAdapter,
+    ) -> list[MergeResult] | None:
+        stream = b"".join(
+            s if s.endswith(b"\n") else s + b"\n"
+            for s in (c.series for r in reqs for c in r.changes)
+        )
+        try:
+            _am(tree.path, stream)
+        except GitError:
+            git(tree.path, "am", "--abort", check=False)
+            tree.clean = False
+            return None  # one at a time says which change does not apply
+        made = [
+            line.split(" ", 2)
+            for line in git(
+                tree.path, "log", "--reverse", "--format=%H %at %s", f"{base}..HEAD"
+            ).splitlines()
+        ]
+        if [(int(at), " ".join(subject.split())) for _, at, subject in made] != [
+            m for per_change in marks for m in per_change
+        ]:
+            elog.info(
+                "A batch of %d merges did not apply as its patches say; one at a time", len(reqs)
+            )
+            return None  # the worktree is checked out again (tree.at is None)
+        results, updates, head, index, made_iter = [], [], base, 0, iter(made)
+        for req in reqs:
+            before, commits = head, {}
+            for change in req.changes:
+                for _ in marks[index]:
+                    head = next(made_iter)[0]
+                commits[change.label] = head
+                index += 1
+            updates.append(f"update {req.ref} {head}\n")
+            results.append(MergeResult(req.item_uuid, before, head, req.ref, commits=commits))
+        _git_ref_update(tree.path, "update-ref", "--stdin", input="".join(updates).encode())
+        tree.at = (reqs[-1].ref, head)
+        proj.merges += len(reqs)
+        for req, result in zip(reqs, results, strict=True):
+            _EventLog(log, {"event_id": req.event_id}).info(
+                "Published %s = %s: %s on %s (%d merged at once)",
+                req.ref,
+                result.head_sha[:12],
+                " ".join(result.commits),
+                result.base_sha[:12],
+                len(reqs),
+            )
+        return results
 
     def forget(self, project: str, ref: str) -> None:
         """Drop a published ref once its item is reported, so refs do not pile up."""

@@ -5,7 +5,8 @@ the merge of the item ahead publishes) goes to the worker that merge went to,
 behind it, so the ref is there when it runs (and the worktree is still at that
 state, which spares the checkout); so does a `forget` of a ref, and a request
 publishing a ref whose merge is still queued. Anything else goes to the worker
-with the fewest requests waiting.
+with the fewest requests waiting. A worker takes the chained requests queued
+right behind the one it starts as one batch (Merger.merge_chain).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ log = logging.getLogger("zuul_lite.merger")
 # Refs whose merge is done, remembered (oldest dropped first) to send what is
 # chained on them to the same worker: only spares a checkout by then.
 _REMEMBERED = 4096
+# At most this many chained requests are merged in one `git am`.
+MAX_CHAIN = 50
+_NOTHING = object()  # no request carried over from the last look at the queue
 
 
 class MergerPool:
@@ -119,17 +123,39 @@ class MergerPool:
     def _run(self, worker: int) -> None:
         self.merger.use_worktree(worker)
         requests = self._queues[worker]
+        carried = _NOTHING
         while True:
-            item = requests.get()
+            item, carried = (requests.get() if carried is _NOTHING else carried), _NOTHING
             if item is None:
                 return
-            try:
-                if isinstance(item, MergeRequest):
-                    self._serve(item)
-                else:
+            if not isinstance(item, MergeRequest):
+                try:
                     self._forget(*item)
+                finally:
+                    self._finished(worker, item)
+                continue
+            # The requests queued right behind it, each chained on the one
+            # before (a gate queue filling up), are merged together.
+            chain = [item]
+            while len(chain) < MAX_CHAIN:
+                try:
+                    nxt = requests.get_nowait()
+                except queue.Empty:
+                    break
+                if (
+                    isinstance(nxt, MergeRequest)
+                    and nxt.project == item.project
+                    and nxt.base == chain[-1].ref
+                ):
+                    chain.append(nxt)
+                else:
+                    carried = nxt
+                    break
+            try:
+                self._serve(chain)
             finally:
-                self._finished(worker, item)
+                for req in chain:
+                    self._finished(worker, req)
 
     def _forget(self, project: str, ref: str) -> None:
         try:
@@ -137,14 +163,18 @@ class MergerPool:
         except Exception:
             log.exception("Could not drop %s of %s", ref, project)
 
-    def _serve(self, req: MergeRequest) -> None:
+    def _serve(self, chain: list[MergeRequest]) -> None:
         try:
-            result = self.merger.merge(req)
-        except Exception as e:  # merge() catches everything; this is the last net
-            log.exception("[e: %s] Merger error for %s", req.event_id, req.ref)
+            results = self.merger.merge_chain(chain)
+        except Exception as e:  # merge_chain() catches everything; this is the last net
+            log.exception("[e: %s] Merger error for %s", chain[0].event_id, chain[0].ref)
             error = _internal_error(e)
-            result = MergeResult(req.item_uuid, ref=req.ref, error=error, internal=True)
-        try:
-            self.on_result(result)
-        except Exception:
-            log.exception("[e: %s] Handing over the merge result failed", req.event_id)
+            results = [
+                MergeResult(req.item_uuid, ref=req.ref, error=error, internal=True)
+                for req in chain
+            ]
+        for req, result in zip(chain, results, strict=True):
+            try:
+                self.on_result(result)
+            except Exception:
+                log.exception("[e: %s] Handing over the merge result failed", req.event_id)

@@ -22,6 +22,7 @@ from nodepool_lite.zk import ZooKeeper
 from zuul_lite.build_contract import BuildRequest
 from zuul_lite.config import ZuulConfig
 from zuul_lite.connections import make_connections
+from zuul_lite.dispatcher import Dispatcher
 from zuul_lite.exceptions import ConfigError, EnqueueRefused, ZuulLiteError
 from zuul_lite.gearman import BuildClient, GearServer
 from zuul_lite.layout import Layout, load_layout
@@ -94,6 +95,7 @@ class Scheduler(threading.Thread):
         )
         self.gear_server: GearServer | None = None
         self.gearman = BuildClient(self._on_gear_failed)
+        self.dispatcher = Dispatcher()
         self._watched: set[str] = set()
         self._triggers = threading.Event()
         self._janitor: queue.Queue[str | None] = queue.Queue()
@@ -116,6 +118,7 @@ class Scheduler(threading.Thread):
         self.gearman.waitForServer()
         self.state.ensure_roots()
         self.merger.start()
+        self.dispatcher.start()
         threading.Thread(target=self._clean_up, name="janitor", daemon=True).start()
         for manager in self.managers.values():
             manager.load()
@@ -136,6 +139,7 @@ class Scheduler(threading.Thread):
         for conn in self.connections.values():
             conn.stop()
         self.merger.stop()
+        self.dispatcher.stop()
         self._janitor.put(None)
         self.gearman.shutdown()
         if self.gear_server is not None:
@@ -266,25 +270,37 @@ class Scheduler(threading.Thread):
                 return False
             return None
 
-        self.state.watch_build(uuid, on_children, notify_deleted=False, exists=created)
+        self.dispatcher.post(
+            lambda: self.state.watch_build(uuid, on_children, notify_deleted=False, exists=created)
+        )
 
     def delete_build_later(self, uuid: str) -> None:
         """Clean a build's znodes up off the scheduler thread: nothing waits on it."""
         self._janitor.put(uuid)
 
+    def cleaning_up(self) -> bool:
+        """Whether a finished build's znodes are still to be deleted."""
+        return self._janitor.unfinished_tasks > 0
+
     def _clean_up(self) -> None:
         while True:
             uuid = self._janitor.get()
-            if uuid is None:
-                return
             try:
+                if uuid is None:
+                    return
                 self.state.delete_build(uuid)
             except ZKError as error:
                 log.warning("[build: %s] not cleaned up (%s); the next start does it", uuid, error)
+            finally:
+                self._janitor.task_done()
 
     # Gearman --------------------------------------------------------------
 
     def submit_build(self, request: BuildRequest) -> None:
+        """Hand the build to gearman off this thread (see zuul_lite/dispatcher.py)."""
+        self.dispatcher.post(lambda: self._submit(request))
+
+    def _submit(self, request: BuildRequest) -> None:
         try:
             self.gearman.submit_build(request)
         except gear.GearmanError as e:
@@ -303,7 +319,7 @@ class Scheduler(threading.Thread):
 
     def cancel_build(self, uuid: str) -> None:
         """Stop it; its watch stays, so its late result is cleaned up."""
-        self.gearman.cancel_build(uuid)
+        self.dispatcher.post(lambda: self.gearman.cancel_build(uuid))
 
     # The loop -------------------------------------------------------------
 

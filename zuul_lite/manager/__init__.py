@@ -71,6 +71,7 @@ class PipelineManager:
         self._new_queues: dict[str, ChangeQueue] = {}  # planned, not yet committed
         self._dirty: dict[str, QueueItem] = {}  # saved in memory, not yet in ZooKeeper
         self._new_builds: list[str] = []  # build znodes the next flush creates
+        self._launched: list[tuple[QueueItem, Build]] = []  # to submit after this pass
         self.reporter = ItemReporter(self)
 
     # Hooks ----------------------------------------------------------------
@@ -369,6 +370,7 @@ class PipelineManager:
                     self._fail_item(item, error)
                     item_changed = True
                 changed = changed or item_changed
+        self._submit_launched()
         return changed
 
     def _process_item(
@@ -679,10 +681,29 @@ class PipelineManager:
         build.state = BuildState.QUEUED
         self.save(item)
         self._new_builds.append(build.uuid)
-        self.flush()  # stored `queued` (and its znode made) before it is submitted
-        self.sched.watch_build(build.uuid, created=True)
-        self.sched.submit_build(self.build_request(item, build))
-        self.log.info("Submitted %s", build.job, item=item, build=build)
+        self._launched.append((item, build))  # submitted at the end of the pass
+
+    def _submit_launched(self) -> None:
+        """Submit the builds a pass launched, after one flush has stored them
+        all `queued` (and made their znodes): a restart finds each of them."""
+        if not self._launched:
+            return
+        self.flush()
+        launched, self._launched = self._launched, []
+        for item, build in launched:
+            queue = self.pipeline.get_queue(item.queue)
+            current = (
+                queue is not None
+                and item in queue.items
+                and item.buildset.builds.get(build.job) is build
+            )
+            if not current or build.state != BuildState.QUEUED:
+                # Reset or removed in the same pass: never submitted.
+                self.sched.delete_build_later(build.uuid)
+                continue
+            self.sched.watch_build(build.uuid, created=True)
+            self.sched.submit_build(self.build_request(item, build))
+            self.log.info("Submitted %s", build.job, item=item, build=build)
 
     def build_request(self, item: QueueItem, build: Build) -> BuildRequest:
         job = self.sched.layout.jobs[build.job]
