@@ -256,6 +256,25 @@ class ZooKeeper(NodepoolZK):
         raw, stat = self._zk.get(path)
         return _decode(raw), stat.version
 
+    def get_many(self, paths: list[str]) -> list[Any]:
+        """The values of several znodes, read in about one round trip (kazoo's
+        asynchronous gets, pipelined on the session): None for a missing
+        znode, the ValueError for one that does not hold JSON."""
+        values: list[Any] = []
+        with _translated():
+            pending = [self._zk.get_async(path) for path in paths]
+            for request in pending:
+                try:
+                    raw, _ = request.get(timeout=self.timeout)
+                except kze.NoNodeError:
+                    values.append(None)
+                    continue
+                try:
+                    values.append(_decode(raw))
+                except ValueError as error:
+                    values.append(error)
+        return values
+
     def get_or_none(self, path: str) -> dict | None:
         try:
             return self.get(path)[0]

@@ -19,7 +19,7 @@ import gear
 
 from nodepool_lite.exceptions import NodeExistsError, NoNodeError, ZKError
 from nodepool_lite.zk import ZooKeeper
-from zuul_lite.build_contract import BuildRequest
+from zuul_lite.build_contract import BuildRequest, BuildResult
 from zuul_lite.config import ZuulConfig
 from zuul_lite.connections import make_connections
 from zuul_lite.dispatcher import Dispatcher
@@ -46,6 +46,7 @@ MAX_PASSES = 20  # process() passes per wake-up; each pass is cheap when nothing
 @dataclass(frozen=True)
 class BuildCompleted:
     uuid: str
+    result: BuildResult | None = None  # read by the watch; None: the loop reads it
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class Scheduler(threading.Thread):
         self._triggers = threading.Event()
         self._janitor: queue.Queue[str | None] = queue.Queue()
         self._manages = threading.Event()
+        self._queued: dict[int, list[str]] = {}  # id(flag) -> the names its watch saw last
 
     # Lifecycle ----------------------------------------------------------
 
@@ -123,8 +125,8 @@ class Scheduler(threading.Thread):
         for manager in self.managers.values():
             manager.load()
         self._reconcile_builds()
-        self.state.watch_trigger_events(lambda children: self._queue_changed(self._triggers))
-        self.state.watch_management_events(lambda children: self._queue_changed(self._manages))
+        self.state.watch_trigger_events(lambda names: self._queue_changed(self._triggers, names))
+        self.state.watch_management_events(lambda names: self._queue_changed(self._manages, names))
         for conn in self.connections.values():
             conn.start()
         super().start()
@@ -222,9 +224,10 @@ class Scheduler(threading.Thread):
         self.events.put(event)
         self.wake_event.set()
 
-    def _queue_changed(self, flag: threading.Event) -> None:
-        """An event queue in ZooKeeper changed: list it on the next pass (and
-        only then: listing it on every pass costs a round trip)."""
+    def _queue_changed(self, flag: threading.Event, names: list[str]) -> None:
+        """An event queue in ZooKeeper changed: its watch gives the names it
+        holds now, which the next pass handles."""
+        self._queued[id(flag)] = names
         flag.set()
         self.wake_event.set()
 
@@ -257,7 +260,11 @@ class Scheduler(threading.Thread):
             if uuid not in self._watched:
                 return False
             if "result" in children:
-                self._post(BuildCompleted(uuid))
+                try:  # read here, off the scheduler thread
+                    result = self.state.get_build_result(uuid)
+                except ZKError:
+                    result = None
+                self._post(BuildCompleted(uuid, result))
                 return False
             if "early-failure" in children and not seen.get("early"):
                 seen["early"] = True
@@ -348,26 +355,30 @@ class Scheduler(threading.Thread):
                 log.exception("Scheduler loop error; retrying in 2 s")
                 self.call_later(2.0, lambda: None)
 
-    @staticmethod
-    def _pending(flag: threading.Event, list_names: Callable[[], list[str]]) -> list[str]:
-        """The events in a ZooKeeper queue whose watch fired since the last pass."""
+    def _pending(
+        self, flag: threading.Event, path: Callable[[str], str]
+    ) -> list[tuple[str, object]]:
+        """(name, data) of the events in a ZooKeeper queue whose watch fired
+        since the last pass, read at once (data None: handled meanwhile)."""
         if not flag.is_set():
             return []
         flag.clear()
+        names = self._queued.get(id(flag), [])
         try:
-            return list_names()
+            return list(zip(names, self.zk.get_many([path(n) for n in names]), strict=True))
         except ZKError:
             flag.set()
             raise
 
     def _process_trigger_events(self) -> None:
-        for name in self._pending(self._triggers, self.state.trigger_events):
+        for name, data in self._pending(self._triggers, self.state.trigger_event_path):
             path = self.state.trigger_event_path(name)
             event_id = name
             try:
-                data = self.state.get(path)
                 if data is None:
                     continue
+                if isinstance(data, ValueError):
+                    raise data
                 if not isinstance(data, dict):
                     raise ValueError("not a JSON object")
                 event_id = data.get("id", name)
@@ -433,12 +444,13 @@ class Scheduler(threading.Thread):
                     manager.dequeue(item, f"superseded by patchset {event.patchset}")
 
     def _process_management_events(self) -> None:
-        for name in self._pending(self._manages, self.state.management_events):
+        for name, data in self._pending(self._manages, self.state.management_event_path):
             path = self.state.management_event_path(name)
             try:
-                data = self.state.get(path)
                 if data is None:
                     continue
+                if isinstance(data, ValueError):
+                    raise data
                 if not isinstance(data, dict):
                     raise ValueError("not a JSON object")
                 self._handle_management(ManagementEvent.from_dict(data))
@@ -508,7 +520,7 @@ class Scheduler(threading.Thread):
         if isinstance(event, BuildEarlyFailure):
             manager.on_early_failure(item, build, event.reason)
             return
-        result = self.state.get_build_result(event.uuid)
+        result = getattr(event, "result", None) or self.state.get_build_result(event.uuid)
         if result is not None:
             self._watched.discard(event.uuid)
             manager.on_build_completed(item, build, result)

@@ -41,6 +41,9 @@ class Report:
     pipeline: str
     message: str
     verified: int | None = None
+    # The commit the change merged at, when the report is the gate's: a review
+    # system in ZooKeeper marks the change merged in the report's own write.
+    merged_sha: str | None = None
 
 
 class Connection(abc.ABC):

@@ -341,6 +341,14 @@ class LocalConnection(Connection):
         data, version = self.zk.get(path)
         if not any(v.get("report_id") == report.id for v in data["votes"]):
             data["votes"].append(self._vote(change, report))
+        if report.merged_sha and data["status"] == "NEW":
+            data.update(status="MERGED", merged_sha=report.merged_sha)
+            log.info(
+                "Change %s merged into %s at %s",
+                change.label,
+                change.branch,
+                report.merged_sha[:12],
+            )
         txn.set(path, data, version)
 
     def has_report(self, change: Change, report: Report) -> bool:
@@ -357,9 +365,6 @@ class LocalConnection(Connection):
             )
         if data["status"] != "NEW":
             return f"Change {change.number} was {data['status'].lower()} meanwhile."
-        error = merger.push(change.project, sha, self.repo_path(change.project), change.branch)
-        if error:
-            return error
-        self._update(change.number, lambda d: d.update(status="MERGED", merged_sha=sha))
-        log.info("Change %s merged into %s at %s", change.label, change.branch, sha[:12])
-        return None
+        # The change is marked merged by the vote's write (report_ops), in the
+        # transaction that removes the item: a push that lands twice is a no-op.
+        return merger.push(change.project, sha, self.repo_path(change.project), change.branch)

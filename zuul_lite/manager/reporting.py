@@ -165,6 +165,7 @@ class ItemReporter:
                 merge_error=record["merge_error"],
             ),
             verified=verified,
+            merged_sha=(record.get("sha") or item.buildset.head_sha) if record["merged"] else None,
         )
         if conn.reports_in_transaction:
             conn.report_ops(change, report, txn)
