@@ -58,7 +58,7 @@ class CleanupWorker(threading.Thread):
                 NodeState.READY, NodeState.IN_USE, NodeState.HOLD,
             ):  # fmt: skip
                 continue
-            if provider.node_alive(node):
+            if provider.adopt(node):
                 log.info("Adopted node %s (%s, %s)", node.id, node.type, node.state)
                 continue
             try:

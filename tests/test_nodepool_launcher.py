@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import os
+import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -13,6 +15,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from nodepool_lite.drivers.netns import forward_pids
 from nodepool_lite.drivers.nspawn import container_pids
 from nodepool_lite.launcher import NodePool
 from nodepool_lite.model import (
@@ -130,7 +133,27 @@ def node_gone(zk, nodepool: NodePool, node: Node) -> bool:
     return zk.get_node(node.id) is None and not root.exists()
 
 
-def test_request_fulfilled_ssh_and_destroyed(nodepool_factory, zk):
+# Run on a node: what of the host it can reach (nothing but its own loopback).
+PROBE = """
+import socket, sys
+print(",".join(name for _, name in socket.if_nameindex()))
+for host, port in [(h, int(p)) for h, p in (a.rsplit(":", 1) for a in sys.argv[1:])]:
+    try:
+        socket.create_connection((host, port), 2).close()
+        print(f"reached {host}:{port}")
+    except OSError as error:
+        print(f"unreachable {host}:{port}")
+"""
+
+
+def host_addresses() -> list[str]:
+    """The host's own IPv4 addresses other than loopback."""
+    out = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+    return [f.split("/")[0] for line in out.splitlines() for f in line.split()[3:4]
+            if not f.startswith("127.")]  # fmt: skip
+
+
+def test_request_fulfilled_ssh_and_destroyed(nodepool_factory, zk, zk_hosts):
     nodepool = nodepool_factory()
     start = time.monotonic()
     req, done, _ = request(zk, LABEL)
@@ -148,6 +171,15 @@ def test_request_fulfilled_ssh_and_destroyed(nodepool_factory, zk):
         node, key, "id -un; sudo -n id -u; hostname; test -d /var/cache/ccache && echo ok"
     )
     assert out.split() == ["zuul", "0", f"np-{node.id}", "ok"]
+    # Its own network namespace: ZooKeeper on the host's loopback, the host's
+    # sshd-less addresses and the node's own forwarded port are all out of reach.
+    zk_port = zk_hosts.split("/")[0].rsplit(":", 1)[1]
+    targets = [f"127.0.0.1:{zk_port}", f"127.0.0.1:{node.connection_port}"]
+    targets += [f"{a}:{zk_port}" for a in host_addresses()]
+    probe = ssh_run(node, key, f"python3 -c {shlex.quote(PROBE)} {' '.join(targets)}")
+    lines = probe.split("\n")
+    assert lines[0] == "lo", probe
+    assert all(line.startswith("unreachable") for line in lines[1:] if line), probe
 
     start = time.monotonic()
     release(zk, [node])
@@ -219,10 +251,16 @@ def test_restart_adopts_live_nodes_and_destroys_orphans(nodepool_factory, zk):
     second.stop()
     second.join()
 
-    third = nodepool_factory()  # the in-use node is still running: adopted
-    time.sleep(0.5)
+    # Its ssh forward survives the launcher; one that died is started again.
+    [forward] = forward_pids(nodes_dir / live.id)
+    os.kill(forward, signal.SIGKILL)
+    wait_for(lambda: not forward_pids(nodes_dir / live.id), 10, "forward gone")
+    third = nodepool_factory()  # the in-use node is still running: adopted (in start())
+    assert forward_pids(nodes_dir / live.id)
     assert zk.get_node(live.id).state == NodeState.IN_USE
     assert container_pids(nodes_dir / live.id / "root")
+    key = third.config.state_dir / "keys" / "id_ed25519"
+    assert ssh_run(live, key, "id -un").strip() == "zuul"  # its forwarded port still works
     release(zk, [live])
     wait_for(lambda: node_gone(zk, third, live), 30, "adopted node destroyed once used")
 

@@ -12,12 +12,26 @@ import fcntl
 import os
 import subprocess
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 
 from nodepool_lite import config as npconfig
 from nodepool_lite.exceptions import ConfigError
 from nodepool_lite.model import Node
 from nodepool_lite.zk import ZooKeeper
+
+
+def process_argvs() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, argv) of every process on this host: how a restarted launcher
+    finds what its predecessor started (containers, forwards) without pid files."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        yield int(entry), argv
 
 
 def ensure_keypair(state_dir: Path) -> Path:
@@ -67,6 +81,11 @@ class Provider(ABC):
     @abstractmethod
     def node_alive(self, node: Node) -> bool:
         """Does the machine behind `node` still run (used to adopt it on restart)?"""
+
+    def adopt(self, node: Node) -> bool:
+        """Take over a node a previous launcher started, if it still runs
+        (what the provider keeps in memory for a node is made again here)."""
+        return self.node_alive(node)
 
     @abstractmethod
     def leaked_node_ids(self) -> list[str]:

@@ -2,9 +2,13 @@
 
 A node is cheap to make and to forget: an overlayfs (`upper/ work/ root/`
 under `<state>/nodes/<id>/`) over the `rootfs/` of the newest ready image
-build, and `systemd-nspawn --as-pid2` running only sshd on a free loopback
-port of the host network. Destroying it kills the container, unmounts and
-removes the directory, so nothing a job did survives it.
+build, and `systemd-nspawn --as-pid2` running only sshd. The node has a
+network namespace of its own with nothing but its loopback
+(`--private-network`): code run by a job reaches no address of the host, no
+service on the host's loopback and no other node. sshd listens on the node's
+127.0.0.1:22, which a port of the host forwards to (nodepool_lite/drivers/
+netns.py). Destroying a node kills the container, closes its port, unmounts
+and removes the directory, so nothing a job did survives it.
 
 Container processes are found by their root directory (`/proc/<pid>/root`
 has the same inode as the node's `root/`), not by pids we remembered, so a
@@ -19,7 +23,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -30,7 +33,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from nodepool_lite import config as npconfig
-from nodepool_lite.drivers import Provider, ensure_keypair
+from nodepool_lite.drivers import Provider, ensure_keypair, process_argvs
+from nodepool_lite.drivers.netns import forward_pids, start_forward
 from nodepool_lite.exceptions import LaunchError
 from nodepool_lite.model import BuildState, ImageBuild, Node
 from nodepool_lite.zk import ZooKeeper
@@ -39,12 +43,8 @@ log = logging.getLogger("nodepool_lite.drivers.nspawn")
 
 USERNAME = "zuul"
 HOST_KEY = "etc/ssh/ssh_host_ed25519_key"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+SSH_PORT = 22  # on the node's own loopback
+FORWARD_HOST = "127.0.0.1"  # where the host's end of a node's ssh port listens
 
 
 def _same_inode(path: Path) -> tuple[int, int] | None:
@@ -69,17 +69,11 @@ def container_pids(root: Path) -> list[int]:
 
 def nspawn_roots() -> dict[int, Path]:
     """Every running systemd-nspawn: pid -> its `-D` directory."""
-    roots = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv[0].endswith(b"systemd-nspawn") and b"-D" in argv[:-1]:
-            roots[int(entry)] = Path(os.fsdecode(argv[argv.index(b"-D") + 1]))
-    return roots
+    return {
+        pid: Path(os.fsdecode(argv[argv.index(b"-D") + 1]))
+        for pid, argv in process_argvs()
+        if argv[0].endswith(b"systemd-nspawn") and b"-D" in argv[:-1]
+    }
 
 
 def _is_mounted(path: Path) -> bool:
@@ -210,7 +204,6 @@ class NspawnProvider(Provider):
         _write_authorized_key(root, self.public_key)
         _add_hosts_entry(root, machine)
         host_key = _write_host_key(root, machine)
-        port = _free_port()
         binds = []
         for bind in pool.bind_ro + pool.bind:
             Path(bind.host).mkdir(parents=True, exist_ok=True)
@@ -223,12 +216,12 @@ class NspawnProvider(Provider):
             binds.append(f"{flag}={bind.host}:{bind.node}")
         sshd = (
             "mkdir -p /run/sshd && exec /usr/sbin/sshd -D -e"
-            f" -p {port} -o ListenAddress=127.0.0.1 -o HostKey=/{HOST_KEY}"
+            f" -p {SSH_PORT} -o ListenAddress=127.0.0.1 -o HostKey=/{HOST_KEY}"
         )
         cmd = [
             "systemd-nspawn", "--quiet", "-D", str(root), "--register=no", "--keep-unit",
-            "--as-pid2", f"--machine={machine}", "--console=pipe", *binds,
-            "--", "/bin/sh", "-c", sshd,
+            "--as-pid2", f"--machine={machine}", "--console=pipe", "--private-network",
+            *binds, "--", "/bin/sh", "-c", sshd,
         ]  # fmt: skip
         log.debug("Starting node %s: %s", node.id, cmd)
         with open(node_dir / "console.log", "wb") as console:
@@ -238,13 +231,49 @@ class NspawnProvider(Provider):
             )  # fmt: skip
         with self._lock:
             self._procs[node.id] = proc
+        pid = self._container_pid(node, proc, pool.boot_timeout)
+        try:
+            port = start_forward(node_dir, pid, SSH_PORT, FORWARD_HOST)
+        except OSError as error:
+            raise LaunchError(f"Node {node.id}: {error}.") from error
         node.external_id = machine
-        node.interface_ip = "127.0.0.1"
+        node.interface_ip = FORWARD_HOST
         node.connection_port = port
         node.username = USERNAME
         node.host_keys = [host_key]
         node.image_build = f"{build.image}-{build.id}"
         self._wait_for_ssh(node, proc, host_key, pool.boot_timeout)
+
+    def _container_pid(self, node: Node, proc: subprocess.Popen, timeout: float) -> int:
+        """A process of the container (in its network namespace), once nspawn made it."""
+        root = self.node_dir(node.id or "") / "root"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise LaunchError(
+                    f"Node {node.id}: container exited ({proc.returncode}): {self._tail(node)}"
+                )
+            pids = container_pids(root)
+            if pids:
+                return min(pids)
+            time.sleep(0.02)  # nspawn tells nothing when the container is up
+        raise LaunchError(f"Node {node.id}: no container within {timeout:.0f}s.")
+
+    def adopt(self, node: Node) -> bool:
+        """A node a previous nodepool launcher started: its forward runs on,
+        or is started again on the same port."""
+        node_dir = self.node_dir(node.id or "")
+        pids = container_pids(node_dir / "root")
+        if not pids or not node.connection_port:
+            return False
+        if forward_pids(node_dir):
+            return True
+        try:
+            start_forward(node_dir, min(pids), SSH_PORT, FORWARD_HOST, node.connection_port)
+        except OSError as error:
+            log.warning("Node %s: %s", node.id, error)
+            return False
+        return True
 
     def _wait_for_ssh(
         self, node: Node, proc: subprocess.Popen, host_key: str, timeout: float
@@ -259,19 +288,17 @@ class NspawnProvider(Provider):
                     f"Node {node.id}: container exited ({proc.returncode}): {self._tail(node)}"
                 )
             try:
-                with socket.create_connection(("127.0.0.1", node.connection_port), 1):
-                    pass
                 client = paramiko.SSHClient()
                 kind, blob = host_key.split()[:2]
                 client.get_host_keys().add(
-                    f"[127.0.0.1]:{node.connection_port}",
+                    f"[{node.interface_ip}]:{node.connection_port}",
                     kind,
                     paramiko.Ed25519Key(data=base64.b64decode(blob)),
                 )
                 client.set_missing_host_key_policy(paramiko.RejectPolicy())
                 try:
                     client.connect(
-                        "127.0.0.1", port=node.connection_port, username=USERNAME, pkey=key,
+                        node.interface_ip, port=node.connection_port, username=USERNAME, pkey=key,
                         timeout=5, allow_agent=False, look_for_keys=False,
                     )  # fmt: skip
                 finally:
@@ -308,6 +335,8 @@ class NspawnProvider(Provider):
         # Killing the container's init tears down its pid namespace at once;
         # nspawn then exits by itself.
         for pid in container_pids(root):
+            _kill(pid, signal.SIGKILL)
+        for pid in forward_pids(node_dir):  # it would end with the container anyway
             _kill(pid, signal.SIGKILL)
         with self._lock:
             proc = self._procs.pop(node_id, None)
