@@ -381,7 +381,9 @@ class Build:
             return
         if self._play(playbook, "collect", self.config.post_timeout) != Outcome.OK:
             self.output.write("Collecting the node's logs failed; see above.")
-        logs.unpack_node_logs(self.jobdir)
+        truncated = logs.unpack_node_logs(self.jobdir)
+        if truncated:
+            self.output.write(truncated)
 
     def _publish(self) -> None:
         logs.write_job_output_json(self.jobdir, self.records)

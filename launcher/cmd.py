@@ -14,6 +14,7 @@ import yaml
 
 from launcher.config import ConfigError, load
 from launcher.server import LauncherServer
+from nodepool_lite.exceptions import TLSError
 
 log = logging.getLogger("launcher.cmd")
 
@@ -54,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
             f"The private key {config.private_key} does not exist; set launcher/private-key.",
             file=sys.stderr,
         )
+        return 2
+    try:
+        for files in (config.zk_tls, config.gearman_tls):
+            if files is not None:
+                files.check()
+    except TLSError as error:
+        print(error, file=sys.stderr)
         return 2
     server = LauncherServer(config)
     stopped = threading.Event()

@@ -2,13 +2,18 @@
 shared `gearman:`, `zookeeper:`, `state-dir` and `web:` keys.
 
 The scheduler validates the whole file; this schema checks only the
-`launcher:` section (and lets the rest through), so the two can evolve apart.
-Defaults match the scheduler's: log root `<state-dir>/logs`, log URL
+`launcher:` section and the `tls:` of the shared ones, so the two can evolve
+apart. Defaults match the scheduler's: log root `<state-dir>/logs`, log URL
 `<web url>/logs`, jobs dir `../jobs` beside the config file.
+
+TLS: the launcher connects to ZooKeeper and Gearman with `zookeeper: tls:`
+and `gearman: tls:`, each CA as given there; `launcher: tls:` ({cert, key})
+replaces the certificate in both, so a launcher has an identity of its own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import socket
 import sys
@@ -18,6 +23,9 @@ from typing import Any
 
 import voluptuous as v
 import yaml
+
+from nodepool_lite import tls
+from nodepool_lite.tls import TLSFiles
 
 LAUNCHER_SCHEMA = v.Schema(
     {
@@ -34,9 +42,11 @@ LAUNCHER_SCHEMA = v.Schema(
         "setup-timeout": v.All(v.Coerce(float), v.Range(min=1)),
         "post-timeout": v.All(v.Coerce(float), v.Range(min=1)),
         "ansible-playbook": str,
+        "tls": {v.Required("cert"): str, v.Required("key"): str},
     },
     extra=v.PREVENT_EXTRA,
 )
+TLS_SCHEMA = v.Schema(tls.SCHEMA)
 
 
 class ConfigError(Exception):
@@ -63,6 +73,8 @@ class LauncherConfig:
     setup_timeout: float = 900.0
     post_timeout: float = 900.0
     ansible_playbook: str = ""
+    zk_tls: TLSFiles | None = None
+    gearman_tls: TLSFiles | None = None
 
     def __post_init__(self) -> None:
         if not self.ansible_playbook:
@@ -95,6 +107,8 @@ def load(path: Path | str) -> LauncherConfig:
         raise ConfigError(f"{path}: zookeeper/hosts is required.") from None
     here = path.parent
     gearman = data.get("gearman") or {}
+    zk_tls = _tls(path, data, "zookeeper", section.get("tls"))
+    gearman_tls = _tls(path, data, "gearman", section.get("tls"))
     state_dir = here / section.get("state-dir", data.get("state-dir", "/var/lib/zuul-lite"))
     web = data.get("web") or {}
     web_url = web.get("url", f"http://{web.get('listen', '127.0.0.1')}:{web.get('port', 9000)}")
@@ -116,4 +130,26 @@ def load(path: Path | str) -> LauncherConfig:
         setup_timeout=section.get("setup-timeout", 900.0),
         post_timeout=section.get("post-timeout", 900.0),
         ansible_playbook=section.get("ansible-playbook", ""),
+        zk_tls=zk_tls,
+        gearman_tls=gearman_tls,
+    )
+
+
+def _tls(path: Path, data: dict, service: str, own: dict | None) -> TLSFiles | None:
+    """`<service>: tls:`, with the launcher's own certificate if it has one."""
+    section = (data.get(service) or {}).get("tls")
+    if section is None:
+        return None
+    try:
+        files = TLSFiles.from_config(TLS_SCHEMA(section), path.parent, f"{path} {service}/tls")
+    except v.Invalid as error:
+        where = "/".join(str(p) for p in [service, "tls", *error.path])
+        raise ConfigError(f"{path}: {where}: {error.msg}.") from error
+    if own is None:
+        return files
+    return dataclasses.replace(
+        files,
+        cert=str(path.parent / own["cert"]),
+        key=str(path.parent / own["key"]),
+        source=f"{path} launcher/tls",
     )

@@ -1,20 +1,23 @@
 """Log collection and publishing, and the summary the vote quotes.
 
 The collect playbook fetches one archive of the node's ~/artifacts and
-~/console; it is unpacked here with tarfile's `data` filter, so a crafted
-archive (links, absolute or `..` paths) from a node running untrusted code
-cannot write outside the build's log dir. Publishing copies logs/ and the
-ansible/ dir (as _ansible/, without tmp/ or anything key-like) to
-<log_root>/<log_path>/.
+~/console. The node ran the change's code, so the archive is hostile: it is
+unpacked here by our own checks rather than tarfile's extraction filters (not
+enough before Python 3.11.13 / 3.12.11), streaming one member at a time; see
+unpack_node_logs(). Publishing copies logs/ and the ansible/ dir (as _ansible/,
+without tmp/ or anything key-like) to <log_root>/<log_path>/.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
+import os
 import re
 import shutil
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,18 @@ ERROR_LINE = re.compile(
     re.IGNORECASE,
 )
 PRIVATE_KEY = re.compile(r"(^id_|\.pem$|\.key$|private)", re.IGNORECASE)
+
+# Caps on what one node's log archive may unpack to: file bytes actually
+# written (never the sizes its headers claim) and members of any kind.
+MAX_UNPACKED_BYTES = 1 << 30
+MAX_ENTRIES = 100_000
+# Headers, padding and long names come on top of the file data; the decompressed
+# stream is capped as well, so a crafted header cannot make tarfile buffer gigabytes.
+STREAM_OVERHEAD_PER_ENTRY = 8 * 1024
+CHUNK = 1 << 20
+LOG_TOPS = ("artifacts", "console")
+# What a crafted archive makes tarfile, gzip or zlib raise.
+ARCHIVE_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, zlib.error)
 
 
 def read_results(jobdir: JobDir) -> list[dict[str, Any]]:
@@ -91,24 +106,146 @@ def extract_summary(records: list[dict[str, Any]], limit: int = SUMMARY_LINES) -
     return ""
 
 
-def unpack_node_logs(jobdir: JobDir) -> None:
-    """Unpack the fetched archive into logs/artifacts and logs/console (data only)."""
+class _Truncated(Exception):
+    """A cap was reached; the message says which, for the build's log."""
+
+
+class _CappedStream:
+    """The decompressed archive, read in bounded chunks until `limit` bytes."""
+
+    def __init__(self, raw: gzip.GzipFile, limit: int) -> None:
+        self.raw = raw
+        self.limit = limit
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(CHUNK if size < 0 else min(size, CHUNK))
+        self.count += len(data)
+        if self.count > self.limit:
+            raise _Truncated(f"the archive is more than {self.limit:,} bytes uncompressed")
+        return data
+
+
+def _safe_parts(name: str) -> list[str] | None:
+    """The member's path components, or None when the name is unsafe to write."""
+    if "\0" in name or name.startswith("/"):
+        return None
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        return None
+    return parts
+
+
+def _file_mode(mode: int) -> int:
+    """No setuid, setgid, sticky or group/other write; owner read-write; exec only
+    for others when the owner has it (tarfile's `data` filter does the same)."""
+    mode &= 0o755
+    if not mode & 0o100:
+        mode &= ~0o111
+    return mode | 0o600
+
+
+def _copy_member(
+    tar: tarfile.TarFile, member: tarfile.TarInfo, fd: int, budget: int
+) -> tuple[int, bool]:
+    """Stream one regular member into the open file `fd`, at most `budget` bytes.
+
+    Returns the bytes written and whether the whole member fitted (what fits is
+    written either way).
+    """
+    written = 0
+    with os.fdopen(fd, "wb") as out, tar.extractfile(member) as source:
+        os.fchmod(fd, _file_mode(member.mode))
+        while chunk := source.read(min(CHUNK, budget - written + 1)):
+            if written + len(chunk) > budget:
+                out.write(chunk[: budget - written])
+                return budget, False
+            out.write(chunk)
+            written += len(chunk)
+        try:
+            os.utime(fd, (member.mtime, member.mtime))
+        except (OverflowError, ValueError, OSError):
+            pass  # a nonsense mtime only costs the timestamp
+    return written, True
+
+
+def _open_target(member: tarfile.TarInfo, target: Path) -> int | None:
+    """Create a directory member, or open a file member's target for writing.
+
+    Returns the file's descriptor (None for a directory); OSError when the
+    target clashes with what is there (a file where a directory goes, ...).
+    """
+    if member.isdir():
+        target.mkdir(parents=True, exist_ok=True)
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # O_NOFOLLOW: never write through a link, whatever put it there.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(target, flags, 0o600)
+
+
+def unpack_node_logs(
+    jobdir: JobDir, max_bytes: int = MAX_UNPACKED_BYTES, max_entries: int = MAX_ENTRIES
+) -> str:
+    """Unpack the fetched archive (the collect playbook's tar.gz) into logs/.
+
+    Of artifacts/ and console/, only regular files and directories whose
+    names pass our checks (no absolute path, `..` or NUL, target inside
+    logs/) are written, with sanitised modes; links, devices and fifos are
+    skipped and logged. Members are streamed one at a time and the bytes
+    written are counted. Returns "" or, when a cap or a damaged archive
+    stopped the unpacking (what was unpacked stays), one sentence for the
+    build's log.
+    """
     archive = jobdir.node_logs_archive
     if not archive.exists():
-        return
+        return ""
+    dest = jobdir.logs.resolve()
+    stream_cap = max_bytes + max_entries * STREAM_OVERHEAD_PER_ENTRY
+    written = entries = 0
+    reason = ""
     try:
-        with tarfile.open(archive) as tar:
+        with (
+            gzip.open(archive) as raw,
+            tarfile.open(fileobj=_CappedStream(raw, stream_cap), mode="r|") as tar,
+        ):
             for member in tar:
-                if member.name.split("/", 1)[0] not in ("artifacts", "console"):
+                entries += 1
+                if entries > max_entries:
+                    raise _Truncated(f"the archive has more than {max_entries:,} entries")
+                parts = _safe_parts(member.name)
+                if parts is None or not dest.joinpath(*parts).resolve().is_relative_to(dest):
+                    log.warning("Skipping %r from the node's logs: unsafe name", member.name)
+                    continue
+                if not parts or parts[0] not in LOG_TOPS:
+                    continue
+                if not (member.isreg() or member.isdir()):
+                    log.warning(
+                        "Skipping %r from the node's logs: not a regular file or directory",
+                        member.name,
+                    )
                     continue
                 try:
-                    tar.extract(member, jobdir.logs, filter="data")
-                except tarfile.FilterError as error:
-                    log.warning("Skipping %s from the node's logs: %s", member.name, error)
-    except (tarfile.TarError, OSError) as error:
-        log.warning("Could not unpack the node's logs from %s: %s", archive, error)
+                    fd = _open_target(member, dest.joinpath(*parts))
+                except OSError as error:
+                    log.warning("Skipping %r from the node's logs: %s", member.name, error)
+                    continue
+                if fd is None:
+                    continue
+                copied, complete = _copy_member(tar, member, fd, max_bytes - written)
+                written += copied
+                if not complete:
+                    raise _Truncated(f"their files add up to more than {max_bytes:,} bytes")
+    except _Truncated as error:
+        reason = str(error)
+    except ARCHIVE_ERRORS as error:
+        reason = f"unpacking stopped at an error ({error})"
     finally:
         archive.unlink(missing_ok=True)
+    if not reason:
+        return ""
+    log.warning("The node's logs in %s were truncated: %s", jobdir.logs, reason)
+    return f"The node's logs were truncated: {reason}."
 
 
 def write_job_output_json(jobdir: JobDir, records: list[dict[str, Any]]) -> None:

@@ -5,6 +5,10 @@ a developer can see exactly what ran. The launcher's own steps (setup and
 log collection) are written here as data; the job's playbooks come from the
 trusted jobs dir, never from the change under test, and every task targets the
 node: the launcher host only runs ansible itself and untars collected logs.
+Text from the change and the review system reaches ansible only inside the
+`zuul` variable, written `!unsafe`; the synthesised playbooks only refer to it,
+the inventory holds nodepool's address for the node, and the job's vars come
+from the layout (trusted, so they may be templates).
 """
 
 from __future__ import annotations
@@ -23,8 +27,6 @@ from zuul_lite.build_contract import BuildRequest
 log = logging.getLogger("launcher.playbooks")
 
 CALLBACK_DIR = Path(__file__).parent / "callback"
-# Fields of the request written by patch authors: ansible must never template them.
-AUTHOR_TEXT = ("subject", "owner")
 
 
 @dataclass(slots=True)
@@ -56,12 +58,26 @@ def _dump(path: Path, data: Any) -> None:
     path.write_text(yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False))
 
 
+def _unsafe(value: Any) -> Any:
+    """`value` with every string in it (dict keys aside) marked unsafe."""
+    if isinstance(value, str):
+        return Unsafe(value)
+    if isinstance(value, dict):
+        return {key: _unsafe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_unsafe(item) for item in value]
+    return value
+
+
 def zuul_variable(request: BuildRequest) -> dict[str, Any]:
-    """The `zuul` variable: the request, with the patch authors' text marked unsafe."""
-    data = request.to_dict()
-    for key in AUTHOR_TEXT:
-        data[key] = Unsafe(data[key])
-    return data
+    """The `zuul` variable: the request with every string in it marked unsafe.
+
+    Subject and owner come from patch authors, project and branch from the
+    review system; nothing else in it needs templating either, so no field
+    added later can carry an author's text into a template. (Dict keys are
+    job names and phases, from the layout.)
+    """
+    return _unsafe(request.to_dict())
 
 
 def _setup_playbook(connect_timeout: int) -> list[dict]:
@@ -167,7 +183,7 @@ def _collect_playbook(archive: Path) -> list[dict]:
 
     A single archive keeps the transfer to one file (ansible's fetch copies
     single files; synchronize is not in ansible-core); logs.py unpacks it with
-    tarfile's `data` filter so nothing in it can escape the log dir.
+    its own caps and path checks so nothing in it can escape the log dir.
     """
     node_archive = "/tmp/zuul-node-logs-{{ zuul.uuid }}.tar.gz"
     return [

@@ -26,6 +26,7 @@ import gear
 from launcher.build import Build, BuildAbandoned
 from launcher.config import LauncherConfig
 from launcher.gearworker import NoDelayWorker
+from nodepool_lite.tls import gear_args
 from nodepool_lite.zk import ZooKeeper
 from zuul_lite.build_contract import BuildRequest, ContractError
 from zuul_lite.state import ZuulState
@@ -42,7 +43,7 @@ class LauncherServer:
 
     def __init__(self, config: LauncherConfig, zk: ZooKeeper | None = None) -> None:
         self.config = config
-        self.zk = zk or ZooKeeper(config.zk_hosts)
+        self.zk = zk or ZooKeeper(config.zk_hosts, tls=config.zk_tls)
         self._own_zk = zk is None
         self.state = ZuulState(self.zk)
         self.zk.add_connection_listener(self._on_zk_state)
@@ -57,8 +58,9 @@ class LauncherServer:
     def start(self) -> None:
         """Connect to ZooKeeper and gearman and start taking builds."""
         self.zk.connect()
+        tls = gear_args(self.config.gearman_tls)
         for worker in (self.worker, self.stop_worker):
-            worker.addServer(self.config.gearman_server, self.config.gearman_port)
+            worker.addServer(self.config.gearman_server, self.config.gearman_port, **tls)
         self.worker.registerFunction(EXECUTE)
         self.stop_worker.registerFunction(self.stop_function)
         for index in range(self.config.max_builds):

@@ -15,7 +15,9 @@ from typing import Any
 import voluptuous as v
 import yaml
 
+from nodepool_lite import tls
 from nodepool_lite.exceptions import ConfigError
+from nodepool_lite.tls import TLSFiles
 
 DEFAULT_STATE_DIR = "/var/lib/zuul-lite"
 
@@ -59,6 +61,8 @@ _provider = {
 SCHEMA = v.Schema(
     {
         v.Optional("zookeeper-servers", default=lambda: [{"host": "127.0.0.1"}]): [_zk_server],
+        # Nodepool's key: the client certificate; without it ZooKeeper is plain TCP.
+        v.Optional("zookeeper-tls"): tls.SCHEMA,
         v.Optional("state-dir", default=DEFAULT_STATE_DIR): str,
         v.Optional("labels", default=list): [_label],
         v.Optional("diskimages", default=list): [_diskimage],
@@ -126,6 +130,7 @@ class Config:
     labels: list[str]
     diskimages: list[DiskImage]
     providers: list[Provider]
+    zookeeper_tls: TLSFiles | None = None
 
     def diskimage(self, name: str) -> DiskImage | None:
         return next((d for d in self.diskimages if d.name == name), None)
@@ -203,6 +208,11 @@ def load(path: str | Path) -> Config:
     return Config(
         path=path,
         zookeeper_hosts=_zookeeper_hosts(data["zookeeper-servers"]),
+        zookeeper_tls=(
+            TLSFiles.from_config(data["zookeeper-tls"], path.parent, f"{path} zookeeper-tls")
+            if "zookeeper-tls" in data
+            else None
+        ),
         state_dir=Path(data["state-dir"]).absolute(),
         labels=[label["name"] for label in data["labels"]],
         diskimages=[

@@ -33,6 +33,10 @@ class ConfigError(NodepoolError):
     pass
 
 
+class TLSError(NodepoolError):
+    """A certificate, key or CA file is missing, unreadable or not what it should be."""
+
+
 class LaunchError(NodepoolError):
     """A node could not be booted."""
 

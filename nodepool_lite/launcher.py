@@ -342,7 +342,7 @@ class NodePool:
 
     def __init__(self, config_path: str | Path, zk_hosts: str | None = None):
         self.config = npconfig.load(config_path)
-        self.zk = ZooKeeper(zk_hosts or self.config.zookeeper_hosts)
+        self.zk = ZooKeeper(zk_hosts or self.config.zookeeper_hosts, tls=self.config.zookeeper_tls)
         self.stop_event = threading.Event()
         self.providers: dict[str, Provider] = {}
         self.pool_workers: list[PoolWorker] = []

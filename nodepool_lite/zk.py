@@ -26,6 +26,7 @@ from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 from kazoo.retry import KazooRetry
 
 from nodepool_lite import exceptions as exc
+from nodepool_lite.tls import TLSFiles, kazoo_args
 from nodepool_lite.zk_nodepool import (  # noqa: F401  (the layout's names, re-exported)
     DEFAULT_PRIORITY,
     IMAGE_BUILD_REQUEST_ROOT,
@@ -157,13 +158,21 @@ class Transaction:
 class ZooKeeper(NodepoolZK):
     """A connection to ZooKeeper; `hosts` may end in a chroot ('h:p/chroot')."""
 
-    def __init__(self, hosts: str, timeout: float = 10.0, connect_timeout: float | None = None):
+    def __init__(
+        self,
+        hosts: str,
+        timeout: float = 10.0,
+        connect_timeout: float | None = None,
+        tls: TLSFiles | None = None,
+    ):
         """`timeout` is the session timeout; `connect_timeout` (default 3x) bounds
         connect(): a loaded host's ZooKeeper can take many seconds to answer
-        its first session, while a CLI wants to give up quickly."""
+        its first session, while a CLI wants to give up quickly. With `tls`
+        every connection is TLS with that client certificate."""
         self.hosts = hosts
         self.timeout = timeout
         self.connect_timeout = connect_timeout or 3 * timeout
+        self.tls = tls
         self.client: KazooClient | None = None
         self._listeners: list[Callable[[str], None]] = []
         self._launchers: dict[str, list[str]] = {}
@@ -176,8 +185,9 @@ class ZooKeeper(NodepoolZK):
         if self.client is not None:
             return
         servers, chroot = _split_hosts(self.hosts)
+        tls = kazoo_args(self.tls)
         if chroot:
-            bootstrap = KazooClient(hosts=servers, timeout=self.timeout)
+            bootstrap = KazooClient(hosts=servers, timeout=self.timeout, **tls)
             with _translated():
                 bootstrap.start(timeout=self.connect_timeout)
                 try:
@@ -189,6 +199,7 @@ class ZooKeeper(NodepoolZK):
             hosts=self.hosts,
             timeout=self.timeout,
             connection_retry=KazooRetry(max_tries=-1, max_delay=5),
+            **tls,
         )
         client.add_listener(self._on_state)
         try:
@@ -196,7 +207,8 @@ class ZooKeeper(NodepoolZK):
                 client.start(timeout=self.connect_timeout)
         except exc.ZKError:
             client.close()
-            raise exc.ZKError(f"Cannot connect to ZooKeeper at {self.hosts}.") from None
+            how = " over TLS" if self.tls else ""
+            raise exc.ZKError(f"Cannot connect to ZooKeeper at {self.hosts}{how}.") from None
         self.client = client
 
     def disconnect(self) -> None:

@@ -15,6 +15,9 @@ import gear
 import yaml
 
 from launcher.gearworker import NoDelayWorker
+from launcher.jobdir import JobDir
+from launcher.playbooks import NodeAddress, write_ansible_dir
+from nodepool_lite.tls import TLSFiles, gear_args
 from nodepool_lite.zk import ZooKeeper
 from nodepool_lite.zkserver import free_port
 from zuul_lite.build_contract import BuildRequest, BuildResult
@@ -153,11 +156,17 @@ class StandInLauncher(threading.Thread):
     then sends WORK_COMPLETE. It answers `launcher:stop:stand-in` like a real
     launcher. `hold` keeps builds until `release(pattern)`; `results` maps a
     job name, or "job:change", to its result; `history` lists every build
-    with how it ended (Zuul's assertHistory)."""
+    with how it ended (Zuul's assertHistory). `tls` is its Gearman certificate."""
 
     STOP = "launcher:stop:stand-in"
 
-    def __init__(self, zk: ZooKeeper, port: int, results: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        zk: ZooKeeper,
+        port: int,
+        results: dict[str, str] | None = None,
+        tls: TLSFiles | None = None,
+    ) -> None:
         super().__init__(daemon=True)
         self.state = ZuulState(zk)
         self.port = port
@@ -170,9 +179,9 @@ class StandInLauncher(threading.Thread):
         # TCP_NODELAY as the real launcher's worker: without it every build
         # waits ~40 ms on Nagle and delayed ACKs (MACHINE-NOTES).
         self.worker = NoDelayWorker("stand-in-launcher")
-        self.worker.addServer("127.0.0.1", port)
+        self.worker.addServer("127.0.0.1", port, **gear_args(tls))
         self.stopper = NoDelayWorker("stand-in-launcher-stop")
-        self.stopper.addServer("127.0.0.1", port)
+        self.stopper.addServer("127.0.0.1", port, **gear_args(tls))
         self.running = True
 
     def run(self) -> None:
@@ -332,3 +341,18 @@ def votes_in(zk: ZooKeeper, change: int, pipeline: str) -> list:
     """The values of the votes `pipeline` left on `change`."""
     data = zk.get_or_none(ZuulState(zk).local_path("changes", change)) or {}
     return [v["value"] for v in data.get("votes", []) if v["pipeline"] == pipeline]
+
+
+def local_ansible_dir(tmp_path: Path, request: BuildRequest, jobs_dir: Path):
+    """The launcher's Ansible files for `request`, for a playbook run with the
+    local connection: (JobDir, phases)."""
+    jobdir = JobDir(tmp_path / "work", request.uuid)
+    phases = write_ansible_dir(
+        jobdir,
+        request,
+        NodeAddress("127.0.0.1", 22, "zuul", []),
+        jobs_dir=jobs_dir,
+        private_key=tmp_path / "key",
+        connect_timeout=5,
+    )
+    return jobdir, phases

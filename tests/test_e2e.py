@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from nodepool_lite import config as npconfig
+from nodepool_lite.certs import ensure_certs
 from nodepool_lite.zk import ZooKeeper
 from nodepool_lite.zkserver import ZooKeeperServer, free_port
 from tests.images import ensure_node_image
@@ -35,7 +36,9 @@ def write_configs(root: Path) -> tuple[Path, int]:
     zk_port, web_port = free_port(), free_port()
     etc = root / "etc"
     etc.mkdir()
-    zuul = yaml.safe_load((REPO / "etc" / "zuul.yaml").read_text())
+    zuul = yaml.safe_load(
+        (REPO / "etc" / "zuul.yaml").read_text().replace("/var/lib/zuul-lite", str(state))
+    )
     zuul["state-dir"] = str(state)
     zuul["zookeeper"]["hosts"] = f"127.0.0.1:{zk_port}"
     zuul["gearman"]["port"] = free_port()
@@ -58,7 +61,7 @@ def write_configs(root: Path) -> tuple[Path, int]:
     # kernel builds from minutes into seconds.
     ccache = Path(os.environ.get("ZUUL_LITE_CACHE", "/var/cache/zuul-lite")) / "ccache-nodes"
     text = text.replace("/var/lib/zuul-lite/ccache", str(ccache))
-    text = text.replace("/var/lib/zuul-lite", str(state)).replace("port: 2181", f"port: {zk_port}")
+    text = text.replace("/var/lib/zuul-lite", str(state)).replace("port: 2281", f"port: {zk_port}")
     (etc / "nodepool.yaml").write_text(text)
     return etc, zk_port
 
@@ -66,9 +69,11 @@ def write_configs(root: Path) -> tuple[Path, int]:
 def test_quickstart_votes_on_the_samples(tmp_path):
     etc, zk_port = write_configs(tmp_path)
     state = tmp_path / "state"
-    zkserver = ZooKeeperServer(state / "zk", port=zk_port)
+    # TLS as the README's quick start: the same CA, which the quick start reuses.
+    certs = ensure_certs(state / "tls")
+    zkserver = ZooKeeperServer(state / "zk", port=zk_port, tls=certs)
     zkserver.start()
-    zk = ZooKeeper(zkserver.hosts)
+    zk = ZooKeeper(zkserver.hosts, tls=certs.identity("cli"))
     zk.connect()
     # The node image is built once per machine and shared by every test run.
     ensure_node_image(zk, npconfig.load(etc / "nodepool.yaml"))

@@ -157,6 +157,21 @@ def test_checkpatch_fails_with_the_error_lines(node):
     assert "ERROR: code indent should use tabs where possible" in result.stdout
 
 
+def test_checkpatch_is_the_base_trees(node):
+    """A patch that makes the tree's scripts/checkpatch.pl pass everything does not
+    change the verdict: the base tree's checkpatch.pl checks the series."""
+    node.checkout("checkpatch-failure")
+    (node.src / "scripts" / "checkpatch.pl").write_text(
+        '#!/usr/bin/perl\nprint "total: 0 errors, 0 warnings, 1 lines checked\\n";\n'
+    )
+    node.git("commit", "--quiet", "--all", "--signoff", "-m", "checkpatch: pass everything")
+    result = node.run("kernel-checkpatch")
+    assert result.returncode != 0
+    assert "0001-init-calibrate-add-spaces-after-commas-in-lpj_setup: FAILED" in result.stdout
+    assert "FAILED (total: 3 errors, 2 warnings" in result.stdout
+    assert "ERROR: trailing whitespace" in result.stdout
+
+
 @pytest.mark.parametrize("series", ["good", "checkpatch-failure"])
 def test_build_and_boot(node, series):
     node.checkout(series)

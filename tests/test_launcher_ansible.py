@@ -13,8 +13,8 @@ import yaml
 
 from launcher.config import default_ansible_playbook
 from launcher.earlyfailure import EarlyFailure
-from launcher.jobdir import JobDir
-from launcher.playbooks import CALLBACK_DIR, NodeAddress, write_ansible_dir
+from launcher.playbooks import CALLBACK_DIR
+from tests.harness import local_ansible_dir
 from zuul_lite.build_contract import BuildRequest
 
 FAIL = {"ansible.builtin.command": "false"}
@@ -72,29 +72,42 @@ def test_nothing_is_announced_without_the_token(tmp_path):
 
 
 def test_author_text_reaches_ansible_untemplated(tmp_path):
+    """Subject and owner are written `!unsafe`, and ansible prints them as text:
+    the lookups in them never run (they would create the marker files)."""
     jobs = tmp_path / "jobs"
     (jobs / "playbooks").mkdir(parents=True)
-    show = [{"name": "Show", "ansible.builtin.debug": {"msg": "subject={{ zuul.subject }}"}}]
+    show = [
+        {
+            "name": "Show",
+            "ansible.builtin.debug": {
+                "msg": "subject={{ zuul.subject }} owner={{ zuul.owner }} branch={{ zuul.branch }}"
+            },
+        }
+    ]
     (jobs / "playbooks" / "show.yaml").write_text(
         yaml.safe_dump([{"hosts": "localhost", "gather_facts": False, "tasks": show}])
     )
+    subject = f"{{{{ lookup('pipe', 'touch {tmp_path}/pwned') }}}}"
+    owner = f"{{% set x = lookup('pipe', 'touch {tmp_path}/pwned-owner') %}}{{{{ 6 * 7 }}}}"
     request = BuildRequest(
         uuid="u1",
         job="j",
         node_type="n",
         log_path="l",
-        subject="{{ 6 * 7 }}",
+        subject=subject,
+        owner=owner,
+        branch="{{ 6 * 7 }}",
         playbooks={"run": ["playbooks/show.yaml"]},
     )
-    jobdir = JobDir(tmp_path / "work", request.uuid)
-    phases = write_ansible_dir(
-        jobdir,
-        request,
-        NodeAddress("127.0.0.1", 22, "zuul", []),
-        jobs_dir=jobs,
-        private_key=tmp_path / "key",
-        connect_timeout=5,
-    )
+    jobdir, phases = local_ansible_dir(tmp_path, request, jobs)
+    unsafe: list[str] = []
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!unsafe", lambda loader, node: unsafe.append(node.value))
+    yaml.load(jobdir.vars.read_text(), Loader=Loader)
+    assert subject in unsafe and owner in unsafe
     out = subprocess.run(
         [
             default_ansible_playbook(),
@@ -111,4 +124,5 @@ def test_author_text_reaches_ansible_untemplated(tmp_path):
         text=True,
     )
     assert out.returncode == 0, out.stdout
-    assert '"msg": "subject={{ 6 * 7 }}"' in out.stdout
+    assert f"subject={subject} owner={owner} branch={{{{ 6 * 7 }}}}" in out.stdout
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "pwned-owner").exists()

@@ -12,6 +12,7 @@ session and closes it, as a partition that outlasts the timeout would.
 
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import logging
@@ -30,6 +31,7 @@ import pytest
 import yaml
 from kazoo.client import KazooClient
 
+from launcher import logs
 from launcher.config import LauncherConfig
 from launcher.gearworker import NoDelayClient
 from launcher.server import EXECUTE, LauncherServer
@@ -467,6 +469,22 @@ def test_success_publishes_logs_and_result(launcher_env, caplog):
     prefix = f"[e: ev-1] [build: {args['uuid']}] "
     assert prefix + "SUCCESS in " in caplog.text
     assert prefix + f"Node {env['nodepool'].nodes[0]} released (used)" in caplog.text
+
+
+def test_node_logs_past_a_cap_are_truncated_with_a_line_in_the_log(launcher_env, monkeypatch):
+    """A cap on the node's log archive (3 entries here) does not fail the build:
+    what fitted is published and job-output.txt says why the rest is missing."""
+    env = launcher_env
+    capped = functools.partial(logs.unpack_node_logs, max_entries=3)
+    monkeypatch.setattr(logs, "unpack_node_logs", capped)
+    env["start"]()
+    args, result = run_build(env, {"run": ["playbooks/ok.yaml"]})
+    assert result["result"] == "SUCCESS", result
+    logdir = env["config"].log_root / args["log_path"]
+    assert (logdir / "artifacts" / "hello.txt").read_text() == "hello\n"
+    assert not (logdir / "console" / "serial.log").exists()
+    output = (logdir / "job-output.txt").read_text()
+    assert "| The node's logs were truncated: the archive has more than 3 entries.\n" in output
 
 
 def test_dependency_artifacts_are_copied_to_the_node(launcher_env):

@@ -26,11 +26,28 @@ from launcher.playbooks import (
 from zuul_lite.build_contract import BuildRequest
 
 
+class UnsafeText(str):
+    """A string vars.yaml tagged `!unsafe`."""
+
+
 class VarsLoader(yaml.SafeLoader):
-    """Reads vars.yaml as ansible does: `!unsafe` strings are plain strings."""
+    """Reads vars.yaml as ansible does, `!unsafe` strings as UnsafeText."""
 
 
-VarsLoader.add_constructor("!unsafe", lambda loader, node: loader.construct_scalar(node))
+VarsLoader.add_constructor(
+    "!unsafe", lambda loader, node: UnsafeText(loader.construct_scalar(node))
+)
+
+
+def strings(value) -> list[str]:
+    """Every string value in nested dicts and lists (keys aside)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for item in value.values() for s in strings(item)]
+    if isinstance(value, list):
+        return [s for item in value for s in strings(item)]
+    return []
 
 
 def request(**fields) -> BuildRequest:
@@ -125,9 +142,15 @@ def test_ansible_dir_layout(tmp_path):
     (jobs / "playbooks" / "build.yaml").write_text("- hosts: node\n  tasks: []\n")
     jobdir = JobDir(tmp_path / "work", "abc")
     req = request(
-        vars={"arch": "x86_64"},
+        vars={"arch": "x86_64", "make_flags": ["-j{{ ansible_processor_nproc }}"]},
         playbooks={"run": ["playbooks/build.yaml"]},
         subject="{{ lookup('pipe', 'id') }}",
+        owner="{% if true %}x{% endif %} <x@example.org>",
+        project="linux{{ 1 }}",
+        branch="{{ 2 }}",
+        changes="1,1 {{ 3 }}",
+        review_repo="{{ 4 }}",
+        artifacts={"kernel-build": "/logs/{{ 5 }}"},
     )
     node = NodeAddress("127.0.0.1", 2222, "zuul", ["ssh-ed25519 AAAA"])
     phases = write_ansible_dir(
@@ -148,7 +171,15 @@ def test_ansible_dir_layout(tmp_path):
     text = jobdir.vars.read_text()
     assert "  subject: !unsafe " in text and "  owner: !unsafe " in text
     variables = yaml.load(text, Loader=VarsLoader)
-    assert variables["arch"] == "x86_64" and variables["zuul"] == req.to_dict()
+    assert variables["zuul"] == req.to_dict()
+    # Everything in `zuul` is unsafe; the job's vars (from the layout) stay templates.
+    assert strings(variables["zuul"]) and all(
+        isinstance(value, UnsafeText) for value in strings(variables["zuul"])
+    )
+    assert variables["arch"] == "x86_64" and not isinstance(variables["arch"], UnsafeText)
+    assert not isinstance(variables["make_flags"][0], UnsafeText)
+    for path in (jobdir.inventory, jobdir.setup_playbook, jobdir.collect_playbook):
+        assert "{{ 1 }}" not in path.read_text() and "lookup" not in path.read_text()
     assert variables["zuul_log_dir"] == str(jobdir.logs)
     assert len(str(jobdir.control_dir)) < 40  # room for ssh's socket name under 108 bytes
 

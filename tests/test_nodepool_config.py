@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_example_config_loads():
     cfg = config.load(ROOT / "etc" / "nodepool.yaml")
-    assert cfg.zookeeper_hosts == "127.0.0.1:2181"
+    assert cfg.zookeeper_hosts == "127.0.0.1:2281"
+    assert cfg.zookeeper_tls is not None
+    assert cfg.zookeeper_tls.cert == "/var/lib/zuul-lite/tls/nodepool.pem"
     assert cfg.state_dir == Path("/var/lib/zuul-lite")
     [image] = cfg.diskimages
     assert (image.name, image.release, image.rebuild_age) == (

@@ -1,6 +1,7 @@
 #!/bin/bash
 # The README's two commands:
-#   ./tools/quickstart.sh        install, start everything, vote on the sample series
+#   ./tools/quickstart.sh        install, make the CA and certificates (first run only),
+#                                start everything over TLS, vote on the sample series
 #   ./tools/quickstart.sh test   install, then run the whole test suite (what CI runs)
 #   ./tools/quickstart.sh stop   stop every daemon the first command started
 # Safe to run again: every step reuses what is already there.

@@ -1,4 +1,12 @@
-"""zuul.yaml: where ZooKeeper, Gearman, the state dir, the layout and the web are."""
+"""zuul.yaml: where ZooKeeper, Gearman, the state dir, the layout and the web are.
+
+`zookeeper: tls:` and `gearman: tls:` ({ca, cert, key}, PEM) are the client
+certificate the scheduler, the web and the CLI connect with; `gearman:
+server-tls:` ({cert, key}) is the embedded Gearman server's, checked against
+the same CA. Without them everything is plain TCP (for development on
+loopback). The files are checked when a component connects, not here: the
+quick start reads this file before it makes them.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +15,38 @@ from pathlib import Path
 
 import voluptuous as v
 
+from nodepool_lite import tls
+from nodepool_lite.tls import TLSFiles
 from zuul_lite.connections import driver_names
 from zuul_lite.layout import _read_yaml, _validate
+
+
+def _gearman_tls(section: dict) -> dict:
+    """The embedded server and its clients speak TLS together or not at all."""
+    if "server-tls" in section and "tls" not in section:
+        raise v.Invalid("server-tls needs tls (its ca checks the clients)", path=["tls"])
+    if "tls" in section and section.get("start", True) and "server-tls" not in section:
+        raise v.Invalid(
+            "the embedded server (start: true) needs its certificate with tls", ["server-tls"]
+        )
+    return section
+
 
 SCHEMA = v.Schema(
     {
         "state-dir": str,
-        v.Required("zookeeper"): {v.Required("hosts"): str},
-        v.Required("gearman"): {
-            "server": str,
-            "port": int,
-            "start": bool,  # embed gear.Server in the scheduler
-            "listen": str,
-        },
+        v.Required("zookeeper"): {v.Required("hosts"): str, "tls": tls.SCHEMA},
+        v.Required("gearman"): v.All(
+            {
+                "server": str,
+                "port": int,
+                "start": bool,  # embed gear.Server in the scheduler
+                "listen": str,
+                "tls": tls.SCHEMA,
+                "server-tls": {v.Required("cert"): str, v.Required("key"): str},
+            },
+            _gearman_tls,
+        ),
         "scheduler": {
             "layout": str,
             "jobs-dir": str,
@@ -52,6 +79,9 @@ class ZuulConfig:
     web_port: int = 9000
     web_url: str = "http://127.0.0.1:9000"
     launcher: dict = field(default_factory=dict)
+    zk_tls: TLSFiles | None = None
+    gearman_tls: TLSFiles | None = None
+    gearman_server_tls: TLSFiles | None = None  # the embedded server's, with gearman_tls.ca
     raw: dict = field(default_factory=dict)
 
     @property
@@ -73,6 +103,14 @@ def load(path: Path | str) -> ZuulConfig:
     state_dir = Path(data.get("state-dir", "/var/lib/zuul-lite"))
     listen = web.get("listen", "127.0.0.1")
     port = web.get("port", 9000)
+    zk_tls = gearman_tls = server_tls = None
+    if "tls" in data["zookeeper"]:
+        zk_tls = TLSFiles.from_config(data["zookeeper"]["tls"], here, f"{path} zookeeper.tls")
+    if "tls" in gearman:
+        gearman_tls = TLSFiles.from_config(gearman["tls"], here, f"{path} gearman.tls")
+    if "server-tls" in gearman:
+        server = {"ca": gearman["tls"]["ca"], **gearman["server-tls"]}
+        server_tls = TLSFiles.from_config(server, here, f"{path} gearman.server-tls")
     return ZuulConfig(
         path=path,
         state_dir=state_dir,
@@ -89,5 +127,8 @@ def load(path: Path | str) -> ZuulConfig:
         web_port=port,
         web_url=web.get("url", f"http://{listen}:{port}"),
         launcher=data.get("launcher", {}),
+        zk_tls=zk_tls,
+        gearman_tls=gearman_tls,
+        gearman_server_tls=server_tls,
         raw=data,
     )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import gear
 
 from nodepool_lite.exceptions import NodeExistsError, NoNodeError, ZKError
+from nodepool_lite.tls import gear_args
 from nodepool_lite.zk import ZooKeeper
 from zuul_lite.build_contract import BuildRequest, BuildResult
 from zuul_lite.config import ZuulConfig
@@ -109,14 +110,18 @@ class Scheduler(threading.Thread):
         self._load_layout(initial=True)
         if self.config.gearman_start:
             self.gear_server = GearServer(
-                port=self.config.gearman_port, host=self.config.gearman_listen
+                port=self.config.gearman_port,
+                host=self.config.gearman_listen,
+                tls=self.config.gearman_server_tls,
             )
             log.info(
                 "Gearman server listening on %s:%s",
                 self.config.gearman_listen,
                 self.gear_server.port,
             )
-        self.gearman.addServer(self.config.gearman_server, self.gearman_port)
+        self.gearman.addServer(
+            self.config.gearman_server, self.gearman_port, **gear_args(self.config.gearman_tls)
+        )
         self.gearman.waitForServer()
         self.state.ensure_roots()
         self.merger.start()

@@ -97,7 +97,9 @@ class Commands:
     @property
     def zk(self) -> ZooKeeper:
         if self._zk is None:
-            self._zk = ZooKeeper(self.config.zookeeper_hosts, connect_timeout=10.0)
+            self._zk = ZooKeeper(
+                self.config.zookeeper_hosts, connect_timeout=10.0, tls=self.config.zookeeper_tls
+            )
             self._zk.connect()
         return self._zk
 

@@ -46,7 +46,7 @@ def setup_logging(verbose: bool, logfile: str | None = None) -> None:
 
 
 def _connect(cfg: zconfig.ZuulConfig) -> ZooKeeper:
-    zk = ZooKeeper(cfg.zk_hosts)
+    zk = ZooKeeper(cfg.zk_hosts, tls=cfg.zk_tls)
     zk.connect()
     return zk
 

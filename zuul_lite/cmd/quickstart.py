@@ -1,9 +1,10 @@
 """`zuul-lite quickstart`: the embedded default, end to end, on this machine.
 
-Starts ZooKeeper and the five daemons, makes sure a node image exists, imports
-the Debian kernel tree as project `linux`, submits the sample series and
-prints each vote. Every step reuses what an earlier run left, so running it
-twice costs only the wait for votes (and submits nothing twice).
+Makes the CA and certificates the configs name (once), starts ZooKeeper and
+the five daemons, makes sure a node image exists, imports the Debian kernel
+tree as project `linux`, submits the sample series and prints each vote.
+Every step reuses what an earlier run left, so running it twice costs only
+the wait for votes (and submits nothing twice).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 from nodepool_lite import config as npconfig
+from nodepool_lite.certs import CertDir, ensure_certs
 from nodepool_lite.drivers import ensure_keypair
 from nodepool_lite.zk import ZooKeeper
 from nodepool_lite.zkserver import ZooKeeperServer
@@ -51,6 +53,21 @@ def _wait(what: str, done, timeout: float, every: float = 20.0, detail=None) -> 
 
 def _zk_port(hosts: str) -> int:
     return int(hosts.split(",")[0].split("/")[0].rsplit(":", 1)[1])
+
+
+def ensure_tls(zcfg: zconfig.ZuulConfig, ncfg: npconfig.Config) -> CertDir | None:
+    """Make what the configs' `tls` keys name, in the directory of their CA file;
+    None when neither config asks for TLS (plain loopback, for development)."""
+    named = [t for t in (zcfg.zk_tls, zcfg.gearman_tls, ncfg.zookeeper_tls) if t is not None]
+    if not named:
+        return None
+    directory = Path(named[0].ca).parent
+    servers = zcfg.zk_hosts.split("/")[0].split(",")
+    hosts = [s.rsplit(":", 1)[0].strip("[]") for s in servers] + [zcfg.gearman_server]
+    existed = (directory / "ca.pem").exists()
+    certs = ensure_certs(directory, hosts)
+    say(f"TLS certificates in {directory}: {'reused' if existed else 'made a new CA'}.")
+    return certs
 
 
 def ensure_image(zk: ZooKeeper, image: str) -> None:
@@ -193,10 +210,13 @@ def run(args) -> int:
     run_dir = state / "run"
     say(f"State directory {state}; daemon logs in {run_dir}.")
 
-    zkserver = ZooKeeperServer(state / "zk", port=_zk_port(zcfg.zk_hosts))
+    certs = ensure_tls(zcfg, ncfg)
+    zk_certs = certs if zcfg.zk_tls is not None else None
+    zkserver = ZooKeeperServer(state / "zk", port=_zk_port(zcfg.zk_hosts), tls=zk_certs)
     was_running = zkserver.running()
     zkserver.start()
-    say(f"ZooKeeper on {zkserver.hosts}: {'reused' if was_running else 'started'}.")
+    how = " (TLS, client certificates required)" if zk_certs else ""
+    say(f"ZooKeeper on {zkserver.hosts}{how}: {'reused' if was_running else 'started'}.")
     ensure_keypair(state)
     for sub in ("logs", "ccache", "merger"):
         (state / sub).mkdir(parents=True, exist_ok=True)
@@ -205,7 +225,7 @@ def run(args) -> int:
         pid, new = services.start(service, run_dir)
         say(f"{service.name}: {'started' if new else 'reused'} (pid {pid}).")
 
-    zk = ZooKeeper(zcfg.zk_hosts)
+    zk = ZooKeeper(zcfg.zk_hosts, tls=zcfg.zk_tls)
     zk.connect()
     try:
         for image in [d.name for d in ncfg.diskimages]:
