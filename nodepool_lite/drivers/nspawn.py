@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nodepool_lite import config as npconfig
 from nodepool_lite.drivers import Provider, ensure_keypair, process_argvs
 from nodepool_lite.drivers.netns import forward_pids, start_forward
+from nodepool_lite.drivers.userns import NODE_UID_BASE, NODE_UID_COUNT, host_id, shift_rootfs
 from nodepool_lite.exceptions import LaunchError
 from nodepool_lite.model import BuildState, ImageBuild, Node
 from nodepool_lite.zk import ZooKeeper
@@ -91,6 +92,11 @@ def _node_user(root: Path) -> tuple[int, int, str]:
     raise LaunchError(f"The image has no user {USERNAME!r}.")
 
 
+def _give(path: Path, uid: int = 0, gid: int = 0) -> None:
+    """Owned by `uid`:`gid` as the node sees it (files we write into its root)."""
+    os.lchown(path, host_id(uid), host_id(gid))
+
+
 def _write_authorized_key(root: Path, public_key: str) -> None:
     """Authorise the launcher's key for `zuul`, owned by the image's uid/gid."""
     uid, gid, home = _node_user(root)
@@ -100,7 +106,7 @@ def _write_authorized_key(root: Path, public_key: str) -> None:
     keys.write_text(public_key)
     keys.chmod(0o600)
     for path in (ssh_dir.parent, ssh_dir, keys):
-        os.chown(path, uid, gid)
+        _give(path, uid, gid)
 
 
 def _add_hosts_entry(root: Path, hostname: str) -> None:
@@ -113,6 +119,7 @@ def _add_hosts_entry(root: Path, hostname: str) -> None:
     elif hosts.exists():
         text = hosts.read_text()
     hosts.write_text(f"{text.rstrip()}\n127.0.1.1\t{hostname}\n")
+    _give(hosts)
 
 
 def _write_host_key(root: Path, comment: str) -> str:
@@ -135,6 +142,8 @@ def _write_host_key(root: Path, comment: str) -> str:
     with os.fdopen(fd, "wb") as out:
         out.write(private)
     Path(f"{path}.pub").write_text(f"{public} {comment}\n")
+    for written in (path, Path(f"{path}.pub")):
+        _give(written)
     return public
 
 
@@ -194,6 +203,9 @@ class NspawnProvider(Provider):
         for path in (upper, work, root):
             path.mkdir(parents=True, exist_ok=True)
         lower = Path(build.path) / "rootfs"
+        shift_rootfs(lower)
+        # The overlay's own root is the upper dir's: the node's root owns "/".
+        _give(upper)
         options = f"lowerdir={lower},upperdir={upper},workdir={work}"
         subprocess.run(
             ["mount", "-t", "overlay", "overlay", "-o", options, str(root)],
@@ -212,7 +224,7 @@ class NspawnProvider(Provider):
                 # A writable mount (the shared ccache) must be writable by the
                 # node's user, whatever created the directory on the host.
                 uid, gid, _ = _node_user(root)
-                os.chown(bind.host, uid, gid)
+                _give(Path(bind.host), uid, gid)
             binds.append(f"{flag}={bind.host}:{bind.node}")
         sshd = (
             "mkdir -p /run/sshd && exec /usr/sbin/sshd -D -e"
@@ -221,6 +233,7 @@ class NspawnProvider(Provider):
         cmd = [
             "systemd-nspawn", "--quiet", "-D", str(root), "--register=no", "--keep-unit",
             "--as-pid2", f"--machine={machine}", "--console=pipe", "--private-network",
+            f"--private-users={NODE_UID_BASE}:{NODE_UID_COUNT}", "--private-users-ownership=off",
             *binds, "--", "/bin/sh", "-c", sshd,
         ]  # fmt: skip
         log.debug("Starting node %s: %s", node.id, cmd)
