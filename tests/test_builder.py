@@ -17,6 +17,7 @@ import pytest
 from nodepool_lite import builder
 from nodepool_lite.builder import NodePoolBuilder, build_image, cleanup, reconcile, rootfs_path
 from nodepool_lite.config import Config, load
+from nodepool_lite.drivers.userns import NODE_UID_BASE, NODE_UID_COUNT, host_id
 from nodepool_lite.exceptions import ConfigError
 from nodepool_lite.model import BuildState, ImageBuild, Node
 from tests.images import MARKER, ensure_node_image, node_config, prune_stale
@@ -195,7 +196,8 @@ def test_real_image_build(node_image, zk):
         assert (root / tool).exists(), tool
     passwd = (root / "etc/passwd").read_text()
     assert "zuul:x:2000:2000::/home/zuul:/bin/bash" in passwd.splitlines()
-    assert (root / "home/zuul/.ssh").stat().st_uid == 2000
+    # Shifted for the nodes' user namespace: uid 2000 of a node.
+    assert (root / "home/zuul/.ssh").stat().st_uid == host_id(2000)
     assert (root / "etc/ssh/ssh_host_ed25519_key").exists()
     assert not list((root / "etc/ssh").glob("ssh_host_rsa_key*"))
     assert not list((root / "boot").glob("vmlinuz*")), "container images carry no kernel"
@@ -223,11 +225,12 @@ def test_real_image_accepts_zuul_over_ssh(node_image, tmp_path):
     try:
         auth = root / "home/zuul/.ssh/authorized_keys"
         auth.write_text(Path(f"{key}.pub").read_text())
-        os.chown(auth, 2000, 2000)
+        os.chown(auth, host_id(2000), host_id(2000))
         port = _free_port()
         sshd = subprocess.Popen(
             ["systemd-nspawn", "-q", "-D", str(root), "--register=no", "--keep-unit",
-             "--as-pid2", f"--bind-ro={merger}:/srv/merger", "/bin/sh", "-c",
+             "--as-pid2", f"--private-users={NODE_UID_BASE}:{NODE_UID_COUNT}",
+             "--private-users-ownership=off", f"--bind-ro={merger}:/srv/merger", "/bin/sh", "-c",
              f"mkdir -p /run/sshd && exec /usr/sbin/sshd -D -e -p {port} "
              "-o ListenAddress=127.0.0.1"],
             stdout=sshd_log.open("w"), stderr=subprocess.STDOUT,
