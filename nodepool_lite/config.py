@@ -36,7 +36,16 @@ _diskimage = {
     v.Optional("formats", default=lambda: ["tar"]): [str],
 }
 _bind = v.Any(str, {v.Required("host"): str, v.Optional("node"): str})
-_pool_label = {v.Required("name"): str, v.Optional("diskimage"): str}
+_pool_label = {
+    v.Required("name"): str,
+    v.Optional("diskimage"): str,
+    # What one node of the label may take (container drivers): MiB of memory,
+    # processes and threads, CPUs (a quota; none by default), MiB of disk.
+    v.Optional("memory", default=4096): v.All(int, v.Range(min=64)),
+    v.Optional("tasks", default=4096): v.All(int, v.Range(min=16)),
+    v.Optional("cpus"): v.All(v.Coerce(float), v.Range(min=0.1)),
+    v.Optional("disk", default=20480): v.All(int, v.Range(min=64)),
+}
 _static_node = {
     v.Required("name"): str,
     v.Required("labels"): [str],
@@ -72,6 +81,19 @@ SCHEMA = v.Schema(
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one node of a label may take of its host (nodepool_lite/drivers/limits.py)."""
+
+    memory_mb: int
+    tasks: int
+    cpus: float | None  # None: no CPU quota
+    disk_mb: int
+
+
+DEFAULT_LIMITS = Limits(memory_mb=4096, tasks=4096, cpus=None, disk_mb=20480)
+
+
+@dataclass(frozen=True)
 class Bind:
     """A host path mounted into every node at `node` (the same path by default)."""
 
@@ -93,6 +115,7 @@ class DiskImage:
 class PoolLabel:
     name: str
     diskimage: str | None
+    limits: Limits = DEFAULT_LIMITS
 
 
 @dataclass(frozen=True)
@@ -152,7 +175,14 @@ def _binds(entries: list[Any]) -> list[Bind]:
 
 def _pool_labels(pool: dict) -> dict[str, PoolLabel]:
     """A static pool offers the labels of its hosts without listing them again."""
-    labels = {lb["name"]: PoolLabel(lb["name"], lb.get("diskimage")) for lb in pool["labels"]}
+    labels = {
+        lb["name"]: PoolLabel(
+            lb["name"],
+            lb.get("diskimage"),
+            Limits(lb["memory"], lb["tasks"], lb.get("cpus"), lb["disk"]),
+        )
+        for lb in pool["labels"]
+    }
     for node in pool["nodes"]:
         for name in node["labels"]:
             labels.setdefault(name, PoolLabel(name, None))

@@ -100,8 +100,10 @@ def write_config(
     max_servers: int = 2,
     labels: tuple[str, ...] = (LABEL,),
     bind_ro: list[str] | None = None,
+    limits: dict | None = None,
 ) -> Path:
-    """A nodepool.yaml for one nspawn pool, its state dir under `directory`."""
+    """A nodepool.yaml for one nspawn pool, its state dir under `directory`;
+    `limits` (memory, tasks, cpus, disk) apply to every label."""
     hosts, _, chroot = zk_hosts.partition("/")
     host, port = hosts.split(":")
     data = {
@@ -120,7 +122,10 @@ def write_config(
                         "boot-timeout": 30,
                         "bind-ro": bind_ro or [],
                         "bind": [{"host": str(directory / "ccache"), "node": "/var/cache/ccache"}],
-                        "labels": [{"name": label, "diskimage": IMAGE} for label in labels],
+                        "labels": [
+                            {"name": label, "diskimage": IMAGE, **(limits or {})}
+                            for label in labels
+                        ],
                     }
                 ],
             }

@@ -16,6 +16,7 @@ import paramiko
 import pytest
 
 from nodepool_lite import exceptions as exc
+from nodepool_lite.drivers.limits import NodeCgroup
 from nodepool_lite.drivers.netns import forward_pids
 from nodepool_lite.drivers.nspawn import container_pids
 from nodepool_lite.drivers.userns import NODE_UID_BASE, NODE_UID_COUNT
@@ -28,6 +29,7 @@ from nodepool_lite.model import (
     NodeState,
     RequestState,
 )
+from nodepool_lite.zk_nodepool import NODE_ROOT
 from tests.nodepool_env import IMAGE, LABEL, register_node_image, wait_for, write_config
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="nspawn nodes need root")
@@ -61,7 +63,8 @@ def nodepool_factory(tmp_path, zk, zk_hosts):
                 try:
                     zk.lock_node(node, blocking=False)
                 except exc.LockError:
-                    pass  # the failed test's own lock (this session): ours to use
+                    # A failed test's own lock (this session): release it.
+                    zk.delete(f"{NODE_ROOT}/{node.id}/lock", recursive=True)
                 node.state = NodeState.USED
                 zk.store_node(node)
                 if node.lock is not None:
@@ -152,6 +155,21 @@ for host, port in [(h, int(p)) for h, p in (a.rsplit(":", 1) for a in sys.argv[1
 """
 
 
+# Run on a node: how many of 100 sleeping children it may start.
+SPAWN = """
+import subprocess
+started, refused = [], 0
+for _ in range(100):
+    try:
+        started.append(subprocess.Popen(["sleep", "30"]))
+    except OSError:
+        refused += 1
+for proc in started:
+    proc.kill()
+print(len(started), refused)
+"""
+
+
 def host_addresses() -> list[str]:
     """The host's own IPv4 addresses other than loopback."""
     out = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
@@ -200,6 +218,39 @@ def test_request_fulfilled_ssh_and_destroyed(nodepool_factory, zk, zk_hosts):
     destroy = time.monotonic() - start
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
     print(f"\nnode boot (request -> fulfilled) {boot:.2f}s, destroy (used -> gone) {destroy:.2f}s")
+
+
+def test_node_limits_fail_the_build_not_the_host(nodepool_factory, zk):
+    """Memory, tasks, CPU and disk per label: a runaway job hits its node's limits."""
+    nodepool = nodepool_factory(limits={"memory": 200, "tasks": 64, "cpus": 0.5, "disk": 128})
+    req, done, _ = request(zk, LABEL)
+    assert done.wait(60), zk.get_node_request(req.id)
+    [node] = take_nodes(zk, req)
+    root = nodepool.config.state_dir / "nodes" / node.id / "root"
+    cgroup = NodeCgroup(root.parent)
+    assert cgroup.read("memory", "memory.limit_in_bytes") == str(200 * 1024 * 1024)
+    assert cgroup.read("pids", "pids.max") == "64"
+    assert cgroup.read("cpu", "cpu.cfs_quota_us") == "50000"
+    assert set(container_pids(root)) <= {
+        int(pid) for pid in cgroup.read("memory", "cgroup.procs").split()
+    }
+    key = nodepool.config.state_dir / "keys" / "id_ed25519"
+    # Disk: writing past 128 MiB fails inside the node; the host is untouched.
+    out = ssh_run(node, key, "dd if=/dev/zero of=~/fill bs=1M count=300 2>&1 || echo FULL")
+    assert "No space left on device" in out and "FULL" in out, out
+    ssh_run(node, key, "rm ~/fill")
+    # Memory: a process that wants 400 MiB is killed in the node's cgroup.
+    out = ssh_run(
+        node, key, "python3 -c 'b = bytearray(400 << 20); print(len(b))' 2>&1; echo rc=$?"
+    )
+    assert "rc=137" in out, out
+    # Tasks: far fewer than a fork bomb.
+    out = ssh_run(node, key, f"python3 -c {shlex.quote(SPAWN)}")
+    started, refused = map(int, out.split())
+    assert started < 64 and refused > 0, out
+    release(zk, [node])
+    wait_for(lambda: node_gone(zk, nodepool, node), 30, "node destroyed")
+    assert not any(path.exists() for path in cgroup.dirs.values())
 
 
 def test_max_servers_queues_requests(nodepool_factory, zk):

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from nodepool_lite import config as npconfig
 from nodepool_lite.drivers import Provider, ensure_keypair, process_argvs
+from nodepool_lite.drivers.limits import NodeCgroup, NodeDisk, is_mounted
 from nodepool_lite.drivers.netns import forward_pids, start_forward
 from nodepool_lite.drivers.userns import NODE_UID_BASE, NODE_UID_COUNT, host_id, shift_rootfs
 from nodepool_lite.exceptions import LaunchError
@@ -56,6 +57,13 @@ def _same_inode(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def _netns(pid: int | str = "self") -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+
+
 def container_pids(root: Path) -> list[int]:
     """Pids whose root directory is `root` (the container's init and below)."""
     want = _same_inode(root)
@@ -75,12 +83,6 @@ def nspawn_roots() -> dict[int, Path]:
         for pid, argv in process_argvs()
         if argv[0].endswith(b"systemd-nspawn") and b"-D" in argv[:-1]
     }
-
-
-def _is_mounted(path: Path) -> bool:
-    target = str(path)
-    with open("/proc/self/mountinfo") as mounts:
-        return any(line.split()[4] == target for line in mounts)
 
 
 def _node_user(root: Path) -> tuple[int, int, str]:
@@ -199,7 +201,12 @@ class NspawnProvider(Provider):
     def _boot(self, node: Node, pool: npconfig.Pool, build: ImageBuild) -> None:
         assert node.id is not None and build.path is not None
         node_dir = self.node_dir(node.id)
-        upper, work, root = node_dir / "upper", node_dir / "work", node_dir / "root"
+        limits = pool.labels[node.type].limits
+        disk = NodeDisk(node_dir)
+        disk.create(limits.disk_mb)
+        cgroup = NodeCgroup(node_dir)
+        cgroup.create(limits)
+        upper, work, root = disk.mount / "upper", disk.mount / "work", node_dir / "root"
         for path in (upper, work, root):
             path.mkdir(parents=True, exist_ok=True)
         lower = Path(build.path) / "rootfs"
@@ -239,8 +246,8 @@ class NspawnProvider(Provider):
         log.debug("Starting node %s: %s", node.id, cmd)
         with open(node_dir / "console.log", "wb") as console:
             proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                cgroup.wrap(cmd), stdin=subprocess.DEVNULL, stdout=console,
+                stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         with self._lock:
             self._procs[node.id] = proc
@@ -266,7 +273,9 @@ class NspawnProvider(Provider):
                 raise LaunchError(
                     f"Node {node.id}: container exited ({proc.returncode}): {self._tail(node)}"
                 )
-            pids = container_pids(root)
+            # In the node's own network namespace: not nspawn's short-lived
+            # outer child, which is in the node's root but not yet its namespaces.
+            pids = [pid for pid in container_pids(root) if _netns(pid) not in (None, _netns())]
             if pids:
                 return min(pids)
             time.sleep(0.02)  # nspawn tells nothing when the container is up
@@ -276,7 +285,7 @@ class NspawnProvider(Provider):
         """A node a previous nodepool launcher started: its forward runs on,
         or is started again on the same port."""
         node_dir = self.node_dir(node.id or "")
-        pids = container_pids(node_dir / "root")
+        pids = [p for p in container_pids(node_dir / "root") if _netns(p) not in (None, _netns())]
         if not pids or not node.connection_port:
             return False
         if forward_pids(node_dir):
@@ -364,11 +373,13 @@ class NspawnProvider(Provider):
                 _kill(pid, signal.SIGTERM)
                 if not _wait_gone(pid):
                     _kill(pid, signal.SIGKILL)
-        if _is_mounted(root):
+        if is_mounted(root):
             result = subprocess.run(["umount", str(root)], capture_output=True)
             if result.returncode != 0:
                 log.warning("umount %s failed (%s); detaching", root, result.stderr.strip())
                 subprocess.run(["umount", "-l", str(root)], check=True)
+        NodeDisk(node_dir).remove()
+        NodeCgroup(node_dir).remove()
         if node_dir.exists():
             # The upper dir holds a whole kernel tree and its build: removing
             # 80k files takes minutes under load, so move it aside (instant, same
