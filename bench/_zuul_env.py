@@ -120,6 +120,7 @@ class ZuulEnv:
                         "layout": str(layout_path),
                         "jobs-dir": str(FIXTURES / "jobs"),
                     },
+                    "merger": {"git-listen": "127.0.0.1", "git-port": free_port()},
                     "connections": {"local": {"driver": "local"}},
                     "web": {"listen": "127.0.0.1", "port": free_port()},
                     "launcher": {"log-root": str(self.tmp / "state" / "logs")},

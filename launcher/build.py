@@ -2,10 +2,12 @@
 
 The flow (doc/architecture.md): a stored result is returned as is (the
 scheduler re-submits after a restart); otherwise claim the build in
-ZooKeeper (ZuulState.claim_build), get a node, run setup → pre → run → post →
-collect-logs, give the node back, publish logs, store the BuildResult and
-only then return it for WORK_COMPLETE. Node trouble and pre-run failures are
-retried on a fresh node, as Zuul does, up to `attempts`.
+ZooKeeper (ZuulState.claim_build), fetch the change from the merger into the
+launcher's cache (gitcache.py), get a node, run setup (which pushes the change
+to the node) → pre → run → post → collect-logs, give the node back, publish
+logs, store the BuildResult and only then return it for WORK_COMPLETE. Node
+trouble and pre-run failures are retried on a fresh node, as Zuul does, up to
+`attempts`.
 
 Two ways to stop a build, kept apart: cancel() is the scheduler's
 `launcher:stop:<name>` and ends the build ABORTED like any result; abandon()
@@ -28,6 +30,7 @@ from launcher.ansible import AnsibleRunner, Outcome, OutputLog
 from launcher.buildlog import build_log
 from launcher.config import LauncherConfig
 from launcher.earlyfailure import EarlyFailure
+from launcher.gitcache import FetchedChange, GitCache, GitCacheError
 from launcher.jobdir import JobDir
 from launcher.nodes import NodeError, NodeRequestCancelled, NodeRequester
 from launcher.playbooks import NodeAddress, PlaybookError, resolve_playbooks, write_ansible_dir
@@ -35,7 +38,10 @@ from nodepool_lite import exceptions as npexc
 from zuul_lite.build_contract import BuildRequest, BuildResult
 from zuul_lite.state import ZuulState
 
-STEPS = ("node", "setup", "pre", "run", "post", "collect")
+STEPS = ("fetch", "node", "setup", "pre", "run", "post", "collect")
+# Seconds before fetching the change again: a scheduler restarting its git
+# server is back within these; after the last one the build ends NODE_FAILURE.
+FETCH_RETRY_DELAYS = (2.0, 10.0)
 # Results an early failure overrides: the scheduler was already told "fails".
 OVERRIDDEN_BY_EARLY_FAILURE = ("SUCCESS", "POST_FAILURE", "NODE_FAILURE")
 
@@ -73,6 +79,9 @@ class Build:
         self.status = status
         self.log = build_log("launcher.build", request)
         self.jobdir = JobDir(config.work_root, self.uuid)
+        self.cache = GitCache(config.git_cache, config.setup_timeout)
+        self.change: FetchedChange | None = None
+        self.dependencies: dict[str, Path] = {}
         self.requester = NodeRequester(
             state.zk, f"{config.name}:{self.uuid}", build_log("launcher.nodes", request)
         )
@@ -218,9 +227,17 @@ class Build:
         self.jobdir.logs.mkdir(parents=True, exist_ok=True)
         try:
             resolve_playbooks(self.request, self.config.jobs_dir)
-        except PlaybookError as error:
+            self.dependencies = logs.dependency_dirs(self.config.log_root, self.request.artifacts)
+        except (PlaybookError, logs.DependencyError) as error:
             self.output.write(str(error))
             return Attempt("FAILURE", str(error))
+        try:
+            self.change = self._fetch_change()
+        except GitCacheError as error:
+            if self.cancelled.is_set():
+                return Attempt("ABORTED", "The build was cancelled.")
+            self.output.write(str(error))
+            return Attempt("NODE_FAILURE", str(error))
         attempts = self.config.attempts
         attempt = Attempt("NODE_FAILURE")
         for number in range(1, attempts + 1):
@@ -245,6 +262,23 @@ class Build:
             )
         return attempt
 
+    def _fetch_change(self) -> FetchedChange:
+        """Fetch the change into the cache, trying again after FETCH_RETRY_DELAYS.
+
+        A fetch in progress is not interrupted by a cancel, which takes effect
+        when it ends (it is a few commits but the first time per project).
+        """
+        self.status("fetch", 1, len(STEPS))
+        fetch_log = build_log("launcher.gitcache", self.request)
+        for delay in FETCH_RETRY_DELAYS:
+            try:
+                return self.cache.fetch(self.request, fetch_log)
+            except GitCacheError as error:
+                self.log.warning("%s Fetching again in %.0f s", error, delay)
+            if self.cancelled.wait(delay):
+                break
+        return self.cache.fetch(self.request, fetch_log)
+
     def _log_attempt(self, number: int, attempt: Attempt) -> None:
         self.log.info(
             "Attempt %s: %s%s", number, attempt.result, " (will retry)" if attempt.retry else ""
@@ -263,7 +297,7 @@ class Build:
 
     def _attempt(self, last: bool) -> Attempt:
         self.lost_reason = None
-        self.status("node", 1, len(STEPS))
+        self.status("node", STEPS.index("node") + 1, len(STEPS))
         try:
             node = self.requester.request(self.request.node_type, self.config.node_timeout)
         except NodeRequestCancelled:
@@ -273,12 +307,7 @@ class Build:
             return Attempt("NODE_FAILURE", str(error))
         stop_watch = self.requester.watch_lost(node, self._node_lost)
         try:
-            address = NodeAddress(
-                node.interface_ip or "127.0.0.1",
-                node.connection_port,
-                node.username,
-                list(node.host_keys),
-            )
+            address = NodeAddress.of(node)
             self.output.write(f"Node {node.id} ({node.type}) at {address.host}:{address.port}")
             return self._run_playbooks(address, last)
         finally:
@@ -300,6 +329,8 @@ class Build:
             jobs_dir=cfg.jobs_dir,
             private_key=cfg.private_key,
             connect_timeout=cfg.connect_timeout,
+            change=self.change,
+            dependencies=self.dependencies,
         )
         self.runner = AnsibleRunner(self.jobdir, self.output, cfg.ansible_playbook, self.log)
         if self.cancelled.is_set():  # a stop that came before the runner existed

@@ -80,6 +80,11 @@ class LauncherConfig:
         if not self.ansible_playbook:
             self.ansible_playbook = default_ansible_playbook()
 
+    @property
+    def git_cache(self) -> Path:
+        """Where changes are fetched to on their way to nodes (launcher/gitcache.py)."""
+        return self.work_root.parent / "git"
+
 
 def default_ansible_playbook() -> str:
     """The ansible-playbook of our own venv first: it is the one we tested with."""

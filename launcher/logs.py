@@ -257,6 +257,32 @@ def _ignore_for_publish(directory: str, names: list[str]) -> set[str]:
     return {name for name in names if name == "tmp" or PRIVATE_KEY.search(name)}
 
 
+class DependencyError(Exception):
+    """A dependency's artifacts are not in this launcher's log root: one sentence."""
+
+
+def dependency_dirs(log_root: Path, artifacts: dict[str, str]) -> dict[str, Path]:
+    """The artifacts/ dir of each dependency, in this launcher's own log root.
+
+    The request names each dependency's log path relative to the log root
+    (an older scheduler sent absolute paths, which still do when they lie
+    inside it); the setup playbook copies these dirs to the node.
+    """
+    root = log_root.resolve()
+    dirs = {}
+    for job, path in artifacts.items():
+        target = (root / path / "artifacts").resolve()
+        if not target.is_relative_to(root):
+            raise DependencyError(f"The log path {path} of dependency {job} leaves the log root.")
+        if not target.is_dir():
+            raise DependencyError(
+                f"The artifacts of dependency {job} are not in this launcher's log root "
+                f"({target} is missing)."
+            )
+        dirs[job] = target
+    return dirs
+
+
 def log_dir(log_root: Path, log_path: str) -> Path:
     """<log_root>/<log_path>/, created; ValueError if log_path climbs out of the root."""
     target = (log_root / log_path).resolve()

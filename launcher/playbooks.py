@@ -4,7 +4,9 @@ The files land in the JobDir's `ansible/` and are published as `_ansible/`, so
 a developer can see exactly what ran. The launcher's own steps (setup and
 log collection) are written here as data; the job's playbooks come from the
 trusted jobs dir, never from the change under test, and every task targets the
-node: the launcher host only runs ansible itself and untars collected logs.
+node but one: the launcher pushes the change from its cache to the node (git,
+no code of the change runs here) and otherwise only runs ansible itself and
+untars collected logs.
 Text from the change and the review system reaches ansible only inside the
 `zuul` variable, written `!unsafe`; the synthesised playbooks only refer to it,
 the inventory holds nodepool's address for the node, and the job's vars come
@@ -14,6 +16,7 @@ from the layout (trusted, so they may be templates).
 from __future__ import annotations
 
 import logging
+import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from launcher.gitcache import FetchedChange
 from launcher.jobdir import PHASES, JobDir
 from zuul_lite.build_contract import BuildRequest
 
@@ -37,6 +41,16 @@ class NodeAddress:
     port: int
     username: str
     host_keys: list[str]
+
+    @classmethod
+    def of(cls, node) -> NodeAddress:
+        """Of a nodepool Node record."""
+        return cls(
+            node.interface_ip or "127.0.0.1",
+            node.connection_port,
+            node.username,
+            list(node.host_keys),
+        )
 
 
 class PlaybookError(Exception):
@@ -80,9 +94,31 @@ def zuul_variable(request: BuildRequest) -> dict[str, Any]:
     return _unsafe(request.to_dict())
 
 
-def _setup_playbook(connect_timeout: int) -> list[dict]:
-    """Wait for ssh, check out the change under test and copy dependency artifacts."""
-    src = "~/src/{{ zuul.project }}"
+# The push checks the branch out into the node's empty work tree
+# (updateInstead), on as many threads as the node has CPUs: for the kernel
+# tree here 8.5 s instead of 11 s on one.
+RECEIVE_PACK = "git -c receive.denyCurrentBranch=updateInstead -c checkout.workers=0 receive-pack"
+
+
+def _push_url(node: NodeAddress) -> str:
+    """ssh://user@host:port/~/src/<project>: the node user's home, as git expands `~`."""
+    host = f"[{node.host}]" if ":" in node.host else node.host
+    return f"ssh://{node.username}@{host}:{node.port}/~/src/{{{{ zuul.project }}}}"
+
+
+def _setup_playbook(
+    node: NodeAddress,
+    connect_timeout: int,
+    change: FetchedChange,
+    dependencies: dict[str, Path],
+    ssh_command: str,
+) -> list[dict]:
+    """Wait for ssh, push the change under test to the node, copy dependency artifacts.
+
+    The change goes from the launcher's cache (gitcache.py) into a repository
+    the node made empty, over the node's own ssh: the node never reaches the
+    merger nor reads a path of the launcher's or the scheduler's host.
+    """
     return [
         {
             "name": "Prepare the node's workspace",
@@ -102,59 +138,34 @@ def _setup_playbook(connect_timeout: int) -> list[dict]:
                     },
                 },
                 {
-                    # git 2.39 honours safe.directory only from global config: the
-                    # merger's repository is owned by root, the node user is not.
-                    "name": "Trust the merger's read-only repository",
+                    "name": "Make an empty repository on the branch under test",
                     "ansible.builtin.command": {
                         "argv": [
                             "git",
-                            "config",
-                            "--global",
-                            "--replace-all",
-                            "safe.directory",
-                            "{{ zuul.git_url }}",
-                        ],
-                    },
-                },
-                {
-                    "name": "Clone the project from the merger (shared, read-only objects)",
-                    "ansible.builtin.command": {
-                        "argv": [
-                            "git",
-                            "clone",
-                            "--shared",
-                            "--no-checkout",
-                            "{{ zuul.git_url }}",
-                            src,
-                        ],
-                        "creates": src + "/.git",
-                    },
-                },
-                {
-                    "name": "Fetch the change under test",
-                    "ansible.builtin.command": {
-                        "argv": [
-                            "git",
-                            "fetch",
+                            "init",
                             "--quiet",
-                            "{{ zuul.git_url }}",
-                            "{{ zuul.git_ref }}",
+                            "--initial-branch",
+                            "{{ zuul.branch }}",
+                            "src/{{ zuul.project }}",
                         ],
-                        "chdir": src,
+                        "chdir": "~",
                     },
                 },
                 {
-                    "name": "Check out the change under test",
+                    "name": "Push the change under test to the node, which checks it out",
+                    "delegate_to": "localhost",
+                    "environment": {"GIT_SSH_COMMAND": Unsafe(ssh_command)},
                     "ansible.builtin.command": {
                         "argv": [
                             "git",
-                            "checkout",
+                            "-C",
+                            Unsafe(change.repo),
+                            "push",
                             "--quiet",
-                            "--force",
-                            "--detach",
-                            "FETCH_HEAD",
+                            f"--receive-pack={RECEIVE_PACK}",
+                            _push_url(node),
+                            f"{change.sha}:refs/heads/{{{{ zuul.branch }}}}",
                         ],
-                        "chdir": src,
                     },
                 },
                 {
@@ -168,10 +179,13 @@ def _setup_playbook(connect_timeout: int) -> list[dict]:
                 {
                     "name": "Copy the artifacts of the builds this job depends on",
                     "ansible.builtin.copy": {
-                        "src": "{{ item.value }}/artifacts/",
-                        "dest": "{{ zuul_node_home.stdout }}/deps/{{ item.key }}/artifacts/",
+                        "src": "{{ item.src }}/",
+                        "dest": "{{ zuul_node_home.stdout }}/deps/{{ item.job }}/artifacts/",
                     },
-                    "loop": "{{ zuul.artifacts | default({}) | dict2items }}",
+                    "loop": [
+                        {"job": Unsafe(job), "src": Unsafe(path)}
+                        for job, path in dependencies.items()
+                    ],
                 },
             ],
         }
@@ -250,10 +264,14 @@ def write_ansible_dir(
     jobs_dir: Path,
     private_key: Path,
     connect_timeout: int,
+    change: FetchedChange,
+    dependencies: dict[str, Path],
 ) -> dict[str, list[Path]]:
     """Write inventory, config, vars and playbooks; return the playbooks by phase.
 
     Phases are `setup`, `pre`, `run`, `post`, `collect`, in the order they run.
+    `change` is the fetched change the setup pushes to the node, `dependencies`
+    the artifacts/ dir of each build this one depends on (logs.dependency_dirs).
     """
     sources = resolve_playbooks(request, jobs_dir)
     jobdir.prepare()
@@ -313,7 +331,28 @@ def write_ansible_dir(
         "zuul_artifacts_dir": "~/artifacts",
     }
     _dump(jobdir.vars, {**request.vars, **zuul_vars})
-    _dump(jobdir.setup_playbook, _setup_playbook(connect_timeout))
+    # The push's ssh authenticates the node exactly as ansible's does.
+    ssh_command = shlex.join(
+        [
+            "ssh",
+            "-i",
+            str(private_key),
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            f"UserKnownHostsFile={jobdir.known_hosts}",
+            "-o",
+            f"StrictHostKeyChecking={strict}",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=30",
+        ]
+    )
+    _dump(
+        jobdir.setup_playbook,
+        _setup_playbook(node, connect_timeout, change, dependencies, ssh_command),
+    )
     _dump(jobdir.collect_playbook, _collect_playbook(jobdir.node_logs_archive))
     phases: dict[str, list[Path]] = {"setup": [jobdir.setup_playbook]}
     for phase in PHASES:

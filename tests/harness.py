@@ -4,8 +4,10 @@ a stand-in launcher."""
 
 from __future__ import annotations
 
+import getpass
 import json
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -15,6 +17,7 @@ import gear
 import yaml
 
 from launcher.gearworker import NoDelayWorker
+from launcher.gitcache import FetchedChange
 from launcher.jobdir import JobDir
 from launcher.playbooks import NodeAddress, write_ansible_dir
 from nodepool_lite.tls import TLSFiles, gear_args
@@ -39,6 +42,59 @@ def run_git(repo: Path, *args: str) -> str:
     return subprocess.run(
         ["git", "-C", str(repo), *args], check=True, env=env, capture_output=True, text=True
     ).stdout
+
+
+class SshHost:
+    """A host sshd on 127.0.0.1 with its own host key and one authorised key;
+    given `netns`, in that network namespace (a node that has only its loopback)."""
+
+    def __init__(self, root: Path, netns: str | None = None) -> None:
+        self.root = root
+        self.home = root / "home"
+        self.home.mkdir(parents=True)
+        self.port = free_port()
+        self.client_key = root / "id_ed25519"
+        host_key = root / "ssh_host_ed25519_key"
+        for key in (self.client_key, host_key):
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True
+            )
+        (root / "authorized_keys").write_text(Path(f"{self.client_key}.pub").read_text())
+        self.host_key = " ".join(Path(f"{host_key}.pub").read_text().split()[:2])
+        conf = root / "sshd_config"
+        conf.write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {host_key}\n"
+            f"AuthorizedKeysFile {root / 'authorized_keys'}\nPidFile {root / 'sshd.pid'}\n"
+            "UsePAM no\nStrictModes no\nPasswordAuthentication no\n"
+            "Subsystem sftp /usr/lib/openssh/sftp-server\n"
+            f"SetEnv HOME={self.home}\n"
+        )
+        Path("/run/sshd").mkdir(exist_ok=True)
+        enter = ["ip", "netns", "exec", netns] if netns else []  # execs sshd: same pid
+        self.proc = subprocess.Popen(
+            [*enter, "/usr/sbin/sshd", "-f", str(conf), "-D", "-e"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for line in self.proc.stderr:  # "Server listening on 127.0.0.1 port N."
+            if "Server listening" in line:
+                break
+        else:
+            raise RuntimeError("sshd did not start")
+        threading.Thread(target=self.proc.stderr.read, daemon=True).start()
+
+    def address(self) -> NodeAddress:
+        """How the launcher reaches this "node": as the current user, its host key known."""
+        return NodeAddress("127.0.0.1", self.port, getpass.getuser(), [self.host_key])
+
+    def reset_home(self) -> None:
+        """A fresh, empty HOME: the next test gets a new node."""
+        shutil.rmtree(self.home)
+        self.home.mkdir()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
 
 
 def make_project(root: Path) -> Path:
@@ -74,6 +130,7 @@ def write_config(root: Path, zk_hosts: str, layout: str = "demo.yaml") -> Path:
             "layout": str(FIXTURES / "layouts" / layout),
             "jobs-dir": str(FIXTURES / "jobs"),
         },
+        "merger": {"git-listen": "127.0.0.1", "git-port": free_port()},
         "connections": {"local": {"driver": "local"}},
         "web": {"listen": "127.0.0.1", "port": free_port()},
         "launcher": {"log-root": str(root / "state" / "logs")},
@@ -291,7 +348,7 @@ class StandInLauncher(threading.Thread):
 REPO_ROOT = Path(__file__).parents[1]
 
 
-def start_scheduler_process(config: Path, log: Path) -> subprocess.Popen:
+def start_scheduler_process(config: Path, log: Path, **popen) -> subprocess.Popen:
     """`zuul-lite scheduler` in a process of its own (to be killed with -9)."""
     import os
     import sys
@@ -310,6 +367,7 @@ def start_scheduler_process(config: Path, log: Path) -> subprocess.Popen:
         ],
         cwd=REPO_ROOT,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        **popen,
     )
 
 
@@ -344,8 +402,9 @@ def votes_in(zk: ZooKeeper, change: int, pipeline: str) -> list:
 
 
 def local_ansible_dir(tmp_path: Path, request: BuildRequest, jobs_dir: Path):
-    """The launcher's Ansible files for `request`, for a playbook run with the
-    local connection: (JobDir, phases)."""
+    """The launcher's Ansible files for `request`, for a job playbook run with
+    the local connection (not the setup playbook, which needs a node to push
+    to): (JobDir, phases)."""
     jobdir = JobDir(tmp_path / "work", request.uuid)
     phases = write_ansible_dir(
         jobdir,
@@ -354,5 +413,7 @@ def local_ansible_dir(tmp_path: Path, request: BuildRequest, jobs_dir: Path):
         jobs_dir=jobs_dir,
         private_key=tmp_path / "key",
         connect_timeout=5,
+        change=FetchedChange(tmp_path / "git" / "none.git", "0" * 40),
+        dependencies={},
     )
     return jobdir, phases

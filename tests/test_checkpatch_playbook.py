@@ -2,23 +2,26 @@
 are checked with the base commit's scripts/checkpatch.pl (a stand-in with one
 rule) and the base commit's configuration, whatever the series does to them.
 
-It runs from the files the launcher writes: write_ansible_dir's vars (`zuul`
-all `!unsafe`), its setup playbook (clone the "merger" repository, fetch and
-check out the change) and the job's playbook, over a local connection in a
-scratch HOME that stands in for the node.
+It runs as the launcher runs a build: the change fetched from the "merger"
+repository into the launcher's cache, write_ansible_dir's files (`zuul` all
+`!unsafe`), its setup playbook (which pushes the change to the node) and the
+job's playbook, run by the launcher's AnsibleRunner over ssh to a host sshd
+whose scratch HOME stands in for the node.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from launcher.ansible import AnsibleRunner, Outcome, OutputLog
 from launcher.config import default_ansible_playbook
-from tests.harness import local_ansible_dir
+from launcher.gitcache import GitCache
+from launcher.jobdir import JobDir
+from launcher.playbooks import write_ansible_dir
+from tests.harness import SshHost
 from zuul_lite.build_contract import BuildRequest
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
@@ -84,8 +87,22 @@ def merger(tmp_path) -> tuple[Path, str]:
     return repo, base
 
 
-def run_checkpatch(tmp_path: Path, repo: Path, base: str) -> subprocess.CompletedProcess:
-    """Run setup and kernel-checkpatch for the change at the repository's HEAD."""
+@pytest.fixture(scope="module")
+def ssh_host(tmp_path_factory):
+    host = SshHost(tmp_path_factory.mktemp("sshd"))
+    yield host
+    host.stop()
+
+
+@pytest.fixture
+def node(ssh_host) -> SshHost:
+    ssh_host.reset_home()
+    return ssh_host
+
+
+def run_checkpatch(tmp_path: Path, node: SshHost, repo: Path, base: str) -> tuple[Outcome, str]:
+    """Run setup and kernel-checkpatch for the change at the repository's HEAD;
+    return how the last playbook ended and the build's output."""
     git(repo, "update-ref", "refs/zuul/master/1", "HEAD")
     git(repo, "checkout", "--quiet", base)
     request = BuildRequest(
@@ -103,53 +120,44 @@ def run_checkpatch(tmp_path: Path, repo: Path, base: str) -> subprocess.Complete
         subject="{{ lookup('pipe', 'false') }}",
         owner="{% raw %}Dev{% endraw %} <dev@example.org>",
     )
-    jobdir, phases = local_ansible_dir(tmp_path, request, JOBS)
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {
-        **os.environ,
-        "HOME": str(home),
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_LOCAL_TEMP": str(jobdir.tmp),
-        "ANSIBLE_HOME": str(jobdir.tmp),
-    }
-    for playbook in (phases["setup"][0], phases["run"][0]):
-        result = subprocess.run(
-            [
-                default_ansible_playbook(),
-                "-v",
-                "-i",
-                "node,",
-                "-c",
-                "local",
-                "-e",
-                f"ansible_python_interpreter={sys.executable}",
-                "-e",
-                f"@{jobdir.vars}",
-                str(playbook),
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        print(result.stdout[-10000:], result.stderr[-3000:])
-        if result.returncode != 0:
-            break
-    assert "PLAY RECAP" in result.stdout
-    return result
+    jobdir = JobDir(tmp_path / "work", request.uuid)
+    phases = write_ansible_dir(
+        jobdir,
+        request,
+        node.address(),
+        jobs_dir=JOBS,
+        private_key=node.client_key,
+        connect_timeout=10,
+        change=GitCache(tmp_path / "git", 60).fetch(request),
+        dependencies={},
+    )
+    output = OutputLog(tmp_path / "job-output.txt")
+    runner = AnsibleRunner(jobdir, output, default_ansible_playbook())
+    try:
+        for phase in ("setup", "run"):
+            outcome = runner.run(phases[phase][0], phase, 120)
+            if outcome != Outcome.OK:
+                break
+    finally:
+        runner.close_connections()
+        jobdir.cleanup()
+    text = output.path.read_text()
+    print(text[-10000:])
+    assert "PLAY RECAP" in text
+    return outcome, text
 
 
-def test_a_clean_series_passes(tmp_path, merger):
+def test_a_clean_series_passes(tmp_path, node, merger):
     repo, base = merger
     commit(repo, "Add x", {"x.c": "int x;\n"})
-    result = run_checkpatch(tmp_path, repo, base)
-    assert result.returncode == 0
-    assert "=== 0001-Add-x: ok (total: 0 errors, 0 warnings" in result.stdout
-    reports = tmp_path / "home" / "artifacts" / "checkpatch"
+    outcome, output = run_checkpatch(tmp_path, node, repo, base)
+    assert outcome == Outcome.OK
+    assert "=== 0001-Add-x: ok (total: 0 errors, 0 warnings" in output
+    reports = node.home / "artifacts" / "checkpatch"
     assert sorted(p.name for p in reports.glob("*.txt")) == ["0001-Add-x.txt", "summary.txt"]
 
 
-def test_a_series_cannot_change_the_checkpatch_it_is_checked_with(tmp_path, merger):
+def test_a_series_cannot_change_the_checkpatch_it_is_checked_with(tmp_path, node, merger):
     """The second patch silences checkpatch three ways (each alone would be
     enough if the tree's copy or configuration were used): the first still fails."""
     repo, base = merger
@@ -164,11 +172,11 @@ def test_a_series_cannot_change_the_checkpatch_it_is_checked_with(tmp_path, merg
             ".scripts/.checkpatch.conf": ignore,
         },
     )
-    result = run_checkpatch(tmp_path, repo, base)
-    assert result.returncode != 0
-    assert "=== 0001-Add-x-with-trailing-whitespace: FAILED (total: 1 errors" in result.stdout
-    assert "ERROR: trailing whitespace" in result.stdout
-    assert "=== 0002-Silence-checkpatch: ok (total: 0 errors" in result.stdout
-    copy = tmp_path / "home" / "checkpatch-base" / "scripts"
+    outcome, output = run_checkpatch(tmp_path, node, repo, base)
+    assert outcome == Outcome.FAILED
+    assert "=== 0001-Add-x-with-trailing-whitespace: FAILED (total: 1 errors" in output
+    assert "ERROR: trailing whitespace" in output
+    assert "=== 0002-Silence-checkpatch: ok (total: 0 errors" in output
+    copy = node.home / "checkpatch-base" / "scripts"
     assert (copy / "checkpatch.pl").read_text() == CHECKPATCH
     assert (copy / "spelling.txt").is_file() and (copy / "const_structs.checkpatch").is_file()

@@ -42,6 +42,7 @@ def write_configs(root: Path) -> tuple[Path, int]:
     zuul["state-dir"] = str(state)
     zuul["zookeeper"]["hosts"] = f"127.0.0.1:{zk_port}"
     zuul["gearman"]["port"] = free_port()
+    zuul["merger"]["git-port"] = free_port()
     zuul["scheduler"] = {
         "layout": str(REPO / "etc" / "layout.yaml"),
         "jobs-dir": str(REPO / "jobs"),

@@ -1,7 +1,9 @@
 """The launcher end to end through its real engines.
 
 Real: gear server and client, ZooKeeper, ansible-playbook over ssh (pipelining)
-to a host sshd on a loopback port, git. Stand-in: `FakeNodepool` plays
+to a host sshd on a loopback port, git, and the merger's repository served by
+the scheduler's git server (zuul_lite.gitserver), from which the launcher
+fetches the change and pushes it to the node. Stand-in: `FakeNodepool` plays
 nodepool's part of the request handshake by writing a ready Node for each
 request (pointing at that sshd) or failing requests for unknown labels, so the
 launcher's own request, lock, in-use, used, unlock path runs for real.
@@ -18,7 +20,6 @@ import json
 import logging
 import queue
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,49 +39,11 @@ from launcher.server import EXECUTE, LauncherServer
 from nodepool_lite.model import Node, NodeState, RequestState
 from nodepool_lite.zk import REQUEST_ROOT, ZooKeeper
 from nodepool_lite.zkserver import free_port
+from tests.harness import SshHost
+from zuul_lite.gitserver import GitServer
 from zuul_lite.state import ZuulState
 
 LABEL = "test-label"
-
-
-class SshHost:
-    """A host sshd on 127.0.0.1 with its own host key and one authorised key."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.home = root / "home"
-        self.home.mkdir(parents=True)
-        self.port = free_port()
-        self.client_key = root / "id_ed25519"
-        host_key = root / "ssh_host_ed25519_key"
-        for key in (self.client_key, host_key):
-            subprocess.run(
-                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True
-            )
-        (root / "authorized_keys").write_text(Path(f"{self.client_key}.pub").read_text())
-        self.host_key = " ".join(Path(f"{host_key}.pub").read_text().split()[:2])
-        conf = root / "sshd_config"
-        conf.write_text(
-            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {host_key}\n"
-            f"AuthorizedKeysFile {root / 'authorized_keys'}\nPidFile {root / 'sshd.pid'}\n"
-            "UsePAM no\nStrictModes no\nPasswordAuthentication no\n"
-            "Subsystem sftp /usr/lib/openssh/sftp-server\n"
-            f"SetEnv HOME={self.home}\n"
-        )
-        Path("/run/sshd").mkdir(exist_ok=True)
-        self.proc = subprocess.Popen(
-            ["/usr/sbin/sshd", "-f", str(conf), "-D", "-e"], stderr=subprocess.PIPE, text=True
-        )
-        for line in self.proc.stderr:  # "Server listening on 127.0.0.1 port N."
-            if "Server listening" in line:
-                break
-        else:
-            raise RuntimeError("sshd did not start")
-        threading.Thread(target=self.proc.stderr.read, daemon=True).start()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 class FakeNodepool:
@@ -313,30 +276,44 @@ def ssh_host(tmp_path_factory):
     host.stop()
 
 
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@e", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
 @pytest.fixture
 def git_repo(tmp_path) -> tuple[Path, str]:
     """A merger-like repo with the change under test at a zuul ref."""
     repo = tmp_path / "merger" / "linux"
     repo.mkdir(parents=True)
-
-    def run(*args: str) -> None:
-        subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
-
-    run("init", "-q", "-b", "master")
+    git(repo, "init", "-q", "-b", "master")
     (repo / "README").write_text("base\n")
-    run("add", "README")
-    run("-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "base")
+    git(repo, "add", "README")
+    git(repo, "commit", "-qm", "base")
     (repo / "README").write_text("the change under test\n")
-    run("-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qam", "change")
-    run("update-ref", "refs/zuul/check/1/1/item", "HEAD")
-    run("reset", "-q", "--hard", "HEAD~1")
+    git(repo, "commit", "-qam", "change")
+    git(repo, "update-ref", "refs/zuul/check/1/1/item", "HEAD")
+    git(repo, "reset", "-q", "--hard", "HEAD~1")
     return repo, "refs/zuul/check/1/1/item"
 
 
 @pytest.fixture
-def launcher_env(tmp_path, zk, zk_hosts, gear_server, ssh_host, git_repo):
-    shutil.rmtree(ssh_host.home)  # a fresh "node" for every test
-    ssh_host.home.mkdir()
+def merger_git(git_repo) -> tuple[str, str]:
+    """git_repo's merger root served over git as the scheduler serves it: (url, ref)."""
+    repo, ref = git_repo
+    server = GitServer(repo.parent, "127.0.0.1", free_port())
+    server.start()
+    yield f"git://{server.address}/{repo.name}", ref
+    server.stop()
+
+
+@pytest.fixture
+def launcher_env(tmp_path, zk, zk_hosts, gear_server, ssh_host, merger_git):
+    ssh_host.reset_home()  # a fresh "node" for every test
     jobs = tmp_path / "jobs"
     (jobs / "playbooks").mkdir(parents=True)
     for name, content in PLAYBOOKS.items():
@@ -367,7 +344,7 @@ def launcher_env(tmp_path, zk, zk_hosts, gear_server, ssh_host, git_repo):
         "ssh_host": ssh_host,
         "nodepool": nodepool,
         "client": client,
-        "git": git_repo,
+        "git": merger_git,
         "servers": [],
     }
 
@@ -390,7 +367,7 @@ def launcher_env(tmp_path, zk, zk_hosts, gear_server, ssh_host, git_repo):
 
 
 def build_args(env, playbooks: dict, **extra) -> dict:
-    repo, ref = env["git"]
+    url, ref = env["git"]
     build = uuidlib.uuid4().hex
     args = {
         "uuid": build,
@@ -402,7 +379,7 @@ def build_args(env, playbooks: dict, **extra) -> dict:
         "patchset": 1,
         "pipeline": "check",
         "git_ref": ref,
-        "git_url": str(repo),
+        "git_url": url,
         "base_ref": "master",
         "vars": {"greeting": "hello"},
         "timeout": 120,
@@ -444,6 +421,14 @@ def test_success_publishes_logs_and_result(launcher_env, caplog):
     assert (logdir / "console" / "serial.log").read_text() == "boot\n"
     records = json.loads((logdir / "job-output.json").read_text())
     assert [r["phase"] for r in records] == ["setup", "run", "collect"]
+    # The change came through the launcher's cache, pushed onto the branch it
+    # is tested on: the node's repository owes nothing to a path of the merger.
+    cache = env["config"].git_cache / "linux.git"
+    src = env["ssh_host"].home / "src" / "linux"
+    assert git(src, "symbolic-ref", "HEAD") == "refs/heads/master"
+    assert git(src, "rev-parse", "HEAD") == git(cache, "rev-parse", "refs/tips/master")
+    assert git(src, "status", "--porcelain") == ""
+    assert not (src / ".git" / "objects" / "info" / "alternates").exists()
     published = {p.name for p in (logdir / "_ansible").iterdir()}
     assert {
         "inventory.yaml",
@@ -488,18 +473,51 @@ def test_node_logs_past_a_cap_are_truncated_with_a_line_in_the_log(launcher_env,
 
 
 def test_dependency_artifacts_are_copied_to_the_node(launcher_env):
+    """The scheduler names a dependency by its log path, relative to the log
+    root; the launcher copies it from its own log root, and from nowhere else."""
     env = launcher_env
     env["start"]()
     first, result = run_build(env, {"run": ["playbooks/ok.yaml"]})
     assert result["result"] == "SUCCESS"
-    dep_logs = env["config"].log_root / first["log_path"]
-    args, result = run_build(
-        env, {"run": ["playbooks/use-dep.yaml"]}, artifacts={"dep-job": str(dep_logs)}
-    )
+    use_dep = {"run": ["playbooks/use-dep.yaml"]}
+    args, result = run_build(env, use_dep, artifacts={"dep-job": first["log_path"]})
     assert result["result"] == "SUCCESS", result
     output = (env["config"].log_root / args["log_path"] / "job-output.txt").read_text()
     assert "TASK [Use the dependency's artifact]" in output
     assert "| hello" in output
+    # An absolute path (an older scheduler's) works while it is in the log root.
+    absolute = str(env["config"].log_root / first["log_path"])
+    _, result = run_build(env, use_dep, artifacts={"dep-job": absolute})
+    assert result["result"] == "SUCCESS", result
+    _, result = run_build(env, use_dep, artifacts={"dep-job": "../.."})
+    assert result["result"] == "FAILURE"
+    assert result["summary"] == "The log path ../.. of dependency dep-job leaves the log root."
+    _, result = run_build(env, use_dep, artifacts={"dep-job": "1/1/check/nothing"})
+    assert result["result"] == "FAILURE"
+    assert (
+        "The artifacts of dependency dep-job are not in this launcher's log root"
+        in (result["summary"])
+    )
+    assert len(env["nodepool"].nodes) == 3  # the refused builds asked for no node
+
+
+def test_unreachable_merger_is_node_failure_without_a_node(launcher_env, monkeypatch, caplog):
+    env = launcher_env
+    caplog.set_level(logging.INFO, logger="launcher")
+    monkeypatch.setattr("launcher.build.FETCH_RETRY_DELAYS", (0.1,))
+    env["start"]()
+    url = f"git://127.0.0.1:{free_port()}/linux"  # nothing listens there
+    args, result = run_build(env, {"run": ["playbooks/ok.yaml"]}, git_url=url)
+    assert result["result"] == "NODE_FAILURE", result
+    assert result["summary"].startswith(
+        f"Could not fetch refs/zuul/check/1/1/item of linux from {url}: unable to connect"
+    )
+    assert "\n" not in result["summary"] and result["summary"].endswith(".")
+    assert env["nodepool"].nodes == []
+    assert f"[build: {args['uuid']}] Could not fetch" in caplog.text  # the first try
+    _, result = run_build(env, {"run": ["playbooks/ok.yaml"]}, git_ref="refs/zuul/nothing")
+    assert result["result"] == "NODE_FAILURE"
+    assert "couldn't find remote ref refs/zuul/nothing" in result["summary"]
 
 
 def test_run_failure_quotes_compiler_error(launcher_env):

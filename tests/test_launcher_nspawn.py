@@ -1,6 +1,8 @@
 """The launcher against a real node: nodepool's own launcher boots an nspawn
-container from the cached dib image (no stand-in for nodepool here), and the
-build checks out the change from the bind-mounted merger repo as user `zuul`.
+container from the cached dib image (no stand-in for nodepool here); the
+launcher fetches the change from the merger's git server and pushes it over
+the node's ssh, where user `zuul` finds it checked out. Nothing of the host
+is mounted into the node but the compiler cache.
 
 Skipped unless the node image for the current elements/ is already cached
 (tests/test_builder.py or the e2e test builds it; a build takes minutes).
@@ -22,7 +24,7 @@ from nodepool_lite.launcher import NodePool
 from nodepool_lite.zk import ZooKeeper
 from tests.images import MARKER, image_key, node_config
 from tests.nodepool_env import IMAGE, LABEL, register_node_image, wait_for, write_config
-from tests.test_launcher_build import BuildClient, build_args, git_repo  # noqa: F401
+from tests.test_launcher_build import BuildClient, build_args, git_repo, merger_git  # noqa: F401
 
 
 def cached_image() -> bool:
@@ -35,19 +37,19 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_build_on_a_real_nspawn_node(tmp_path, zk, zk_hosts, gear_server, git_repo):  # noqa: F811
+def test_build_on_a_real_nspawn_node(tmp_path, zk, zk_hosts, gear_server, merger_git):  # noqa: F811
     register_node_image(zk)
-    repo, _ = git_repo
     jobs = tmp_path / "jobs"
     (jobs / "playbooks").mkdir(parents=True)
     playbook = [{"hosts": "all", "gather_facts": False, "tasks": [
         {"name": "Show the change", "ansible.builtin.shell":
-            "cat ~/src/linux/README; id -un; git -C ~/src/linux log --oneline | wc -l"},
+            "cat ~/src/linux/README; id -un; git -C ~/src/linux log --oneline | wc -l; "
+            "git -C ~/src/linux symbolic-ref HEAD"},
         {"name": "Leave an artifact", "ansible.builtin.shell":
             "uname -n > ~/artifacts/node.txt"},
     ]}]  # fmt: skip
     (jobs / "playbooks" / "ok.yaml").write_text(yaml.safe_dump(playbook))
-    nodepool = NodePool(write_config(tmp_path, zk_hosts, bind_ro=[str(repo.parent)]))
+    nodepool = NodePool(write_config(tmp_path, zk_hosts))
     nodepool.start()
     config = LauncherConfig(
         zk_hosts=zk_hosts, gearman_server="127.0.0.1", gearman_port=gear_server.port,
@@ -61,13 +63,13 @@ def test_build_on_a_real_nspawn_node(tmp_path, zk, zk_hosts, gear_server, git_re
     client.addServer("127.0.0.1", gear_server.port)
     client.waitForServer()
     try:
-        env = {"git": (repo, "refs/zuul/check/1/1/item")}
-        args = build_args(env, {"run": ["playbooks/ok.yaml"]}, node_type=LABEL)
+        args = build_args({"git": merger_git}, {"run": ["playbooks/ok.yaml"]}, node_type=LABEL)
         result = client.wait(client.submit(EXECUTE, args), timeout=300)
         logdir = config.log_root / args["log_path"]
         output = (logdir / "job-output.txt").read_text()
         assert result["result"] == "SUCCESS", output[-3000:]
         assert "the change under test" in output and "| zuul" in output
+        assert "| 2\n" in output and "| refs/heads/master\n" in output
         assert (logdir / "artifacts" / "node.txt").read_text().startswith("np-")
         assert json.loads((logdir / "job-output.json").read_text())[0]["phase"] == "setup"
         wait_for(lambda: not zk.nodes(), 60, "the used node destroyed")

@@ -15,6 +15,7 @@ from launcher import logs
 from launcher.buildlog import build_log
 from launcher.config import ConfigError, load
 from launcher.earlyfailure import EarlyFailure
+from launcher.gitcache import FetchedChange, GitCache
 from launcher.jobdir import JobDir
 from launcher.playbooks import (
     NodeAddress,
@@ -153,8 +154,18 @@ def test_ansible_dir_layout(tmp_path):
         artifacts={"kernel-build": "/logs/{{ 5 }}"},
     )
     node = NodeAddress("127.0.0.1", 2222, "zuul", ["ssh-ed25519 AAAA"])
+    cache = GitCache(tmp_path / "git", 60)
+    change = FetchedChange(cache.repo(req.project), "1" * 40)
+    deps = {"kernel-build": tmp_path / "logs" / "5" / "artifacts"}
     phases = write_ansible_dir(
-        jobdir, req, node, jobs_dir=jobs, private_key=Path("/keys/id_ed25519"), connect_timeout=5
+        jobdir,
+        req,
+        node,
+        jobs_dir=jobs,
+        private_key=Path("/keys/id_ed25519"),
+        connect_timeout=5,
+        change=change,
+        dependencies=deps,
     )
     assert [p.name for ps in phases.values() for p in ps] == [
         "setup.yaml",
@@ -182,6 +193,22 @@ def test_ansible_dir_layout(tmp_path):
         assert "{{ 1 }}" not in path.read_text() and "lookup" not in path.read_text()
     assert variables["zuul_log_dir"] == str(jobdir.logs)
     assert len(str(jobdir.control_dir)) < 40  # room for ssh's socket name under 108 bytes
+    # The change goes from the launcher's cache to the node over the node's ssh;
+    # the node is given no URL or path to fetch from.
+    tasks = yaml.load(jobdir.setup_playbook.read_text(), Loader=VarsLoader)[0]["tasks"]
+    push = next(t for t in tasks if t.get("delegate_to") == "localhost")
+    argv = push["ansible.builtin.command"]["argv"]
+    assert argv[:3] == ["git", "-C", str(tmp_path / "git" / "linux%7B%7B%201%20%7D%7D.git")]
+    assert argv[-2:] == [
+        "ssh://zuul@127.0.0.1:2222/~/src/{{ zuul.project }}",
+        "1111111111111111111111111111111111111111:refs/heads/{{ zuul.branch }}",
+    ]
+    ssh = push["environment"]["GIT_SSH_COMMAND"]
+    assert "-i /keys/id_ed25519" in ssh and f"UserKnownHostsFile={jobdir.known_hosts}" in ssh
+    assert "StrictHostKeyChecking=yes" in ssh and "BatchMode=yes" in ssh
+    assert "git_url" not in jobdir.setup_playbook.read_text()
+    copy = next(t for t in tasks if "ansible.builtin.copy" in t)
+    assert copy["loop"] == [{"job": "kernel-build", "src": str(deps["kernel-build"])}]
 
 
 def test_publish_leaves_out_tmp_and_keys(tmp_path):
@@ -221,6 +248,25 @@ def test_node_logs_cannot_escape_the_log_dir(tmp_path):
     assert not jobdir.node_logs_archive.exists()
 
 
+def test_dependency_dirs_stay_in_the_launchers_log_root(tmp_path):
+    root = tmp_path / "logs"
+    (root / "1/1/check/build/u1/artifacts").mkdir(parents=True)
+    found = {"build": root / "1/1/check/build/u1/artifacts"}
+    assert logs.dependency_dirs(root, {"build": "1/1/check/build/u1"}) == found
+    assert logs.dependency_dirs(root, {"build": str(root / "1/1/check/build/u1")}) == found
+    with pytest.raises(logs.DependencyError, match="leaves the log root"):
+        logs.dependency_dirs(root, {"build": "/etc"})
+    with pytest.raises(logs.DependencyError, match=r"not in this launcher's log root \("):
+        logs.dependency_dirs(root, {"build": "1/1/check/build/u2"})
+
+
+def test_git_cache_names_stay_inside_the_cache(tmp_path):
+    cache = GitCache(tmp_path, 1)
+    assert cache.repo("linux") == tmp_path / "linux.git"
+    assert cache.repo("../../etc") == tmp_path / "..%2F..%2Fetc.git"
+    assert cache.repo("kernel/linux") == tmp_path / "kernel%2Flinux.git"
+
+
 def test_config_defaults_and_errors(tmp_path):
     etc = tmp_path / "etc"
     etc.mkdir()
@@ -242,6 +288,7 @@ def test_config_defaults_and_errors(tmp_path):
     assert config.log_url == "http://h:9000/logs"
     assert config.jobs_dir == tmp_path / "jobs"
     assert config.private_key == tmp_path / "state" / "keys" / "id_ed25519"
+    assert config.git_cache == tmp_path / "state" / "launcher" / "git"
     conf.write_text(yaml.safe_dump({"zookeeper": {"hosts": "h"}, "launcher": {"max-builds": 0}}))
     with pytest.raises(ConfigError, match="launcher/max-builds"):
         load(conf)

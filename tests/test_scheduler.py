@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from nodepool_lite.zk import ZooKeeper
 from tests.harness import (
@@ -87,7 +90,11 @@ def test_good_series_gets_plus_one(env, scheduler):
         "timeout",
     ):
         assert key in args["build"]
-    assert args["boot"]["artifacts"] == {"build": str(cfg.log_root / args["build"]["log_path"])}
+    # Paths relative to the log root: each launcher joins them with its own.
+    assert args["boot"]["artifacts"] == {"build": args["build"]["log_path"]}
+    # The merger's repository is served over git at the URL the builds name.
+    assert args["build"]["git_url"] == f"git://127.0.0.1:{cfg.git_port}/demo"
+    assert "refs/heads/master" in git(None, "ls-remote", args["build"]["git_url"])
     # The published ref was dropped after the report; the merge was real.
     ws = cfg.state_dir / "merger" / "demo"
     assert "return 1;" in git(ws, "show", "HEAD:hello.c")
@@ -209,6 +216,27 @@ def test_scheduler_killed_mid_build_votes_exactly_once(env, tmp_path):
         launcher2.stop()
         proc.terminate()
         proc.wait()
+
+
+def test_git_port_in_use_stops_the_start_with_one_sentence(env, tmp_path):
+    cfg, *_ = env
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    data = yaml.safe_load(cfg.path.read_text())
+    data["merger"]["git-port"] = port
+    cfg.path.write_text(yaml.safe_dump(data))
+    try:
+        proc = start_scheduler_process(cfg.path, tmp_path / "sched.log", stderr=subprocess.PIPE)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        taken.close()
+    assert proc.returncode == 1
+    assert err.decode() == (
+        f"zuul-lite: The git server could not listen on 127.0.0.1:{port}: "
+        "Could not bind to 127.0.0.1: Address already in use.\n"
+    )
 
 
 def test_new_patchset_supersedes_the_old_one(env, scheduler):

@@ -6,10 +6,15 @@ server-tls:` ({cert, key}) is the embedded Gearman server's, checked against
 the same CA. Without them everything is plain TCP (for development on
 loopback). The files are checked when a component connects, not here: the
 quick start reads this file before it makes them.
+
+`merger:` says where the scheduler serves its merger's repositories over git
+(`git-listen`, `git-port`) and the URL launchers fetch them from (`git-url`,
+to which the project name is appended; by default git://<listen>:<port>/).
 """
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +57,11 @@ SCHEMA = v.Schema(
             "jobs-dir": str,
             "merger-workers": v.All(int, v.Range(min=1, max=16)),
         },
+        "merger": {
+            "git-listen": str,
+            "git-port": v.All(int, v.Range(min=1, max=65535)),
+            "git-url": str,
+        },
         v.Required("connections"): {
             str: {v.Required("driver"): v.In(driver_names()), v.Extra: object}
         },
@@ -74,6 +84,9 @@ class ZuulConfig:
     layout_path: Path
     jobs_dir: Path
     merger_workers: int = 2  # merges in parallel, each in its own git worktree
+    git_listen: str = "127.0.0.1"
+    git_port: int = 9418
+    git_url: str = "git://127.0.0.1:9418/"  # ends with "/": the project name follows
     connections: dict[str, dict] = field(default_factory=dict)
     web_listen: str = "127.0.0.1"
     web_port: int = 9000
@@ -103,6 +116,10 @@ def load(path: Path | str) -> ZuulConfig:
     state_dir = Path(data.get("state-dir", "/var/lib/zuul-lite"))
     listen = web.get("listen", "127.0.0.1")
     port = web.get("port", 9000)
+    merger = data.get("merger", {})
+    git_listen = merger.get("git-listen", "127.0.0.1")
+    git_port = merger.get("git-port", 9418)
+    git_url = merger.get("git-url") or _default_git_url(git_listen, git_port)
     zk_tls = gearman_tls = server_tls = None
     if "tls" in data["zookeeper"]:
         zk_tls = TLSFiles.from_config(data["zookeeper"]["tls"], here, f"{path} zookeeper.tls")
@@ -122,6 +139,9 @@ def load(path: Path | str) -> ZuulConfig:
         layout_path=(here / sched.get("layout", "layout.yaml")).resolve(),
         jobs_dir=(here / sched.get("jobs-dir", "../jobs")).resolve(),
         merger_workers=sched.get("merger-workers", 2),
+        git_listen=git_listen,
+        git_port=git_port,
+        git_url=git_url.rstrip("/") + "/",
         connections=data["connections"],
         web_listen=listen,
         web_port=port,
@@ -132,3 +152,9 @@ def load(path: Path | str) -> ZuulConfig:
         gearman_server_tls=server_tls,
         raw=data,
     )
+
+
+def _default_git_url(listen: str, port: int) -> str:
+    """git://<listen>:<port>/, with this host's name when listening on every address."""
+    host = socket.getfqdn() if listen in ("", "0.0.0.0", "::") else listen
+    return f"git://[{host}]:{port}/" if ":" in host else f"git://{host}:{port}/"

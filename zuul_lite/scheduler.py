@@ -26,6 +26,7 @@ from zuul_lite.connections import make_connections
 from zuul_lite.dispatcher import Dispatcher
 from zuul_lite.exceptions import ConfigError, EnqueueRefused, ZuulLiteError
 from zuul_lite.gearman import BuildClient, GearServer
+from zuul_lite.gitserver import GitServer
 from zuul_lite.layout import Layout, load_layout
 from zuul_lite.manager import PipelineManager
 from zuul_lite.manager.dependent import DependentPipelineManager
@@ -95,6 +96,8 @@ class Scheduler(threading.Thread):
         self.merger = MergerPool(
             Merger(config.state_dir / "merger"), self._on_merged, workers=config.merger_workers
         )
+        # Launchers fetch the changes under test from here (git_url of a build).
+        self.git_server = GitServer(self.merger.merger.root, config.git_listen, config.git_port)
         self.gear_server: GearServer | None = None
         self.gearman = BuildClient(self._on_gear_failed)
         self.dispatcher = Dispatcher()
@@ -108,6 +111,7 @@ class Scheduler(threading.Thread):
 
     def start(self) -> None:
         self._load_layout(initial=True)
+        self.git_server.start()
         if self.config.gearman_start:
             self.gear_server = GearServer(
                 port=self.config.gearman_port,
@@ -151,6 +155,7 @@ class Scheduler(threading.Thread):
         self.gearman.shutdown()
         if self.gear_server is not None:
             self.gear_server.shutdown()
+        self.git_server.stop()
 
     def reconfigure(self) -> None:
         """Safe from any thread (SIGHUP): the loop reloads the layout."""

@@ -235,6 +235,7 @@ def run(args) -> int:
         local = LocalConnection("local", {"driver": "local"}, ZuulState(zk), state)
         local.import_project("linux", tree)
         say(f"Project linux: served from {local.repo_path('linux')}.")
+        say(f"Changes under test: fetched by launchers from {zcfg.git_url}linux.")
         for service in services.services(zcfg.path, npconf, run_dir):
             problem = services.check_alive(service, run_dir)
             if problem:

@@ -709,7 +709,6 @@ class PipelineManager:
         job = self.sched.layout.jobs[build.job]
         bs = item.buildset
         c = item.change
-        log_root = self.sched.config.log_root
         return BuildRequest(
             uuid=build.uuid,
             job=job.name,
@@ -722,14 +721,14 @@ class PipelineManager:
             pipeline=item.pipeline,
             event_id=item.event_id,
             git_ref=bs.git_ref,
-            git_url=str(self.sched.merger.merger.workspace(c.project)),
+            git_url=self.sched.config.git_url + c.project,
             base_ref=bs.base_sha,
             changes=" ".join(bs.changes),
             vars=job.vars,
             timeout=job.timeout,
             playbooks={"pre": job.pre_run, "run": job.run, "post": job.post_run},
             artifacts={
-                d: str(log_root / bs.builds[d].log_path)
+                d: bs.builds[d].log_path
                 for d in job.dependencies
                 if d in bs.builds and bs.builds[d].log_path
             },
