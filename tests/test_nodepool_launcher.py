@@ -199,8 +199,12 @@ def test_request_fulfilled_ssh_and_destroyed(nodepool_factory, zk, zk_hosts):
     assert ssh_run(node, key, "cat /proc/self/uid_map").split() == [
         "0", str(NODE_UID_BASE), str(NODE_UID_COUNT)
     ]  # fmt: skip
-    for pid in pids:
-        uids = Path(f"/proc/{pid}/status").read_text().split("\nUid:")[1].split()[:4]
+    for pid in container_pids(root):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            continue  # ended meanwhile (an ssh session's process)
+        uids = status.split("\nUid:")[1].split()[:4]
         assert all(int(uid) >= NODE_UID_BASE for uid in uids), (pid, uids)
     # Its own network namespace: ZooKeeper on the host's loopback, the host's
     # sshd-less addresses and the node's own forwarded port are all out of reach.
