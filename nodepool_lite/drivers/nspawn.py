@@ -76,6 +76,13 @@ def container_pids(root: Path) -> list[int]:
     return pids
 
 
+def _namespaced_pids(root: Path) -> list[int]:
+    """Container processes already in the node's own network namespace (not
+    nspawn's short-lived outer child, which has the root but not the namespaces)."""
+    own = _netns()
+    return [pid for pid in container_pids(root) if _netns(pid) not in (None, own)]
+
+
 def nspawn_roots() -> dict[int, Path]:
     """Every running systemd-nspawn: pid -> its `-D` directory."""
     return {
@@ -273,9 +280,7 @@ class NspawnProvider(Provider):
                 raise LaunchError(
                     f"Node {node.id}: container exited ({proc.returncode}): {self._tail(node)}"
                 )
-            # In the node's own network namespace: not nspawn's short-lived
-            # outer child, which is in the node's root but not yet its namespaces.
-            pids = [pid for pid in container_pids(root) if _netns(pid) not in (None, _netns())]
+            pids = _namespaced_pids(root)
             if pids:
                 return min(pids)
             time.sleep(0.02)  # nspawn tells nothing when the container is up
@@ -285,7 +290,7 @@ class NspawnProvider(Provider):
         """A node a previous nodepool launcher started: its forward runs on,
         or is started again on the same port."""
         node_dir = self.node_dir(node.id or "")
-        pids = [p for p in container_pids(node_dir / "root") if _netns(p) not in (None, _netns())]
+        pids = _namespaced_pids(node_dir / "root")
         if not pids or not node.connection_port:
             return False
         if forward_pids(node_dir):
