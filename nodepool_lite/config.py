@@ -45,6 +45,10 @@ _pool_label = {
     v.Optional("tasks", default=4096): v.All(int, v.Range(min=16)),
     v.Optional("cpus"): v.All(v.Coerce(float), v.Range(min=0.1)),
     v.Optional("disk", default=20480): v.All(int, v.Range(min=64)),
+    # Mounts for this label's nodes only, beside the pool's: the shared compiler
+    # cache is read-only for untrusted labels and writable for the trusted one.
+    v.Optional("bind-ro", default=list): [_bind],
+    v.Optional("bind", default=list): [_bind],
 }
 _static_node = {
     v.Required("name"): str,
@@ -116,6 +120,8 @@ class PoolLabel:
     name: str
     diskimage: str | None
     limits: Limits = DEFAULT_LIMITS
+    bind_ro: tuple[Bind, ...] = ()
+    bind: tuple[Bind, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,16 @@ class Pool:
     bind: list[Bind]
     labels: dict[str, PoolLabel]
     nodes: list[StaticNode]
+
+    def mounts(self, label: str) -> list[tuple[Bind, bool]]:
+        """(bind, writable) for a node of `label`: the pool's, then the label's."""
+        own = self.labels.get(label)
+        return [
+            *((b, False) for b in self.bind_ro),
+            *((b, True) for b in self.bind),
+            *((b, False) for b in (own.bind_ro if own else ())),
+            *((b, True) for b in (own.bind if own else ())),
+        ]
 
 
 @dataclass(frozen=True)
@@ -180,6 +196,8 @@ def _pool_labels(pool: dict) -> dict[str, PoolLabel]:
             lb["name"],
             lb.get("diskimage"),
             Limits(lb["memory"], lb["tasks"], lb.get("cpus"), lb["disk"]),
+            tuple(_binds(lb["bind-ro"])),
+            tuple(_binds(lb["bind"])),
         )
         for lb in pool["labels"]
     }
@@ -195,6 +213,16 @@ def _zookeeper_hosts(servers: list[dict]) -> str:
     return hosts + ("/" + chroot.strip("/") if chroot.strip("/") else "")
 
 
+def _check_mount_points(binds: list[Any], where: list[Any]) -> None:
+    """One mount per node path: a path both read-only and writable would leave
+    which one wins to nspawn's argument order."""
+    seen = set()
+    for bind in _binds(binds):
+        if bind.node in seen:
+            raise v.Invalid(f"{bind.node} is mounted twice (pool and label binds)", where)
+        seen.add(bind.node)
+
+
 def _check_references(data: dict) -> None:
     """Names used across sections must exist; raises v.Invalid with a path."""
     labels = {label["name"] for label in data["labels"]}
@@ -205,6 +233,10 @@ def _check_references(data: dict) -> None:
             for li, label in enumerate(pool["labels"]):
                 if label["name"] not in labels:
                     raise v.Invalid(f"unknown label {label['name']!r}", [*where, "labels", li])
+                _check_mount_points(
+                    [*pool["bind-ro"], *pool["bind"], *label["bind-ro"], *label["bind"]],
+                    [*where, "labels", li],
+                )
                 if provider["driver"] == "nspawn" and label.get("diskimage") not in images:
                     raise v.Invalid(
                         f"unknown diskimage {label.get('diskimage')!r}",

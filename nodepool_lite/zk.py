@@ -131,8 +131,8 @@ class Transaction:
     def __init__(self, client: KazooClient):
         self._tx = client.transaction()
 
-    def create(self, path: str, data: dict | None = None) -> None:
-        self._tx.create(path, _encode(data))
+    def create(self, path: str, data: dict | None = None, sequence: bool = False) -> None:
+        self._tx.create(path, _encode(data), sequence=sequence)
 
     def set(self, path: str, data: dict, version: int = -1) -> None:
         self._tx.set_data(path, _encode(data), version)

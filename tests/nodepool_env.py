@@ -12,17 +12,26 @@ import fcntl
 import json
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import yaml
 
 from nodepool_lite.builder import cache_root
-from nodepool_lite.model import BuildState, ImageBuild
+from nodepool_lite.model import (
+    BuildState,
+    ImageBuild,
+    Node,
+    NodeRequest,
+    NodeState,
+    RequestState,
+)
 from nodepool_lite.zk import ZooKeeper
 
 IMAGE = "kernel-ci-debian"
 LABEL = "kernel-debian"
+TRUSTED_LABEL = "kernel-debian-trusted"  # the shared compiler cache is writable on it
 
 
 def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
@@ -98,12 +107,17 @@ def write_config(
     directory: Path,
     zk_hosts: str,
     max_servers: int = 2,
-    labels: tuple[str, ...] = (LABEL,),
+    labels: tuple[str, ...] = (LABEL, TRUSTED_LABEL),
     bind_ro: list[str] | None = None,
     limits: dict | None = None,
+    ccache: Path | None = None,
 ) -> Path:
     """A nodepool.yaml for one nspawn pool, its state dir under `directory`;
-    `limits` (memory, tasks, cpus, disk) apply to every label."""
+    `limits` (memory, tasks, cpus, disk) apply to every label. The compiler
+    cache (`ccache`, default `directory/ccache`) is mounted as etc/nodepool.yaml
+    does: read-only but on TRUSTED_LABEL."""
+    shared = ccache or directory / "ccache"
+    ccache_bind = [{"host": str(shared), "node": "/var/cache/ccache"}]
     hosts, _, chroot = zk_hosts.partition("/")
     host, port = hosts.split(":")
     data = {
@@ -121,9 +135,13 @@ def write_config(
                         "max-servers": max_servers,
                         "boot-timeout": 30,
                         "bind-ro": bind_ro or [],
-                        "bind": [{"host": str(directory / "ccache"), "node": "/var/cache/ccache"}],
                         "labels": [
-                            {"name": label, "diskimage": IMAGE, **(limits or {})}
+                            {
+                                "name": label,
+                                "diskimage": IMAGE,
+                                ("bind" if label == TRUSTED_LABEL else "bind-ro"): ccache_bind,
+                                **(limits or {}),
+                            }
                             for label in labels
                         ],
                     }
@@ -134,3 +152,42 @@ def write_config(
     path = directory / "nodepool.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def request(zk, *labels: str) -> tuple[NodeRequest, threading.Event, list]:
+    """Submit like zuul-launcher does; the event fires when the request is done."""
+    done = threading.Event()
+    seen: list[NodeRequest | None] = []
+
+    def watcher(req: NodeRequest | None) -> bool | None:
+        seen.append(req)
+        if req is None or req.state in (RequestState.FULFILLED, RequestState.FAILED):
+            done.set()
+        return None
+
+    req = NodeRequest(node_types=list(labels), requestor="test")
+    zk.submit_node_request(req, watcher)
+    return req, done, seen
+
+
+def take_nodes(zk, req: NodeRequest) -> list[Node]:
+    """The requestor's side of the handshake: lock, in-use, delete the request."""
+    fresh = zk.get_node_request(req.id)
+    assert fresh.state == RequestState.FULFILLED, fresh
+    nodes = []
+    for node_id in fresh.nodes:
+        node = zk.get_node(node_id)
+        zk.lock_node(node)
+        assert node.state == NodeState.READY and node.allocated_to == req.id
+        node.state = NodeState.IN_USE
+        zk.store_node(node)
+        nodes.append(node)
+    zk.delete_node_request(fresh)
+    return nodes
+
+
+def release(zk, nodes: list[Node]) -> None:
+    for node in nodes:
+        node.state = NodeState.USED
+        zk.store_node(node)
+        zk.unlock_node(node)

@@ -69,7 +69,7 @@ def write_configs(root: Path) -> tuple[Path, int]:
 
 def test_quickstart_votes_on_the_samples(tmp_path):
     etc, zk_port = write_configs(tmp_path)
-    state = tmp_path / "state"
+    state = state_dir = tmp_path / "state"
     # TLS as the README's quick start: the same CA, which the quick start reuses.
     certs = ensure_certs(state / "tls")
     zkserver = ZooKeeperServer(state / "zk", port=zk_port, tls=certs)
@@ -124,6 +124,21 @@ def test_quickstart_votes_on_the_samples(tmp_path):
         )
         with urllib.request.urlopen(boot + "console/serial.log") as r:
             assert b"ZUUL-LITE-BOOT-OK" in r.read()
+        # The compiler cache: the post pipeline's trusted build of the branch
+        # head filled it; the patch's build only read it, and hit.
+        [post_stats] = (state_dir / "logs").glob(
+            "*/*/post/kernel-build-trusted/*/artifacts/ccache-stats.txt"
+        )
+        assert "(shared cache writable)" in post_stats.read_text().splitlines()[0]
+        build = next(
+            ln.split()[2] for ln in good["message"].splitlines() if ln.startswith("- kernel-build")
+        )
+        with urllib.request.urlopen(build + "artifacts/ccache-stats.txt") as r:
+            first = r.read().decode().splitlines()[0]
+        print(first)
+        assert first.endswith("(shared cache read-only)"), first
+        hits, total = map(int, first.split()[3].split("/"))
+        assert hits >= 0.95 * total, first
         # Every node was used once and destroyed.
         gone = threading.Event()
         zk.watch_children("/nodepool/nodes", lambda c: gone.set() if not c else None)

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from zuul_lite.layout import load_jobs
+from zuul_lite.layout import load_jobs, load_layout
 
-JOBS_DIR = Path(__file__).resolve().parents[1] / "jobs"
+ROOT = Path(__file__).resolve().parents[1]
+JOBS_DIR = ROOT / "jobs"
 PLAYBOOKS = sorted((JOBS_DIR / "playbooks").glob("*.yaml"))
 ANSIBLE_PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
 
@@ -39,13 +40,36 @@ TASK_KEYWORDS = {
 def test_jobs_load_with_the_layout_parser():
     jobs = load_jobs(JOBS_DIR)
     assert jobs.pop("noop").node_type is None  # Zuul's built-in: no node
-    assert set(jobs) == {"kernel-checkpatch", "kernel-build", "kernel-boot-qemu"}
+    assert set(jobs) == {
+        "kernel-checkpatch",
+        "kernel-build",
+        "kernel-build-trusted",
+        "kernel-boot-qemu",
+    }
     assert jobs["kernel-boot-qemu"].dependencies == ["kernel-build"]
     assert jobs["kernel-build"].vars == {"kernel_config": "tiny-bootable"}
+    # The post pipeline's build: the same build of a merged tree, on the node
+    # type whose compiler cache is writable.
+    trusted = jobs.pop("kernel-build-trusted")
+    assert trusted.trusted and trusted.node_type == "kernel-debian-trusted"
+    assert (trusted.run, trusted.vars) == (jobs["kernel-build"].run, jobs["kernel-build"].vars)
     for job in jobs.values():
-        assert job.node_type == "kernel-debian"
+        assert job.node_type == "kernel-debian" and not job.trusted
         assert job.run == [f"playbooks/{job.name}.yaml"]
         assert job.description
+    assert trusted.description
+
+
+def test_layout_runs_trusted_jobs_only_in_post():
+    layout = load_layout(ROOT / "etc" / "layout.yaml", JOBS_DIR, {"local"})
+    assert {name: p.trusted for name, p in layout.pipelines.items()} == {
+        "check": False,
+        "gate": False,
+        "post": True,
+    }
+    assert [j.name for j in layout.jobs_for("linux", "post")] == ["kernel-build-trusted"]
+    for pipeline in ("check", "gate"):
+        assert not any(j.trusted for j in layout.jobs_for("linux", pipeline))
 
 
 def test_every_playbook_is_used_by_a_job():

@@ -1,12 +1,14 @@
-"""Development harness for the kernel jobs, kept as tests.
+"""The kernel job playbooks on a real node, against the real kernel tree.
 
-Until nodes exist everywhere, the job playbooks run here with
-`ansible-playbook -i localhost, -c local` in a scratch HOME laid out like a
-node's (~/src/linux checked out at the change, ~/artifacts, ~/console,
-~/deps/kernel-build/artifacts/), against the real Debian kernel tree with our
-own sample series from doc/examples/patches/ applied: the kernel's make and
-scripts run on this host, which is acceptable only because the patches are
-ours. The compiler cache is `$ZUUL_LITE_CACHE/ccache`, kept between runs.
+A nodepool launcher boots one node of the untrusted label from the test image
+(tests/images.py); the playbooks run there with `ansible-playbook` over the
+node's ssh, as the launcher runs them, on Debian's kernel tree with our sample
+series from doc/examples/patches/ applied: the kernel's make and scripts run
+only in the node. The series are applied in a clone on this host (git alone)
+and pushed to the node before each playbook, as the launcher pushes a change.
+The node reads the machine's shared compiler cache (the one test_e2e's post
+build fills), read-only as every untrusted build does; the test reads what the
+playbooks leave through the node's root on this host.
 
 Marked e2e: a tinyconfig build takes 1-4 minutes (ccache warm/cold).
 """
@@ -14,35 +16,64 @@ Marked e2e: a tinyconfig build takes 1-4 minutes (ccache warm/cold).
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
+from nodepool_lite import config as npconfig
+from nodepool_lite.builder import cache_root
+from nodepool_lite.launcher import NodePool
+from nodepool_lite.model import Node
+from nodepool_lite.zk import ZooKeeper
+from tests.images import ensure_node_image
+from tests.nodepool_env import LABEL, release, request, take_nodes, wait_for, write_config
 from zuul_lite import kerneltree
 
 REPO = Path(__file__).resolve().parents[1]
 PATCHES = REPO / "doc" / "examples" / "patches"
 ANSIBLE_PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
-CACHE = Path(os.environ.get("ZUUL_LITE_CACHE", "/var/cache/zuul-lite"))
+RECEIVE_PACK = "git -c receive.denyCurrentBranch=updateInstead -c checkout.workers=0 receive-pack"
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(not kerneltree.TARBALL.is_file(), reason="linux-source-6.1 missing"),
-    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="no QEMU"),
+    pytest.mark.skipif(shutil.which("systemd-nspawn") is None, reason="no systemd-nspawn"),
 ]
 
 
-class LocalNode:
-    """A scratch HOME standing in for a node; the playbooks run on localhost."""
+class KernelNode:
+    """One node for the module's tests: `src` is this host's clone where tests
+    make commits; `run` pushes its HEAD to the node and runs a playbook there;
+    `home` is the node's home as this host sees it (for reading results)."""
 
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.src = home / "src" / "linux"
+    def __init__(self, node: Node, root: Path, key: Path, work: Path) -> None:
+        self.node = node
+        self.key = key
+        self.work = work
+        self.src = work / "linux"
         self.base_ref = ""
+        self.known_hosts = work / "known_hosts"
+        self.known_hosts.write_text(
+            "".join(f"[127.0.0.1]:{node.connection_port} {k}\n" for k in node.host_keys)
+        )
+        self.ssh_opts = [
+            "-i", str(key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+            "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+        ]  # fmt: skip
+        self.home = root / self.ssh("printenv HOME").strip().lstrip("/")
+
+    def ssh(self, command: str) -> str:
+        return subprocess.run(
+            ["ssh", *self.ssh_opts, "-p", str(self.node.connection_port), "zuul@127.0.0.1",
+             command],
+            check=True, capture_output=True, text=True, timeout=300,
+        ).stdout  # fmt: skip
 
     def git(self, *args: str) -> str:
         return subprocess.run(
@@ -54,16 +85,26 @@ class LocalNode:
         ).stdout.strip()
 
     def checkout(self, series: str) -> None:
-        """Check out master plus the sample series, and start with empty log dirs
-        (the launcher hands every build a fresh node)."""
+        """Master plus the sample series, and empty log dirs on the node (the
+        launcher hands every build a fresh node)."""
         self.git("checkout", "--quiet", "--force", "-B", series, "master")
         self.git("am", "--quiet", *map(str, sorted((PATCHES / series).glob("*.patch"))))
         self.base_ref = self.git("rev-parse", "master")
-        for name in ("artifacts", "console", "deps"):
-            shutil.rmtree(self.home / name, ignore_errors=True)
-            (self.home / name).mkdir()
+        self.ssh("rm -rf artifacts console deps && mkdir artifacts console deps")
+
+    def push(self) -> None:
+        """The tested commit onto the node's checked-out branch, as the launcher's setup does."""
+        subprocess.run(
+            ["git", "-C", str(self.src), "push", "--quiet", "--force",
+             f"--receive-pack={RECEIVE_PACK}",
+             f"ssh://zuul@127.0.0.1:{self.node.connection_port}/~/src/linux",
+             "HEAD:refs/heads/master"],
+            check=True, capture_output=True, text=True, timeout=600,
+            env={"GIT_SSH_COMMAND": shlex.join(["ssh", *self.ssh_opts]), "PATH": "/usr/bin:/bin"},
+        )  # fmt: skip
 
     def run(self, job: str, **job_vars) -> subprocess.CompletedProcess:
+        self.push()
         zuul = {
             "project": "linux",
             "branch": "master",
@@ -73,66 +114,70 @@ class LocalNode:
             "patchset": 1,
             "pipeline": "check",
         }
-        vars_file = self.home / "vars.yaml"
+        vars_file = self.work / "vars.yaml"
         vars_file.write_text(
-            yaml.safe_dump(
-                {
-                    **job_vars,
-                    "zuul": zuul,
-                    "zuul_artifacts_dir": "~/artifacts",
-                    "ccache_dir": str(CACHE / "ccache"),
-                }
-            )
+            yaml.safe_dump({**job_vars, "zuul": zuul, "zuul_artifacts_dir": "~/artifacts"})
         )
+        inventory = self.work / "inventory.yaml"
+        host = {
+            "ansible_host": "127.0.0.1",
+            "ansible_port": self.node.connection_port,
+            "ansible_user": "zuul",
+            "ansible_ssh_private_key_file": str(self.key),
+            "ansible_ssh_common_args": f"-o UserKnownHostsFile={self.known_hosts}",
+        }
+        inventory.write_text(yaml.safe_dump({"all": {"hosts": {"node": host}}}))
         env = {
-            **os.environ,
-            "HOME": str(self.home),
+            **{k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")},
             "ANSIBLE_NOCOLOR": "1",
             "ANSIBLE_CALLBACK_RESULT_FORMAT": "yaml",
+            "ANSIBLE_HOST_KEY_CHECKING": "True",
+            "ANSIBLE_PIPELINING": "True",
         }
         result = subprocess.run(
-            [
-                str(ANSIBLE_PLAYBOOK),
-                "-v",  # the output of tasks that succeed, too
-                "-i",
-                "localhost,",
-                "-c",
-                "local",
-                "-e",
-                f"ansible_python_interpreter={sys.executable}",
-                "-e",
-                f"@{vars_file}",
-                str(REPO / "jobs" / "playbooks" / f"{job}.yaml"),
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+            [str(ANSIBLE_PLAYBOOK), "-v", "-i", str(inventory), "-e", f"@{vars_file}",
+             str(REPO / "jobs" / "playbooks" / f"{job}.yaml")],
+            env=env, capture_output=True, text=True,
+        )  # fmt: skip
         print(result.stdout[-20000:], result.stderr[-5000:])
         return result
 
     def pass_artifacts(self, job: str) -> None:
         """What the launcher does for a dependent job: copy artifacts/ to ~/deps/<job>/."""
-        shutil.copytree(self.home / "artifacts", self.home / "deps" / job / "artifacts")
+        self.ssh(f"rm -rf deps/{job} && mkdir -p deps/{job} && cp -a artifacts deps/{job}/")
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory) -> LocalNode:
-    home = tmp_path_factory.mktemp("node-home")
-    local = LocalNode(home)
-    local.src.parent.mkdir(parents=True)
-    subprocess.run(
-        [
-            "git",
-            "clone",
-            "--quiet",
-            "--shared",
-            str(kerneltree.ensure_kernel_repo()),
-            str(local.src),
-        ],
-        check=True,
+def node(tmp_path_factory, zookeeper):
+    work = tmp_path_factory.mktemp("kernel-node")
+    zk = ZooKeeper(f"{zookeeper.hosts}/test-{uuid.uuid4().hex[:12]}")
+    zk.connect()
+    config = write_config(
+        work, zk.hosts, max_servers=1, labels=(LABEL,), ccache=cache_root() / "ccache-nodes"
     )
-    return local
+    ensure_node_image(zk, npconfig.load(config))
+    pool = NodePool(config)
+    pool.start()
+    nodes: list[Node] = []
+    try:
+        req, done, _ = request(zk, LABEL)
+        assert done.wait(120), zk.get_node_request(req.id)
+        nodes = take_nodes(zk, req)
+        root = pool.config.state_dir / "nodes" / nodes[0].id / "root"
+        kernel = KernelNode(nodes[0], root, pool.config.state_dir / "keys" / "id_ed25519", work)
+        subprocess.run(
+            ["git", "clone", "--quiet", "--shared", str(kerneltree.ensure_kernel_repo()),
+             str(kernel.src)],
+            check=True,
+        )  # fmt: skip
+        kernel.ssh("mkdir -p src && git init --quiet --initial-branch=master src/linux")
+        yield kernel
+    finally:
+        release(zk, nodes)
+        wait_for(lambda: not zk.nodes(), 60, "the node destroyed")
+        pool.stop()
+        pool.join()
+        zk.disconnect()
 
 
 def test_checkpatch_passes_good_series(node):
@@ -181,7 +226,10 @@ def test_build_and_boot(node, series):
     assert 500_000 < (artifacts / "bzImage").stat().st_size < 2_000_000
     assert "CONFIG_SERIAL_8250_CONSOLE=y" in (artifacts / ".config").read_text()
     assert "Kernel: arch/x86/boot/bzImage is ready" in (artifacts / "build.log").read_text()
-    assert "Hits:" in (artifacts / "ccache-stats.txt").read_text()
+    stats = (artifacts / "ccache-stats.txt").read_text()
+    # An untrusted node: it reads the shared cache and cannot write it.
+    assert stats.startswith("compiler cache hits: ") and "(shared cache read-only)" in stats
+    assert "Hits:" in stats
 
     node.pass_artifacts("kernel-build")
     boot = node.run("kernel-boot-qemu")

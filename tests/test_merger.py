@@ -155,6 +155,25 @@ def test_missing_branch(env):
     assert not result.internal and result.failed_change is None
 
 
+def test_branch_head_is_published_as_it_is(env):
+    """A ref item (post): no changes, its commit as the base; a commit the
+    workspace has not seen yet is fetched from the review repository."""
+    first = env.merger.merge(env.request(("1,1", env.series(("README", "x\n", "x")))))
+    assert first.error is None  # the workspace exists now
+    head = env.advance_branch("README", "merged\n", "README: merged meanwhile")
+    assert "commit" not in git(env.ws, "cat-file", "-t", head, check=False)
+    req = MergeRequest(**{**env.request(ref="refs/zuul/post/0/0/a").__dict__, "base": head})
+    result = env.merger.merge(req)
+    assert result.error is None and not result.internal, result.error
+    assert (result.base_sha, result.head_sha, result.commits) == (head, head, {})
+    assert rev_parse(env.ws, "refs/zuul/post/0/0/a") == head
+    missing = MergeRequest(**{**req.__dict__, "base": "1" * 40, "ref": "refs/zuul/post/0/0/b"})
+    result = env.merger.merge(missing)
+    assert result.error == f"Commit {'1' * 40} is not in project demo."
+    assert not result.internal and result.failed_change is None
+    assert_not_published(env, "refs/zuul/post/0/0/b")
+
+
 def test_leftover_clone_is_removed(env):
     tmp = env.ws.with_name("demo.tmp")
     run_git(env.tmp, "init", "-q", str(tmp))  # a clone killed halfway

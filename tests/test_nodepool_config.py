@@ -28,10 +28,12 @@ def test_example_config_loads():
     assert cfg.diskimage("kernel-ci-debian") is image and cfg.diskimage("x") is None
     [pool] = cfg.providers[0].pools
     assert pool.max_servers == 2 and pool.labels["kernel-debian"].diskimage == "kernel-ci-debian"
-    assert pool.bind_ro == []  # the change reaches nodes over ssh, not a mount
-    assert [(b.host, b.node) for b in pool.bind] == [
-        ("/var/lib/zuul-lite/ccache", "/var/cache/ccache")
-    ]
+    # The change reaches nodes over ssh, not a mount; the compiler cache is
+    # the only mount, writable only on the trusted label.
+    assert pool.bind_ro == [] and pool.bind == []
+    ccache = config.Bind("/var/lib/zuul-lite/ccache", "/var/cache/ccache")
+    assert pool.mounts("kernel-debian") == [(ccache, False)]
+    assert pool.mounts("kernel-debian-trusted") == [(ccache, True)]
 
 
 def test_static_pool_offers_its_hosts_labels():
@@ -57,6 +59,10 @@ def test_chroot_joins_hosts(tmp_path):
         ("labels: [{name: a}]\nproviders: [{name: p, driver: nspawn, pools: [{name: m, "
          "labels: [{name: a, diskimage: nope}]}]}]",
          "providers[0].pools[0].labels[0].diskimage: unknown diskimage 'nope'"),
+        ("labels: [{name: a}]\ndiskimages: [{name: d, elements: [e]}]\nproviders: [{name: p, "
+         "driver: nspawn, pools: [{name: m, bind-ro: [/c], labels: [{name: a, diskimage: d, "
+         "bind: [/c]}]}]}]",
+         "providers[0].pools[0].labels[0]: /c is mounted twice (pool and label binds)"),
         ("providers: [{name: p, driver: nspawn, pools: [{name: m, labels: [{name: b}]}]}]",
          "providers[0].pools[0].labels[0]: unknown label 'b'"),
         ("bogus: 1", "bogus: extra keys not allowed"),

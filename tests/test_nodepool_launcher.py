@@ -8,7 +8,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,12 +24,21 @@ from nodepool_lite.model import (
     BuildState,
     ImageBuild,
     Node,
-    NodeRequest,
     NodeState,
     RequestState,
 )
 from nodepool_lite.zk_nodepool import NODE_ROOT
-from tests.nodepool_env import IMAGE, LABEL, register_node_image, wait_for, write_config
+from tests.nodepool_env import (
+    IMAGE,
+    LABEL,
+    TRUSTED_LABEL,
+    register_node_image,
+    release,
+    request,
+    take_nodes,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="nspawn nodes need root")
 
@@ -73,45 +81,6 @@ def nodepool_factory(tmp_path, zk, zk_hosts):
         wait_for(lambda: not provider.leaked_node_ids(), 30, "node dirs removed")
         final.stop()
         final.join()
-
-
-def request(zk, *labels: str) -> tuple[NodeRequest, threading.Event, list]:
-    """Submit like zuul-launcher does; the event fires when the request is done."""
-    done = threading.Event()
-    seen: list[NodeRequest | None] = []
-
-    def watcher(req: NodeRequest | None) -> bool | None:
-        seen.append(req)
-        if req is None or req.state in (RequestState.FULFILLED, RequestState.FAILED):
-            done.set()
-        return None
-
-    req = NodeRequest(node_types=list(labels), requestor="test")
-    zk.submit_node_request(req, watcher)
-    return req, done, seen
-
-
-def take_nodes(zk, req: NodeRequest) -> list[Node]:
-    """The requestor's side of the handshake: lock, in-use, delete the request."""
-    fresh = zk.get_node_request(req.id)
-    assert fresh.state == RequestState.FULFILLED, fresh
-    nodes = []
-    for node_id in fresh.nodes:
-        node = zk.get_node(node_id)
-        zk.lock_node(node)
-        assert node.state == NodeState.READY and node.allocated_to == req.id
-        node.state = NodeState.IN_USE
-        zk.store_node(node)
-        nodes.append(node)
-    zk.delete_node_request(fresh)
-    return nodes
-
-
-def release(zk, nodes: list[Node]) -> None:
-    for node in nodes:
-        node.state = NodeState.USED
-        zk.store_node(node)
-        zk.unlock_node(node)
 
 
 def ssh_run(node: Node, key_path: Path, command: str) -> str:
@@ -222,6 +191,36 @@ def test_request_fulfilled_ssh_and_destroyed(nodepool_factory, zk, zk_hosts):
     destroy = time.monotonic() - start
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
     print(f"\nnode boot (request -> fulfilled) {boot:.2f}s, destroy (used -> gone) {destroy:.2f}s")
+
+
+CACHE_WRITE = """
+for how in "touch /var/cache/ccache/planted" \
+           "sudo -n touch /var/cache/ccache/planted" \
+           "sudo -n mount -o remount,bind,rw /var/cache/ccache" \
+           "sudo -n mount -o remount,rw /var/cache/ccache"; do
+  if $how 2>/dev/null; then echo "wrote: $how"; else echo "refused: $how"; fi
+done
+"""
+
+
+def test_only_the_trusted_label_writes_the_shared_compiler_cache(nodepool_factory, zk):
+    """A patch's build reads the shared cache but cannot plant objects in it, even
+    as root in its node; a node of the trusted label (post builds) fills it."""
+    nodepool = nodepool_factory()
+    req, done, _ = request(zk, LABEL, TRUSTED_LABEL)
+    assert done.wait(60), zk.get_node_request(req.id)
+    untrusted, trusted = take_nodes(zk, req)
+    assert (untrusted.type, trusted.type) == (LABEL, TRUSTED_LABEL)
+    key = nodepool.config.state_dir / "keys" / "id_ed25519"
+    shared = nodepool.config.path.parent / "ccache"
+    ssh_run(trusted, key, "echo object > /var/cache/ccache/entry")
+    assert (shared / "entry").read_text() == "object\n"
+    assert ssh_run(untrusted, key, "cat /var/cache/ccache/entry") == "object\n"
+    out = ssh_run(untrusted, key, CACHE_WRITE)
+    assert "wrote" not in out and out.count("refused") == 4, out
+    assert not (shared / "planted").exists()
+    release(zk, [untrusted, trusted])
+    wait_for(lambda: not zk.nodes(), 30, "nodes destroyed")
 
 
 def test_node_limits_fail_the_build_not_the_host(nodepool_factory, zk):

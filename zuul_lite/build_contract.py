@@ -46,6 +46,10 @@ class BuildRequest:
     subject: str = ""
     owner: str = ""
     review_repo: str = ""
+    # A branch head under test (change and patchset 0): the ref that moved
+    # ("refs/heads/<branch>") and the commit it moved to, which base_ref names too.
+    ref: str = ""
+    newrev: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

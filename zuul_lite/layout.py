@@ -37,7 +37,7 @@ def _regex(value: Any) -> str:
     return value
 
 
-_trigger = v.Schema({v.Required("event"): str, "comment": _regex})
+_trigger = v.Schema({v.Required("event"): str, "comment": _regex, "ref": _regex})
 _report = v.Schema(
     {v.Extra: {v.Optional("verified"): v.In([-2, -1, 0, 1, 2]), v.Optional("submit"): bool}}
 )
@@ -88,6 +88,8 @@ JOB = v.Schema(
             "dependencies": [str],
             "vars": dict,
             "failure-output": v.Any(_regex, [_regex]),
+            # Writes caches shared with other builds: runs only on trusted trees.
+            "trusted": bool,
         }
     }
 )
@@ -167,6 +169,7 @@ def load_jobs(jobs_dir: Path) -> dict[str, Job]:
                 vars=d.get("vars", {}),
                 failure_output=_as_list(d.get("failure-output")),
                 description=d.get("description", ""),
+                trusted=d.get("trusted", False),
             )
     for job in jobs.values():
         for dep in job.dependencies:
@@ -250,6 +253,13 @@ def load_layout(
                         f"{path}: projects[{i}].{pipeline}.jobs: job {job} "
                         f"needs node type {j.node_type}, which no nodepool label offers "
                         f"(labels: {', '.join(sorted(node_types)) or 'none'})."
+                    )
+                if j.trusted and not layout.pipelines[pipeline].trusted:
+                    raise ConfigError(
+                        f"{path}: projects[{i}].{pipeline}.jobs: job {job} of project "
+                        f"{proj['name']} is trusted (it writes caches other builds read), so it "
+                        "may run only in a pipeline triggered by ref-updated alone (merged "
+                        f"branch heads), which {pipeline} is not."
                     )
                 for dep in j.dependencies:
                     if dep not in body["jobs"]:

@@ -4,7 +4,8 @@ A request lists the changes to apply in order: every change ahead of the item
 in its queue, then the item's own. The merger fetches the branch head from the
 review repository, applies each series with `git am --3way --keep-cr` and
 publishes exactly that state at the request's ref, recording the commit at
-which each change ends. It works in its own non-bare clone per project
+which each change ends; a request with no changes publishes its base commit
+as it is (a branch head under test). It works in its own non-bare clone per project
 (`<state>/merger/<project>`), so the review tree is never touched; nodes fetch
 the published `refs/zuul/...` from that clone (bind-mounted read-only).
 
@@ -78,9 +79,11 @@ class MergeRequest:
     changes: Sequence[MergeChange]  # the changes ahead in the queue, then the item's own
     review_repo: Path  # where the branch head comes from (a local repository)
     event_id: str = ""
-    # A commit of the workspace to apply onto instead of the branch head: the
-    # state the item ahead was tested on, so each gate item applies only its
-    # own series (its changes ahead are in that commit already).
+    # What to apply onto instead of the branch head: the state the item ahead
+    # was tested on (its ref, or its commit), so each gate item applies only
+    # its own series (its changes ahead are in that commit already); or, with
+    # no changes, a commit of the review repository to publish as it is (a
+    # branch head under test), fetched if the workspace lacks it.
     base: str | None = None
     base_changes: Sequence[str] = ()  # labels of the changes `base` holds, for messages
 
@@ -500,6 +503,25 @@ class Merger:
             head = proj.fetched[req.branch] = rev_parse(ws, f"{remote}^{{commit}}")
             return head
 
+    def _fetch_commit(self, ws: Path, req: MergeRequest, proj: _Project) -> str:
+        """Commit `req.base` from the review repository; "" if it has no such commit."""
+        with proj.fetch:
+            try:
+                _git_ref_update(
+                    ws,
+                    "fetch",
+                    "--quiet",
+                    "--no-tags",
+                    "--no-write-fetch-head",  # published at the request's ref at once
+                    str(req.review_repo),
+                    req.base,
+                )
+            except GitError as e:
+                if "not our ref" in e.output or "couldn't find remote ref" in e.output:
+                    return ""
+                raise
+        return _resolve(ws, f"{req.base}^{{commit}}")
+
     def _checkout_base(self, tree: _Tree, req: MergeRequest, proj: _Project) -> str | None:
         """Check the base out clean in `tree`: the branch head, or `req.base`; None if
         the branch does not exist, "" if `req.base` is not there."""
@@ -509,6 +531,8 @@ class Merger:
         ws = self.workspace(req.project)  # refs are the same in every worktree
         if req.base:
             base = _resolve(ws, f"{req.base}^{{commit}}")
+            if not base and not req.changes:
+                base = self._fetch_commit(ws, req, proj)
             if not base:
                 return ""
         else:
@@ -581,6 +605,10 @@ class Merger:
             error = f"Branch '{req.branch}' does not exist in project {req.project}."
             elog.info("Merge of %s failed: %s", req.ref, error)
             return MergeResult(req.item_uuid, ref=req.ref, error=error)
+        if base == "" and not req.changes:
+            error = f"Commit {req.base} is not in project {req.project}."
+            elog.info("Merge of %s failed: %s", req.ref, error)
+            return MergeResult(req.item_uuid, ref=req.ref, error=error)
         if base == "":
             # The state of the changes ahead was not published (their merge
             # failed): this request is moot, the scheduler re-bases the item.
@@ -618,7 +646,12 @@ class Merger:
         _git_ref_update(tree.path, "update-ref", req.ref, head)
         tree.at = (req.ref, head)
         proj.merges += 1
-        elog.info("Published %s = %s: %s on %s", req.ref, head[:12], " ".join(commits), base[:12])
+        if commits:
+            elog.info(
+                "Published %s = %s: %s on %s", req.ref, head[:12], " ".join(commits), base[:12]
+            )
+        else:
+            elog.info("Published %s = %s as it is", req.ref, head[:12])
         return MergeResult(req.item_uuid, base, head, req.ref, commits=commits)
 
     def merge_chain(self, reqs: Sequence[MergeRequest]) -> list[MergeResult]:

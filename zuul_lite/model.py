@@ -59,13 +59,17 @@ def _from_dict(cls: type, data: dict) -> Any:
 class TriggerEvent:
     """What a connection saw happen in the review system."""
 
-    type: str  # patchset-created, comment-added, change-approved
+    type: str  # patchset-created, comment-added, change-approved, ref-updated
     connection: str
     project: str
     branch: str
-    change: int
+    change: int  # 0 for ref-updated
     patchset: int
     comment: str = ""
+    # ref-updated: the ref that moved ("refs/heads/<branch>") and where from and to.
+    ref: str = ""
+    oldrev: str = ""
+    newrev: str = ""
     id: str = field(default_factory=new_uuid)
     time: float = field(default_factory=time.time)
 
@@ -102,9 +106,12 @@ class EventFilter:
 
     event: str
     comment: str | None = None
+    ref: str | None = None  # matched at the start of event.ref, as Zuul does
 
     def matches(self, event: TriggerEvent) -> bool:
         if event.type != self.event:
+            return False
+        if self.ref is not None and re.match(self.ref, event.ref or "") is None:
             return False
         if self.comment is not None:
             return re.search(self.comment, event.comment or "", re.MULTILINE) is not None
@@ -113,7 +120,9 @@ class EventFilter:
 
 @dataclass(slots=True)
 class Change:
-    """One patchset of a change in a review system, as a connection returns it."""
+    """One patchset of a change in a review system, as a connection returns it;
+    or, with `number` 0, a branch head (Zuul's Ref): the tree at `newrev`, which
+    `ref` points at since it moved, tested as it is."""
 
     connection: str
     project: str
@@ -127,9 +136,17 @@ class Change:
     approved: bool = False
     url: str = ""
     depends_on: list[str] = field(default_factory=list)  # Depends-On footers, as written
+    ref: str = ""  # a ref item's "refs/heads/<branch>"
+    newrev: str = ""  # a ref item's commit
+
+    @property
+    def is_ref(self) -> bool:
+        return self.number == 0
 
     @property
     def label(self) -> str:
+        if self.is_ref:
+            return f"{self.branch}@{self.newrev[:12]}"
         return f"{self.number},{self.patchset}"
 
     @property
@@ -158,6 +175,9 @@ class Job:
     vars: dict[str, Any] = field(default_factory=dict)
     failure_output: list[str] = field(default_factory=list)
     description: str = ""
+    # Writes caches shared with other builds: runs only on trusted trees (merged
+    # branch heads, in a trusted pipeline), never on a change under review.
+    trusted: bool = False
 
     @property
     def noop(self) -> bool:
@@ -423,6 +443,12 @@ class Pipeline:
     window_decrease_type: str = "exponential"
     window_decrease_factor: int = 2
     queues: list[ChangeQueue] = field(default_factory=list)
+
+    @property
+    def trusted(self) -> bool:
+        """Only merged trees enter it: every trigger is a branch moving."""
+        filters = [f for fs in self.triggers.values() for f in fs]
+        return bool(filters) and all(f.event == "ref-updated" for f in filters)
 
     def all_items(self) -> list[QueueItem]:
         return [item for queue in self.queues for item in queue.items]

@@ -33,7 +33,7 @@ from zuul_lite.manager.dependent import DependentPipelineManager
 from zuul_lite.manager.independent import IndependentPipelineManager
 from zuul_lite.merger import Merger, MergeResult
 from zuul_lite.merger_pool import MergerPool
-from zuul_lite.model import Build, ManagementEvent, QueueItem, TriggerEvent
+from zuul_lite.model import Build, Change, ManagementEvent, QueueItem, TriggerEvent
 from zuul_lite.state import ZuulState
 
 log = logging.getLogger("zuul_lite.scheduler")
@@ -76,6 +76,19 @@ class Reconfigure:
 @dataclass(frozen=True)
 class Callback:
     func: Callable[[], None]
+
+
+def _ref_change(event: TriggerEvent) -> Change:
+    """A branch that moved, as the item a pipeline tests: its new head, as it is."""
+    return Change(
+        connection=event.connection,
+        project=event.project,
+        branch=event.branch,
+        number=0,
+        patchset=0,
+        ref=event.ref,
+        newrev=event.newrev,
+    )
 
 
 class Scheduler(threading.Thread):
@@ -417,7 +430,11 @@ class Scheduler(threading.Thread):
         txn = self.state.transaction()
         planned = []
         if wanted:
-            change = conn.get_change(event.change, event.patchset)
+            change = (
+                _ref_change(event)
+                if event.type == "ref-updated"
+                else conn.get_change(event.change, event.patchset)
+            )
             for manager in wanted:
                 try:
                     planned.append((manager, manager.plan(change, event.id, txn)))
@@ -436,13 +453,12 @@ class Scheduler(threading.Thread):
         for manager, items in planned:
             manager.enqueue(items)
         if not planned:
-            log.debug(
-                "[e: %s] %s on %s,%s: enqueued nowhere",
-                event.id,
-                event.type,
-                event.change,
-                event.patchset,
+            what = (
+                f"{event.ref} at {event.newrev[:12]}"
+                if event.type == "ref-updated"
+                else f"{event.change},{event.patchset}"
             )
+            log.debug("[e: %s] %s on %s: enqueued nowhere", event.id, event.type, what)
 
     def _drop_outdated(self, event: TriggerEvent) -> None:
         """A new patchset or an abandoned change: older items of it go."""

@@ -64,6 +64,11 @@ class ZuulState:
     def put_trigger_event(self, data: dict) -> str:
         return self.zk.create(f"{TRIGGER_EVENTS}/event-", data, sequence=True)
 
+    def add_trigger_event(self, txn: Transaction, data: dict) -> None:
+        """Queue the event in `txn`, with the write that made it happen (so it
+        is posted exactly when that write lands). Needs `ensure_roots`."""
+        txn.create(f"{TRIGGER_EVENTS}/event-", data, sequence=True)
+
     def trigger_events(self) -> list[str]:
         return self.zk.get_children(TRIGGER_EVENTS)
 
@@ -93,6 +98,10 @@ class ZuulState:
     def ensure_pipeline(self, pipeline: str) -> None:
         self.zk.ensure_path(f"{PIPELINES}/{pipeline}/items")
         self.zk.ensure_path(f"{PIPELINES}/{pipeline}/queues")
+
+    def watch_items(self, pipeline: str, callback: Callable[[list[str]], Any]) -> None:
+        """Call `callback(item uuids)` now and whenever items enter or leave."""
+        self.zk.watch_children(f"{PIPELINES}/{pipeline}/items", callback)
 
     def item_path(self, pipeline: str, uuid: str) -> str:
         return f"{PIPELINES}/{pipeline}/items/{uuid}"
@@ -136,6 +145,25 @@ class ZuulState:
             flat = [i for q in shown for i in q["items"]]
             out["pipelines"].append({"name": pipeline, "queues": shown, "items": flat})
         return out
+
+    def ref_in_flight(self, project: str, newrev: str) -> bool:
+        """Whether a ref-updated event for `newrev` of `project` waits in the
+        trigger queue or an item of it is in a pipeline. The scheduler deletes
+        the event in the transaction that stores its items, so once this is
+        False the ref's items (if any pipeline took it) are done."""
+        wanted = (project, newrev)
+        names = self.trigger_events()
+        for data in self.zk.get_many([self.trigger_event_path(n) for n in names]):
+            if isinstance(data, dict) and data.get("type") == "ref-updated":
+                if (data.get("project"), data.get("newrev")) == wanted:
+                    return True
+        for pipeline in self.pipeline_names():
+            for item in self.load_pipeline(pipeline)[1].values():
+                change = item.get("change", {})
+                if change.get("number") == 0:
+                    if (change.get("project"), change.get("newrev")) == wanted:
+                        return True
+        return False
 
     # Builds ----------------------------------------------------------------
 

@@ -231,15 +231,14 @@ class NspawnProvider(Provider):
         _add_hosts_entry(root, machine)
         host_key = _write_host_key(root, machine)
         binds = []
-        for bind in pool.bind_ro + pool.bind:
+        for bind, writable in pool.mounts(node.type):
             Path(bind.host).mkdir(parents=True, exist_ok=True)
-            flag = "--bind-ro" if bind in pool.bind_ro else "--bind"
-            if bind not in pool.bind_ro:
-                # A writable mount (the shared ccache) must be writable by the
-                # node's user, whatever created the directory on the host.
+            if writable:
+                # A writable mount (the trusted label's compiler cache) must be
+                # writable by the node's user, whatever created it on the host.
                 uid, gid, _ = _node_user(root)
                 _give(Path(bind.host), uid, gid)
-            binds.append(f"{flag}={bind.host}:{bind.node}")
+            binds.append(f"{'--bind' if writable else '--bind-ro'}={bind.host}:{bind.node}")
         sshd = (
             "mkdir -p /run/sshd && exec /usr/sbin/sshd -D -e"
             f" -p {SSH_PORT} -o ListenAddress=127.0.0.1 -o HostKey=/{HOST_KEY}"

@@ -20,7 +20,7 @@ from zuul_lite import config as zconfig
 from zuul_lite.connections.local import LocalConnection
 from zuul_lite.exceptions import ZuulLiteError
 from zuul_lite.layout import load_layout
-from zuul_lite.model import ManagementEvent
+from zuul_lite.model import Change, ManagementEvent
 from zuul_lite.state import ZuulState
 
 log = logging.getLogger("zuul_lite.cmd")
@@ -203,10 +203,7 @@ def format_status(data: dict) -> str:
     lines = []
     for pipeline in data["pipelines"]:
         lines.append(f"{pipeline['name']}: {len(pipeline['items'])} item(s)")
-        labels = {
-            i["uuid"]: f"{i['change']['number']},{i['change']['patchset']}"
-            for i in pipeline["items"]
-        }
+        labels = {i["uuid"]: Change.from_dict(i["change"]).label for i in pipeline["items"]}
         for queue in pipeline["queues"]:
             if not queue.get("dynamic"):
                 window = f", window {queue['window']}" if queue.get("window") else ""
@@ -219,10 +216,12 @@ def format_status(data: dict) -> str:
                     state = "running"
                 if not item.get("active") and bs["merge_state"] == "pending":
                     state = "waiting"
-                lines.append(
-                    f"    {labels[item['uuid']]} {item['change']['subject']} "
-                    f"[{state}; on top of {ahead}]"
-                )
+                change = item["change"]
+                if change["number"] == 0:  # a branch head, tested as it is
+                    what = f"{change['project']} {change.get('ref', '')} [{state}]"
+                else:
+                    what = f"{change['subject']} [{state}; on top of {ahead}]"
+                lines.append(f"    {labels[item['uuid']]} {what}")
                 for b in sorted(bs["builds"].values(), key=lambda b: b.get("index", 0)):
                     early = " (failing)" if b.get("early_failure") and not b["result"] else ""
                     lines.append(f"      {b['job']}: {b['result'] or b['state']}{early}")

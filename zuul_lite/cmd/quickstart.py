@@ -23,6 +23,7 @@ from nodepool_lite.zkserver import ZooKeeperServer
 from zuul_lite import config as zconfig
 from zuul_lite.cmd import services
 from zuul_lite.connections.local import LocalConnection
+from zuul_lite.model import Change
 from zuul_lite.reporter import format_duration
 from zuul_lite.series import read_series
 from zuul_lite.state import ZuulState
@@ -129,17 +130,56 @@ def _progress(zk: ZooKeeper) -> str:
     parts = []
     for pipeline in ZuulState(zk).read_status()["pipelines"]:
         for item in pipeline["items"]:
-            number = item["change"]["number"]
+            change = Change.from_dict(item["change"])
+            what = (
+                f"change {change.number}"
+                if change.number
+                else f"{pipeline['name']} {change.label}"
+            )
             bs = item["buildset"]
             if bs["merge_state"] == "pending":
-                parts.append(f"change {number}: merging")
+                parts.append(f"{what}: merging")
                 continue
             jobs = ", ".join(
                 f"{b['job']} {b['result'] or shown.get(b['state'], b['state'])}"
                 for b in sorted(bs["builds"].values(), key=lambda b: b.get("index", 0))
             )
-            parts.append(f"change {number}: {jobs}")
+            parts.append(f"{what}: {jobs}")
     return "; ".join(parts) or "reporting"
+
+
+def wait_for_post(zk: ZooKeeper, local: LocalConnection, project: str) -> None:
+    """Wait until the post pipeline has built the project's branch head: that
+    trusted build fills the shared compiler cache, which the samples' builds
+    (untrusted: they only read it) then hit."""
+    state = ZuulState(zk)
+    head = local.head(project)
+    if not state.ref_in_flight(project, head):
+        return
+    event = threading.Event()
+    watched: set[str] = set()
+
+    def watch_pipelines() -> None:
+        # A scheduler still starting makes its pipelines' znodes meanwhile.
+        for pipeline in set(state.pipeline_names()) - watched:
+            watched.add(pipeline)
+            state.watch_items(pipeline, lambda uuids: event.set())
+
+    state.watch_trigger_events(lambda names: event.set())
+    watch_pipelines()
+
+    def done(timeout: float) -> bool:
+        event.wait(timeout)
+        event.clear()
+        watch_pipelines()
+        return not state.ref_in_flight(project, head)
+
+    say(
+        f"Building {project}'s branch head in the post pipeline: the trusted build that "
+        "fills the shared compiler cache (minutes the first time, seconds afterwards)."
+    )
+    _wait("the post pipeline", done, VOTE_WAIT, every=30.0, detail=lambda: _progress(zk))
+    say("Compiler cache: filled from the branch head.")
 
 
 def wait_for_votes(zk: ZooKeeper, local: LocalConnection, changes: list[tuple[str, int]]):
@@ -159,10 +199,7 @@ def wait_for_votes(zk: ZooKeeper, local: LocalConnection, changes: list[tuple[st
 
     if all(voted(n) for _, n in changes):
         return
-    say(
-        "Waiting for votes (kernel builds and QEMU boots run on throwaway nodes; "
-        "the first build fills the ccache and takes a few minutes)."
-    )
+    say("Waiting for votes (kernel builds and QEMU boots run on throwaway nodes).")
     _wait("votes", done, VOTE_WAIT, every=30.0, detail=lambda: _progress(zk))
 
 
@@ -240,6 +277,7 @@ def run(args) -> int:
             problem = services.check_alive(service, run_dir)
             if problem:
                 raise SystemExit(f"zuul-lite: {problem}")
+        wait_for_post(zk, local, "linux")
         changes = submit_samples(local)
         wait_for_votes(zk, local, changes)
         print_votes(local, changes)

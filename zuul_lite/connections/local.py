@@ -8,6 +8,9 @@ series itself is stored in the project's bare repository as a blob under
 `refs/changes/<nn>/<change>/<patchset>`; changes, patchsets, comments and
 votes are JSON in ZooKeeper (zuul_lite/state.py owns the paths). A gate merge
 pushes the tested commit to the project's branch and marks the change MERGED.
+Whenever a branch moves (an import, a gate merge) it posts ref-updated in the
+ZooKeeper transaction that records the branch's new head in the project's
+znode, so each move is announced exactly once.
 """
 
 from __future__ import annotations
@@ -71,7 +74,11 @@ class LocalConnection(Connection):
         return data
 
     def import_project(self, project: str, source: Path, branch: str = "master") -> Path:
-        """Make `source` (a git repo) the review tree of `project`; reuse it if present."""
+        """Make `source` (a git repo) the review tree of `project`; reuse it if present.
+
+        A branch head not announced before (the first import, or a repository
+        found at another head) posts ref-updated, once.
+        """
         repo = self.repo_path(project)
         if not (repo / "HEAD").exists():
             self.git_root.mkdir(parents=True, exist_ok=True)
@@ -80,12 +87,66 @@ class LocalConnection(Connection):
             tmp.rename(repo)
             log.info("Imported %s from %s", project, source)
         head = git(repo, "rev-parse", f"refs/heads/{branch}").strip()
-        if not self.zk.exists(self.state.local_path("projects", project)):
-            self.zk.create(
-                self.state.local_path("projects", project), {"branch": branch, "path": str(repo)}
+        self.state.ensure_roots()
+        self.zk.ensure_path(self.state.local_path("projects"))
+        while True:
+            txn = self.state.transaction()
+            event = self._announce_head(
+                project, branch, head, txn, new={"branch": branch, "path": str(repo)}
             )
+            if event is None:
+                break
+            try:
+                txn.commit()
+            except (BadVersionError, NodeExistsError):
+                continue  # moved or imported meanwhile: look again
+            self._log_event(event)
+            break
         log.info("Project %s branch %s is at %s", project, branch, head)
         return repo
+
+    def head(self, project: str, branch: str | None = None) -> str:
+        """The commit `branch` (the project's own by default) is at."""
+        branch = branch or self.get_project(project)["branch"]
+        return git(self.repo_path(project), "rev-parse", f"refs/heads/{branch}").strip()
+
+    def _announce_head(
+        self, project: str, branch: str, head: str, txn: Transaction, new: dict | None = None
+    ) -> TriggerEvent | None:
+        """Add to `txn` what says `branch` of `project` is at `head` now: the
+        head recorded in the project's znode (a versioned write: a concurrent
+        move fails the transaction, which is then done again) and a
+        ref-updated event. None, and nothing added, when that head was
+        announced already. `new`: the project's znode if there is none yet."""
+        path = self.state.local_path("projects", project)
+        try:
+            data, version = self.zk.get(path)
+        except NoNodeError:
+            if new is None:
+                raise
+            data, version = new, None
+        heads = data.setdefault("heads", {})
+        old = heads.get(branch, "")
+        if old == head:
+            return None
+        heads[branch] = head
+        if version is None:
+            txn.create(path, data)
+        else:
+            txn.set(path, data, version)
+        event = TriggerEvent(
+            type="ref-updated",
+            connection=self.name,
+            project=project,
+            branch=branch,
+            change=0,
+            patchset=0,
+            ref=f"refs/heads/{branch}",
+            oldrev=old,
+            newrev=head,
+        )
+        self.state.add_trigger_event(txn, event.to_dict())
+        return event
 
     # Changes ------------------------------------------------------------
 
@@ -180,7 +241,16 @@ class LocalConnection(Connection):
     def _emit(self, event: TriggerEvent) -> None:
         assert self.post_event is not None
         self.post_event(event)
-        log.info("[e: %s] %s for change %s,%s", event.id, event.type, event.change, event.patchset)
+        self._log_event(event)
+
+    @staticmethod
+    def _log_event(event: TriggerEvent) -> None:
+        if event.type == "ref-updated":
+            old = event.oldrev[:12] or "nothing"
+            what = f"{event.ref} of {event.project}: {old} -> {event.newrev[:12]}"
+        else:
+            what = f"for change {event.change},{event.patchset}"
+        log.info("[e: %s] %s %s", event.id, event.type, what)
 
     def submit(
         self,
@@ -336,7 +406,10 @@ class LocalConnection(Connection):
 
     def report_ops(self, change: Change, report: Report, txn: Transaction) -> None:
         """The vote, as a versioned write of the change: if the change is
-        written meanwhile (a comment), the transaction fails and is redone."""
+        written meanwhile (a comment), the transaction fails and is redone.
+        A gate merge (pushed by `merge` before this) marks the change merged
+        and announces the branch's new head in the same transaction: once,
+        even when the merge is retried after a crash."""
         path = self.change_path(change.number)
         data, version = self.zk.get(path)
         if not any(v.get("report_id") == report.id for v in data["votes"]):
@@ -349,6 +422,7 @@ class LocalConnection(Connection):
                 change.branch,
                 report.merged_sha[:12],
             )
+            self._announce_head(change.project, change.branch, report.merged_sha, txn)
         txn.set(path, data, version)
 
     def has_report(self, change: Change, report: Report) -> bool:

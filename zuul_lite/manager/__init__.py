@@ -109,13 +109,21 @@ class PipelineManager:
         return [i for i in self.pipeline.all_items() if i.change.number == number]
 
     def why_not_enqueue(self, change: Change) -> str | None:
-        """None if the change may be enqueued, else one sentence why not."""
-        if change.status != "NEW":
+        """None if the change (or branch head) may be enqueued, else one sentence why not."""
+        if not change.is_ref and change.status != "NEW":
             return f"Change {change.number} is {change.status.lower()}."
         if not self.sched.layout.jobs_for(change.project, self.pipeline.name):
             return f"Project {change.project} runs no jobs in {self.pipeline.name}."
-        for item in self.find_items(change.number):
-            if item.live and item.change.patchset == change.patchset:
+        for item in self.pipeline.all_items():
+            other = item.change
+            if not item.live or other.is_ref != change.is_ref:
+                continue
+            if change.is_ref and (other.project, other.newrev) == (change.project, change.newrev):
+                return (
+                    f"{change.ref} of {change.project} at {change.newrev[:12]} is already "
+                    f"in {self.pipeline.name}."
+                )
+            if not change.is_ref and other.label == change.label:
                 return f"Change {change.label} is already in {self.pipeline.name}."
         return None
 
@@ -211,7 +219,7 @@ class PipelineManager:
         for item in items:
             queue.enqueue(item)
             self.log.info(
-                "Enqueued change %s as %s item %s in queue %s",
+                "Enqueued %s as %s item %s in queue %s",
                 item.label,
                 "live" if item.live else "non-live",
                 item.uuid,
@@ -413,7 +421,7 @@ class PipelineManager:
             return nnfi, True
         if bs.merge_state == MergeState.CONFLICT:
             # A series that does not apply is reported at once, wherever it is.
-            self.log.info("Change %s does not apply: %s", item.label, bs.merge_error, item=item)
+            self.log.info("Merge of %s failed: %s", item.label, bs.merge_error, item=item)
             self._report_and_dequeue(item, queue, reset_behind=True)
             return nnfi, True
         if actionable:
@@ -547,8 +555,11 @@ class PipelineManager:
                 rest = ahead[index + 1 :]
                 break
         changes = [*(i.change for i in ahead), item.change]
-        bs.changes = [c.label for c in changes]
         apply = [*(i.change for i in rest), item.change]
+        if item.change.is_ref:
+            # A branch head is tested as it is: published at exactly its commit.
+            base, changes, apply = item.change.newrev, [], []
+        bs.changes = [c.label for c in changes]
         self._merges_requested[item.uuid] = bs.uuid
         self.sched.merger.submit(
             MergeRequest(
@@ -668,10 +679,23 @@ class PipelineManager:
             build.summary = f"Job {build.job} is no longer defined in the layout."
             self.save(item)
             return
+        c = item.change
+        if job.trusted and not c.is_ref:
+            # The layout keeps trusted jobs out of pipelines that take changes;
+            # this holds even for an item an operator put into a trusted one.
+            build.state, build.result = BuildState.COMPLETED, Result.ERROR
+            build.summary = (
+                f"Job {job.name} is trusted (it writes caches other builds read), so it runs "
+                f"only on merged branch heads, never on change {c.label}."
+            )
+            self.log.error("%s not run: %s", build.job, build.summary, item=item, build=build)
+            self.save(item)
+            return
         build.attempts += 1
         build.start_time = time.time()
-        c = item.change
-        build.log_path = f"{c.number}/{c.patchset}/{item.pipeline}/{build.job}/{build.uuid}"
+        # Zuul's log layout: a change's builds under its number, a ref's under its commit.
+        where = f"{c.newrev[:2]}/{c.newrev}" if c.is_ref else f"{c.number}/{c.patchset}"
+        build.log_path = f"{where}/{item.pipeline}/{build.job}/{build.uuid}"
         if job.noop:
             build.state, build.result = BuildState.COMPLETED, Result.SUCCESS
             build.end_time = build.start_time
@@ -735,6 +759,8 @@ class PipelineManager:
             failure_output=job.failure_output,
             subject=c.subject,
             owner=c.owner,
+            ref=c.ref,
+            newrev=c.newrev,
             review_repo=self.sched.connections[c.connection].branch_repo(c.project),
         )
 

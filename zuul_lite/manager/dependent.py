@@ -11,6 +11,14 @@ from zuul_lite.model import Change, ChangeQueue, QueueItem
 class DependentPipelineManager(PipelineManager):
     changes_merge = True
 
+    def why_not_enqueue(self, change: Change) -> str | None:
+        if change.is_ref:
+            return (
+                f"{change.ref} of {change.project} is a branch head, not a change: "
+                f"{self.pipeline.name} gates changes before they merge."
+            )
+        return super().why_not_enqueue(change)
+
     def get_change_queue(self, change: Change) -> ChangeQueue:
         name = change.project
         return self.pipeline.get_queue(name) or self.new_queue(name)

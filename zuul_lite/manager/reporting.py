@@ -6,7 +6,9 @@ merged; the record goes away in the transaction that removes the item. A
 scheduler killed in between finds the record on restart, merges only if the
 record says the merge has not happened (and the connection's merge is
 idempotent for the same commit), and asks the connection whether the report
-is already there before making it again.
+is already there before making it again. An item reported nowhere (a branch
+head, which has no change to vote on; an item of a pipeline with no reporter
+for how it ended, as post) gets no record: one log line gives each job's result.
 """
 
 from __future__ import annotations
@@ -115,6 +117,30 @@ class ItemReporter:
             "merge_error": None,
         }
 
+    def _why_not_report(self, item: QueueItem, action: str) -> str | None:
+        """Why the item is reported nowhere (no record, no vote, no merge):
+        a branch head has no change to vote on, and a pipeline may have no
+        reporter for how the item ended (post has none)."""
+        if item.change.is_ref:
+            return "a branch head has no change to vote on"
+        if self._settings(action, item.change.connection) is None:
+            return f"no {action} reporter for connection {item.change.connection}"
+        return None
+
+    def _log_unreported(self, item: QueueItem, action: str, why: str) -> None:
+        bs = item.buildset
+        jobs = ", ".join(f"{b.job} {b.result}" for b in bs.ordered_builds()) or "no jobs"
+        detail = item.error or item.failure or bs.merge_error
+        self.manager.log.info(
+            "Finished %s: %s (%s)%s; not reported: %s",
+            item.label,
+            action,
+            jobs,
+            f": {detail}" if detail else "",
+            why,
+            item=item,
+        )
+
     def report(self, item: QueueItem, txn: Transaction) -> bool:
         """Merge (if the pipeline does) and report; True if the change merged.
 
@@ -131,6 +157,11 @@ class ItemReporter:
         if item.uuid in self._left | self._recorded:  # a report under way
             record = state.get_report(item.uuid)
         if record is None:
+            action = self.action(item)
+            why_not = self._why_not_report(item, action)
+            if why_not:
+                self._log_unreported(item, action, why_not)
+                return False
             record = self._new_record(item)
             if not conn.reports_in_transaction:
                 try:
@@ -149,9 +180,8 @@ class ItemReporter:
                 state.zk.set(state.report_path(item.uuid), record)
         settings = self._settings(record["action"], change.connection)
         if settings is None:
-            self.manager.log.info(
-                "No %s reporter for connection %s", record["action"], change.connection, item=item
-            )
+            why = f"no {record['action']} reporter for connection {change.connection}"
+            self._log_unreported(item, record["action"], why)
             return record["merged"]
         verified = settings.get("verified") if record["action"] != "error" else None
         report = Report(

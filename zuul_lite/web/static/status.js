@@ -58,14 +58,24 @@ function renderItem(item, now) {
   const bs = item.buildset;
   const box = el("div", null, "item");
   const title = el("div");
-  const label = `${change.number},${change.patchset}`;
-  title.appendChild(localChanges ? link(`/change/${change.number}`, label) : el("b", label));
-  title.appendChild(document.createTextNode(` ${change.subject || ""}`));
+  // Change 0 is a branch head (post): branch@commit, no change page to link to.
+  const isRef = change.number === 0;
+  const label = isRef
+    ? `${change.branch}@${(change.newrev || "").slice(0, 12)}`
+    : `${change.number},${change.patchset}`;
+  title.appendChild(
+    localChanges && !isRef ? link(`/change/${change.number}`, label) : el("b", label),
+  );
+  title.appendChild(document.createTextNode(` ${isRef ? change.ref || "" : change.subject || ""}`));
   box.appendChild(title);
   const ahead = (bs.changes || []).filter((c) => c !== label);
-  const meta = `${change.project} ${change.branch} · ${change.owner || ""} · ${itemState(item)}` +
-    ` · queued ${duration(now - item.enqueue_time)} ago` +
-    (ahead.length ? ` · tested on top of ${ahead.join(", ")}` : "");
+  const meta = [
+    `${change.project} ${change.branch}`,
+    change.owner, // none for a branch head
+    itemState(item),
+    `queued ${duration(now - item.enqueue_time)} ago`,
+    ahead.length ? `tested on top of ${ahead.join(", ")}` : "",
+  ].filter(Boolean).join(" · ");
   box.appendChild(el("div", meta, "meta"));
   if (bs.merge_error) box.appendChild(el("pre", bs.merge_error));
   if (item.error) box.appendChild(el("pre", item.error));
