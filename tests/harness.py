@@ -173,11 +173,23 @@ def _undelivered(sched, launcher) -> bool:
     )
 
 
+def _unprocessed_results(sched) -> bool:
+    """Whether a build has a result in ZooKeeper the scheduler has not taken
+    yet: its watch notification may still be on the way (slow under load)."""
+    done = {
+        build.uuid for _, _, build in list(sched._all_builds()) if build.state != "queued"
+    }
+    return any(
+        uuid not in done and sched.state.get_build_result(uuid) is not None
+        for uuid in sched.state.build_uuids()
+    )
+
+
 def settle(sched, launcher=None, timeout: float = 30) -> None:
     """Wait until the scheduler has nothing left to do (Zuul's waitUntilSettled):
     no event in memory or in ZooKeeper, no merge under way, the loop asleep,
-    nothing left to submit or to clean up, and every submitted build taken by
-    the stand-in launcher."""
+    nothing left to submit or to clean up, every submitted build taken by the
+    stand-in launcher and every stored result taken by the scheduler."""
     deadline = time.monotonic() + timeout
     quiet_since = None
     while time.monotonic() < deadline:
@@ -191,6 +203,7 @@ def settle(sched, launcher=None, timeout: float = 30) -> None:
             or sched.state.trigger_events()
             or sched.state.management_events()
             or _undelivered(sched, launcher)
+            or _unprocessed_results(sched)
         )
         if busy:
             quiet_since = None
