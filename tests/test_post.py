@@ -207,6 +207,17 @@ def test_second_event_for_a_queued_head_is_not_enqueued(post: Post, caplog) -> N
         f"[e: {again.id}] not enqueued in post: refs/heads/master of demo at {head[:12]} "
         "is already in post."
     ]
+    # A deleted branch (Gerrit's ref-updated to 000...) has nothing to build.
+    deleted = TriggerEvent(
+        type="ref-updated", connection="local", project="demo", branch="gone", change=0,
+        patchset=0, ref="refs/heads/gone", oldrev=head, newrev="0" * 40,
+    )  # fmt: skip
+    post.state.put_trigger_event(deleted.to_dict())
+    post.settle()
+    assert len(post.items("post")) == 1
+    assert f"[e: {deleted.id}] dropped: refs/heads/gone of demo was deleted: nothing to build" in [
+        r.getMessage() for r in caplog.records
+    ]
     # The gate takes changes only: a branch head is refused there, with one sentence.
     assert post.sched.managers["gate"].why_not_enqueue(
         Change("local", "demo", "master", 0, 0, ref="refs/heads/master", newrev=head)

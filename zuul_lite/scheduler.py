@@ -426,6 +426,8 @@ class Scheduler(threading.Thread):
             raise ZuulLiteError(f"no connection named {event.connection}")
         if event.type in ("patchset-created", "change-abandoned"):
             self._drop_outdated(event)
+        if event.type == "ref-updated" and not event.newrev.strip("0"):
+            raise ZuulLiteError(f"{event.ref} of {event.project} was deleted: nothing to build")
         wanted = [m for m in self.managers.values() if m.event_matches(event)]
         txn = self.state.transaction()
         planned = []
