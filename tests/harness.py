@@ -176,9 +176,7 @@ def _undelivered(sched, launcher) -> bool:
 def _unprocessed_results(sched) -> bool:
     """Whether a build has a result in ZooKeeper the scheduler has not taken
     yet: its watch notification may still be on the way (slow under load)."""
-    done = {
-        build.uuid for _, _, build in list(sched._all_builds()) if build.state != "queued"
-    }
+    done = {build.uuid for _, _, build in list(sched._all_builds()) if build.state != "queued"}
     return any(
         uuid not in done and sched.state.get_build_result(uuid) is not None
         for uuid in sched.state.build_uuids()
