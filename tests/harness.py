@@ -173,14 +173,15 @@ def _undelivered(sched, launcher) -> bool:
     )
 
 
-def _unprocessed_results(sched) -> bool:
-    """Whether a build has a result in ZooKeeper the scheduler has not taken
-    yet: its watch notification may still be on the way (slow under load)."""
+def _unprocessed_results(sched) -> list[str]:
+    """Builds with a result in ZooKeeper the scheduler has not taken yet: its
+    watch notification may still be on the way (slow under load)."""
     done = {build.uuid for _, _, build in list(sched._all_builds()) if build.state != "queued"}
-    return any(
-        uuid not in done and sched.state.get_build_result(uuid) is not None
+    return [
+        uuid
         for uuid in sched.state.build_uuids()
-    )
+        if uuid not in done and sched.state.get_build_result(uuid) is not None
+    ]
 
 
 def settle(sched, launcher=None, timeout: float = 30) -> None:
@@ -188,21 +189,22 @@ def settle(sched, launcher=None, timeout: float = 30) -> None:
     no event in memory or in ZooKeeper, no merge under way, the loop asleep,
     nothing left to submit or to clean up, every submitted build taken by the
     stand-in launcher and every stored result taken by the scheduler."""
+    checks = {
+        "loop awake": lambda: not sched.idle.is_set() or sched.wake_event.is_set(),
+        "events in memory": lambda: not sched.events.empty(),
+        "dispatcher": sched.dispatcher.busy,
+        "janitor": sched.cleaning_up,
+        "merges": lambda: any(m.merges_pending() for m in sched.managers.values()),
+        "trigger events": sched.state.trigger_events,
+        "management events": sched.state.management_events,
+        "builds not delivered": lambda: _undelivered(sched, launcher),
+        "results not taken": lambda: _unprocessed_results(sched),
+    }
     deadline = time.monotonic() + timeout
     quiet_since = None
+    busy = None
     while time.monotonic() < deadline:
-        busy = (
-            not sched.idle.is_set()
-            or sched.wake_event.is_set()
-            or not sched.events.empty()
-            or sched.dispatcher.busy()
-            or sched.cleaning_up()
-            or any(m.merges_pending() for m in sched.managers.values())
-            or sched.state.trigger_events()
-            or sched.state.management_events()
-            or _undelivered(sched, launcher)
-            or _unprocessed_results(sched)
-        )
+        busy = next((name for name, check in checks.items() if check()), None)
         if busy:
             quiet_since = None
         elif quiet_since is None:
@@ -211,8 +213,12 @@ def settle(sched, launcher=None, timeout: float = 30) -> None:
             return
         sched.idle.wait(0.01)
         time.sleep(0.005)
+    leftover = {
+        uuid: sched.zk.get_children(f"{sched.state.build_path(uuid)}")
+        for uuid in _unprocessed_results(sched)
+    }
     raise AssertionError(
-        "the scheduler did not settle; status: "
+        f"the scheduler did not settle ({busy}; results not taken: {leftover}); status: "
         + json.dumps(sched.state.read_status(), indent=1)[:3000]
     )
 

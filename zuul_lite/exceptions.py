@@ -13,6 +13,12 @@ class InboxError(ZuulLiteError):
     """Bad input to the local inbox: malformed mbox, empty series, unknown project."""
 
 
+class ReviewSystemError(ZuulLiteError):
+    """A review system outside ZooKeeper (Gerrit, Patchwork) did not answer or
+    refused a request. While reporting, the item stays and the report is tried
+    again later: a vote is never dropped because the review system was away."""
+
+
 class MergeError(ZuulLiteError):
     """A series does not apply; the message names the failing patch."""
 

@@ -538,10 +538,12 @@ class Scheduler(threading.Thread):
     def _process_build_event(self, event: BuildCompleted | BuildLost | BuildEarlyFailure) -> None:
         found = self._find_build(event.uuid)
         if found is None:
-            # A build of a reset build set or a removed item: clean up.
+            # A build of a reset build set or a removed item: clean up. With a
+            # result the launcher is done, even if its `running` claim is still
+            # there (it goes a moment after the result, and this watch has ended).
             if not isinstance(event, BuildEarlyFailure):
                 self._watched.discard(event.uuid)
-                if not self.state.build_running(event.uuid):
+                if isinstance(event, BuildCompleted) or not self.state.build_running(event.uuid):
                     self.delete_build_later(event.uuid)
             return
         manager, item, build = found

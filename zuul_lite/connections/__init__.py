@@ -34,6 +34,17 @@ PostEvent = Callable[[TriggerEvent], None]
 
 
 @dataclass(frozen=True, slots=True)
+class BuildReport:
+    """How one job ended, for review systems that show jobs one by one (checks)."""
+
+    job: str
+    result: str | None
+    log_url: str | None = None
+    elapsed: float | None = None
+    summary: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Report:
     """One report on one patchset: `id` makes it recognisable on a retry."""
 
@@ -44,6 +55,9 @@ class Report:
     # The commit the change merged at, when the report is the gate's: a review
     # system in ZooKeeper marks the change merged in the report's own write.
     merged_sha: str | None = None
+    builds: tuple[BuildReport, ...] = ()
+    # Why the change was not tested, or tested but not merged (one sentence).
+    reason: str = ""
 
 
 class Connection(abc.ABC):
@@ -73,6 +87,9 @@ class Connection(abc.ABC):
 
     def stop(self) -> None:  # noqa: B027
         """Stop watching."""
+
+    def on_build_started(self, change: Change, pipeline: str, job: str, log_url: str) -> None:  # noqa: B027
+        """A build of the change was submitted (a review system may show it as pending)."""
 
     @abc.abstractmethod
     def get_change(self, number: int, patchset: int | None = None) -> Change:
@@ -124,8 +141,9 @@ class Connection(abc.ABC):
 
 def _drivers() -> dict[str, type[Connection]]:
     from zuul_lite.connections.local import LocalConnection
+    from zuul_lite.connections.patchwork import PatchworkConnection
 
-    return {cls.driver: cls for cls in (LocalConnection,)}
+    return {cls.driver: cls for cls in (LocalConnection, PatchworkConnection)}
 
 
 def driver_names() -> list[str]:

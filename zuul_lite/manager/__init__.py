@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from nodepool_lite.exceptions import BadVersionError
 from nodepool_lite.zk import Transaction
 from zuul_lite.build_contract import BuildRequest, BuildResult
-from zuul_lite.exceptions import EnqueueRefused
+from zuul_lite.exceptions import EnqueueRefused, ReviewSystemError
 from zuul_lite.manager.reporting import ItemReporter
 from zuul_lite.merger import MergeChange, MergeRequest, MergeResult
 from zuul_lite.model import (
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from zuul_lite.scheduler import Scheduler
 
 MAX_ATTEMPTS = 3
+REPORT_RETRY_MAX = 300.0  # seconds between tries of a report the review system refused
 FLUSH_CHUNK = 64
 
 
@@ -68,6 +69,8 @@ class PipelineManager:
         self.log = ItemLog(logging.getLogger(f"zuul_lite.manager.{pipeline.name}"), {})
         self._merges_requested: dict[str, str] = {}  # item uuid -> build set uuid
         self._merge_failures: dict[str, int] = {}
+        # Items whose report the review system did not take: (attempts, not before).
+        self._report_retries: dict[str, tuple[int, float]] = {}
         self._new_queues: dict[str, ChangeQueue] = {}  # planned, not yet committed
         self._dirty: dict[str, QueueItem] = {}  # saved in memory, not yet in ZooKeeper
         self._new_builds: list[str] = []  # build znodes the next flush creates
@@ -442,10 +445,19 @@ class PipelineManager:
     ) -> None:
         """Report, then remove the item (Zuul's window grows on a merge). A
         review system in ZooKeeper gets its vote in the transaction that
-        removes the item; if the change was written meanwhile, do it again."""
+        removes the item; if the change was written meanwhile, do it again.
+        While a review system that refused the report waits for its retry,
+        the item stays (and the items behind it in a gate queue wait)."""
+        _, not_before = self._report_retries.get(item.uuid, (0, 0.0))
+        if time.monotonic() < not_before:
+            return
         while True:
             txn = self.state.transaction()
-            merged = self.reporter.report(item, txn)
+            try:
+                merged = self.reporter.report(item, txn)
+            except ReviewSystemError as error:
+                self._report_later(item, error)
+                return
             window = queue.window
             if self.changes_merge and not item.error:
                 queue.increase_window() if merged else queue.decrease_window()
@@ -489,6 +501,18 @@ class PipelineManager:
         """Drop an item without a report (superseded, abandoned, an operator)."""
         self.log.info("Dequeued %s: %s", item.label, why, item=item)
         self.remove_item(item, reset_behind=True)
+
+    def _report_later(self, item: QueueItem, error: ReviewSystemError) -> None:
+        """The review system did not take the report: keep the item and try
+        again after a backoff (2 s doubling up to 5 min), for as long as it takes."""
+        attempts = self._report_retries.get(item.uuid, (0, 0.0))[0] + 1
+        delay = min(2.0 * 2 ** (attempts - 1), REPORT_RETRY_MAX)
+        self._report_retries[item.uuid] = (attempts, time.monotonic() + delay)
+        self.log.warning(
+            "Could not report %s (attempt %d): %s Trying again in %.0f s.",
+            item.label, attempts, error, delay, item=item,
+        )  # fmt: skip
+        self.sched.call_later(delay, lambda: None)  # a pass when it is due
 
     def _fail_item(self, item: QueueItem, error: Exception) -> None:
         """An item that raised is reported with one sentence and removed."""
@@ -728,6 +752,10 @@ class PipelineManager:
             self.sched.watch_build(build.uuid, created=True)
             self.sched.submit_build(self.build_request(item, build))
             self.log.info("Submitted %s", build.job, item=item, build=build)
+            if not item.change.is_ref:
+                log_url = f"{self.sched.config.log_url.rstrip('/')}/{build.log_path}/"
+                conn = self.sched.connections[item.change.connection]
+                conn.on_build_started(item.change, item.pipeline, build.job, log_url)
 
     def build_request(self, item: QueueItem, build: Build) -> BuildRequest:
         job = self.sched.layout.jobs[build.job]
@@ -814,6 +842,7 @@ class PipelineManager:
     def _forget(self, item: QueueItem) -> None:
         self._merges_requested.pop(item.uuid, None)
         self._merge_failures.pop(item.uuid, None)
+        self._report_retries.pop(item.uuid, None)
         self._delete_finished_builds(item.buildset)
 
     def _delete_finished_builds(self, bs: BuildSet) -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from nodepool_lite.exceptions import NodeExistsError
 from nodepool_lite.zk import Transaction
-from zuul_lite.connections import Report
+from zuul_lite.connections import BuildReport, Report
 from zuul_lite.model import Change, MergeState, QueueItem
 from zuul_lite.reporter import format_report
 
@@ -77,6 +77,7 @@ class ItemReporter:
             message=f"zuul-lite {self.manager.pipeline.name} pipeline, change {change.label}: "
             f"not enqueued.\n\n{sentence}",
             verified=settings.get("verified"),
+            reason=sentence,
         )
         if not conn.has_report(change, report):
             conn.report(change, report)
@@ -196,6 +197,15 @@ class ItemReporter:
             ),
             verified=verified,
             merged_sha=(record.get("sha") or item.buildset.head_sha) if record["merged"] else None,
+            builds=tuple(
+                BuildReport(b.job, b.result, b.log_url, b.elapsed, b.summary)
+                for b in item.buildset.ordered_builds()
+            ),
+            reason=item.error
+            or item.failure
+            or item.buildset.merge_error
+            or record["merge_error"]
+            or "",
         )
         if conn.reports_in_transaction:
             conn.report_ops(change, report, txn)
