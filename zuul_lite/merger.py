@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zuul_lite.git import GitError, git, rev_parse
+from zuul_lite.series import header_text, is_from_line, split_mbox
 
 log = logging.getLogger("zuul_lite.merger")
 
@@ -163,21 +164,6 @@ def _resolve(repo: Path, rev: str) -> str:
     return git(repo, "rev-parse", "--verify", "--quiet", rev, check=False).strip()
 
 
-def _is_from_line(line: bytes) -> bool:
-    """Whether `line` starts a message of an mbox, as git mailsplit decides
-    (is_from_line in git's mailsplit.c: "From ", then a time and a year)."""
-    if len(line) < 20 or not line.startswith(b"From "):
-        return False
-    colon = line.rfind(b":", 4, len(line) - 2)
-    try:
-        if colon < 4 or not all(chr(line[colon + i]).isdigit() for i in (-4, -2, -1, 1, 2)):
-            return False
-    except IndexError:
-        return False
-    year = re.match(rb"\s*(\d+)", line[colon + 3 :])
-    return bool(year) and int(year.group(1)) > 90
-
-
 def _clean_subject(subject: str) -> str:
     """A mail's subject as `git am` makes it the commit's (cleanup_subject in
     git's mailinfo.c: leading "Re:", "[PATCH n/m]" groups and spaces go)."""
@@ -194,16 +180,11 @@ def _patch_marks(series: bytes) -> list[tuple[int, str]] | None:
     enough to tell. `git am` gives each commit those, which is how a batch of
     series applied at once is cut back into one head per series, checked
     commit by commit (see Merger.merge_chain)."""
-    lines = io.BytesIO(series).readlines()  # on "\n" only, as git reads it
-    if not lines or not _is_from_line(lines[0]):
+    if not is_from_line(series.split(b"\n", 1)[0] + b"\n"):
         return None
-    messages: list[list[bytes]] = []
-    for line in lines:
-        if _is_from_line(line):
-            messages.append([])
-        messages[-1].append(line)
     marks = []
-    for message in messages:
+    for raw in split_mbox(series):
+        message = io.BytesIO(raw).readlines()
         has_patch = any(
             line.startswith(b"diff --git ")
             or (
@@ -215,14 +196,12 @@ def _patch_marks(series: bytes) -> list[tuple[int, str]] | None:
         )
         if not has_patch:
             continue
-        header = email.parser.BytesHeaderParser().parsebytes(b"".join(message))
+        header = email.parser.BytesHeaderParser().parsebytes(raw)
         if header["Date"] is None or header["Subject"] is None:
             return None
         try:
             date = email.utils.parsedate_to_datetime(str(header["Date"]))
-            subject = str(
-                email.header.make_header(email.header.decode_header(str(header["Subject"])))
-            )
+            subject = header_text(header, "Subject")
         except (TypeError, ValueError, LookupError):
             return None
         if date.tzinfo is None:

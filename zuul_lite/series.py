@@ -7,8 +7,9 @@ an empty series is refused with one sentence and nothing half-written remains.
 from __future__ import annotations
 
 import email
+import email.header
 import email.policy
-import mailbox
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,36 +64,81 @@ class Series:
         return found
 
 
+def is_from_line(line: bytes) -> bool:
+    """Whether `line` starts a message of an mbox, as git mailsplit decides
+    (is_from_line in git's mailsplit.c: "From ", then a time and a year), so a
+    commit message line such as "From the datasheet:" does not split a patch."""
+    if len(line) < 20 or not line.startswith(b"From "):
+        return False
+    colon = line.rfind(b":", 4, len(line) - 2)
+    try:
+        if colon < 4 or not all(chr(line[colon + i]).isdigit() for i in (-4, -2, -1, 1, 2)):
+            return False
+    except IndexError:
+        return False
+    year = re.match(rb"\s*(\d+)", line[colon + 3 :])
+    return bool(year) and int(year.group(1)) > 90
+
+
+def split_mbox(data: bytes) -> list[bytes]:
+    """The messages of an mbox, each byte for byte as in `data` (no line-ending
+    or ">From" rewriting), cut where git am would cut them."""
+    messages: list[list[bytes]] = []
+    for line in io.BytesIO(data).readlines():  # on "\n" only, as git reads it
+        if is_from_line(line) or not messages:
+            messages.append([])
+        messages[-1].append(line)
+    return [b"".join(m) for m in messages]
+
+
+def header_text(msg: email.message.Message, name: str) -> str:
+    """Header `name` of `msg` as a person reads it: raw 8-bit bytes taken as
+    UTF-8 (else Latin-1), RFC 2047 words decoded, unfolded; "" if missing."""
+    value = next((v for k, v in msg.raw_items() if k.lower() == name.lower()), None)
+    if value is None:
+        return ""
+    # The email module hands raw 8-bit header bytes over as surrogates.
+    raw = str(value).encode("utf-8", "surrogateescape")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    try:
+        text = str(email.header.make_header(email.header.decode_header(text)))
+    except (LookupError, UnicodeError, ValueError):
+        pass  # an unknown charset or a broken encoded word: keep it as written
+    return " ".join(text.split())
+
+
 def _check(msg: email.message.Message, raw: bytes, where: str) -> Patch:
-    subject = " ".join(str(msg.get("Subject", "")).split())
+    subject = header_text(msg, "Subject")
     if not subject:
         raise InboxError(f"{where} is not a patch email: it has no Subject header.")
+    author = header_text(msg, "From")
     body = raw.decode("utf-8", "replace")
     if COVER.search(subject):
-        return Patch(subject=subject, author=str(msg.get("From", "")), raw=raw)
+        return Patch(subject=subject, author=author, raw=raw)
     if "\ndiff --git " not in body and "\n+++ " not in body:
         raise InboxError(f"{where} ('{subject}') holds no diff.")
-    return Patch(subject=subject, author=str(msg.get("From", "")), raw=raw)
+    return Patch(subject=subject, author=author, raw=raw)
 
 
 def _from_file(path: Path) -> list[Patch]:
+    """Each message of the file, kept as its exact bytes: they are what git am
+    applies, so a Latin-1 line or a CRLF in a patch reaches the tree as sent."""
     data = path.read_bytes()
-    if not data.startswith(b"From "):
+    if not is_from_line(data.split(b"\n", 1)[0] + b"\n"):
         # A single patch without the mbox "From " line: git am accepts it, so do we.
         msg = email.message_from_bytes(data, policy=email.policy.compat32)
         if msg.get("Subject") is None:
             raise InboxError(f"{path} is neither an mbox nor a patch email.")
         return [_check(msg, data, str(path))]
-    box = mailbox.mbox(str(path), create=False)
-    patches = []
-    try:
-        for i, key in enumerate(box.keys()):
-            raw = box.get_bytes(key, from_=True)
-            msg = email.message_from_bytes(raw, policy=email.policy.compat32)
-            patches.append(_check(msg, raw, f"{path} message {i + 1}"))
-    finally:
-        box.close()
-    return patches
+    return [
+        _check(email.message_from_bytes(raw, policy=email.policy.compat32), raw, where)
+        for raw, where in (
+            (raw, f"{path} message {i + 1}") for i, raw in enumerate(split_mbox(data))
+        )
+    ]
 
 
 def read_series(path: Path | str) -> Series:
