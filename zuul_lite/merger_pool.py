@@ -69,16 +69,23 @@ class MergerPool:
         return min(range(self.workers), key=self._load.__getitem__)
 
     def submit(self, req: MergeRequest) -> None:
+        self.submit_many([req])
+
+    def submit_many(self, reqs: list[MergeRequest]) -> None:
+        """Submit requests together: a worker that wakes on the first finds the
+        ones chained on it already queued (it drains under the same lock), so
+        a gate queue approved at once is merged in one run."""
         with self._lock:
-            worker = self._worker_of(req.project, req.ref)
-            if worker is None and req.base and req.base.startswith("refs/"):
-                worker = self._worker_of(req.project, req.base)
-            if worker is None:
-                worker = self._least_loaded()
-            key = (req.project, req.ref)
-            self._done.pop(key, None)
-            self._pending.setdefault(key, [worker, 0])[1] += 1
-            self._put(worker, req)
+            for req in reqs:
+                worker = self._worker_of(req.project, req.ref)
+                if worker is None and req.base and req.base.startswith("refs/"):
+                    worker = self._worker_of(req.project, req.base)
+                if worker is None:
+                    worker = self._least_loaded()
+                key = (req.project, req.ref)
+                self._done.pop(key, None)
+                self._pending.setdefault(key, [worker, 0])[1] += 1
+                self._put(worker, req)
 
     def forget(self, project: str, ref: str) -> None:
         """Drop a published ref, on a worker (after its merge): the caller never waits."""
@@ -137,20 +144,21 @@ class MergerPool:
             # The requests queued right behind it, each chained on the one
             # before (a gate queue filling up), are merged together.
             chain = [item]
-            while len(chain) < MAX_CHAIN:
-                try:
-                    nxt = requests.get_nowait()
-                except queue.Empty:
-                    break
-                if (
-                    isinstance(nxt, MergeRequest)
-                    and nxt.project == item.project
-                    and nxt.base == chain[-1].ref
-                ):
-                    chain.append(nxt)
-                else:
-                    carried = nxt
-                    break
+            with self._lock:  # a submit_many under way finishes queuing first
+                while len(chain) < MAX_CHAIN:
+                    try:
+                        nxt = requests.get_nowait()
+                    except queue.Empty:
+                        break
+                    if (
+                        isinstance(nxt, MergeRequest)
+                        and nxt.project == item.project
+                        and nxt.base == chain[-1].ref
+                    ):
+                        chain.append(nxt)
+                    else:
+                        carried = nxt
+                        break
             try:
                 self._serve(chain)
             finally:

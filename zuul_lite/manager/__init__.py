@@ -75,6 +75,7 @@ class PipelineManager:
         self._dirty: dict[str, QueueItem] = {}  # saved in memory, not yet in ZooKeeper
         self._new_builds: list[str] = []  # build znodes the next flush creates
         self._launched: list[tuple[QueueItem, Build]] = []  # to submit after this pass
+        self._merge_batch: list[MergeRequest] = []  # to submit after this pass
         self.reporter = ItemReporter(self)
 
     # Hooks ----------------------------------------------------------------
@@ -381,6 +382,7 @@ class PipelineManager:
                     self._fail_item(item, error)
                     item_changed = True
                 changed = changed or item_changed
+        self._submit_merges()
         self._submit_launched()
         return changed
 
@@ -585,7 +587,7 @@ class PipelineManager:
             base, changes, apply = item.change.newrev, [], []
         bs.changes = [c.label for c in changes]
         self._merges_requested[item.uuid] = bs.uuid
-        self.sched.merger.submit(
+        self._merge_batch.append(  # submitted together at the end of the pass
             MergeRequest(
                 item_uuid=item.uuid,
                 project=item.change.project,
@@ -603,6 +605,13 @@ class PipelineManager:
                 event_id=item.event_id,
             )
         )
+
+    def _submit_merges(self) -> None:
+        """The merges a pass asked for, in queue order, at once: the merger
+        then applies a queue's chained series in one run."""
+        if self._merge_batch:
+            batch, self._merge_batch = self._merge_batch, []
+            self.sched.merger.submit_many(batch)
 
     def merges_pending(self) -> int:
         return len(self._merges_requested)
