@@ -140,10 +140,11 @@ class Connection(abc.ABC):
 
 
 def _drivers() -> dict[str, type[Connection]]:
+    from zuul_lite.connections.gerrit import GerritConnection
     from zuul_lite.connections.local import LocalConnection
     from zuul_lite.connections.patchwork import PatchworkConnection
 
-    return {cls.driver: cls for cls in (LocalConnection, PatchworkConnection)}
+    return {cls.driver: cls for cls in (LocalConnection, GerritConnection, PatchworkConnection)}
 
 
 def driver_names() -> list[str]:
