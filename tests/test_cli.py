@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from nodepool_lite.zk import ZooKeeper
 from tests.harness import make_project, make_series, write_config
@@ -88,3 +89,9 @@ def test_validate_config(cli, capsys, tmp_path):
     bad.write_text(text)
     assert main(["-c", str(bad), "validate-config"]) == 1
     assert "missing.yaml: cannot read it" in capsys.readouterr().err
+    # A connection is checked with its driver's own schema, before anything starts.
+    data = yaml.safe_load(path.read_text())
+    data["connections"]["pw"] = {"driver": "patchwork", "url": "ftp://x", "project": "p"}
+    bad.write_text(yaml.safe_dump(data))
+    assert main(["-c", str(bad), "validate-config"]) == 1
+    assert f"{bad}: Connection pw: url: expected an http(s) URL." in capsys.readouterr().err

@@ -22,7 +22,8 @@ import voluptuous as v
 
 from nodepool_lite import tls
 from nodepool_lite.tls import TLSFiles
-from zuul_lite.connections import driver_names
+from zuul_lite.connections import driver_names, validate_connection
+from zuul_lite.exceptions import ConfigError
 from zuul_lite.layout import _read_yaml, _validate
 
 
@@ -109,6 +110,11 @@ class ZuulConfig:
 def load(path: Path | str) -> ZuulConfig:
     path = Path(path).resolve()
     data = _validate(SCHEMA, _read_yaml(path) or {}, path)
+    for name, connection in data["connections"].items():
+        try:
+            validate_connection(name, connection)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
     here = path.parent
     sched = data.get("scheduler", {})
     gearman = data["gearman"]

@@ -82,6 +82,13 @@ class Connection(abc.ABC):
         self.state_dir = Path(state_dir)
         self.post_event = post_event
 
+    @classmethod
+    def validate_config(cls, name: str, config: dict[str, Any]) -> dict[str, Any]:
+        """The connection's settings, checked; ConfigError with one sentence
+        naming the key. Called when zuul.yaml is loaded, so `validate-config`
+        and every daemon refuse a bad connection before anything starts."""
+        return config
+
     def start(self) -> None:  # noqa: B027 (a hook: the local inbox has nothing to watch)
         """Start watching the review system (threads that call `post_event`)."""
 
@@ -145,6 +152,11 @@ def _drivers() -> dict[str, type[Connection]]:
     from zuul_lite.connections.patchwork import PatchworkConnection
 
     return {cls.driver: cls for cls in (LocalConnection, GerritConnection, PatchworkConnection)}
+
+
+def validate_connection(name: str, config: dict[str, Any]) -> None:
+    """Check one `connections:` entry with its driver's own schema."""
+    _drivers()[config["driver"]].validate_config(name, config)
 
 
 def driver_names() -> list[str]:

@@ -135,6 +135,10 @@ def _person(account: Any) -> str:
 class GerritConnection(Connection):
     driver = "gerrit"
 
+    @classmethod
+    def validate_config(cls, name: str, config: dict[str, Any]) -> dict[str, Any]:
+        return _validated(name, config)
+
     def __init__(
         self,
         name: str,

@@ -85,6 +85,10 @@ def _one_line(text: str, limit: int = 200) -> str:
 class PatchworkConnection(Connection):
     driver = "patchwork"
 
+    @classmethod
+    def validate_config(cls, name: str, config: dict[str, Any]) -> dict[str, Any]:
+        return _validate(name, config)
+
     def __init__(
         self,
         name: str,
