@@ -77,7 +77,7 @@ class Connection(abc.ABC):
         post_event: PostEvent | None = None,
     ) -> None:
         self.name = name
-        self.config = config
+        self.config = self.validate_config(name, config)
         self.state = state
         self.state_dir = Path(state_dir)
         self.post_event = post_event

@@ -147,8 +147,8 @@ class GerritConnection(Connection):
         state_dir: Path,
         post_event: PostEvent | None = None,
     ) -> None:
-        config = _validated(name, config)
         super().__init__(name, config, state, state_dir, post_event)
+        config = self.config
         self.user = config["user"]
         self.server = config["server"]
         port = config.get("port", 29418)

@@ -98,7 +98,7 @@ class PatchworkConnection(Connection):
         post_event: PostEvent | None = None,
     ) -> None:
         super().__init__(name, config, state, state_dir, post_event)
-        cfg = _validate(name, config)
+        cfg = self.config
         self.project = cfg["project"]
         self.repo = Path(cfg["git"])
         self.branch = cfg.get("branch", "master")
