@@ -5,6 +5,8 @@ stand-in launcher answers builds (tests/harness.py)."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from nodepool_lite.zk import ZooKeeper
@@ -270,3 +272,46 @@ def test_window_shrinks_on_a_failure(gate: Gate) -> None:
     assert gate.gate_votes(numbers[0]) == [-1]
     assert {c for _, c in gate.running()} == {"2,1", "2,1 3,1"}
     assert gate.sched.state.read_status()["pipelines"][1]["queues"][0]["window"] == 2
+
+
+def test_merges_run_off_the_scheduler_thread(gate: Gate) -> None:
+    """A gate merge (the push) is slow next to everything else the scheduler
+    does: while it runs, builds of other changes still go out, an operator
+    cannot dequeue a change whose commits are being pushed, and the items
+    that passed behind the head land with the same single push."""
+    merger = gate.sched.merger.merger
+    push, pushing, go = merger.push, threading.Event(), threading.Event()
+    pushes = []
+
+    def held_push(*args, **kwargs):
+        pushing.set()
+        assert go.wait(30)
+        pushes.append(args[1])
+        return push(*args, **kwargs)
+
+    merger.push = held_push
+    a, b = gate.change("a"), gate.change("b")
+    gate.approve(a, b)
+    gate.release(change=b)
+    gate.launcher.release(change=a)
+    assert pushing.wait(30)
+    c = gate.change("c")
+    gate.local.approve(c)
+    gate.sched.state.put_management_event(
+        ManagementEvent(type="dequeue", pipeline="gate", change=a).to_dict()
+    )
+    settle(gate.sched, gate.launcher, ignore=("gate merges",))
+    assert sorted(gate.launcher.held_builds()) == [
+        ("build", "1,1 2,1 3,1"),
+        ("lint", "1,1 2,1 3,1"),
+    ]
+    assert gate.gate_votes(a) == []
+    go.set()
+    wait_for_votes(gate.zk, b, count=2)
+    assert gate.branch_log() == ["b: add", "a: add", "Initial commit"]
+    assert gate.gate_votes(a) == [1] and gate.gate_votes(b) == [1]
+    assert set(pushes) == {pushes[0]}  # one state for both: b on a
+    gate.launcher.hold = False
+    gate.release()
+    wait_for_votes(gate.zk, c, count=2)
+    assert gate.branch_log()[0] == "c: add"

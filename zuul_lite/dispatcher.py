@@ -19,8 +19,8 @@ log = logging.getLogger("zuul_lite.dispatcher")
 
 
 class Dispatcher(threading.Thread):
-    def __init__(self) -> None:
-        super().__init__(name="dispatcher", daemon=True)
+    def __init__(self, name: str = "dispatcher") -> None:
+        super().__init__(name=name, daemon=True)
         self._calls: queue.Queue[Callable[[], None] | None] = queue.Queue()
 
     def post(self, call: Callable[[], None]) -> None:
@@ -42,6 +42,6 @@ class Dispatcher(threading.Thread):
                     return
                 call()
             except Exception:
-                log.exception("A call to gearman or ZooKeeper failed")
+                log.exception("A call made by the %s thread failed", self.name)
             finally:
                 self._calls.task_done()

@@ -114,6 +114,9 @@ class Scheduler(threading.Thread):
         self.gear_server: GearServer | None = None
         self.gearman = BuildClient(self._on_gear_failed)
         self.dispatcher = Dispatcher()
+        # Gate merges (pushes, submits) run here, so builds of other items go
+        # out meanwhile; one thread keeps the merges of a branch in order.
+        self.landing = Dispatcher("landing")
         self._watched: set[str] = set()
         self._triggers = threading.Event()
         self._janitor: queue.Queue[str | None] = queue.Queue()
@@ -143,6 +146,7 @@ class Scheduler(threading.Thread):
         self.state.ensure_roots()
         self.merger.start()
         self.dispatcher.start()
+        self.landing.start()
         threading.Thread(target=self._clean_up, name="janitor", daemon=True).start()
         for manager in self.managers.values():
             manager.load()
@@ -164,6 +168,7 @@ class Scheduler(threading.Thread):
             conn.stop()
         self.merger.stop()
         self.dispatcher.stop()
+        self.landing.stop()
         self._janitor.put(None)
         self.gearman.shutdown()
         if self.gear_server is not None:
@@ -264,9 +269,13 @@ class Scheduler(threading.Thread):
     def _on_gear_failed(self, uuid: str, why: str) -> None:
         self._post(BuildLost(uuid, why))
 
+    def post_callback(self, func: Callable[[], None]) -> None:
+        """Run `func` on the scheduler thread (from any thread)."""
+        self._post(Callback(func))
+
     def call_later(self, delay: float, func: Callable[[], None]) -> None:
         """Run `func` on the scheduler thread after `delay` seconds."""
-        timer = threading.Timer(delay, self._post, args=(Callback(func),))
+        timer = threading.Timer(delay, self.post_callback, args=(func,))
         timer.daemon = True
         timer.start()
 
@@ -374,6 +383,8 @@ class Scheduler(threading.Thread):
                 for manager in self.managers.values():
                     manager.flush()
             except Exception:
+                if self.stop_event.is_set():
+                    return  # stopping: ZooKeeper may be gone already
                 # ZooKeeper away, most likely: everything is in ZK, so retry.
                 log.exception("Scheduler loop error; retrying in 2 s")
                 self.call_later(2.0, lambda: None)

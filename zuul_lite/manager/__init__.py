@@ -76,6 +76,7 @@ class PipelineManager:
         self._new_builds: list[str] = []  # build znodes the next flush creates
         self._launched: list[tuple[QueueItem, Build]] = []  # to submit after this pass
         self._merge_batch: list[MergeRequest] = []  # to submit after this pass
+        self._landing: set[str] = set()  # items whose merge runs off the scheduler thread
         self.reporter = ItemReporter(self)
 
     # Hooks ----------------------------------------------------------------
@@ -437,7 +438,9 @@ class PipelineManager:
         failing = bs.any_failed()
         if ahead is None and bs.merged and bs.all_done():
             self._report_and_dequeue(item, queue, reset_behind=failing)
-            return nnfi, True
+            if item not in queue.items:
+                return nnfi, True
+            # Still there: being merged, or waiting to report again.
         if not failing:
             nnfi = item
         return nnfi, changed
@@ -449,14 +452,19 @@ class PipelineManager:
         review system in ZooKeeper gets its vote in the transaction that
         removes the item; if the change was written meanwhile, do it again.
         While a review system that refused the report waits for its retry,
-        the item stays (and the items behind it in a gate queue wait)."""
+        the item stays (and the items behind it in a gate queue wait). A
+        change to merge is merged off this thread first (see `_land`)."""
         _, not_before = self._report_retries.get(item.uuid, (0, 0.0))
-        if time.monotonic() < not_before:
+        if time.monotonic() < not_before or item.uuid in self._landing:
+            return
+        record = self.reporter.prepare(item)
+        if record is not None and self.reporter.must_merge(record):
+            self._land(item)
             return
         while True:
             txn = self.state.transaction()
             try:
-                merged = self.reporter.report(item, txn)
+                merged = self.reporter.report(item, record, txn)
             except ReviewSystemError as error:
                 self._report_later(item, error)
                 return
@@ -470,6 +478,49 @@ class PipelineManager:
                 return
             except BadVersionError:
                 queue.window = window
+
+    def _land(self, item: QueueItem) -> None:
+        """Merge the item, and the items that passed behind it on top of it,
+        off the scheduler thread: a push or a submit takes tens of
+        milliseconds, in which builds of other items can be launched. The
+        first merge lands the state of the last, so the others find their
+        commits landed already; their reports then follow in the same pass.
+        Items being merged are neither dequeued nor moved meanwhile."""
+        run = []
+        for other in self.reporter.run(item):
+            record = self.reporter.prepare(other)
+            if record is None or not self.reporter.must_merge(record):
+                break
+            run.append((other, record))
+        self._landing.update(other.uuid for other, _ in run)
+        self.log.debug("Merging %s", ", ".join(o.label for o, _ in run), item=item)
+
+        def merge_all() -> None:
+            refused: ReviewSystemError | None = None
+            for other, record in run:
+                try:
+                    self.reporter.merge(other, record)
+                except ReviewSystemError as error:
+                    refused = error
+                except Exception as error:  # a bug must not leave the items stuck
+                    self.log.exception("Merging %s raised", other.label, item=other)
+                    record.update(
+                        merge_error=f"Merging failed ({type(error).__name__}: {error}).",
+                        action="failure",
+                    )
+                if refused is not None or record["merge_error"] is not None:
+                    break  # the items behind it are not merged: they are re-tested
+            self.sched.post_callback(lambda: self._landed(run, refused))
+
+        self.sched.landing.post(merge_all)
+
+    def _landed(
+        self, run: list[tuple[QueueItem, dict]], refused: ReviewSystemError | None
+    ) -> None:
+        for other, _ in run:
+            self._landing.discard(other.uuid)
+        if refused is not None:
+            self._report_later(run[0][0], refused)
 
     def remove_item(
         self, item: QueueItem, reset_behind: bool = False, txn: Transaction | None = None
@@ -500,7 +551,11 @@ class PipelineManager:
         self._forget(item)
 
     def dequeue(self, item: QueueItem, why: str) -> None:
-        """Drop an item without a report (superseded, abandoned, an operator)."""
+        """Drop an item without a report (superseded, abandoned, an operator);
+        not while it is being merged, since its commits may have landed."""
+        if item.uuid in self._landing:
+            self.log.warning("Not dequeued (%s): %s is being merged", why, item.label, item=item)
+            return
         self.log.info("Dequeued %s: %s", item.label, why, item=item)
         self.remove_item(item, reset_behind=True)
 

@@ -65,6 +65,11 @@ class DependentPipelineManager(PipelineManager):
     def promote(self, item: QueueItem) -> None:
         """Move the item to the head of its queue; everything behind restarts."""
         queue = self.pipeline.get_queue(item.queue)
+        if any(i.uuid in self._landing for i in queue.items):
+            self.log.warning(
+                "Not promoted: the head of queue %s is being merged", queue.name, item=item
+            )
+            return
         order = [item, *(i for i in queue.items if i is not item)]
         for other in queue.items:
             other.item_ahead, other.items_behind = None, []

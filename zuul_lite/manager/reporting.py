@@ -6,7 +6,9 @@ merged; the record goes away in the transaction that removes the item. A
 scheduler killed in between finds the record on restart, merges only if the
 record says the merge has not happened (and the connection's merge is
 idempotent for the same commit), and asks the connection whether the report
-is already there before making it again. An item reported nowhere (a branch
+is already there before making it again. The merge itself runs off the
+scheduler thread (the manager's `_land`), between `prepare` and `report`.
+An item reported nowhere (a branch
 head, which has no change to vote on; an item of a pipeline with no reporter
 for how it ended, as post) gets no record: one log line gives each job's result.
 """
@@ -33,6 +35,9 @@ class ItemReporter:
         self.manager = manager
         self._recorded: set[str] = set()
         self._left: set[str] = set()  # records a previous scheduler left
+        # The record of each item being reported, kept between its merge
+        # (off the scheduler thread) and its report.
+        self._records: dict[str, dict] = {}
 
     def load(self) -> None:
         self._left = set(self.manager.state.report_uuids())
@@ -44,6 +49,7 @@ class ItemReporter:
     def forget(self, item: QueueItem) -> None:
         self._recorded.discard(item.uuid)
         self._left.discard(item.uuid)
+        self._records.pop(item.uuid, None)
 
     def action(self, item: QueueItem) -> str:
         if item.error is not None:
@@ -83,9 +89,12 @@ class ItemReporter:
             conn.report(change, report)
 
     @staticmethod
-    def _run_end(item: QueueItem) -> str | None:
-        end = item
+    def run(item: QueueItem) -> list[QueueItem]:
+        """The item and the items behind it that passed on top of it, each on
+        top of the one before: what one merge of the last one's state lands."""
+        run = [item]
         while True:
+            end = run[-1]
             nxt = next(
                 (
                     i
@@ -99,8 +108,8 @@ class ItemReporter:
                 None,
             )
             if nxt is None:
-                return end.buildset.head_sha
-            end = nxt
+                return run
+            run.append(nxt)
 
     def _new_record(self, item: QueueItem) -> dict:
         action = self.action(item)
@@ -113,7 +122,9 @@ class ItemReporter:
             # What to merge: the state of the furthest item behind that passed
             # on top of this one, so a run of passed items takes one push
             # instead of one each (its changes land in order).
-            "sha": self._run_end(item) if submit and action == "success" else None,
+            "sha": (
+                self.run(item)[-1].buildset.head_sha if submit and action == "success" else None
+            ),
             "merged": False,
             "merge_error": None,
         }
@@ -142,43 +153,77 @@ class ItemReporter:
             item=item,
         )
 
-    def report(self, item: QueueItem, txn: Transaction) -> bool:
-        """Merge (if the pipeline does) and report; True if the change merged.
+    def prepare(self, item: QueueItem) -> dict | None:
+        """The record of the item's report, stored before anything reaches a
+        review system outside ZooKeeper; None if the item is reported nowhere
+        (said in the log). A record left for an earlier build set of the item
+        (it was reset before it was reported) is replaced."""
+        report_id = f"{item.uuid}-{item.buildset.uuid}"
+        record = self._records.get(item.uuid)
+        if record is not None and record["report_id"] == report_id:
+            return record
+        state = self.manager.state
+        conn = self.manager.sched.connections[item.change.connection]
+        if item.uuid in self._left | self._recorded:  # a report under way
+            record = state.get_report(item.uuid)
+            if record is not None and record.get("report_id") != report_id:
+                record = None
+        if record is None:
+            action = self.action(item)
+            why_not = self._why_not_report(item, action)
+            if why_not:
+                self._log_unreported(item, action, why_not)
+                return None
+            record = self._new_record(item)
+            if not conn.reports_in_transaction:
+                path = state.report_path(item.uuid)
+                try:
+                    state.zk.create(path, record)
+                except NodeExistsError:
+                    stored = state.get_report(item.uuid)
+                    if stored is not None and stored.get("report_id") == report_id:
+                        record = stored
+                    else:
+                        state.zk.set(path, record)
+                self._recorded.add(item.uuid)
+        self._records[item.uuid] = record
+        return record
+
+    @staticmethod
+    def must_merge(record: dict) -> bool:
+        return bool(record["submit"]) and not record["merged"] and record["merge_error"] is None
+
+    def merge(self, item: QueueItem, record: dict) -> None:
+        """Merge the change as the record says and note how it went in the
+        record. Safe off the scheduler thread: the scheduler does not touch an
+        item while its merge is under way. Raises ReviewSystemError when the
+        review system could not be asked (the merge is tried again later)."""
+        state = self.manager.state
+        sched = self.manager.sched
+        change = item.change
+        conn = sched.connections[change.connection]
+        sha = record.get("sha") or item.buildset.head_sha or ""
+        error = conn.merge(change, sha, sched.merger.merger)
+        if error:
+            record.update(merge_error=error, action="failure")
+        else:
+            record["merged"] = True
+        if not conn.reports_in_transaction:
+            state.zk.set(state.report_path(item.uuid), record)
+
+    def report(self, item: QueueItem, record: dict | None, txn: Transaction) -> bool:
+        """Report the item as its record (from `prepare`, merged already if the
+        pipeline merges) says; True if the change merged.
 
         A connection that reports inside a ZooKeeper transaction (the local
         inbox) adds its vote to `txn`, which also removes the item: exactly
         once with no record, since its merge is idempotent for the same commit.
         Any other is reported through the record described above.
         """
-        state = self.manager.state
-        sched = self.manager.sched
-        change = item.change
-        conn = sched.connections[change.connection]
-        record = None
-        if item.uuid in self._left | self._recorded:  # a report under way
-            record = state.get_report(item.uuid)
         if record is None:
-            action = self.action(item)
-            why_not = self._why_not_report(item, action)
-            if why_not:
-                self._log_unreported(item, action, why_not)
-                return False
-            record = self._new_record(item)
-            if not conn.reports_in_transaction:
-                try:
-                    state.zk.create(state.report_path(item.uuid), record)
-                except NodeExistsError:
-                    record = state.get_report(item.uuid) or record
-                self._recorded.add(item.uuid)
-        if record["submit"] and not record["merged"] and record["merge_error"] is None:
-            sha = record.get("sha") or item.buildset.head_sha or ""
-            error = conn.merge(change, sha, sched.merger.merger)
-            if error:
-                record.update(merge_error=error, action="failure")
-            else:
-                record["merged"] = True
-            if not conn.reports_in_transaction:
-                state.zk.set(state.report_path(item.uuid), record)
+            return False
+        change = item.change
+        conn = self.manager.sched.connections[change.connection]
         settings = self._settings(record["action"], change.connection)
         if settings is None:
             why = f"no {record['action']} reporter for connection {change.connection}"
