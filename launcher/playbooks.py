@@ -164,7 +164,8 @@ def _setup_playbook(
                             "--quiet",
                             f"--receive-pack={RECEIVE_PACK}",
                             _push_url(node),
-                            f"{change.sha}:refs/heads/{{{{ zuul.branch }}}}",
+                            # Forced: a static host keeps the workspace of its last build.
+                            f"+{change.sha}:refs/heads/{{{{ zuul.branch }}}}",
                         ],
                     },
                 },

@@ -201,7 +201,7 @@ def test_ansible_dir_layout(tmp_path):
     assert argv[:3] == ["git", "-C", str(tmp_path / "git" / "linux%7B%7B%201%20%7D%7D.git")]
     assert argv[-2:] == [
         "ssh://zuul@127.0.0.1:2222/~/src/{{ zuul.project }}",
-        "1111111111111111111111111111111111111111:refs/heads/{{ zuul.branch }}",
+        "+1111111111111111111111111111111111111111:refs/heads/{{ zuul.branch }}",
     ]
     ssh = push["environment"]["GIT_SSH_COMMAND"]
     assert "-i /keys/id_ed25519" in ssh and f"UserKnownHostsFile={jobdir.known_hosts}" in ssh
