@@ -57,13 +57,18 @@ class FakePatchwork:
             "maintainer": maintainer,
         }
 
-    def add_series(self, name: str, patch_dir: Path, version: int = 1) -> int:
-        """A complete series of the `git format-patch` files in `patch_dir`;
-        posts the events Patchwork posts as its mails arrive."""
+    def add_series(
+        self, name: str, patch_dir: Path, version: int = 1, cover: str | None = None
+    ) -> int:
+        """A complete series of the `git format-patch` files in `patch_dir`
+        (with a cover letter whose body is `cover`, if given); posts the events
+        Patchwork posts as its mails arrive."""
         files = sorted(Path(patch_dir).glob("*.patch"))
         with self.lock:
             sid = next(self._ids["series"])
             series = {"id": sid, "name": name, "version": version, "date": _now(), "patches": []}
+            if cover is not None:
+                series["cover"] = {"id": sid, "name": name, "content": cover, "date": _now()}
             self.series[sid] = series
             self._event("series-created", series=sid)
             for path in files:
@@ -170,8 +175,32 @@ class FakePatchwork:
             "total": len(s["patches"]),
             "received_total": len(s["patches"]),
             "received_all": True,
-            "cover_letter": None,
+            "cover_letter": self._cover_embedded(sid) if "cover" in s else None,
             "patches": [self._patch_embedded(p) for p in s["patches"]],
+        }
+
+    def _cover_embedded(self, sid: int) -> dict:
+        c = self.series[sid]["cover"]
+        return {
+            "id": c["id"],
+            "url": f"{self.api}covers/{c['id']}/",
+            "web_url": f"{self.url}/project/{self.project_name}/cover/{c['id']}/",
+            "msgid": f"<cover{c['id']}@example.com>",
+            "list_archive_url": None,
+            "date": c["date"],
+            "name": c["name"],
+            "mbox": f"{self.url}/cover/{c['id']}/mbox/",
+        }
+
+    def _cover_detail(self, sid: int) -> dict:
+        return {
+            **self._cover_embedded(sid),
+            "project": self._project(),
+            "submitter": self._person(),
+            "content": self.series[sid]["cover"]["content"],
+            "headers": {},
+            "series": [self._series_embedded(sid)],
+            "comments": f"{self.api}covers/{sid}/comments/",
         }
 
     def _patch_detail(self, pid: int) -> dict:
@@ -366,6 +395,11 @@ def _handler(pw: FakePatchwork) -> type[BaseHTTPRequestHandler]:
                 return 404, {"detail": "Not found."}, {}
             return 200, pw._series_detail(sid), {}
 
+        def get_cover(self, query, body, user, cid):
+            if "cover" not in pw.series.get(cid, {}):
+                return 404, {"detail": "Not found."}, {}
+            return 200, pw._cover_detail(cid), {}
+
         def get_series_mbox(self, query, body, user, sid):
             if sid not in pw.series:
                 return 404, {"detail": "Not found."}, {}
@@ -436,6 +470,7 @@ def _handler(pw: FakePatchwork) -> type[BaseHTTPRequestHandler]:
             (r"/api/1\.2/events/", get_events),
             (r"/api/1\.2/series/", get_series_list),
             (r"/api/1\.2/series/(\d+)/", get_series),
+            (r"/api/1\.2/covers/(\d+)/", get_cover),
             (r"/series/(\d+)/mbox/", get_series_mbox),
             (r"/patch/(\d+)/mbox/", get_patch_mbox),
             (r"/api/1\.2/patches/", get_patches),

@@ -250,9 +250,48 @@ def test_bad_token_is_logged_then_nothing_lost(env: Env, caplog) -> None:
     env.wait_checks(sid, {"lint": "success", "build": "success"})
 
 
+def test_depends_on_in_a_cover_letter_or_commit_message(env: Env) -> None:
+    """Depends-On naming another series (its list URL, as Patchwork shows it,
+    or its API URL): check tests the series on top of it; in the gate, a
+    series approved before the one it needs waits, and enters behind it."""
+    env.start()
+    a = env.series("a", [("a.txt", "a\n", "a: add")])
+    env.wait_checks(a, {"lint": "success", "build": "success"})
+    out = make_series(env.src, env.tmp / "series-b", [("b.txt", "b\n", "b: add")])
+    b = env.fake.add_series(
+        "[PATCH 0/1] b", out, cover=f"b needs a.\n\nDepends-On: {env.fake.url}/list/?series={a}\n"
+    )
+    message = f"c: add\n\nDepends-On: {env.fake.api}series/{b}/"
+    out = make_series(env.src, env.tmp / "series-c", [("c.txt", "c\n", message)])
+    c = env.fake.add_series("[PATCH] c: add", out)
+    for series in (b, c):
+        env.wait_checks(series, {"lint": "success", "build": "success"})
+    settle(env.sched, env.launcher)
+    tested = {h["changes"] for h in env.launcher.history}
+    assert tested == {f"{a},1", f"{a},1 {b},1", f"{a},1 {b},1 {c},1"}
+
+    for series in (c, b):  # c first: it waits for b, which waits for a
+        for patch in env.fake.series_patches(series):
+            env.fake.set_state(patch, "under-review")
+    env.polled()
+    settle(env.sched, env.launcher)
+    assert env.sched.state.read_status()["pipelines"][1]["items"] == []
+    for patch in env.fake.series_patches(a):
+        env.fake.set_state(patch, "under-review")
+    wait_until(
+        lambda: (
+            {env.fake.state_of(p) for s in (a, b, c) for p in env.fake.series_patches(s)}
+            == {"accepted"}
+        ),
+        what="all three series accepted",
+    )
+    log = run_git(env.repo, "log", "--format=%s", "master").splitlines()
+    assert log == ["c: add", "b: add", "a: add", "Initial commit"]
+
+
 def test_series_whose_mbox_cannot_be_downloaded_gets_one_fail_check(env: Env) -> None:
     env.start()
-    env.fake.fail(r"^/series/\d+/mbox/$", 404, 1)
+    env.fake.fail(r"^/series/\d+/mbox/$", 404, 2)  # read for Depends-On, then to merge
     sid = env.series("one", [("one.txt", "1\n", "one: add")])
     env.wait_checks(sid, {"zuul-lite": "fail"})
     settle(env.sched, env.launcher)

@@ -14,6 +14,7 @@ connections, the launcher, the web and the CLI all come here. The layout
 /zuul/builds/<uuid>/early-failure       the build will fail (first failed task)
 /zuul/reports/<item uuid>               a report under way (exactly-once reporting)
 /zuul/connections/<name>/cursor         where a connection's event stream stands
+/zuul/connections/<name>/depends-on     change -> its Depends-On footers (Patchwork)
 /zuul/local/...                         the local inbox's review data
 /zuul/locks/<name>                      locks (one scheduler at a time)
 ```
@@ -283,7 +284,11 @@ class ZuulState:
     # Connections -----------------------------------------------------------
 
     def cursor_path(self, connection: str) -> str:
-        return f"{CONNECTIONS}/{connection}/cursor"
+        return self.connection_path(connection, "cursor")
+
+    def connection_path(self, connection: str, *parts: str) -> str:
+        """What a connection keeps of its review system (cursor, Depends-On index)."""
+        return "/".join([CONNECTIONS, connection, *parts])
 
     def get_cursor(self, connection: str) -> dict | None:
         return self.zk.get_or_none(self.cursor_path(connection))

@@ -103,14 +103,19 @@ class Connection(abc.ABC):
         """The change (its latest patchset when `patchset` is None); raises
         a ZuulLiteError with one sentence when there is no such change."""
 
-    def find_change(self, ref: str) -> Change | None:
-        """The change a Depends-On footer names (a number, or a URL ending in
-        one), or None when there is no such change."""
+    def number_in(self, ref: str) -> int | None:
+        """The change number a Depends-On value names: a number, or a URL
+        ending in one; None if it names none."""
         match = re.fullmatch(r"(?:.*/)?(\d+)/?", ref.strip())
-        if match is None:
+        return int(match.group(1)) if match else None
+
+    def find_change(self, ref: str) -> Change | None:
+        """The change a Depends-On footer names, or None when there is no such change."""
+        number = self.number_in(ref)
+        if number is None:
             return None
         try:
-            return self.get_change(int(match.group(1)))
+            return self.get_change(number)
         except ZuulLiteError:
             return None
 

@@ -16,13 +16,13 @@ znode, so each move is announced exactly once.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nodepool_lite.exceptions import BadVersionError, NodeExistsError, NoNodeError
 from zuul_lite.connections import Connection, PostEvent, Report
+from zuul_lite.connections.depends_index import DependsOnIndex
 from zuul_lite.exceptions import InboxError
 from zuul_lite.git import git
 from zuul_lite.model import Change, TriggerEvent
@@ -51,6 +51,7 @@ class LocalConnection(Connection):
         super().__init__(name, config, state, state_dir, post_event)
         self.zk = state.zk
         self.git_root = self.state_dir / "git"
+        self.depends_index = DependsOnIndex(self.zk, state.local_path("depends-on"))
         if self.post_event is None:
             # A CLI process: events go straight to the scheduler's queue.
             self.post_event = lambda event: state.put_trigger_event(event.to_dict())
@@ -182,45 +183,15 @@ class LocalConnection(Connection):
 
     def changes_depending_on(self, change: Change) -> list[Change]:
         """From the index of Depends-On footers, so no change is read in vain."""
-        index = self.zk.get_or_none(self.state.local_path("depends-on")) or {}
         found = []
-        for number, refs in sorted(index.items(), key=lambda kv: int(kv[0])):
-            named = {m.group(1) for r in refs if (m := re.fullmatch(r"(?:.*/)?(\d+)/?", r))}
-            if str(change.number) not in named:
-                continue
-            other = self.get_change(int(number))
+        for number in self.depends_index.naming(change.number, self.number_in):
+            other = self.get_change(number)
             if other.status == "NEW" and any(
                 (dep := self.find_change(ref)) is not None and dep.number == change.number
                 for ref in other.depends_on
             ):
                 found.append(other)
         return found
-
-    def _index_depends_on(self, number: int, refs: list[str]) -> None:
-        """Keep /zuul/local/depends-on: change -> its latest Depends-On footers."""
-        path = self.state.local_path("depends-on")
-        while True:
-            try:
-                index, version = self.zk.get(path)
-            except NoNodeError:
-                if not refs:
-                    return
-                try:
-                    self.zk.create(path, {str(number): refs})
-                    return
-                except NodeExistsError:
-                    continue
-            if refs:
-                index[str(number)] = refs
-            elif str(number) not in index:
-                return
-            else:
-                del index[str(number)]
-            try:
-                self.zk.set(path, index, version=version)
-                return
-            except BadVersionError:
-                continue
 
     def list_changes(self) -> list[int]:
         return sorted(int(n) for n in self.zk.get_children(self.state.local_path("changes")))
@@ -325,7 +296,7 @@ class LocalConnection(Connection):
                 break
             except BadVersionError:
                 continue
-        self._index_depends_on(number, series.depends_on())
+        self.depends_index.set(number, series.depends_on())
         self._emit_for(data, "patchset-created", ps)
         return number, ps
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 from collections import deque
 from pathlib import Path
@@ -26,11 +27,13 @@ from typing import TYPE_CHECKING, Any
 import voluptuous as v
 
 from zuul_lite.connections import BuildReport, Connection, PostEvent, Report
+from zuul_lite.connections.depends_index import DependsOnIndex
 from zuul_lite.connections.patchwork_api import PatchworkClient, PatchworkError
 from zuul_lite.connections.patchwork_events import EventPoller
 from zuul_lite.exceptions import ConfigError, ZuulLiteError
 from zuul_lite.model import Change, Result
 from zuul_lite.reporter import format_duration
+from zuul_lite.series import depends_on, split_mbox
 from zuul_lite.state import ZuulState
 
 if TYPE_CHECKING:
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zuul_lite.connections.patchwork")
 
+MBOX_CACHE = 16  # complete series mboxes kept in memory
 CONTEXT = "zuul-lite"  # the check of an item no job could test
 MARK = "[zuul-lite"  # starts the tag in the description of every check we post
 CHECK_STATES = {
@@ -108,6 +112,8 @@ class PatchworkConnection(Connection):
         self._token_file = cfg.get("token-file")
         self.client = PatchworkClient(cfg["url"], cfg.get("token", ""), cfg.get("timeout", 30.0))
         self._patches: dict[int, list[int]] = {}  # series id -> patch ids (fixed once complete)
+        self._mboxes: dict[tuple[int, int], bytes] = {}  # (series, version) -> mbox, oldest first
+        self.depends_index = DependsOnIndex(state.zk, state.connection_path(name, "depends-on"))
         self._sender = _PendingChecks(self)
         self.poller = EventPoller(self)
 
@@ -173,7 +179,51 @@ class PatchworkConnection(Connection):
             latest_patchset=version,
             approved=values == {self.gate_state},
             url=series.get("web_url") or series.get("url", ""),
+            depends_on=self._depends_on(series),
         )
+
+    def number_in(self, ref: str) -> int | None:
+        """A series id, its API URL (".../series/7/") or its list URL ("...?series=7")."""
+        match = re.fullmatch(r"(?:.*(?:/series/|[?&]series=))?(\d+)/?", ref.strip())
+        return int(match.group(1)) if match else None
+
+    def _depends_on(self, series: dict) -> list[str]:
+        """Depends-On footers of the cover letter and every commit message of a
+        complete series (a partial one is read again when it completes), kept
+        in the index the gate looks waiting series up in."""
+        if not series.get("received_all"):
+            return []
+        number = series["id"]
+        texts = []
+        cover = series.get("cover_letter") or {}
+        try:
+            if cover.get("url"):
+                texts.append(self.client.call("GET", cover["url"]).get("content") or "")
+            mbox = self._mbox(number, series)
+        except PatchworkError as error:
+            # The merger downloads it again and says so on the series if it must.
+            log.warning("Depends-On of series %s not read: %s", number, error)
+            return []
+        texts += [m.decode("utf-8", "replace").split("\n---\n", 1)[0] for m in split_mbox(mbox)]
+        found: list[str] = []
+        for text in texts:
+            found += [d for d in depends_on(text) if d not in found]
+        self.depends_index.set(number, found)
+        return found
+
+    def changes_depending_on(self, change: Change) -> list[Change]:
+        found = []
+        for number in self.depends_index.naming(change.number, self.number_in):
+            try:
+                other = self.get_change(number)
+            except ZuulLiteError as error:
+                log.warning("Series %s, which depends on %s: %s", number, change.number, error)
+                continue
+            if other.status == "NEW" and any(
+                self.number_in(ref) == change.number for ref in other.depends_on
+            ):
+                found.append(other)
+        return found
 
     def patch_ids(self, number: int) -> list[int]:
         if number not in self._patches:
@@ -182,15 +232,28 @@ class PatchworkConnection(Connection):
         return self._patches[number]
 
     def get_series(self, change: Change) -> bytes:
-        series = self.get_series_data(change.number)
+        return self._mbox(change.number, self.get_series_data(change.number))
+
+    def _mbox(self, number: int, series: dict) -> bytes:
+        """The series mbox; a complete series never changes, so the last few
+        are kept (read for Depends-On, then by the merger)."""
+        version = series.get("version") or 1
+        cached = self._mboxes.get((number, version))
+        if cached is not None:
+            return cached
         try:
-            return self.client.call("GET", series["mbox"], raw=True, attempts=3, delay=0.5)
+            data = self.client.call("GET", series["mbox"], raw=True, attempts=3, delay=0.5)
         except PatchworkError as e:
             raise PatchworkError(
-                f"The mbox of series {change.number} could not be downloaded from Patchwork "
+                f"The mbox of series {number} could not be downloaded from Patchwork "
                 f"({str(e).rstrip('.')}).",
                 transient=False,
             ) from None
+        if series.get("received_all"):
+            self._mboxes[(number, version)] = data
+            while len(self._mboxes) > MBOX_CACHE:
+                self._mboxes.pop(next(iter(self._mboxes)))
+        return data
 
     # Checks -------------------------------------------------------------
 
