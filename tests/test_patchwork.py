@@ -222,6 +222,19 @@ def test_errors_are_logged_and_retried(env: Env, caplog) -> None:
     assert env.final_checks(sid) == [[("build", "success"), ("lint", "success")]]
 
 
+def test_event_whose_series_cannot_be_read_is_kept_and_handled_later(env: Env, caplog) -> None:
+    """Patchwork answers the poller but not the scheduler's question about the
+    series: the trigger event stays queued and is handled once it answers."""
+    caplog.set_level(logging.INFO, logger="zuul_lite")
+    env.start()
+    env.polled(1)
+    env.fake.fail(r"^/api/1\.2/series/\d+/$", 500, 3)  # every attempt of one call
+    sid = env.series("one", [("one.txt", "1\n", "one: add")])
+    env.wait_checks(sid, {"lint": "success", "build": "success"})
+    assert "not handled yet (attempt 1)" in caplog.text and "Trying again in 2 s" in caplog.text
+    assert "dropped" not in caplog.text
+
+
 def test_report_refused_longer_than_retries_is_kept_and_made_later(env: Env, caplog) -> None:
     """Patchwork refuses the checks past the driver's own retries: the item
     stays in its pipeline and the report is made once Patchwork takes it."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from zuul_lite.build_contract import BuildRequest, BuildResult
 from zuul_lite.config import ZuulConfig
 from zuul_lite.connections import make_connections
 from zuul_lite.dispatcher import Dispatcher
-from zuul_lite.exceptions import ConfigError, EnqueueRefused, ZuulLiteError
+from zuul_lite.exceptions import ConfigError, EnqueueRefused, ReviewSystemError, ZuulLiteError
 from zuul_lite.gearman import BuildClient, GearServer
 from zuul_lite.gitserver import GitServer
 from zuul_lite.layout import Layout, load_layout
@@ -43,6 +44,7 @@ MANAGERS: dict[str, type[PipelineManager]] = {
     "dependent": DependentPipelineManager,
 }
 MAX_PASSES = 20  # process() passes per wake-up; each pass is cheap when nothing changes
+EVENT_RETRY_MAX = 300.0  # seconds between tries of an event whose review system is away
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,8 @@ class Scheduler(threading.Thread):
         self._janitor: queue.Queue[str | None] = queue.Queue()
         self._manages = threading.Event()
         self._queued: dict[int, list[str]] = {}  # id(flag) -> the names its watch saw last
+        # Trigger events a review system could not be asked about: (attempts, not before).
+        self._event_retries: dict[str, tuple[int, float]] = {}
 
     # Lifecycle ----------------------------------------------------------
 
@@ -405,6 +409,7 @@ class Scheduler(threading.Thread):
             raise
 
     def _process_trigger_events(self) -> None:
+        waiting: set[str] = set()  # connections whose review system did not answer
         for name, data in self._pending(self._triggers, self.state.trigger_event_path):
             path = self.state.trigger_event_path(name)
             event_id = name
@@ -417,10 +422,20 @@ class Scheduler(threading.Thread):
                     raise ValueError("not a JSON object")
                 event_id = data.get("id", name)
                 event = TriggerEvent.from_dict(data)
+                _, not_before = self._event_retries.get(name, (0, 0.0))
+                if event.connection in waiting or time.monotonic() < not_before:
+                    waiting.add(event.connection)  # its events stay in order
+                    continue
                 self._handle_trigger(path, event)
+                self._event_retries.pop(name, None)
             except ZKError:
                 self._triggers.set()  # ZooKeeper away: the event stays queued
                 raise
+            except ReviewSystemError as error:
+                # Not the event's fault: it stays queued, and so do the ones
+                # after it from the same review system, until it answers.
+                waiting.add(event.connection)
+                self._retry_event_later(name, event_id, error)
             except (TypeError, KeyError, ValueError) as error:
                 log.error("Dropped malformed trigger event %s: %s", name, error)
                 self.zk.delete(path)
@@ -430,6 +445,21 @@ class Scheduler(threading.Thread):
             except Exception as error:  # one bad event never stops the others
                 log.exception("[e: %s] dropped: it raised %r", event_id, error)
                 self.zk.delete(path)
+
+    def _retry_event_later(self, name: str, event_id: str, error: ReviewSystemError) -> None:
+        attempts = self._event_retries.get(name, (0, 0.0))[0] + 1
+        delay = min(2.0 * 2 ** (attempts - 1), EVENT_RETRY_MAX)
+        self._event_retries[name] = (attempts, time.monotonic() + delay)
+        log.warning(
+            "[e: %s] not handled yet (attempt %d): %s Trying again in %.0f s.",
+            event_id, attempts, str(error).rstrip(".") + ".", delay,
+        )  # fmt: skip
+
+        def again() -> None:
+            self._triggers.set()
+            self.wake_event.set()
+
+        self.call_later(delay, again)
 
     def _handle_trigger(self, path: str, event: TriggerEvent) -> None:
         conn = self.connections.get(event.connection)
