@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from nodepool_lite import exceptions as exc
 from nodepool_lite.model import Node, NodeState, RequestState
+from nodepool_lite.worker import BaseWorker
 from nodepool_lite.zk import REQUEST_LOCK_ROOT
 
 if TYPE_CHECKING:
@@ -30,21 +31,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nodepool_lite.launcher.CleanupWorker")
 
-# Watches wake the worker on every node and request change; a requestor that
-# dies while a node is in-use only drops its lock, which nothing watches, so
-# that case (and watches lost with a session) waits for this tick.
-SAFETY_TICK = 30.0
 
-
-class CleanupWorker(threading.Thread):
-    """Also called DeletedNodeWorker in Nodepool; one per NodePool."""
+class CleanupWorker(BaseWorker):
+    """Also called DeletedNodeWorker in Nodepool; one per NodePool. Watches
+    wake it on every node and request change; a requestor that dies while a
+    node is in-use only drops its lock, which nothing watches, so that case
+    waits for the safety tick."""
 
     def __init__(self, nodepool: NodePool):
-        super().__init__(name="CleanupWorker", daemon=True)
+        super().__init__("CleanupWorker", nodepool.stop_event, log)
         self.nodepool = nodepool
         self.zk = nodepool.zk
-        self.stop_event = nodepool.stop_event
-        self.wake_event = threading.Event()
         self.deleting: set[str] = set()
         self._deleters: list[threading.Thread] = []
         self._deleters_lock = threading.Lock()
@@ -73,18 +70,10 @@ class CleanupWorker(threading.Thread):
                 self.zk.unlock_node(node)
         self.cleanup()
 
-    def run(self) -> None:
-        while not self.stop_event.is_set():
-            self.wake_event.wait(SAFETY_TICK)
-            self.wake_event.clear()
-            if self.stop_event.is_set():
-                break
-            try:
-                self.cleanup()
-            except exc.ZKError as error:
-                log.warning("Cleanup failed, retrying on next change: %s", error)
-            except Exception:
-                log.exception("Cleanup failed")
+    def run_once(self) -> None:
+        self.cleanup()
+
+    def stopped(self) -> None:
         for thread in list(self._deleters):
             thread.join()
 

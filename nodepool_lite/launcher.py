@@ -26,13 +26,14 @@ from pathlib import Path
 from nodepool_lite import config as npconfig
 from nodepool_lite import exceptions as exc
 from nodepool_lite.cleanup import CleanupWorker
-from nodepool_lite.drivers import Provider, get_provider
+from nodepool_lite.drivers import registry
+from nodepool_lite.drivers.base import PoolConfig, Provider
 from nodepool_lite.model import Node, NodeRequest, NodeState, RequestState
+from nodepool_lite.worker import BaseWorker
 from nodepool_lite.zk import IMAGE_ROOT, LAUNCHER_ROOT, NODE_ROOT, REQUEST_ROOT, ZooKeeper
 
 log = logging.getLogger("nodepool_lite.launcher")
 
-SAFETY_TICK = 30.0  # seconds; watches do the real work
 LAUNCH_ATTEMPTS = 3
 
 
@@ -121,7 +122,7 @@ class NodeLauncher(threading.Thread):
         error = "unknown error"
         for attempt in range(1, LAUNCH_ATTEMPTS + 1):
             try:
-                self.worker.provider.launch(node, self.worker.pool)
+                self.worker.handler.launch(node)
             except Exception as e:  # a driver failure of any kind fails this attempt
                 error = str(e)
                 self.log.warning(
@@ -177,41 +178,32 @@ class NodeLauncher(threading.Thread):
                 self.zk.store_node(node)
 
 
-class PoolWorker(threading.Thread):
+class PoolWorker(BaseWorker):
     """Serves the requests one provider pool can serve, in order of priority."""
 
-    def __init__(self, nodepool: NodePool, provider: Provider, pool: npconfig.Pool):
-        super().__init__(name=f"PoolWorker-{provider.provider.name}-{pool.name}", daemon=True)
+    def __init__(self, nodepool: NodePool, provider: Provider, pool: PoolConfig):
+        name = f"{provider.provider.name}-{pool.name}"
+        super().__init__(
+            f"PoolWorker-{name}",
+            nodepool.stop_event,
+            logging.getLogger(f"nodepool_lite.launcher.PoolWorker.{name}"),
+        )
         self.nodepool = nodepool
         self.zk = nodepool.zk
         self.provider = provider
         self.pool = pool
-        self.launcher_id = (
-            f"{socket.gethostname()}-{provider.provider.name}-{pool.name}-{uuid.uuid4().hex[:8]}"
-        )
-        self.wake_event = threading.Event()
-        self.stop_event = nodepool.stop_event
+        self.handler = provider.request_handler(pool)
+        self.launcher_id = f"{socket.gethostname()}-{name}-{uuid.uuid4().hex[:8]}"
         self.launchers: set[NodeLauncher] = set()
         self._launchers_lock = threading.Lock()
-        self.log = logging.getLogger(
-            f"nodepool_lite.launcher.PoolWorker.{provider.provider.name}-{pool.name}"
-        )
 
     def register(self) -> None:
         self.zk.register_launcher(self.launcher_id, sorted(self.pool.labels))
 
-    def run(self) -> None:
-        while not self.stop_event.is_set():
-            self.wake_event.wait(SAFETY_TICK)
-            self.wake_event.clear()
-            if self.stop_event.is_set():
-                break
-            try:
-                self._process_requests()
-            except exc.ZKError as error:
-                self.log.warning("Request scan failed, retrying on next change: %s", error)
-            except Exception:
-                self.log.exception("Request scan failed")
+    def run_once(self) -> None:
+        self._process_requests()
+
+    def stopped(self) -> None:
         for launcher in list(self.launchers):
             launcher.join()
 
@@ -241,16 +233,13 @@ class PoolWorker(threading.Thread):
                 if set(launchers) <= set(req.declined_by):
                     self._decline(req, launchers)  # a launcher that could serve it left
                 continue
-            if any(label not in self.pool.labels for label in req.node_types):
+            if not self.handler.serves(req.node_types):
                 self._decline(req, launchers)
                 continue
-            if len(req.node_types) > self.pool.max_servers:
-                self._decline(req, launchers)
-                continue
-            if not self.provider.labels_ready(self.pool, req.node_types):
+            if not self.handler.ready(req.node_types):
                 self.log.debug("Request %s waits for an image of %s", req.id, req.node_types)
                 continue
-            if self._used_servers() + len(req.node_types) > self.pool.max_servers:
+            if not self.handler.has_capacity(req.node_types, self._used_servers()):
                 # First come, first served: later requests wait too.
                 self.log.debug("Request %s waits for capacity", req.id)
                 return
@@ -379,7 +368,11 @@ class NodePool:
         self.zk.connect()
         self.zk.add_connection_listener(self._on_connection)
         for provider in self.config.providers:
-            self.providers[provider.name] = get_provider(provider, self.config.state_dir, self.zk)
+            driver = registry.get_driver(provider.driver)
+            assert driver is not None  # config.load refused unknown drivers
+            self.providers[provider.name] = driver.provider(
+                provider, self.config.state_dir, self.zk
+            )
             for pool in provider.pools:
                 self.pool_workers.append(PoolWorker(self, self.providers[provider.name], pool))
         self.cleanup_worker = CleanupWorker(self)
