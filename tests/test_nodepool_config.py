@@ -55,7 +55,7 @@ def test_chroot_joins_hosts(tmp_path):
         ("providers: [{name: p, driver: nspawn, pools: [{name: m, max-servers: two}]}]",
          "providers[0].pools[0].max-servers: expected int"),
         ("providers: [{name: p, driver: qemu, pools: []}]",
-         "providers[0].driver: expected one of nspawn, static"),
+         "providers[0].driver: expected one of nspawn, openstack, static"),
         ("labels: [{name: a}]\ndiskimages: [{name: d, elements: [e]}]\nproviders: [{name: p, "
          "driver: nspawn, cloud: c, pools: []}]",
          "providers[0].cloud: not a key of the nspawn driver"),

@@ -13,6 +13,7 @@ from nodepool_lite.drivers.base import Driver
 DRIVERS = {
     "nspawn": "nodepool_lite.drivers.nspawn:NspawnDriver",
     "static": "nodepool_lite.drivers.static:StaticDriver",
+    "openstack": "nodepool_lite.drivers.openstack:OpenStackDriver",
 }
 
 

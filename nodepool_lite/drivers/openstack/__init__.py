@@ -1,0 +1,28 @@
+"""The openstack driver: servers of an OpenStack cloud, through openstacksdk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import voluptuous as v
+
+from nodepool_lite.drivers.base import Driver, Provider, ProviderConfig
+from nodepool_lite.drivers.openstack import config
+from nodepool_lite.zk import ZooKeeper
+
+
+class OpenStackDriver(Driver):
+    name = "openstack"
+
+    def schema(self) -> v.Schema:
+        return config.SCHEMA
+
+    def load(self, data: dict[str, Any], top: Any) -> ProviderConfig:
+        return config.load(data, {d["name"]: d["formats"] for d in top["diskimages"]})
+
+    def provider(self, cfg: ProviderConfig, state_dir: Path, zk: ZooKeeper) -> Provider:
+        from nodepool_lite.drivers.openstack.provider import OpenStackProvider
+
+        assert isinstance(cfg, config.OpenStackProviderConfig)
+        return OpenStackProvider(cfg, state_dir, zk)
