@@ -337,6 +337,7 @@ class NodePool:
         self.pool_workers: list[PoolWorker] = []
         self.cleanup_worker: CleanupWorker | None = None
         self.watchers: list[TreeWatcher] = []
+        self._unwatch: list[Callable[[], None]] = []
         self._launching: set[str] = set()
         self._launching_lock = threading.Lock()
 
@@ -379,10 +380,12 @@ class NodePool:
         self.cleanup_worker.reconcile()
         for worker in self.pool_workers:
             worker.register()
-        roots = [REQUEST_ROOT, NODE_ROOT] + [
-            f"{IMAGE_ROOT}/{image.name}/builds" for image in self.config.diskimages
+        self.watchers = [TreeWatcher(self.zk, r, self.wake) for r in (REQUEST_ROOT, NODE_ROOT)]
+        # Builds and their uploads, at any depth: a new one may make a label ready.
+        self._unwatch = [
+            self.zk.watch_tree(f"{IMAGE_ROOT}/{image.name}", self.wake)
+            for image in self.config.diskimages
         ]
-        self.watchers = [TreeWatcher(self.zk, root, self.wake) for root in roots]
         self.watchers.append(TreeWatcher(self.zk, LAUNCHER_ROOT, self.wake, data=False))
         for watcher in self.watchers:
             watcher.start()
@@ -405,6 +408,8 @@ class NodePool:
         self.stop_event.set()
         for watcher in self.watchers:
             watcher.stopped = True
+        for unwatch in self._unwatch:
+            unwatch()
         self.wake()
 
     def join(self) -> None:

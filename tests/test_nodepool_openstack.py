@@ -13,14 +13,18 @@ import requests_mock
 import yaml
 
 from nodepool_lite import config
+from nodepool_lite.builder import cleanup
+from nodepool_lite.cmd.nodepoolcmd import main
 from nodepool_lite.drivers.openstack.provider import OpenStackProvider
 from nodepool_lite.exceptions import ConfigError
 from nodepool_lite.launcher import NodePool
-from nodepool_lite.model import NodeState, RequestState
+from nodepool_lite.model import BuildState, ImageBuild, NodeState, RequestState, UploadState
+from nodepool_lite.uploader import upload_pass, uploaders
 from tests.fake_openstack import FakeCloud, clouds_yaml, image_json
 from tests.nodepool_env import release, request, take_nodes, wait_for
 
 LABEL = "cloud-debian"
+IMAGE = "kernel-ci-debian"
 
 
 @pytest.fixture
@@ -65,13 +69,15 @@ def _answers(port: int) -> bool:
     return True
 
 
-def write_config(tmp_path: Path, zk_hosts: str, port: int, **label) -> Path:
+def write_config(tmp_path: Path, zk_hosts: str, port: int, label: dict | None = None) -> Path:
     hosts, _, chroot = zk_hosts.partition("/")
     host, zk_port = hosts.split(":")
+    entry = {"cloud-image": "debian-12", "flavor-name": "small", **(label or {})}
     data = {
         "zookeeper-servers": [{"host": host, "port": int(zk_port), "chroot": chroot}],
         "state-dir": str(tmp_path / "state"),
         "labels": [{"name": LABEL}],
+        "diskimages": [{"name": IMAGE, "elements": ["e"], "formats": ["tar", "qcow2"]}],
         "providers": [
             {
                 "name": "cloud",
@@ -83,13 +89,8 @@ def write_config(tmp_path: Path, zk_hosts: str, port: int, **label) -> Path:
                         "name": "main",
                         "max-servers": 2,
                         "labels": [
-                            {
-                                "name": LABEL,
-                                "cloud-image": "debian-12",
-                                "flavor-name": "small",
-                                "connection-port": port,
-                                **label,
-                            }
+                            {"name": LABEL, "connection-port": port}
+                            | {k: v for k, v in entry.items() if v is not None}
                         ],
                     }
                 ],
@@ -105,8 +106,8 @@ def write_config(tmp_path: Path, zk_hosts: str, port: int, **label) -> Path:
 def nodepool(tmp_path, zk_hosts, sshd, cloud):
     started = []
 
-    def start() -> NodePool:
-        np = NodePool(write_config(tmp_path, zk_hosts, sshd[0]))
+    def start(label: dict | None = None) -> NodePool:
+        np = NodePool(write_config(tmp_path, zk_hosts, sshd[0], label))
         np.start()
         started.append(np)
         return np
@@ -203,6 +204,67 @@ def test_node_of_a_dead_launcher_is_adopted_while_its_server_runs(nodepool, clou
     assert zk.get_node(node.id).state == NodeState.IN_USE and node.external_id in cloud.servers
     release(zk, [node])
     wait_for(lambda: not cloud.servers, 30, "server deleted")
+
+
+def ready_build(zk, tmp_path: Path) -> ImageBuild:
+    """A ready build with a qcow2 image, as the builder leaves it."""
+    build_dir = tmp_path / "images" / f"build-{len(zk.get_image_builds(IMAGE))}"
+    build_dir.mkdir(parents=True)
+    (build_dir / f"{IMAGE}.qcow2").write_bytes(b"QFI\xfb qcow2 bytes")
+    build = ImageBuild(state=BuildState.READY, path=str(build_dir), formats=["tar", "qcow2"])
+    zk.store_image_build(IMAGE, build)
+    return build
+
+
+def test_builds_uploaded_to_glance_and_booted(nodepool, cloud, zk, tmp_path, capsys):
+    build = ready_build(zk, tmp_path)
+    np = nodepool({"cloud-image": None, "diskimage": IMAGE})
+    req, done, _ = request(zk, LABEL)  # waits for the upload: the label is not ready
+    targets = uploaders(np.config)
+    upload_pass(zk, targets)
+    [record] = zk.get_image_uploads(IMAGE, build.id, "cloud")
+    assert record.state == UploadState.READY and record.external_name == f"{IMAGE}-{build.id}"
+    glance = cloud.images[record.external_id]
+    assert glance["disk_format"] == "qcow2" and glance["nodepool_build_id"] == build.id
+    assert cloud.image_data[record.external_id] == b"QFI\xfb qcow2 bytes"
+    upload_pass(zk, targets)  # uploaded once
+    assert len(zk.get_image_uploads(IMAGE, build.id, "cloud")) == 1
+    capsys.readouterr()
+    assert main(["-c", str(np.config.path), "image-list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [f"{IMAGE}-{build.id}", record.id, "cloud", f"{IMAGE}-{build.id}", record.external_id,
+            "ready"] == listed[-1].split()[:6]  # fmt: skip
+    assert done.wait(30)
+    [node] = take_nodes(zk, req)
+    assert cloud.created[0]["imageRef"] == record.external_id
+    assert node.image_build == f"{IMAGE}-{build.id}"
+    # Retention marks the build deleting: its upload goes first, then the build.
+    build.state = BuildState.DELETING
+    zk.store_image_build(IMAGE, build)
+    upload_pass(zk, targets)
+    assert zk.get_image_uploads(IMAGE, build.id) == [] and record.external_id not in cloud.images
+    release(zk, [node])
+
+
+def test_retention_deletes_uploads_before_their_build(cloud, zk, zk_hosts, tmp_path):
+    path = write_config(tmp_path, zk_hosts, 22, {"cloud-image": None, "diskimage": IMAGE})
+    cfg = config.load(path)
+    targets = uploaders(cfg)
+    oldest = ready_build(zk, tmp_path)
+    upload_pass(zk, targets)
+    [first] = zk.get_image_uploads(IMAGE, oldest.id)
+    ready_build(zk, tmp_path)
+    newest = ready_build(zk, tmp_path)
+    upload_pass(zk, targets)  # the newest build only
+    assert len(zk.get_image_uploads(IMAGE, newest.id)) == 1
+    cleanup(cfg, zk)  # keeps two ready builds: the oldest goes, its upload first
+    assert zk.get_image_build(IMAGE, oldest.id).state == BuildState.DELETING
+    assert first.external_id in cloud.images
+    upload_pass(zk, targets)
+    assert first.external_id not in cloud.images and not zk.get_image_uploads(IMAGE, oldest.id)
+    cleanup(cfg, zk)
+    assert zk.get_image_build(IMAGE, oldest.id) is None
+    assert len(cloud.images) == 2  # the cloud image and the newest upload
 
 
 @pytest.mark.parametrize(

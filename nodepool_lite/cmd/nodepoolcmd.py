@@ -183,6 +183,18 @@ class Commands:
                                  f"{label.diskimage}-{build.id}" if build else "(none ready)",
                                  _age(build.state_time) if build else ""])  # fmt: skip
         print(_table(["Provider", "Pool", "Label", "Image", "Build", "Age"], rows))
+        uploads = [
+            [f"{u.image}-{u.build_id}", u.id, u.provider, u.external_name or "",
+             u.external_id or "", u.state.value, _age(u.state_time), u.reason or ""]
+            for name in sorted(self.zk.get_image_names())
+            for b in self.zk.get_image_builds(name)
+            for u in self.zk.get_image_uploads(name, b.id or "")
+        ]  # fmt: skip
+        if uploads:
+            headers = ["Build", "Upload", "Provider", "Provider image", "Provider image id",
+                       "State", "Age", "Reason"]  # fmt: skip
+            print()
+            print(_table(headers, uploads))
         return 0
 
     def image_delete(self) -> int:

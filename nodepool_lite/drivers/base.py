@@ -8,6 +8,7 @@ else about it:
   validated entry into its `ProviderConfig`;
 - `Provider`: turns a Node record into a running machine and back into
   nothing, and says what it runs (for reconciliation after a crash);
+- `ImageUploader` (optional): how the builder uploads image builds to it;
 - `RequestHandler`: one per pool, what the pool worker asks before and while
   serving a request (does the pool offer the labels, are they ready, is there
   room, launch one node).
@@ -87,6 +88,23 @@ class Driver(ABC):
     @abstractmethod
     def provider(self, config: ProviderConfig, state_dir: Path, zk: ZooKeeper) -> Provider:
         """The running provider for `config`."""
+
+    def uploader(self, config: ProviderConfig) -> ImageUploader | None:
+        """How the builder puts image builds into this provider; None for
+        drivers that boot from the builds on the local disk."""
+        return None
+
+
+class ImageUploader(ABC):
+    """The builder's side of a provider that keeps its own copy of images."""
+
+    @abstractmethod
+    def upload(self, name: str, path: Path, meta: dict[str, str]) -> str:
+        """Upload the image file `path` as `name`; returns the provider's image id."""
+
+    @abstractmethod
+    def delete(self, external_id: str) -> None:
+        """Delete an uploaded image; fine if it is already gone."""
 
 
 class Provider(ABC):

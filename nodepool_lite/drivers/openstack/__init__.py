@@ -7,7 +7,7 @@ from typing import Any
 
 import voluptuous as v
 
-from nodepool_lite.drivers.base import Driver, Provider, ProviderConfig
+from nodepool_lite.drivers.base import Driver, ImageUploader, Provider, ProviderConfig
 from nodepool_lite.drivers.openstack import config
 from nodepool_lite.zk import ZooKeeper
 
@@ -26,3 +26,9 @@ class OpenStackDriver(Driver):
 
         assert isinstance(cfg, config.OpenStackProviderConfig)
         return OpenStackProvider(cfg, state_dir, zk)
+
+    def uploader(self, cfg: ProviderConfig) -> ImageUploader | None:
+        from nodepool_lite.drivers.openstack.upload import GlanceUploader
+
+        assert isinstance(cfg, config.OpenStackProviderConfig)
+        return GlanceUploader(cfg)

@@ -65,10 +65,7 @@ class OpenStackProvider(Provider):
         launcher from starting (its requests wait or fail with the reason)."""
         with self._lock:
             if self._conn is None:
-                region = loader.OpenStackConfig().get_one(
-                    cloud=self.provider.cloud, region_name=self.provider.region_name
-                )
-                self._conn = openstack.connection.Connection(config=region)
+                self._conn = connect(self.provider)
             return self._conn
 
     def request_handler(self, pool: OpenStackPool) -> RequestHandler:  # type: ignore[override]
@@ -279,6 +276,14 @@ class OpenStackProvider(Provider):
             and n.state == NodeState.BUILDING
             and not n.external_id
         ]
+
+
+def connect(provider: OpenStackProviderConfig) -> openstack.connection.Connection:
+    """A connection to the provider's cloud and region, as clouds.yaml says."""
+    region = loader.OpenStackConfig().get_one(
+        cloud=provider.cloud, region_name=provider.region_name
+    )
+    return openstack.connection.Connection(config=region)
 
 
 def interface_ip(server) -> str | None:
