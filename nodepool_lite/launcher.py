@@ -34,8 +34,6 @@ from nodepool_lite.zk import IMAGE_ROOT, LAUNCHER_ROOT, NODE_ROOT, REQUEST_ROOT,
 
 log = logging.getLogger("nodepool_lite.launcher")
 
-LAUNCH_ATTEMPTS = 3
-
 
 class TreeWatcher:
     """Calls `notify()` when a child of `root` appears or goes, or (with
@@ -120,14 +118,15 @@ class NodeLauncher(threading.Thread):
     def _launch(self, node: Node) -> str | None:
         """Boot one node; returns an error message or None."""
         error = "unknown error"
-        for attempt in range(1, LAUNCH_ATTEMPTS + 1):
+        attempts = self.worker.handler.launch_attempts
+        for attempt in range(1, attempts + 1):
             try:
                 self.worker.handler.launch(node)
             except Exception as e:  # a driver failure of any kind fails this attempt
                 error = str(e)
                 self.log.warning(
                     "Launch of node %s failed (attempt %d/%d): %s",
-                    node.id, attempt, LAUNCH_ATTEMPTS, error,
+                    node.id, attempt, attempts, error,
                 )  # fmt: skip
                 if self.worker.stop_event.is_set():
                     break

@@ -69,7 +69,14 @@ def _answers(port: int) -> bool:
     return True
 
 
-def write_config(tmp_path: Path, zk_hosts: str, port: int, label: dict | None = None) -> Path:
+def write_config(
+    tmp_path: Path,
+    zk_hosts: str,
+    port: int,
+    label: dict | None = None,
+    pool: dict | None = None,
+    provider: dict | None = None,
+) -> Path:
     hosts, _, chroot = zk_hosts.partition("/")
     host, zk_port = hosts.split(":")
     entry = {"cloud-image": "debian-12", "flavor-name": "small", **(label or {})}
@@ -84,10 +91,12 @@ def write_config(tmp_path: Path, zk_hosts: str, port: int, label: dict | None = 
                 "driver": "openstack",
                 "cloud": "fake",
                 "boot-timeout": 30,
+                **(provider or {}),
                 "pools": [
                     {
                         "name": "main",
                         "max-servers": 2,
+                        **(pool or {}),
                         "labels": [
                             {"name": LABEL, "connection-port": port}
                             | {k: v for k, v in entry.items() if v is not None}
@@ -106,8 +115,8 @@ def write_config(tmp_path: Path, zk_hosts: str, port: int, label: dict | None = 
 def nodepool(tmp_path, zk_hosts, sshd, cloud):
     started = []
 
-    def start(label: dict | None = None) -> NodePool:
-        np = NodePool(write_config(tmp_path, zk_hosts, sshd[0], label))
+    def start(**overrides) -> NodePool:
+        np = NodePool(write_config(tmp_path, zk_hosts, sshd[0], **overrides))
         np.start()
         started.append(np)
         return np
@@ -155,13 +164,14 @@ def test_boot_error_is_retried(nodepool, cloud, zk):
 
 
 def test_boot_errors_fail_the_request_with_the_fault(nodepool, cloud, zk):
-    cloud.boot_statuses = ["ERROR"] * 3
-    nodepool()
+    cloud.boot_statuses = ["ERROR"] * 2
+    nodepool(provider={"launch-retries": 2})
     req, done, _ = request(zk, LABEL)
     assert done.wait(30)
     failed = zk.get_node_request(req.id)
     assert failed.state == RequestState.FAILED
     assert "went to ERROR: No valid host was found" in failed.reason
+    assert len(cloud.created) == 2
     wait_for(lambda: not cloud.servers and not zk.nodes(), 30, "errored servers deleted")
 
 
@@ -177,6 +187,21 @@ def test_full_quota_makes_the_request_wait(nodepool, cloud, zk):
     np.wake()
     assert done.wait(30)
     assert zk.get_node_request(req.id).state == RequestState.FULFILLED
+
+
+def test_pool_max_cores_makes_the_request_wait(nodepool, cloud, zk):
+    nodepool(pool={"max-cores": 1})  # one "small" server (1 vCPU)
+    first, done, _ = request(zk, LABEL)
+    assert done.wait(30)
+    [node] = take_nodes(zk, first)
+    cloud.limits_asked.clear()
+    second, done, _ = request(zk, LABEL)
+    assert cloud.limits_asked.wait(30)
+    assert zk.get_node_request(second.id).state == RequestState.REQUESTED
+    assert len(cloud.created) == 1
+    release(zk, [node])  # its deletion frees the cores
+    assert done.wait(30)
+    assert zk.get_node_request(second.id).state == RequestState.FULFILLED
 
 
 def test_leaked_server_deleted_alien_left_alone(nodepool, cloud, zk):
@@ -218,7 +243,7 @@ def ready_build(zk, tmp_path: Path) -> ImageBuild:
 
 def test_builds_uploaded_to_glance_and_booted(nodepool, cloud, zk, tmp_path, capsys):
     build = ready_build(zk, tmp_path)
-    np = nodepool({"cloud-image": None, "diskimage": IMAGE})
+    np = nodepool(label={"cloud-image": None, "diskimage": IMAGE})
     req, done, _ = request(zk, LABEL)  # waits for the upload: the label is not ready
     targets = uploaders(np.config)
     upload_pass(zk, targets)
@@ -247,7 +272,7 @@ def test_builds_uploaded_to_glance_and_booted(nodepool, cloud, zk, tmp_path, cap
 
 
 def test_retention_deletes_uploads_before_their_build(cloud, zk, zk_hosts, tmp_path):
-    path = write_config(tmp_path, zk_hosts, 22, {"cloud-image": None, "diskimage": IMAGE})
+    path = write_config(tmp_path, zk_hosts, 22, label={"cloud-image": None, "diskimage": IMAGE})
     cfg = config.load(path)
     targets = uploaders(cfg)
     oldest = ready_build(zk, tmp_path)

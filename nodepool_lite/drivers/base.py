@@ -145,6 +145,8 @@ class Provider(ABC):
 class RequestHandler(ABC):
     """How one pool serves requests; drivers override what differs."""
 
+    launch_attempts = 3  # boots of one node before its request fails
+
     def __init__(self, provider: Provider, pool: PoolConfig):
         self.provider = provider
         self.pool = pool

@@ -38,7 +38,15 @@ _label = common_label(
         v.Optional("connection-port", default=22): v.All(int, v.Range(min=1, max=65535)),
     }
 )
-_pool = common_pool(_label, {v.Optional("networks", default=list): [str]})  # network ids
+_pool = common_pool(
+    _label,
+    {
+        v.Optional("networks", default=list): [str],  # network ids
+        # The pool's own share of the cloud, beside the cloud's quota.
+        v.Optional("max-cores"): v.All(int, v.Range(min=1)),
+        v.Optional("max-ram"): v.All(int, v.Range(min=1)),  # MiB
+    },
+)
 SCHEMA = v.Schema(
     common_provider(
         _pool,
@@ -46,7 +54,8 @@ SCHEMA = v.Schema(
             v.Required("cloud"): str,
             v.Optional("region-name"): str,
             # From create to an answering sshd; Nodepool's boot-timeout.
-            v.Optional("boot-timeout", default=600): v.All(v.Coerce(float), v.Range(min=1)),
+            v.Optional("boot-timeout", default=60): v.All(v.Coerce(float), v.Range(min=1)),
+            v.Optional("launch-retries", default=3): v.All(int, v.Range(min=1)),
         },
     )
 )
@@ -68,6 +77,8 @@ class OpenStackLabel(LabelConfig):
 class OpenStackPool(PoolConfig):
     labels: dict[str, OpenStackLabel]
     networks: list[str]
+    max_cores: int | None
+    max_ram: int | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +87,7 @@ class OpenStackProviderConfig(ProviderConfig):
     cloud: str
     region_name: str | None
     boot_timeout: float
+    launch_retries: int
 
 
 def _one_of(label: dict, keys: tuple[str, str], where: list[Any]) -> None:
@@ -152,6 +164,8 @@ def load(data: dict[str, Any], formats: dict[str, list[str]]) -> OpenStackProvid
                 max_servers=pool["max-servers"],
                 labels=labels,
                 networks=pool["networks"],
+                max_cores=pool.get("max-cores"),
+                max_ram=pool.get("max-ram"),
             )
         )
     check_cloud(data["cloud"], data.get("region-name"))
@@ -162,4 +176,5 @@ def load(data: dict[str, Any], formats: dict[str, list[str]]) -> OpenStackProvid
         cloud=data["cloud"],
         region_name=data.get("region-name"),
         boot_timeout=data["boot-timeout"],
+        launch_retries=data["launch-retries"],
     )

@@ -32,7 +32,7 @@ from nodepool_lite.drivers.openstack.config import (
 )
 from nodepool_lite.drivers.sshscan import scan_host_key
 from nodepool_lite.exceptions import LaunchError
-from nodepool_lite.model import Node, NodeState
+from nodepool_lite.model import Node
 from nodepool_lite.zk import ZooKeeper
 
 log = logging.getLogger("nodepool_lite.drivers.openstack")
@@ -265,16 +265,11 @@ class OpenStackProvider(Provider):
                 ) from None
         log.info("Node %s: %d server(s) deleted", node_id, len(servers))
 
-    def building_servers(self, pool: OpenStackPool) -> list[Node]:
-        """This pool's nodes accepted but not yet created in the cloud: the
-        cloud's usage does not count them yet."""
+    def pool_nodes(self, pool: OpenStackPool) -> list[Node]:
+        """This pool's nodes in ZooKeeper: what it has, or is about to have,
+        in the cloud (one not yet created has no `external_id`)."""
         return [
-            n
-            for n in self.zk.nodes()
-            if n.provider == self.provider.name
-            and n.pool == pool.name
-            and n.state == NodeState.BUILDING
-            and not n.external_id
+            n for n in self.zk.nodes() if n.provider == self.provider.name and n.pool == pool.name
         ]
 
 
