@@ -204,17 +204,17 @@ def test_pool_max_cores_makes_the_request_wait(nodepool, cloud, zk):
     assert zk.get_node_request(second.id).state == RequestState.FULFILLED
 
 
-def test_leaked_server_deleted_alien_left_alone(nodepool, cloud, zk):
+def test_leaked_server_deleted_alien_left_alone(nodepool, cloud, zk, capsys):
     meta = {"nodepool_node_id": "0000000099", "nodepool_provider_name": "cloud"}
     leaked = cloud.add_server("leaked", meta)
     other = cloud.add_server("other-provider", {**meta, "nodepool_provider_name": "elsewhere"})
     alien = cloud.add_server("alien")
     np = nodepool()  # start() reconciles: one cleanup pass has run
     assert cloud.deleted == [leaked]
-    provider = np.providers["cloud"]
-    assert sorted(provider.alien_servers()) == sorted(
-        [f"{alien} alien", f"{other} other-provider"]
-    )
+    capsys.readouterr()
+    assert main(["-c", str(np.config.path), "alien-list"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert sorted(rows) == sorted([["cloud", alien, "alien"], ["cloud", other, "other-provider"]])
     assert set(cloud.servers) == {alien, other}
 
 

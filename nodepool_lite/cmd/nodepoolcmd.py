@@ -271,6 +271,19 @@ class Commands:
         return 0
 
 
+def alien_list(config: npconfig.Config) -> int:
+    """What each provider runs that nodepool did not start (never touched)."""
+    from nodepool_lite.drivers import registry
+
+    rows = []
+    for provider in config.providers:
+        driver = registry.get_driver(provider.driver)
+        for server_id, name in driver.alien_servers(provider) if driver else []:
+            rows.append([provider.name, server_id, name])
+    print(_table(["Provider", "Server id", "Name"], rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nodepool", description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", default=_default_config(), help="nodepool.yaml")
@@ -294,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("--reason", required=True)
     sub.add_parser("info", help="launchers, node requests, node counts")
+    sub.add_parser("alien-list", help="servers providers run that are not ours")
     return parser
 
 
@@ -302,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args)
     commands = None
     try:
+        if args.command == "alien-list":  # asks the providers, not ZooKeeper
+            return alien_list(npconfig.load(args.config))
         commands = Commands(args)
         return getattr(commands, args.command.replace("-", "_"))()
     except NodepoolError as error:

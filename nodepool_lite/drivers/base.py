@@ -7,7 +7,8 @@ else about it:
   kind (the common keys below plus its own), and `load()` turning the
   validated entry into its `ProviderConfig`;
 - `Provider`: turns a Node record into a running machine and back into
-  nothing, and says what it runs (for reconciliation after a crash);
+  nothing, and says what it runs (for reconciliation after a crash; what
+  is not ours, the Driver lists without a running provider);
 - `ImageUploader` (optional): how the builder uploads image builds to it;
 - `RequestHandler`: one per pool, what the pool worker asks before and while
   serving a request (does the pool offer the labels, are they ready, is there
@@ -89,6 +90,12 @@ class Driver(ABC):
     def provider(self, config: ProviderConfig, state_dir: Path, zk: ZooKeeper) -> Provider:
         """The running provider for `config`."""
 
+    def alien_servers(self, config: ProviderConfig) -> list[tuple[str, str]]:
+        """(id, name) of what the provider runs that is not ours: listed for
+        the operator (`nodepool alien-list`), never touched. Raises
+        NodepoolError (one sentence) when the provider cannot be asked."""
+        return []
+
     def uploader(self, config: ProviderConfig) -> ImageUploader | None:
         """How the builder puts image builds into this provider; None for
         drivers that boot from the builds on the local disk."""
@@ -135,11 +142,6 @@ class Provider(ABC):
     @abstractmethod
     def leaked_node_ids(self) -> list[str]:
         """Ids of every node this provider has resources for, known to ZK or not."""
-
-    def alien_servers(self) -> list[str]:
-        """What the provider runs that is not ours ("<id> <name>"); listed for
-        the operator, never touched."""
-        return []
 
 
 class RequestHandler(ABC):

@@ -9,6 +9,7 @@ import voluptuous as v
 
 from nodepool_lite.drivers.base import Driver, ImageUploader, Provider, ProviderConfig
 from nodepool_lite.drivers.openstack import config
+from nodepool_lite.exceptions import NodepoolError
 from nodepool_lite.zk import ZooKeeper
 
 
@@ -32,3 +33,15 @@ class OpenStackDriver(Driver):
 
         assert isinstance(cfg, config.OpenStackProviderConfig)
         return GlanceUploader(cfg)
+
+    def alien_servers(self, cfg: ProviderConfig) -> list[tuple[str, str]]:
+        from openstack import exceptions as os_exc
+
+        from nodepool_lite.drivers.openstack.provider import connect, is_ours
+
+        assert isinstance(cfg, config.OpenStackProviderConfig)
+        try:
+            servers = list(connect(cfg).compute.servers(details=True))
+        except os_exc.SDKException as error:
+            raise NodepoolError(f"Cloud {cfg.cloud}: cannot list servers ({error}).") from None
+        return [(s.id, s.name) for s in servers if not is_ours(s, cfg.name)]

@@ -42,6 +42,7 @@ META_PROVIDER = "nodepool_provider_name"
 META_POOL = "nodepool_pool_name"
 META_LABEL = "nodepool_node_label"
 DELETE_TIMEOUT = 600.0
+LEAK_SCAN_INTERVAL = 60.0
 
 
 class OpenStackProvider(Provider):
@@ -58,6 +59,7 @@ class OpenStackProvider(Provider):
         self._lock = threading.Lock()
         self._keypair_ready = False
         self._flavors: dict[str, object] = {}
+        self._leak_scan = -LEAK_SCAN_INTERVAL
 
     @property
     def conn(self) -> openstack.connection.Connection:
@@ -78,21 +80,23 @@ class OpenStackProvider(Provider):
     def servers(self) -> list:
         return list(self.conn.compute.servers(details=True))
 
-    def _ours(self, server) -> bool:
-        return (server.metadata or {}).get(META_PROVIDER) == self.provider.name
-
     def _servers_of(self, node_id: str) -> list:
         return [
             s
             for s in self.servers()
-            if self._ours(s) and (s.metadata or {}).get(META_NODE) == node_id
+            if is_ours(s, self.provider.name) and s.metadata.get(META_NODE) == node_id
         ]
 
     def leaked_node_ids(self) -> list[str]:
-        return sorted({s.metadata[META_NODE] for s in self.servers() if self._ours(s)})
-
-    def alien_servers(self) -> list[str]:
-        return [f"{s.id} {s.name}" for s in self.servers() if not self._ours(s)]
+        """Node ids of our servers, listed at most every LEAK_SCAN_INTERVAL:
+        the cleanup worker asks on every ZooKeeper change, a cloud API is slow
+        and rate limited (Nodepool's leak cleanup runs on an interval too)."""
+        with self._lock:
+            if time.monotonic() - self._leak_scan < LEAK_SCAN_INTERVAL:
+                return []
+            self._leak_scan = time.monotonic()
+        name = self.provider.name
+        return sorted({s.metadata[META_NODE] for s in self.servers() if is_ours(s, name)})
 
     def node_alive(self, node: Node) -> bool:
         return any(s.status not in ("ERROR", "DELETED") for s in self._servers_of(node.id or ""))
@@ -271,6 +275,12 @@ class OpenStackProvider(Provider):
         return [
             n for n in self.zk.nodes() if n.provider == self.provider.name and n.pool == pool.name
         ]
+
+
+def is_ours(server, provider: str) -> bool:
+    """A server of `provider` (by our metadata), with a node id."""
+    meta = server.metadata or {}
+    return meta.get(META_PROVIDER) == provider and bool(meta.get(META_NODE))
 
 
 def connect(provider: OpenStackProviderConfig) -> openstack.connection.Connection:
