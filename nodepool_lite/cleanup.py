@@ -27,6 +27,7 @@ from nodepool_lite.worker import BaseWorker
 from nodepool_lite.zk import REQUEST_LOCK_ROOT
 
 if TYPE_CHECKING:
+    from nodepool_lite.drivers.base import Provider
     from nodepool_lite.launcher import NodePool
 
 log = logging.getLogger("nodepool_lite.launcher.CleanupWorker")
@@ -55,7 +56,12 @@ class CleanupWorker(BaseWorker):
                 NodeState.READY, NodeState.IN_USE, NodeState.HOLD,
             ):  # fmt: skip
                 continue
-            if provider.adopt(node):
+            try:
+                alive = provider.adopt(node)
+            except exc.NodepoolError as error:
+                log.warning("Node %s left as it is: %s", node.id, error)
+                continue  # its provider cannot tell now; the next start asks again
+            if alive:
                 log.info("Adopted node %s (%s, %s)", node.id, node.type, node.state)
                 continue
             try:
@@ -108,17 +114,24 @@ class CleanupWorker(BaseWorker):
             if self._should_destroy(node, launchers, requests):
                 self._destroy(node, launchers, requests)
         for name, provider in self.nodepool.providers.items():
-            for node_id in provider.leaked_node_ids():
-                if node_id in known or node_id in self.deleting:
-                    continue
-                if self.zk.get_node(node_id) is None:
-                    log.warning("Destroying leaked node %s of provider %s", node_id, name)
-                    provider.cleanup_node(node_id)
+            try:
+                self._destroy_leaked(name, provider, known)
+            except exc.NodepoolError as error:
+                # One provider that cannot answer (a cloud down) holds up no other.
+                log.warning("Leak cleanup of provider %s failed: %s", name, error)
         for request_id in self.zk.request_lock_ids():
             if request_id not in requests and not self.zk.get_children(
                 f"{REQUEST_LOCK_ROOT}/{request_id}"
             ):
                 self.zk.delete_request_lock(request_id)
+
+    def _destroy_leaked(self, name: str, provider: Provider, known: set) -> None:
+        for node_id in provider.leaked_node_ids():
+            if node_id in known or node_id in self.deleting:
+                continue
+            if self.zk.get_node(node_id) is None:
+                log.warning("Destroying leaked node %s of provider %s", node_id, name)
+                provider.cleanup_node(node_id)
 
     def _destroy(self, node: Node, launchers: set[str], requests: dict) -> None:
         try:
@@ -145,9 +158,13 @@ class CleanupWorker(BaseWorker):
 
     def _delete_node(self, node: Node) -> None:
         provider = self.nodepool.providers[node.provider]
+        deleted = False
         try:
             provider.cleanup_node(node.id or "")
             self.zk.delete_node(node)
+            deleted = True
+        except exc.NodepoolError as error:
+            log.warning("Could not delete node %s, will retry: %s", node.id, error)
         except Exception:
             log.exception("Could not delete node %s; will retry", node.id)
         finally:
@@ -157,4 +174,7 @@ class CleanupWorker(BaseWorker):
                 pass
             with self._deleters_lock:
                 self.deleting.discard(node.id or "")
+        if deleted:
             self.wake_event.set()
+        # else: retried on the next change or tick, not in a loop against a
+        # provider that is down.

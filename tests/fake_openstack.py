@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import requests
 import requests_mock
 from openstack.fixture.connection import ConnectionFixture
 
@@ -89,6 +90,7 @@ class FakeCloud:
     deleted: list[str] = field(default_factory=list)
     limits_asked: threading.Event = field(default_factory=threading.Event)
     unknown: list[str] = field(default_factory=list)  # requests no route answered
+    down: bool = False  # Nova and Glance refuse connections
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
@@ -131,6 +133,8 @@ class FakeCloud:
             mocker.register_uri(method, glance, json=self._glance)
 
     def _nova(self, request, context):
+        if self.down:
+            raise requests.exceptions.ConnectionError("Connection refused")
         path = request.path.removeprefix("/v2.1").rstrip("/")
         with self.lock:
             return self._route_nova(request, context, path)

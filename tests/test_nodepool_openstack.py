@@ -175,6 +175,20 @@ def test_boot_errors_fail_the_request_with_the_fault(nodepool, cloud, zk):
     wait_for(lambda: not cloud.servers and not zk.nodes(), 30, "errored servers deleted")
 
 
+def test_cloud_down_fails_the_request_with_a_sentence(nodepool, cloud, zk):
+    cloud.down = True
+    np = nodepool(provider={"launch-retries": 1})  # starts: the leak scan only warns
+    req, done, _ = request(zk, LABEL)
+    assert done.wait(30)
+    failed = zk.get_node_request(req.id)
+    assert failed.state == RequestState.FAILED
+    assert "cannot create its server" in failed.reason and "Traceback" not in failed.reason
+    # The failed node is removed once the cloud can say it has no server.
+    cloud.down = False
+    np.wake()
+    wait_for(lambda: not zk.nodes(), 30, "failed node removed")
+
+
 def test_full_quota_makes_the_request_wait(nodepool, cloud, zk):
     cloud.max_instances = 1
     cloud.add_server("someone-elses")  # not ours, but it counts in the quota

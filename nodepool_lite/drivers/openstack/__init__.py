@@ -35,13 +35,11 @@ class OpenStackDriver(Driver):
         return GlanceUploader(cfg)
 
     def alien_servers(self, cfg: ProviderConfig) -> list[tuple[str, str]]:
-        from openstack import exceptions as os_exc
-
-        from nodepool_lite.drivers.openstack.provider import connect, is_ours
+        from nodepool_lite.drivers.openstack.provider import CLOUD_ERRORS, connect, is_ours
 
         assert isinstance(cfg, config.OpenStackProviderConfig)
         try:
             servers = list(connect(cfg).compute.servers(details=True))
-        except os_exc.SDKException as error:
+        except CLOUD_ERRORS as error:
             raise NodepoolError(f"Cloud {cfg.cloud}: cannot list servers ({error}).") from None
         return [(s.id, s.name) for s in servers if not is_ours(s, cfg.name)]

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import logging
 
-from openstack import exceptions as os_exc
-
 from nodepool_lite.drivers.base import RequestHandler
 from nodepool_lite.drivers.openstack.config import OpenStackPool
-from nodepool_lite.drivers.openstack.provider import OpenStackProvider
+from nodepool_lite.drivers.openstack.provider import CLOUD_ERRORS, OpenStackProvider
 from nodepool_lite.exceptions import LaunchError
 from nodepool_lite.model import Node, NodeState
 
@@ -35,7 +33,7 @@ class OpenStackRequestHandler(RequestHandler):
             return False
         try:
             return self._within_quota(labels) and self._within_pool_limits(labels)
-        except (os_exc.SDKException, LaunchError) as error:
+        except (*CLOUD_ERRORS, LaunchError) as error:
             # The cloud cannot tell: let the launch try, and fail with its reason.
             log.warning("Quota of cloud %s unknown: %s", self.provider.provider.cloud, error)
             return True

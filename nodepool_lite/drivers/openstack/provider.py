@@ -20,6 +20,7 @@ from pathlib import Path
 
 import openstack
 import paramiko
+from keystoneauth1 import exceptions as ksa_exc
 from openstack import exceptions as os_exc
 from openstack.config import loader
 
@@ -31,7 +32,7 @@ from nodepool_lite.drivers.openstack.config import (
     OpenStackProviderConfig,
 )
 from nodepool_lite.drivers.sshscan import scan_host_key
-from nodepool_lite.exceptions import LaunchError
+from nodepool_lite.exceptions import LaunchError, NodepoolError
 from nodepool_lite.model import Node
 from nodepool_lite.zk import ZooKeeper
 
@@ -43,6 +44,9 @@ META_POOL = "nodepool_pool_name"
 META_LABEL = "nodepool_node_label"
 DELETE_TIMEOUT = 600.0
 LEAK_SCAN_INTERVAL = 60.0
+# What a cloud call raises: the API's errors, and keystoneauth's (connection
+# refused, timeouts, authentication) which openstacksdk lets through.
+CLOUD_ERRORS = (os_exc.SDKException, ksa_exc.ClientException)
 
 
 class OpenStackProvider(Provider):
@@ -78,7 +82,12 @@ class OpenStackProvider(Provider):
     # What the cloud runs -------------------------------------------------
 
     def servers(self) -> list:
-        return list(self.conn.compute.servers(details=True))
+        try:
+            return list(self.conn.compute.servers(details=True))
+        except CLOUD_ERRORS as error:
+            raise NodepoolError(
+                f"Cloud {self.provider.cloud}: cannot list servers ({error})."
+            ) from None
 
     def _servers_of(self, node_id: str) -> list:
         return [
@@ -160,8 +169,8 @@ class OpenStackProvider(Provider):
         start = time.monotonic()
         try:
             server = self._create(node, pool, label)
-        except os_exc.SDKException as error:
-            raise LaunchError(f"Node {node.id}: cloud refused the server ({error}).") from None
+        except CLOUD_ERRORS as error:
+            raise LaunchError(f"Node {node.id}: cannot create its server ({error}).") from None
         node.external_id = server.id
         self.zk.store_node(node)  # a crash from here on leaves a findable server
         try:
@@ -235,7 +244,7 @@ class OpenStackProvider(Provider):
     def _fault(self, server) -> str:
         try:
             fault = self.conn.compute.get_server(server.id).fault or {}
-        except os_exc.SDKException:
+        except CLOUD_ERRORS:
             fault = {}
         return f"went to ERROR: {fault.get('message') or 'no fault given'}"
 
@@ -256,17 +265,19 @@ class OpenStackProvider(Provider):
     def cleanup_node(self, node_id: str) -> None:
         """Delete every server of `node_id` and wait until the cloud lists none."""
         servers = self._servers_of(node_id)
-        for server in servers:
-            self.conn.compute.delete_server(server, ignore_missing=True)
-        for server in servers:
-            try:
+        try:
+            for server in servers:
+                self.conn.compute.delete_server(server, ignore_missing=True)
+            for server in servers:
                 self.conn.compute.wait_for_delete(
                     server, interval=self.poll_interval, wait=DELETE_TIMEOUT
                 )
-            except os_exc.ResourceTimeout:
-                raise LaunchError(
-                    f"Node {node_id}: server {server.id} still there after {DELETE_TIMEOUT:.0f}s."
-                ) from None
+        except os_exc.ResourceTimeout:
+            raise LaunchError(
+                f"Node {node_id}: a server still there after {DELETE_TIMEOUT:.0f}s."
+            ) from None
+        except CLOUD_ERRORS as error:
+            raise LaunchError(f"Node {node_id}: cannot delete its server ({error}).") from None
         log.info("Node %s: %d server(s) deleted", node_id, len(servers))
 
     def pool_nodes(self, pool: OpenStackPool) -> list[Node]:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from openstack import exceptions as os_exc
-
 from nodepool_lite.drivers.base import ImageUploader
 from nodepool_lite.drivers.openstack.config import OpenStackProviderConfig
-from nodepool_lite.drivers.openstack.provider import connect
+from nodepool_lite.drivers.openstack.provider import CLOUD_ERRORS, connect
 from nodepool_lite.exceptions import NodepoolError
 
 log = logging.getLogger("nodepool_lite.drivers.openstack.upload")
@@ -34,7 +32,7 @@ class GlanceUploader(ImageUploader):
                 wait=True,
                 timeout=UPLOAD_TIMEOUT,
             )
-        except os_exc.SDKException as error:
+        except CLOUD_ERRORS as error:
             raise NodepoolError(
                 f"Upload of {name} to {self.provider.name} failed: {error}"
             ) from None
@@ -45,7 +43,7 @@ class GlanceUploader(ImageUploader):
         conn = connect(self.provider)
         try:
             conn.image.delete_image(external_id, ignore_missing=True)
-        except os_exc.SDKException as error:
+        except CLOUD_ERRORS as error:
             raise NodepoolError(
                 f"Deleting image {external_id} from {self.provider.name} failed: {error}"
             ) from None
