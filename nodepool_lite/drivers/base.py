@@ -1,6 +1,6 @@
 """The driver interface, in Nodepool's shape (nodepool/driver/__init__.py).
 
-A driver brings three things, and the launcher and `config.py` know nothing
+A driver brings these, and the launcher and `config.py` know nothing
 else about it:
 
 - `Driver`: its name, the voluptuous schema of a `providers:` entry of its
