@@ -11,9 +11,10 @@ and a restarted builder can fail what it left behind. Its output lives in
 
 The daemon (`NodePoolBuilder`) runs the Nodepool threads: a BuildWorker that
 builds on request (`nodepool image-build`) and when the newest ready build is
-older than `rebuild-age`, and a CleanupWorker that keeps the newest
-`KEEP_READY` ready builds. `build_image()` is the same build, synchronous, for
-`nodepool image-build --wait` and the tests.
+older than `rebuild-age`, a CleanupWorker that keeps the newest
+`KEEP_READY` ready builds, and an UploadWorker (uploader.py) that uploads
+builds to providers keeping their own copy (openstack). `build_image()` is
+the same build, synchronous, for `nodepool image-build --wait` and the tests.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from nodepool_lite import exceptions as exc
 from nodepool_lite.config import Config, DiskImage
 from nodepool_lite.drivers.userns import shift_rootfs
 from nodepool_lite.model import BuildState, ImageBuild
+from nodepool_lite.uploader import UploadWorker
 from nodepool_lite.zk import IMAGE_BUILD_REQUEST_ROOT, ZooKeeper
 
 log = logging.getLogger("nodepool_lite.builder")
@@ -313,6 +315,12 @@ def cleanup(config: Config, zk: ZooKeeper) -> None:
         if _build_key(build) in in_use or build.state == BuildState.BUILDING:
             continue
         if build.state == BuildState.DELETING or _expired(config, build, builds):
+            if zk.get_image_uploads(build.image, build.id or ""):
+                # The upload worker deletes its uploads first (uploader.py).
+                if build.state != BuildState.DELETING:
+                    build.state = BuildState.DELETING
+                    zk.store_image_build(build.image, build)
+                continue
             remove_build(config, zk, build)
     # A dir listed before the records were read had its record stored already
     # (build_image stores it before mkdir), so "no record" means leaked.
@@ -359,6 +367,7 @@ class BuildWorker(threading.Thread):
         self.wake = threading.Event()
         self.stop_event = threading.Event()
         self.current: BuildRun | None = None
+        self.on_built: Callable[[], None] | None = None  # wakes the upload worker
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -408,6 +417,8 @@ class BuildWorker(threading.Thread):
             self.current = BuildRun()
             if not self.stop_event.is_set():
                 build_image(self.config, self.zk, name, run=self.current)
+                if self.on_built is not None:
+                    self.on_built()
         finally:
             self.current = None
             lock.release()
@@ -443,18 +454,23 @@ class NodePoolBuilder:
         self.zk = zk
         self.build_worker = BuildWorker(config, zk, interval)
         self.cleanup_worker = CleanupWorker(config, zk, interval)
+        self.upload_worker = UploadWorker(config, zk, interval)
+        self.build_worker.on_built = self.upload_worker.wake.set
 
     def start(self) -> None:
         images_dir(self.config).mkdir(parents=True, exist_ok=True)
         reconcile(self.config, self.zk)
         self.cleanup_worker.start()
+        self.upload_worker.start()
         self.build_worker.start()
         log.info("Builder started for images %s", ", ".join(image_names(self.config)))
 
     def stop(self) -> None:
         self.build_worker.stop()
         self.cleanup_worker.stop()
+        self.upload_worker.stop()
 
     def join(self, timeout: float | None = None) -> None:
         self.build_worker.join(timeout)
         self.cleanup_worker.join(timeout)
+        self.upload_worker.join(timeout)

@@ -23,28 +23,26 @@ from typing import TYPE_CHECKING
 
 from nodepool_lite import exceptions as exc
 from nodepool_lite.model import Node, NodeState, RequestState
+from nodepool_lite.worker import BaseWorker
 from nodepool_lite.zk import REQUEST_LOCK_ROOT
 
 if TYPE_CHECKING:
+    from nodepool_lite.drivers.base import Provider
     from nodepool_lite.launcher import NodePool
 
 log = logging.getLogger("nodepool_lite.launcher.CleanupWorker")
 
-# Watches wake the worker on every node and request change; a requestor that
-# dies while a node is in-use only drops its lock, which nothing watches, so
-# that case (and watches lost with a session) waits for this tick.
-SAFETY_TICK = 30.0
 
-
-class CleanupWorker(threading.Thread):
-    """Also called DeletedNodeWorker in Nodepool; one per NodePool."""
+class CleanupWorker(BaseWorker):
+    """Also called DeletedNodeWorker in Nodepool; one per NodePool. Watches
+    wake it on every node and request change; a requestor that dies while a
+    node is in-use only drops its lock, which nothing watches, so that case
+    waits for the safety tick."""
 
     def __init__(self, nodepool: NodePool):
-        super().__init__(name="CleanupWorker", daemon=True)
+        super().__init__("CleanupWorker", nodepool.stop_event, log)
         self.nodepool = nodepool
         self.zk = nodepool.zk
-        self.stop_event = nodepool.stop_event
-        self.wake_event = threading.Event()
         self.deleting: set[str] = set()
         self._deleters: list[threading.Thread] = []
         self._deleters_lock = threading.Lock()
@@ -58,7 +56,12 @@ class CleanupWorker(threading.Thread):
                 NodeState.READY, NodeState.IN_USE, NodeState.HOLD,
             ):  # fmt: skip
                 continue
-            if provider.adopt(node):
+            try:
+                alive = provider.adopt(node)
+            except exc.NodepoolError as error:
+                log.warning("Node %s left as it is: %s", node.id, error)
+                continue  # its provider cannot tell now; the next start asks again
+            if alive:
                 log.info("Adopted node %s (%s, %s)", node.id, node.type, node.state)
                 continue
             try:
@@ -73,18 +76,10 @@ class CleanupWorker(threading.Thread):
                 self.zk.unlock_node(node)
         self.cleanup()
 
-    def run(self) -> None:
-        while not self.stop_event.is_set():
-            self.wake_event.wait(SAFETY_TICK)
-            self.wake_event.clear()
-            if self.stop_event.is_set():
-                break
-            try:
-                self.cleanup()
-            except exc.ZKError as error:
-                log.warning("Cleanup failed, retrying on next change: %s", error)
-            except Exception:
-                log.exception("Cleanup failed")
+    def run_once(self) -> None:
+        self.cleanup()
+
+    def stopped(self) -> None:
         for thread in list(self._deleters):
             thread.join()
 
@@ -119,17 +114,24 @@ class CleanupWorker(threading.Thread):
             if self._should_destroy(node, launchers, requests):
                 self._destroy(node, launchers, requests)
         for name, provider in self.nodepool.providers.items():
-            for node_id in provider.leaked_node_ids():
-                if node_id in known or node_id in self.deleting:
-                    continue
-                if self.zk.get_node(node_id) is None:
-                    log.warning("Destroying leaked node %s of provider %s", node_id, name)
-                    provider.cleanup_node(node_id)
+            try:
+                self._destroy_leaked(name, provider, known)
+            except exc.NodepoolError as error:
+                # One provider that cannot answer (a cloud down) holds up no other.
+                log.warning("Leak cleanup of provider %s failed: %s", name, error)
         for request_id in self.zk.request_lock_ids():
             if request_id not in requests and not self.zk.get_children(
                 f"{REQUEST_LOCK_ROOT}/{request_id}"
             ):
                 self.zk.delete_request_lock(request_id)
+
+    def _destroy_leaked(self, name: str, provider: Provider, known: set) -> None:
+        for node_id in provider.leaked_node_ids():
+            if node_id in known or node_id in self.deleting:
+                continue
+            if self.zk.get_node(node_id) is None:
+                log.warning("Destroying leaked node %s of provider %s", node_id, name)
+                provider.cleanup_node(node_id)
 
     def _destroy(self, node: Node, launchers: set[str], requests: dict) -> None:
         try:
@@ -156,9 +158,13 @@ class CleanupWorker(threading.Thread):
 
     def _delete_node(self, node: Node) -> None:
         provider = self.nodepool.providers[node.provider]
+        deleted = False
         try:
             provider.cleanup_node(node.id or "")
             self.zk.delete_node(node)
+            deleted = True
+        except exc.NodepoolError as error:
+            log.warning("Could not delete node %s, will retry: %s", node.id, error)
         except Exception:
             log.exception("Could not delete node %s; will retry", node.id)
         finally:
@@ -168,4 +174,7 @@ class CleanupWorker(threading.Thread):
                 pass
             with self._deleters_lock:
                 self.deleting.discard(node.id or "")
+        if deleted:
             self.wake_event.set()
+        # else: retried on the next change or tick, not in a loop against a
+        # provider that is down.

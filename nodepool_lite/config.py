@@ -16,6 +16,8 @@ import voluptuous as v
 import yaml
 
 from nodepool_lite import tls
+from nodepool_lite.drivers import registry
+from nodepool_lite.drivers.base import ProviderConfig
 from nodepool_lite.exceptions import ConfigError
 from nodepool_lite.tls import TLSFiles
 
@@ -35,42 +37,9 @@ _diskimage = {
     v.Optional("env-vars", default=dict): {str: v.Coerce(str)},
     v.Optional("formats", default=lambda: ["tar"]): [str],
 }
-_bind = v.Any(str, {v.Required("host"): str, v.Optional("node"): str})
-_pool_label = {
-    v.Required("name"): str,
-    v.Optional("diskimage"): str,
-    # What one node of the label may take (container drivers): MiB of memory,
-    # processes and threads, CPUs (a quota; none by default), MiB of disk.
-    v.Optional("memory", default=4096): v.All(int, v.Range(min=64)),
-    v.Optional("tasks", default=4096): v.All(int, v.Range(min=16)),
-    v.Optional("cpus"): v.All(v.Coerce(float), v.Range(min=0.1)),
-    v.Optional("disk", default=20480): v.All(int, v.Range(min=64)),
-    # Mounts for this label's nodes only, beside the pool's: the shared compiler
-    # cache is read-only for untrusted labels and writable for the trusted one.
-    v.Optional("bind-ro", default=list): [_bind],
-    v.Optional("bind", default=list): [_bind],
-}
-_static_node = {
-    v.Required("name"): str,
-    v.Required("labels"): [str],
-    v.Optional("username", default="zuul"): str,
-    v.Optional("connection-port", default=22): int,
-    v.Optional("host-key"): str,
-}
-_pool = {
-    v.Required("name"): str,
-    v.Optional("max-servers", default=1): v.All(int, v.Range(min=0)),
-    v.Optional("boot-timeout", default=60): v.All(v.Coerce(float), v.Range(min=1)),
-    v.Optional("bind-ro", default=list): [_bind],
-    v.Optional("bind", default=list): [_bind],
-    v.Optional("labels", default=list): [_pool_label],
-    v.Optional("nodes", default=list): [_static_node],
-}
-_provider = {
-    v.Required("name"): str,
-    v.Required("driver"): v.In(["nspawn", "static"], msg="expected nspawn or static"),
-    v.Required("pools"): [_pool],
-}
+# Only what every driver has; the rest of an entry is the driver's schema
+# (drivers/<name>/config.py), checked once its driver is known.
+_provider = {v.Required("name"): str, v.Required("driver"): str, v.Extra: object}
 SCHEMA = v.Schema(
     {
         v.Optional("zookeeper-servers", default=lambda: [{"host": "127.0.0.1"}]): [_zk_server],
@@ -85,27 +54,6 @@ SCHEMA = v.Schema(
 
 
 @dataclass(frozen=True)
-class Limits:
-    """What one node of a label may take of its host (nodepool_lite/drivers/limits.py)."""
-
-    memory_mb: int
-    tasks: int
-    cpus: float | None  # None: no CPU quota
-    disk_mb: int
-
-
-DEFAULT_LIMITS = Limits(memory_mb=4096, tasks=4096, cpus=None, disk_mb=20480)
-
-
-@dataclass(frozen=True)
-class Bind:
-    """A host path mounted into every node at `node` (the same path by default)."""
-
-    host: str
-    node: str
-
-
-@dataclass(frozen=True)
 class DiskImage:
     name: str
     elements: list[str]
@@ -115,52 +63,6 @@ class DiskImage:
     formats: list[str]
 
 
-@dataclass(frozen=True)
-class PoolLabel:
-    name: str
-    diskimage: str | None
-    limits: Limits = DEFAULT_LIMITS
-    bind_ro: tuple[Bind, ...] = ()
-    bind: tuple[Bind, ...] = ()
-
-
-@dataclass(frozen=True)
-class StaticNode:
-    name: str  # host name or address
-    labels: list[str]
-    username: str
-    connection_port: int
-    host_key: str | None
-
-
-@dataclass(frozen=True)
-class Pool:
-    name: str
-    max_servers: int
-    boot_timeout: float
-    bind_ro: list[Bind]
-    bind: list[Bind]
-    labels: dict[str, PoolLabel]
-    nodes: list[StaticNode]
-
-    def mounts(self, label: str) -> list[tuple[Bind, bool]]:
-        """(bind, writable) for a node of `label`: the pool's, then the label's."""
-        own = self.labels.get(label)
-        return [
-            *((b, False) for b in self.bind_ro),
-            *((b, True) for b in self.bind),
-            *((b, False) for b in (own.bind_ro if own else ())),
-            *((b, True) for b in (own.bind if own else ())),
-        ]
-
-
-@dataclass(frozen=True)
-class Provider:
-    name: str
-    driver: str
-    pools: list[Pool]
-
-
 @dataclass
 class Config:
     path: Path
@@ -168,7 +70,7 @@ class Config:
     state_dir: Path
     labels: list[str]
     diskimages: list[DiskImage]
-    providers: list[Provider]
+    providers: list[ProviderConfig]
     zookeeper_tls: TLSFiles | None = None
 
     def diskimage(self, name: str) -> DiskImage | None:
@@ -182,70 +84,48 @@ def _key_path(path: list[Any]) -> str:
     return out or "(top level)"
 
 
-def _binds(entries: list[Any]) -> list[Bind]:
-    return [
-        Bind(e, e) if isinstance(e, str) else Bind(e["host"], e.get("node", e["host"]))
-        for e in entries
-    ]
-
-
-def _pool_labels(pool: dict) -> dict[str, PoolLabel]:
-    """A static pool offers the labels of its hosts without listing them again."""
-    labels = {
-        lb["name"]: PoolLabel(
-            lb["name"],
-            lb.get("diskimage"),
-            Limits(lb["memory"], lb["tasks"], lb.get("cpus"), lb["disk"]),
-            tuple(_binds(lb["bind-ro"])),
-            tuple(_binds(lb["bind"])),
-        )
-        for lb in pool["labels"]
-    }
-    for node in pool["nodes"]:
-        for name in node["labels"]:
-            labels.setdefault(name, PoolLabel(name, None))
-    return labels
-
-
 def _zookeeper_hosts(servers: list[dict]) -> str:
     hosts = ",".join(f"{s['host']}:{s['port']}" for s in servers)
     chroot = next((s["chroot"] for s in servers if s.get("chroot")), "")
     return hosts + ("/" + chroot.strip("/") if chroot.strip("/") else "")
 
 
-def _check_mount_points(binds: list[Any], where: list[Any]) -> None:
-    """One mount per node path: a path both read-only and writable would leave
-    which one wins to nspawn's argument order."""
-    seen = set()
-    for bind in _binds(binds):
-        if bind.node in seen:
-            raise v.Invalid(f"{bind.node} is mounted twice (pool and label binds)", where)
-        seen.add(bind.node)
-
-
-def _check_references(data: dict) -> None:
-    """Names used across sections must exist; raises v.Invalid with a path."""
+def _check_labels(data: dict, where: list[Any]) -> None:
+    """A pool's labels must be declared, and the images they boot defined;
+    raises v.Invalid with a path."""
     labels = {label["name"] for label in data["labels"]}
     images = {image["name"] for image in data["diskimages"]}
-    for pi, provider in enumerate(data["providers"]):
-        for qi, pool in enumerate(provider["pools"]):
-            where = ["providers", pi, "pools", qi]
-            for li, label in enumerate(pool["labels"]):
-                if label["name"] not in labels:
-                    raise v.Invalid(f"unknown label {label['name']!r}", [*where, "labels", li])
-                _check_mount_points(
-                    [*pool["bind-ro"], *pool["bind"], *label["bind-ro"], *label["bind"]],
-                    [*where, "labels", li],
-                )
-                if provider["driver"] == "nspawn" and label.get("diskimage") not in images:
-                    raise v.Invalid(
-                        f"unknown diskimage {label.get('diskimage')!r}",
-                        [*where, "labels", li, "diskimage"],
-                    )
-            for ni, node in enumerate(pool["nodes"]):
-                for label in node["labels"]:
-                    if label not in labels:
-                        raise v.Invalid(f"unknown label {label!r}", [*where, "nodes", ni])
+    provider = data["providers"][where[-1]]
+    for qi, pool in enumerate(provider.get("pools", [])):
+        for li, label in enumerate(pool.get("labels", [])):
+            at = [*where, "pools", qi, "labels", li]
+            if label["name"] not in labels:
+                raise v.Invalid(f"unknown label {label['name']!r}", at)
+            if "diskimage" in label and label["diskimage"] not in images:
+                raise v.Invalid(f"unknown diskimage {label['diskimage']!r}", [*at, "diskimage"])
+
+
+def _load_provider(data: dict, index: int) -> ProviderConfig:
+    """Entry `index` of `providers:`, by its driver's schema and loader."""
+    where: list[Any] = ["providers", index]
+    entry = data["providers"][index]
+    driver = registry.get_driver(entry["driver"])
+    if driver is None:
+        raise v.Invalid(f"expected one of {', '.join(registry.names())}", [*where, "driver"])
+    try:
+        data["providers"][index] = entry = driver.schema()(entry)
+    except v.MultipleInvalid as error:
+        first = error.errors[0]
+        if first.error_message == "extra keys not allowed":
+            raise v.Invalid(
+                f"not a key of the {driver.name} driver", [*where, *first.path]
+            ) from None
+        raise v.Invalid(first.msg, [*where, *first.path]) from None
+    _check_labels(data, where)
+    try:
+        return driver.load(entry, data)
+    except v.Invalid as error:
+        raise v.Invalid(error.msg, [*where, *error.path]) from None
 
 
 def load(path: str | Path) -> Config:
@@ -261,7 +141,7 @@ def load(path: str | Path) -> Config:
         raise ConfigError(f"{path}: invalid YAML at {where}.") from None
     try:
         data = SCHEMA(raw)
-        _check_references(data)
+        providers = [_load_provider(data, i) for i in range(len(data["providers"]))]
     except v.MultipleInvalid as error:
         first = error.errors[0]
         raise ConfigError(f"{path}: {_key_path(first.path)}: {first.msg}") from None
@@ -288,32 +168,5 @@ def load(path: str | Path) -> Config:
             )
             for d in data["diskimages"]
         ],
-        providers=[
-            Provider(
-                name=p["name"],
-                driver=p["driver"],
-                pools=[
-                    Pool(
-                        name=q["name"],
-                        max_servers=q["max-servers"],
-                        boot_timeout=q["boot-timeout"],
-                        bind_ro=_binds(q["bind-ro"]),
-                        bind=_binds(q["bind"]),
-                        labels=_pool_labels(q),
-                        nodes=[
-                            StaticNode(
-                                name=n["name"],
-                                labels=n["labels"],
-                                username=n["username"],
-                                connection_port=n["connection-port"],
-                                host_key=n.get("host-key"),
-                            )
-                            for n in q["nodes"]
-                        ],
-                    )
-                    for q in p["pools"]
-                ],
-            )
-            for p in data["providers"]
-        ],
+        providers=providers,
     )

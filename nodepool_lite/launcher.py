@@ -26,14 +26,13 @@ from pathlib import Path
 from nodepool_lite import config as npconfig
 from nodepool_lite import exceptions as exc
 from nodepool_lite.cleanup import CleanupWorker
-from nodepool_lite.drivers import Provider, get_provider
+from nodepool_lite.drivers import registry
+from nodepool_lite.drivers.base import PoolConfig, Provider
 from nodepool_lite.model import Node, NodeRequest, NodeState, RequestState
+from nodepool_lite.worker import BaseWorker
 from nodepool_lite.zk import IMAGE_ROOT, LAUNCHER_ROOT, NODE_ROOT, REQUEST_ROOT, ZooKeeper
 
 log = logging.getLogger("nodepool_lite.launcher")
-
-SAFETY_TICK = 30.0  # seconds; watches do the real work
-LAUNCH_ATTEMPTS = 3
 
 
 class TreeWatcher:
@@ -119,14 +118,15 @@ class NodeLauncher(threading.Thread):
     def _launch(self, node: Node) -> str | None:
         """Boot one node; returns an error message or None."""
         error = "unknown error"
-        for attempt in range(1, LAUNCH_ATTEMPTS + 1):
+        attempts = self.worker.handler.launch_attempts
+        for attempt in range(1, attempts + 1):
             try:
-                self.worker.provider.launch(node, self.worker.pool)
+                self.worker.handler.launch(node)
             except Exception as e:  # a driver failure of any kind fails this attempt
                 error = str(e)
                 self.log.warning(
                     "Launch of node %s failed (attempt %d/%d): %s",
-                    node.id, attempt, LAUNCH_ATTEMPTS, error,
+                    node.id, attempt, attempts, error,
                 )  # fmt: skip
                 if self.worker.stop_event.is_set():
                     break
@@ -177,41 +177,32 @@ class NodeLauncher(threading.Thread):
                 self.zk.store_node(node)
 
 
-class PoolWorker(threading.Thread):
+class PoolWorker(BaseWorker):
     """Serves the requests one provider pool can serve, in order of priority."""
 
-    def __init__(self, nodepool: NodePool, provider: Provider, pool: npconfig.Pool):
-        super().__init__(name=f"PoolWorker-{provider.provider.name}-{pool.name}", daemon=True)
+    def __init__(self, nodepool: NodePool, provider: Provider, pool: PoolConfig):
+        name = f"{provider.provider.name}-{pool.name}"
+        super().__init__(
+            f"PoolWorker-{name}",
+            nodepool.stop_event,
+            logging.getLogger(f"nodepool_lite.launcher.PoolWorker.{name}"),
+        )
         self.nodepool = nodepool
         self.zk = nodepool.zk
         self.provider = provider
         self.pool = pool
-        self.launcher_id = (
-            f"{socket.gethostname()}-{provider.provider.name}-{pool.name}-{uuid.uuid4().hex[:8]}"
-        )
-        self.wake_event = threading.Event()
-        self.stop_event = nodepool.stop_event
+        self.handler = provider.request_handler(pool)
+        self.launcher_id = f"{socket.gethostname()}-{name}-{uuid.uuid4().hex[:8]}"
         self.launchers: set[NodeLauncher] = set()
         self._launchers_lock = threading.Lock()
-        self.log = logging.getLogger(
-            f"nodepool_lite.launcher.PoolWorker.{provider.provider.name}-{pool.name}"
-        )
 
     def register(self) -> None:
         self.zk.register_launcher(self.launcher_id, sorted(self.pool.labels))
 
-    def run(self) -> None:
-        while not self.stop_event.is_set():
-            self.wake_event.wait(SAFETY_TICK)
-            self.wake_event.clear()
-            if self.stop_event.is_set():
-                break
-            try:
-                self._process_requests()
-            except exc.ZKError as error:
-                self.log.warning("Request scan failed, retrying on next change: %s", error)
-            except Exception:
-                self.log.exception("Request scan failed")
+    def run_once(self) -> None:
+        self._process_requests()
+
+    def stopped(self) -> None:
         for launcher in list(self.launchers):
             launcher.join()
 
@@ -241,16 +232,13 @@ class PoolWorker(threading.Thread):
                 if set(launchers) <= set(req.declined_by):
                     self._decline(req, launchers)  # a launcher that could serve it left
                 continue
-            if any(label not in self.pool.labels for label in req.node_types):
+            if not self.handler.serves(req.node_types):
                 self._decline(req, launchers)
                 continue
-            if len(req.node_types) > self.pool.max_servers:
-                self._decline(req, launchers)
-                continue
-            if not self.provider.labels_ready(self.pool, req.node_types):
+            if not self.handler.ready(req.node_types):
                 self.log.debug("Request %s waits for an image of %s", req.id, req.node_types)
                 continue
-            if self._used_servers() + len(req.node_types) > self.pool.max_servers:
+            if not self.handler.has_capacity(req.node_types, self._used_servers()):
                 # First come, first served: later requests wait too.
                 self.log.debug("Request %s waits for capacity", req.id)
                 return
@@ -348,6 +336,7 @@ class NodePool:
         self.pool_workers: list[PoolWorker] = []
         self.cleanup_worker: CleanupWorker | None = None
         self.watchers: list[TreeWatcher] = []
+        self._unwatch: list[Callable[[], None]] = []
         self._launching: set[str] = set()
         self._launching_lock = threading.Lock()
 
@@ -379,17 +368,23 @@ class NodePool:
         self.zk.connect()
         self.zk.add_connection_listener(self._on_connection)
         for provider in self.config.providers:
-            self.providers[provider.name] = get_provider(provider, self.config.state_dir, self.zk)
+            driver = registry.get_driver(provider.driver)
+            assert driver is not None  # config.load refused unknown drivers
+            self.providers[provider.name] = driver.provider(
+                provider, self.config.state_dir, self.zk
+            )
             for pool in provider.pools:
                 self.pool_workers.append(PoolWorker(self, self.providers[provider.name], pool))
         self.cleanup_worker = CleanupWorker(self)
         self.cleanup_worker.reconcile()
         for worker in self.pool_workers:
             worker.register()
-        roots = [REQUEST_ROOT, NODE_ROOT] + [
-            f"{IMAGE_ROOT}/{image.name}/builds" for image in self.config.diskimages
+        self.watchers = [TreeWatcher(self.zk, r, self.wake) for r in (REQUEST_ROOT, NODE_ROOT)]
+        # Builds and their uploads, at any depth: a new one may make a label ready.
+        self._unwatch = [
+            self.zk.watch_tree(f"{IMAGE_ROOT}/{image.name}", self.wake)
+            for image in self.config.diskimages
         ]
-        self.watchers = [TreeWatcher(self.zk, root, self.wake) for root in roots]
         self.watchers.append(TreeWatcher(self.zk, LAUNCHER_ROOT, self.wake, data=False))
         for watcher in self.watchers:
             watcher.start()
@@ -412,6 +407,8 @@ class NodePool:
         self.stop_event.set()
         for watcher in self.watchers:
             watcher.stopped = True
+        for unwatch in self._unwatch:
+            unwatch()
         self.wake()
 
     def join(self) -> None:

@@ -1,4 +1,5 @@
-"""The objects nodepool keeps in ZooKeeper: nodes, node requests, image builds.
+"""The objects nodepool keeps in ZooKeeper: nodes, node requests, image builds
+and their uploads to providers.
 
 Each is a dataclass with `to_dict()`/`from_dict()` for the JSON stored in
 ZooKeeper. States are `str` Enums with their allowed transitions beside them,
@@ -42,6 +43,13 @@ class BuildState(StrEnum):
     DELETING = "deleting"
 
 
+class UploadState(StrEnum):
+    UPLOADING = "uploading"
+    READY = "ready"
+    FAILED = "failed"
+    DELETING = "deleting"
+
+
 _N = NodeState
 NODE_TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
     _N.BUILDING: frozenset({_N.READY, _N.FAILED, _N.DELETING}),
@@ -68,6 +76,15 @@ BUILD_TRANSITIONS: dict[BuildState, frozenset[BuildState]] = {
     _B.READY: frozenset({_B.DELETING}),
     _B.FAILED: frozenset({_B.DELETING}),
     _B.DELETING: frozenset(),
+}
+
+
+_U = UploadState
+UPLOAD_TRANSITIONS: dict[UploadState, frozenset[UploadState]] = {
+    _U.UPLOADING: frozenset({_U.READY, _U.FAILED, _U.DELETING}),
+    _U.READY: frozenset({_U.DELETING}),
+    _U.FAILED: frozenset({_U.DELETING}),
+    _U.DELETING: frozenset(),
 }
 
 
@@ -175,3 +192,22 @@ class ImageBuild(_Stored):
     state_time: float = field(default_factory=time.time)
     elements: list[str] = field(default_factory=list)
     log_path: str | None = None
+
+
+@dataclass(eq=False)
+class ImageUpload(_Stored):
+    """One image build uploaded to one provider (a Glance image for openstack)."""
+
+    STATES: ClassVar[type[Enum]] = UploadState
+    TRANSITIONS: ClassVar[dict[Any, frozenset[Any]]] = UPLOAD_TRANSITIONS
+
+    id: str | None = None
+    state: UploadState = UploadState.UPLOADING
+    image: str = ""
+    build_id: str = ""
+    provider: str = ""
+    external_id: str | None = None  # the provider's image id
+    external_name: str | None = None
+    reason: str | None = None  # why it failed
+    created_time: float = field(default_factory=time.time)
+    state_time: float = field(default_factory=time.time)

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from kazoo import exceptions as kze
 from kazoo.client import KazooClient, KazooState
 from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.recipe.cache import TreeCache
 from kazoo.recipe.lock import Lock as KazooLock
 from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 from kazoo.retry import KazooRetry
@@ -336,6 +337,22 @@ class ZooKeeper(NodepoolZK):
 
         with _translated():
             ChildrenWatch(self._zk, path, wrapper)
+
+    def watch_tree(self, path: str, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback()` on every change at or below `path` (kazoo's
+        TreeCache); returns the function that stops watching."""
+        cache = TreeCache(self._zk, path)
+
+        def listener(event: Any) -> None:
+            try:
+                callback()
+            except Exception:
+                log.exception("Tree watch callback on %s failed", path)
+
+        cache.listen(listener)
+        with _translated():
+            cache.start()
+        return cache.close
 
     def watch_data(self, path: str, callback: Callable[[dict | None, int | None], bool | None]):
         """Call `callback(data, version)` now and on every change (None, None when

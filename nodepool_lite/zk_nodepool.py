@@ -13,7 +13,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from nodepool_lite import exceptions as exc
-from nodepool_lite.model import BuildState, ImageBuild, Node, NodeRequest, RequestState
+from nodepool_lite.model import (
+    BuildState,
+    ImageBuild,
+    ImageUpload,
+    Node,
+    NodeRequest,
+    RequestState,
+    UploadState,
+)
 
 if TYPE_CHECKING:
     from nodepool_lite.zk import Lock
@@ -250,6 +258,51 @@ class NodepoolZK:
 
     def delete_image_build(self, image_name: str, build_id: str) -> None:
         self.delete(f"{self._builds_path(image_name)}/{build_id}", recursive=True)
+
+    # -- image uploads ------------------------------------------------------
+
+    def _uploads_path(self, image: str, build_id: str, provider: str) -> str:
+        return f"{self._builds_path(image)}/{build_id}/providers/{provider}/images"
+
+    def store_image_upload(self, upload: ImageUpload) -> str:
+        """Create (new sequence id when upload.id is None) or update; returns the id."""
+        root = self._uploads_path(upload.image, upload.build_id, upload.provider)
+        if upload.id is None:
+            path = self.create(f"{root}/", upload.to_dict(), sequence=True)
+            upload.id = path.rsplit("/", 1)[1]
+        else:
+            self.set(f"{root}/{upload.id}", upload.to_dict())
+        return upload.id
+
+    def get_image_uploads(
+        self, image: str, build_id: str, provider: str | None = None
+    ) -> list[ImageUpload]:
+        """Uploads of one build (to `provider`, or to every provider), oldest first."""
+        providers_root = f"{self._builds_path(image)}/{build_id}/providers"
+        uploads = []
+        for name in [provider] if provider else self.get_children(providers_root):
+            root = self._uploads_path(image, build_id, name)
+            for upload_id in self.get_children(root):
+                data = self.get_or_none(f"{root}/{upload_id}")
+                if data:
+                    uploads.append(ImageUpload.from_dict(data, id=upload_id))
+        return uploads
+
+    def get_most_recent_upload(self, image: str, provider: str) -> ImageUpload | None:
+        """The ready upload to `provider` of the newest ready build that has one."""
+        for build in reversed(self.get_image_builds(image, [BuildState.READY])):
+            ready = [
+                u
+                for u in self.get_image_uploads(image, build.id or "", provider)
+                if u.state == UploadState.READY
+            ]
+            if ready:
+                return ready[-1]
+        return None
+
+    def delete_image_upload(self, upload: ImageUpload) -> None:
+        root = self._uploads_path(upload.image, upload.build_id, upload.provider)
+        self.delete(f"{root}/{upload.id}")
 
     def request_image_build(self, image_name: str) -> None:
         try:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from nodepool_lite import config
+from nodepool_lite.drivers.nspawn.config import Bind
 from nodepool_lite.exceptions import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +32,7 @@ def test_example_config_loads():
     # The change reaches nodes over ssh, not a mount; the compiler cache is
     # the only mount, writable only on the trusted label.
     assert pool.bind_ro == [] and pool.bind == []
-    ccache = config.Bind("/var/lib/zuul-lite/ccache", "/var/cache/ccache")
+    ccache = Bind("/var/lib/zuul-lite/ccache", "/var/cache/ccache")
     assert pool.mounts("kernel-debian") == [(ccache, False)]
     assert pool.mounts("kernel-debian-trusted") == [(ccache, True)]
 
@@ -54,7 +55,16 @@ def test_chroot_joins_hosts(tmp_path):
         ("providers: [{name: p, driver: nspawn, pools: [{name: m, max-servers: two}]}]",
          "providers[0].pools[0].max-servers: expected int"),
         ("providers: [{name: p, driver: qemu, pools: []}]",
-         "providers[0].driver: expected nspawn or static"),
+         "providers[0].driver: expected one of nspawn, openstack, static"),
+        ("labels: [{name: a}]\ndiskimages: [{name: d, elements: [e]}]\nproviders: [{name: p, "
+         "driver: nspawn, cloud: c, pools: []}]",
+         "providers[0].cloud: not a key of the nspawn driver"),
+        ("providers: [{name: p, driver: static, pools: [{name: m, labels: [{name: a, "
+         "memory: 1}]}]}]",
+         "providers[0].pools[0].labels[0].memory: not a key of the static driver"),
+        ("labels: [{name: a}]\nproviders: [{name: p, driver: static, pools: [{name: m, "
+         "nodes: [{name: h, labels: [b]}]}]}]",
+         "providers[0].pools[0].nodes[0]: unknown label 'b'"),
         ("diskimages: [{name: d}]", "diskimages[0].elements: required key not provided"),
         ("labels: [{name: a}]\nproviders: [{name: p, driver: nspawn, pools: [{name: m, "
          "labels: [{name: a, diskimage: nope}]}]}]",
@@ -63,7 +73,7 @@ def test_chroot_joins_hosts(tmp_path):
          "driver: nspawn, pools: [{name: m, bind-ro: [/c], labels: [{name: a, diskimage: d, "
          "bind: [/c]}]}]}]",
          "providers[0].pools[0].labels[0]: /c is mounted twice (pool and label binds)"),
-        ("providers: [{name: p, driver: nspawn, pools: [{name: m, labels: [{name: b}]}]}]",
+        ("providers: [{name: p, driver: static, pools: [{name: m, labels: [{name: b}]}]}]",
          "providers[0].pools[0].labels[0]: unknown label 'b'"),
         ("bogus: 1", "bogus: extra keys not allowed"),
         ("labels: [{name: a]", "invalid YAML at line 1."),

@@ -15,9 +15,9 @@ import paramiko
 import pytest
 
 from nodepool_lite import exceptions as exc
-from nodepool_lite.drivers.limits import NodeCgroup
 from nodepool_lite.drivers.netns import forward_pids
-from nodepool_lite.drivers.nspawn import container_pids
+from nodepool_lite.drivers.nspawn.limits import NodeCgroup
+from nodepool_lite.drivers.nspawn.provider import container_pids
 from nodepool_lite.drivers.userns import NODE_UID_BASE, NODE_UID_COUNT
 from nodepool_lite.launcher import NodePool
 from nodepool_lite.model import (

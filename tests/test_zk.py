@@ -11,10 +11,12 @@ from nodepool_lite import exceptions as exc
 from nodepool_lite.model import (
     BuildState,
     ImageBuild,
+    ImageUpload,
     Node,
     NodeRequest,
     NodeState,
     RequestState,
+    UploadState,
 )
 from nodepool_lite.zk import ZooKeeper
 
@@ -243,3 +245,33 @@ def test_image_builds(zk):
     lock = zk.lock_image("img", "b1")
     assert lock.is_acquired
     lock.release()
+
+
+def test_tree_watch_sees_any_depth(zk):
+    changes = threading.Event()
+    stop = zk.watch_tree("/images/img", changes.set)  # not there yet
+    changes.clear()
+    zk.create("/images/img/builds/0000000001/providers/p/images/0000000000", {"s": 1})
+    assert changes.wait(10)
+    changes.clear()
+    zk.set("/images/img/builds/0000000001/providers/p/images/0000000000", {"s": 2})
+    assert changes.wait(10)
+    stop()
+
+
+def test_image_uploads(zk):
+    build = ImageBuild(state=BuildState.READY)
+    zk.store_image_build("img", build)
+    upload = ImageUpload(image="img", build_id=build.id, provider="cloud")
+    zk.store_image_upload(upload)
+    assert zk.get_most_recent_upload("img", "cloud") is None  # still uploading
+    upload.state = UploadState.READY
+    upload.external_id = "glance-id"
+    zk.store_image_upload(upload)
+    other = ImageUpload(image="img", build_id=build.id, provider="other")
+    zk.store_image_upload(other)
+    assert [u.provider for u in zk.get_image_uploads("img", build.id)] == ["cloud", "other"]
+    assert zk.get_most_recent_upload("img", "cloud").external_id == "glance-id"
+    assert zk.exists(f"/nodepool/images/img/builds/{build.id}/providers/cloud/images/{upload.id}")
+    zk.delete_image_upload(upload)
+    assert zk.get_image_uploads("img", build.id, "cloud") == []

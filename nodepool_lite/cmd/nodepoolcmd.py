@@ -183,6 +183,18 @@ class Commands:
                                  f"{label.diskimage}-{build.id}" if build else "(none ready)",
                                  _age(build.state_time) if build else ""])  # fmt: skip
         print(_table(["Provider", "Pool", "Label", "Image", "Build", "Age"], rows))
+        uploads = [
+            [f"{u.image}-{u.build_id}", u.id, u.provider, u.external_name or "",
+             u.external_id or "", u.state.value, _age(u.state_time), u.reason or ""]
+            for name in sorted(self.zk.get_image_names())
+            for b in self.zk.get_image_builds(name)
+            for u in self.zk.get_image_uploads(name, b.id or "")
+        ]  # fmt: skip
+        if uploads:
+            headers = ["Build", "Upload", "Provider", "Provider image", "Provider image id",
+                       "State", "Age", "Reason"]  # fmt: skip
+            print()
+            print(_table(headers, uploads))
         return 0
 
     def image_delete(self) -> int:
@@ -259,6 +271,19 @@ class Commands:
         return 0
 
 
+def alien_list(config: npconfig.Config) -> int:
+    """What each provider runs that nodepool did not start (never touched)."""
+    from nodepool_lite.drivers import registry
+
+    rows = []
+    for provider in config.providers:
+        driver = registry.get_driver(provider.driver)
+        for server_id, name in driver.alien_servers(provider) if driver else []:
+            rows.append([provider.name, server_id, name])
+    print(_table(["Provider", "Server id", "Name"], rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nodepool", description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", default=_default_config(), help="nodepool.yaml")
@@ -282,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("--reason", required=True)
     sub.add_parser("info", help="launchers, node requests, node counts")
+    sub.add_parser("alien-list", help="servers providers run that are not ours")
     return parser
 
 
@@ -290,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args)
     commands = None
     try:
+        if args.command == "alien-list":  # asks the providers, not ZooKeeper
+            return alien_list(npconfig.load(args.config))
         commands = Commands(args)
         return getattr(commands, args.command.replace("-", "_"))()
     except NodepoolError as error:

@@ -1,4 +1,5 @@
-"""What the nodepool launcher asks of a provider, and how it picks one.
+"""Node drivers (one package each, found through registry.py; the interface
+is in base.py) and the helpers several of them share.
 
 The launcher owns requests, states and ZooKeeper records; a driver only turns
 a Node record into a running machine and back into nothing. Keeping that
@@ -11,14 +12,8 @@ from __future__ import annotations
 import fcntl
 import os
 import subprocess
-from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
-
-from nodepool_lite import config as npconfig
-from nodepool_lite.exceptions import ConfigError
-from nodepool_lite.model import Node
-from nodepool_lite.zk import ZooKeeper
 
 
 def process_argvs() -> Iterator[tuple[int, list[bytes]]]:
@@ -54,51 +49,3 @@ def ensure_keypair(state_dir: Path) -> Path:
             os.replace(f"{tmp}.pub", f"{private}.pub")  # public half first: readers
             os.replace(tmp, private)  # test for the private one
     return private
-
-
-class Provider(ABC):
-    """One configured provider. Methods are called from several threads."""
-
-    def __init__(self, provider: npconfig.Provider, state_dir: Path, zk: ZooKeeper):
-        self.provider = provider
-        self.state_dir = Path(state_dir)
-        self.zk = zk
-
-    def labels_ready(self, pool: npconfig.Pool, labels: list[str]) -> bool:
-        """Can `labels` be launched now (e.g. their image is built)? A False
-        leaves the request queued instead of failing it."""
-        return True
-
-    @abstractmethod
-    def launch(self, node: Node, pool: npconfig.Pool) -> None:
-        """Boot `node` (its id is set) and fill in how to reach it; raise
-        LaunchError after cleaning up what was half made."""
-
-    @abstractmethod
-    def cleanup_node(self, node_id: str) -> None:
-        """Destroy everything of `node_id`; idempotent, safe on half-built nodes."""
-
-    @abstractmethod
-    def node_alive(self, node: Node) -> bool:
-        """Does the machine behind `node` still run (used to adopt it on restart)?"""
-
-    def adopt(self, node: Node) -> bool:
-        """Take over a node a previous launcher started, if it still runs
-        (what the provider keeps in memory for a node is made again here)."""
-        return self.node_alive(node)
-
-    @abstractmethod
-    def leaked_node_ids(self) -> list[str]:
-        """Ids of every node this provider has resources for, known to ZK or not."""
-
-
-def get_provider(provider: npconfig.Provider, state_dir: Path, zk: ZooKeeper) -> Provider:
-    if provider.driver == "nspawn":
-        from nodepool_lite.drivers.nspawn import NspawnProvider
-
-        return NspawnProvider(provider, state_dir, zk)
-    if provider.driver == "static":
-        from nodepool_lite.drivers.static import StaticProvider
-
-        return StaticProvider(provider, state_dir, zk)
-    raise ConfigError(f"Provider {provider.name}: unknown driver {provider.driver!r}.")

@@ -22,10 +22,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from nodepool_lite.config import Limits
+from nodepool_lite.drivers.nspawn.config import Limits
 from nodepool_lite.exceptions import LaunchError
 
-log = logging.getLogger("nodepool_lite.drivers.limits")
+log = logging.getLogger("nodepool_lite.drivers.nspawn.limits")
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 GROUP = "zuul-lite-nodes"  # parent of every node's cgroup

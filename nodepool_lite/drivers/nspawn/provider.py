@@ -32,10 +32,11 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from nodepool_lite import config as npconfig
-from nodepool_lite.drivers import Provider, ensure_keypair, process_argvs
-from nodepool_lite.drivers.limits import NodeCgroup, NodeDisk, is_mounted
+from nodepool_lite.drivers import ensure_keypair, process_argvs
+from nodepool_lite.drivers.base import Provider, ProviderConfig, RequestHandler
 from nodepool_lite.drivers.netns import forward_pids, start_forward
+from nodepool_lite.drivers.nspawn.config import NspawnPool
+from nodepool_lite.drivers.nspawn.limits import NodeCgroup, NodeDisk, is_mounted
 from nodepool_lite.drivers.userns import NODE_UID_BASE, NODE_UID_COUNT, host_id, shift_rootfs
 from nodepool_lite.exceptions import LaunchError
 from nodepool_lite.model import BuildState, ImageBuild, Node
@@ -159,7 +160,7 @@ def _write_host_key(root: Path, comment: str) -> str:
 class NspawnProvider(Provider):
     """Boots and destroys nspawn nodes under `<state>/nodes/`."""
 
-    def __init__(self, provider: npconfig.Provider, state_dir: Path, zk: ZooKeeper):
+    def __init__(self, provider: ProviderConfig, state_dir: Path, zk: ZooKeeper):
         super().__init__(provider, state_dir, zk)
         self.nodes_dir = self.state_dir / "nodes"
         self.nodes_dir.mkdir(parents=True, exist_ok=True)
@@ -173,22 +174,23 @@ class NspawnProvider(Provider):
         if self.trash_dir.exists():
             self._empty_trash()
 
-    def _image(self, pool: npconfig.Pool, label: str) -> ImageBuild | None:
+    def request_handler(self, pool: NspawnPool) -> RequestHandler:  # type: ignore[override]
+        return NspawnRequestHandler(self, pool)
+
+    def image(self, pool: NspawnPool, label: str) -> ImageBuild | None:
+        """The newest ready build of `label`'s diskimage, if its rootfs is there."""
         diskimage = pool.labels[label].diskimage
         build = self.zk.get_most_recent_image_build(diskimage or "", BuildState.READY)
         if build is None or not build.path or not (Path(build.path) / "rootfs").is_dir():
             return None
         return build
 
-    def labels_ready(self, pool: npconfig.Pool, labels: list[str]) -> bool:
-        return all(self._image(pool, label) is not None for label in labels)
-
     def node_dir(self, node_id: str) -> Path:
         return self.nodes_dir / node_id
 
-    def launch(self, node: Node, pool: npconfig.Pool) -> None:
+    def launch(self, node: Node, pool: NspawnPool) -> None:
         assert node.id is not None
-        build = self._image(pool, node.type)
+        build = self.image(pool, node.type)
         if build is None:
             raise LaunchError(f"No ready image build for label {node.type}.")
         start = time.monotonic()
@@ -205,7 +207,7 @@ class NspawnProvider(Provider):
             time.monotonic() - start,
         )
 
-    def _boot(self, node: Node, pool: npconfig.Pool, build: ImageBuild) -> None:
+    def _boot(self, node: Node, pool: NspawnPool, build: ImageBuild) -> None:
         assert node.id is not None and build.path is not None
         node_dir = self.node_dir(node.id)
         limits = pool.labels[node.type].limits
@@ -418,6 +420,17 @@ class NspawnProvider(Provider):
                     self._trash_remover = None
                     return
                 self._trash_pending = False
+
+
+class NspawnRequestHandler(RequestHandler):
+    provider: NspawnProvider
+    pool: NspawnPool
+
+    def ready(self, labels: list[str]) -> bool:
+        return all(self.provider.image(self.pool, label) is not None for label in labels)
+
+    def launch(self, node: Node) -> None:
+        self.provider.launch(node, self.pool)
 
 
 def _kill(pid: int, sig: int) -> None:

@@ -11,24 +11,13 @@ import threading
 
 import paramiko
 
-from nodepool_lite import config as npconfig
-from nodepool_lite.config import StaticNode
-from nodepool_lite.drivers import Provider
+from nodepool_lite.drivers.base import Provider, RequestHandler
+from nodepool_lite.drivers.sshscan import scan_host_key
+from nodepool_lite.drivers.static.config import StaticNode, StaticPool
 from nodepool_lite.exceptions import LaunchError
 from nodepool_lite.model import Node
 
 log = logging.getLogger("nodepool_lite.drivers.static")
-
-
-def _host_key(host: str, port: int) -> str:
-    """The host's public key as a known_hosts entry ("type base64")."""
-    transport = paramiko.Transport((host, port))
-    try:
-        transport.start_client(timeout=10)
-        key = transport.get_remote_server_key()
-        return f"{key.get_name()} {key.get_base64()}"
-    finally:
-        transport.close()
 
 
 class StaticProvider(Provider):
@@ -36,7 +25,10 @@ class StaticProvider(Provider):
         super().__init__(*args, **kwargs)
         self._lock = threading.Lock()
 
-    def _free_hosts(self, pool: npconfig.Pool, exclude: str | None = None) -> list[StaticNode]:
+    def request_handler(self, pool: StaticPool) -> RequestHandler:  # type: ignore[override]
+        return StaticRequestHandler(self, pool)
+
+    def free_hosts(self, pool: StaticPool, exclude: str | None = None) -> list[StaticNode]:
         busy = {
             n.external_id
             for n in self.zk.nodes()
@@ -44,26 +36,16 @@ class StaticProvider(Provider):
         }
         return [h for h in pool.nodes if h.name not in busy]
 
-    def labels_ready(self, pool: npconfig.Pool, labels: list[str]) -> bool:
-        """Keep requests queued while every matching host is lent out."""
-        free = self._free_hosts(pool)
-        for label in labels:
-            host = next((h for h in free if label in h.labels), None)
-            if host is None:
-                return False
-            free.remove(host)
-        return True
-
-    def launch(self, node: Node, pool: npconfig.Pool) -> None:
+    def launch(self, node: Node, pool: StaticPool) -> None:
         with self._lock:
-            free = self._free_hosts(pool, exclude=node.id)
+            free = self.free_hosts(pool, exclude=node.id)
             host = next((h for h in free if node.type in h.labels), None)
             if host is None:
                 raise LaunchError(f"No free static host offers label {node.type}.")
             node.external_id = host.name
             self.zk.store_node(node)  # claims the host before the lock is released
         try:
-            host_key = host.host_key or _host_key(host.name, host.connection_port)
+            host_key = host.host_key or scan_host_key(host.name, host.connection_port)
         except (OSError, paramiko.SSHException) as error:
             raise LaunchError(f"Static host {host.name}: no ssh host key ({error}).") from None
         node.interface_ip = host.name
@@ -79,3 +61,21 @@ class StaticProvider(Provider):
 
     def leaked_node_ids(self) -> list[str]:
         return []
+
+
+class StaticRequestHandler(RequestHandler):
+    provider: StaticProvider
+    pool: StaticPool
+
+    def ready(self, labels: list[str]) -> bool:
+        """Keep requests queued while every matching host is lent out."""
+        free = self.provider.free_hosts(self.pool)
+        for label in labels:
+            host = next((h for h in free if label in h.labels), None)
+            if host is None:
+                return False
+            free.remove(host)
+        return True
+
+    def launch(self, node: Node) -> None:
+        self.provider.launch(node, self.pool)

@@ -1,0 +1,175 @@
+"""The driver interface, in Nodepool's shape (nodepool/driver/__init__.py).
+
+A driver brings these, and the launcher and `config.py` know nothing
+else about it:
+
+- `Driver`: its name, the voluptuous schema of a `providers:` entry of its
+  kind (the common keys below plus its own), and `load()` turning the
+  validated entry into its `ProviderConfig`;
+- `Provider`: turns a Node record into a running machine and back into
+  nothing, and says what it runs (for reconciliation after a crash; what
+  is not ours, the Driver lists without a running provider);
+- `ImageUploader` (optional): how the builder uploads image builds to it;
+- `RequestHandler`: one per pool, what the pool worker asks before and while
+  serving a request (does the pool offer the labels, are they ready, is there
+  room, launch one node).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import voluptuous as v
+
+from nodepool_lite.model import Node
+from nodepool_lite.zk import ZooKeeper
+
+
+def common_label(extra: dict) -> dict:
+    """A pool's label entry: its name (declared under top-level `labels:`)."""
+    return {v.Required("name"): str, **extra}
+
+
+def common_pool(labels: dict, extra: dict) -> dict:
+    return {
+        v.Required("name"): str,
+        v.Optional("max-servers", default=1): v.All(int, v.Range(min=0)),
+        v.Optional("labels", default=list): [labels],
+        **extra,
+    }
+
+
+def common_provider(pools: dict, extra: dict) -> dict:
+    return {
+        v.Required("name"): str,
+        v.Required("driver"): str,
+        v.Required("pools"): [pools],
+        **extra,
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class LabelConfig:
+    name: str
+    diskimage: str | None = None  # checked against `diskimages:` by config.py
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolConfig:
+    name: str
+    max_servers: int
+    labels: dict[str, LabelConfig] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProviderConfig:
+    name: str
+    driver: str
+    pools: list[PoolConfig]
+
+
+class Driver(ABC):
+    """One kind of provider; looked up by name in drivers/registry.py."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def schema(self) -> v.Schema:
+        """The whole `providers:` entry: common keys plus the driver's own."""
+
+    @abstractmethod
+    def load(self, data: dict[str, Any], config: Any) -> ProviderConfig:
+        """The validated entry as objects; `config` is the whole (top-level)
+        validated file, for checks across sections. Raises v.Invalid with a
+        path relative to the entry."""
+
+    @abstractmethod
+    def provider(self, config: ProviderConfig, state_dir: Path, zk: ZooKeeper) -> Provider:
+        """The running provider for `config`."""
+
+    def alien_servers(self, config: ProviderConfig) -> list[tuple[str, str]]:
+        """(id, name) of what the provider runs that is not ours: listed for
+        the operator (`nodepool alien-list`), never touched. Raises
+        NodepoolError (one sentence) when the provider cannot be asked."""
+        return []
+
+    def uploader(self, config: ProviderConfig) -> ImageUploader | None:
+        """How the builder puts image builds into this provider; None for
+        drivers that boot from the builds on the local disk."""
+        return None
+
+
+class ImageUploader(ABC):
+    """The builder's side of a provider that keeps its own copy of images."""
+
+    @abstractmethod
+    def upload(self, name: str, path: Path, meta: dict[str, str]) -> str:
+        """Upload the image file `path` as `name`; returns the provider's image id."""
+
+    @abstractmethod
+    def delete(self, external_id: str) -> None:
+        """Delete an uploaded image; fine if it is already gone."""
+
+
+class Provider(ABC):
+    """One configured provider. Methods are called from several threads."""
+
+    def __init__(self, provider: ProviderConfig, state_dir: Path, zk: ZooKeeper):
+        self.provider = provider
+        self.state_dir = Path(state_dir)
+        self.zk = zk
+
+    @abstractmethod
+    def request_handler(self, pool: PoolConfig) -> RequestHandler:
+        """What serves `pool`'s requests (one per pool worker)."""
+
+    @abstractmethod
+    def cleanup_node(self, node_id: str) -> None:
+        """Destroy everything of `node_id`; idempotent, safe on half-built nodes."""
+
+    @abstractmethod
+    def node_alive(self, node: Node) -> bool:
+        """Does the machine behind `node` still run (used to adopt it on restart)?"""
+
+    def adopt(self, node: Node) -> bool:
+        """Take over a node a previous launcher started, if it still runs
+        (what the provider keeps in memory for a node is made again here)."""
+        return self.node_alive(node)
+
+    @abstractmethod
+    def leaked_node_ids(self) -> list[str]:
+        """Ids of every node this provider has resources for, known to ZK or not."""
+
+
+class RequestHandler(ABC):
+    """How one pool serves requests; drivers override what differs."""
+
+    launch_attempts = 3  # boots of one node before its request fails
+
+    def __init__(self, provider: Provider, pool: PoolConfig):
+        self.provider = provider
+        self.pool = pool
+
+    def serves(self, labels: list[str]) -> bool:
+        """Could this pool ever serve all of `labels` together? False declines."""
+        return all(label in self.pool.labels for label in labels) and (
+            len(labels) <= self.pool.max_servers
+        )
+
+    def ready(self, labels: list[str]) -> bool:
+        """Can `labels` be launched now (e.g. their image is built)? A False
+        leaves the request queued instead of failing it."""
+        return True
+
+    def has_capacity(self, labels: list[str], used: int) -> bool:
+        """Room for `labels` beside the pool's `used` nodes; a False makes the
+        request (and those behind it) wait."""
+        return used + len(labels) <= self.pool.max_servers
+
+    @abstractmethod
+    def launch(self, node: Node) -> None:
+        """Boot `node` (its id is set) and fill in how to reach it; raise
+        LaunchError after cleaning up what was half made."""
