@@ -26,6 +26,7 @@ from tests.harness import (
 from zuul_lite import config as zconfig
 from zuul_lite.connections import make_connection
 from zuul_lite.exceptions import ConfigError
+from zuul_lite.model import ManagementEvent
 from zuul_lite.scheduler import Scheduler
 from zuul_lite.state import ZuulState
 
@@ -220,6 +221,21 @@ def test_errors_are_logged_and_retried(env: Env, caplog) -> None:
     assert "Polling Patchwork works again" in text
     settle(env.sched, env.launcher)
     assert env.final_checks(sid) == [[("build", "success"), ("lint", "success")]]
+
+
+def test_dequeued_series_has_no_check_left_pending(env: Env) -> None:
+    env.start(hold=True)
+    sid = env.series("one", [("one.txt", "1\n", "one: add")])
+    env.launcher.wait_for_builds(2, held=True)
+    env.wait_checks(sid, {"lint": "pending", "build": "pending"})
+    env.sched.state.put_management_event(
+        ManagementEvent(type="dequeue", pipeline="check", change=sid).to_dict()
+    )
+    env.wait_checks(sid, {"lint": "warning", "build": "warning"})
+    (check,) = [
+        c for c in env.fake.checks(env.fake.series_patches(sid)[0]) if c["state"] == "warning"
+    ][:1]
+    assert check["description"].startswith("Not finished in check: dequeued by an operator.")
 
 
 def test_event_whose_series_cannot_be_read_is_kept_and_handled_later(env: Env, caplog) -> None:

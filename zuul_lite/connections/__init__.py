@@ -98,6 +98,10 @@ class Connection(abc.ABC):
     def on_build_started(self, change: Change, pipeline: str, job: str, log_url: str) -> None:  # noqa: B027
         """A build of the change was submitted (a review system may show it as pending)."""
 
+    def on_dequeued(self, change: Change, pipeline: str, jobs: list[str], why: str) -> None:  # noqa: B027
+        """The change left the pipeline without a report (an operator, a new
+        patchset) while `jobs` had started: what showed them pending says why."""
+
     @abc.abstractmethod
     def get_change(self, number: int, patchset: int | None = None) -> Change:
         """The change (its latest patchset when `patchset` is None); raises

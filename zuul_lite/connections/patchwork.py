@@ -279,6 +279,17 @@ class PatchworkConnection(Connection):
         }
         self._sender.add(change.number, check)
 
+    def on_dequeued(self, change: Change, pipeline: str, jobs: list[str], why: str) -> None:
+        """A warning per job that showed pending, sent after its pending check."""
+        for job in jobs:
+            check = {
+                "state": "warning",
+                "context": job,
+                "description": _one_line(f"Not finished in {pipeline}: {why}.")
+                + f" {MARK} {pipeline}]",
+            }
+            self._sender.add(change.number, check)
+
     @staticmethod
     def _tag(report: Report) -> str:
         digest = hashlib.sha256(report.id.encode()).hexdigest()[:16]

@@ -556,8 +556,16 @@ class PipelineManager:
         if item.uuid in self._landing:
             self.log.warning("Not dequeued (%s): %s is being merged", why, item.label, item=item)
             return
+        started = [
+            b.job
+            for b in item.buildset.ordered_builds()
+            if b.state in (BuildState.QUEUED, BuildState.COMPLETED)
+        ]
         self.log.info("Dequeued %s: %s", item.label, why, item=item)
         self.remove_item(item, reset_behind=True)
+        if started and item.live and not item.change.is_ref:
+            conn = self.sched.connections[item.change.connection]
+            conn.on_dequeued(item.change, self.pipeline.name, started, why)
 
     def _report_later(self, item: QueueItem, error: ReviewSystemError) -> None:
         """The review system did not take the report: keep the item and try
