@@ -1,9 +1,10 @@
-"""A stand-in Patchwork on 127.0.0.1: the part of the REST API v1.2 that the
-Patchwork connection uses, with Patchwork's field names, pagination (`Link`
-header, `page`/`per_page`; events have a fixed page size, as in Patchwork),
-token authentication (401 for a bad token, 403 for a user who may not write)
-and events. A test adds series made with `git format-patch`, moves patch
-states as a maintainer would, and injects faults (`fail`)."""
+"""A stand-in Patchwork on 127.0.0.1: the part of the REST API v1.2 and v1.3
+(comments and their events) that the Patchwork connection uses, with
+Patchwork's field names, pagination (`Link` header, `page`/`per_page`; events
+have a fixed page size, as in Patchwork), token authentication (401 for a bad
+token, 403 for a user who may not write) and events. A test adds series made
+with `git format-patch`, moves patch states as a maintainer would, replies to
+patches, and injects faults (`fail`)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,13 @@ PATCH_STATES = ("new", "under-review", "accepted", "rejected", "queued", "supers
 
 
 class FakePatchwork:
-    def __init__(self, project: str = "demo", token: str = "maintainer", page_size: int = 3):
+    def __init__(
+        self,
+        project: str = "demo",
+        token: str = "maintainer",
+        page_size: int = 3,
+        api_version: str = "1.2",
+    ):
         self.project_name = project
         self.tokens = {token: {"id": 1, "username": "zuul", "maintainer": True}}
         self.page_size = page_size
@@ -33,11 +40,14 @@ class FakePatchwork:
         self.events: list[dict] = []
         self.faults: list[dict] = []
         self.log: list[tuple[str, str, int]] = []  # (method, path, status) of every request
-        self._ids = {k: itertools.count(1) for k in ("series", "patch", "event", "check")}
+        self._ids = {
+            k: itertools.count(1) for k in ("series", "patch", "event", "check", "comment")
+        }
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.api = f"{self.url}/api/1.2/"
+        self.api = f"{self.url}/api/{api_version}/"
+        self.comments: dict[int, dict] = {}
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def start(self) -> FakePatchwork:
@@ -87,6 +97,19 @@ class FakePatchwork:
                 self._event("patch-created", patch=pid)
             self._event("series-completed", series=sid)
         return sid
+
+    def add_comment(self, content: str, patch: int | None = None, cover: int | None = None) -> int:
+        """A reply on the list to a patch or to the cover letter of series `cover`."""
+        with self.lock:
+            cid = next(self._ids["comment"])
+            self.comments[cid] = {
+                "id": cid, "content": content, "date": _now(), "patch": patch, "cover": cover,
+            }  # fmt: skip
+            if patch is not None:
+                self._event("patch-comment-created", patch=patch, comment=cid)
+            else:
+                self._event("cover-comment-created", cover=cover, comment=cid)
+        return cid
 
     def set_state(self, patch: int, state: str) -> None:
         with self.lock:
@@ -220,12 +243,39 @@ class FakePatchwork:
             "tags": {},
         }
 
+    def _comment_embedded(self, cid: int) -> dict:
+        c = self.comments[cid]
+        on = f"patches/{c['patch']}" if c["patch"] is not None else f"covers/{c['cover']}"
+        return {
+            "id": cid,
+            "url": f"{self.api}{on}/comments/{cid}/",
+            "web_url": f"{self.url}/comment/{cid}/",
+            "msgid": f"<comment{cid}@example.com>",
+            "list_archive_url": None,
+            "date": c["date"],
+            "name": "Re: the series",
+        }
+
+    def _comment_detail(self, cid: int) -> dict:
+        return {
+            **self._comment_embedded(cid),
+            "subject": "Re: the series",
+            "submitter": self._person(),
+            "content": self.comments[cid]["content"],
+            "headers": {},
+            "addressed": None,
+        }
+
     def _event_json(self, e: dict) -> dict:
         payload: dict[str, Any] = {}
         if "series" in e:
             payload["series"] = self._series_embedded(e["series"])
         if "patch" in e:
             payload["patch"] = self._patch_embedded(e["patch"])
+        if "cover" in e:
+            payload["cover"] = self._cover_embedded(e["cover"])
+        if "comment" in e:
+            payload["comment"] = self._comment_embedded(e["comment"])
         for key in ("previous_state", "current_state", "check"):
             if key in e:
                 payload[key] = e[key]
@@ -377,10 +427,17 @@ def _handler(pw: FakePatchwork) -> type[BaseHTTPRequestHandler]:
             if bad:
                 return bad
             events = pw.events
+            if "/api/1.2/" in self.path:  # comment events exist from API 1.3 on
+                events = [e for e in events if "comment" not in e]
             if "category" in query:
                 events = [e for e in events if e["category"] == query["category"][0]]
             events = self._ordered(query, self._since(query, events), "-date")
-            return self._page("/api/1.2/events/", query, [pw._event_json(e) for e in events], True)
+            return self._page(
+                urllib.parse.urlsplit(self.path).path,
+                query,
+                [pw._event_json(e) for e in events],
+                True,
+            )
 
         def get_series_list(self, query, body, user):
             bad = self._check_project(query)
@@ -388,7 +445,7 @@ def _handler(pw: FakePatchwork) -> type[BaseHTTPRequestHandler]:
                 return bad
             series = self._ordered(query, self._since(query, list(pw.series.values())), "id")
             out = [pw._series_detail(s["id"]) for s in series]
-            return self._page("/api/1.2/series/", query, out)
+            return self._page(urllib.parse.urlsplit(self.path).path, query, out)
 
         def get_series(self, query, body, user, sid):
             if sid not in pw.series:
@@ -399,6 +456,16 @@ def _handler(pw: FakePatchwork) -> type[BaseHTTPRequestHandler]:
             if "cover" not in pw.series.get(cid, {}):
                 return 404, {"detail": "Not found."}, {}
             return 200, pw._cover_detail(cid), {}
+
+        def get_patch_comment(self, query, body, user, pid, cid):
+            if pw.comments.get(cid, {}).get("patch") != pid or "/api/1.2/" in self.path:
+                return 404, {"detail": "Not found."}, {}
+            return 200, pw._comment_detail(cid), {}
+
+        def get_cover_comment(self, query, body, user, cover, cid):
+            if pw.comments.get(cid, {}).get("cover") != cover or "/api/1.2/" in self.path:
+                return 404, {"detail": "Not found."}, {}
+            return 200, pw._comment_detail(cid), {}
 
         def get_series_mbox(self, query, body, user, sid):
             if sid not in pw.series:
@@ -418,7 +485,7 @@ def _handler(pw: FakePatchwork) -> type[BaseHTTPRequestHandler]:
             if "series" in query:
                 patches = [p for p in patches if str(p["series"]) == query["series"][0]]
             out = [pw._patch_detail(p["id"]) for p in sorted(patches, key=lambda p: p["id"])]
-            return self._page("/api/1.2/patches/", query, out)
+            return self._page(urllib.parse.urlsplit(self.path).path, query, out)
 
         def get_patch(self, query, body, user, pid):
             if pid not in pw.patches:
@@ -439,7 +506,9 @@ def _handler(pw: FakePatchwork) -> type[BaseHTTPRequestHandler]:
         def get_checks(self, query, body, user, pid):
             if pid not in pw.patches:
                 return 404, {"detail": "Not found."}, {}
-            return self._page(f"/api/1.2/patches/{pid}/checks/", query, pw.patches[pid]["checks"])
+            return self._page(
+                urllib.parse.urlsplit(self.path).path, query, pw.patches[pid]["checks"]
+            )
 
         def post_checks(self, query, body, user, pid):
             if pid not in pw.patches:
@@ -467,17 +536,19 @@ def _handler(pw: FakePatchwork) -> type[BaseHTTPRequestHandler]:
             return 201, check, {}
 
         ROUTES = [
-            (r"/api/1\.2/events/", get_events),
-            (r"/api/1\.2/series/", get_series_list),
-            (r"/api/1\.2/series/(\d+)/", get_series),
-            (r"/api/1\.2/covers/(\d+)/", get_cover),
+            (r"/api/1\.[23]/events/", get_events),
+            (r"/api/1\.[23]/series/", get_series_list),
+            (r"/api/1\.[23]/series/(\d+)/", get_series),
+            (r"/api/1\.[23]/covers/(\d+)/", get_cover),
+            (r"/api/1\.[23]/patches/(\d+)/comments/(\d+)/", get_patch_comment),
+            (r"/api/1\.[23]/covers/(\d+)/comments/(\d+)/", get_cover_comment),
             (r"/series/(\d+)/mbox/", get_series_mbox),
             (r"/patch/(\d+)/mbox/", get_patch_mbox),
-            (r"/api/1\.2/patches/", get_patches),
-            (r"/api/1\.2/patches/(\d+)/", get_patch),
-            (r"/api/1\.2/patches/(\d+)/", patch_patch),
-            (r"/api/1\.2/patches/(\d+)/checks/", get_checks),
-            (r"/api/1\.2/patches/(\d+)/checks/", post_checks),
+            (r"/api/1\.[23]/patches/", get_patches),
+            (r"/api/1\.[23]/patches/(\d+)/", get_patch),
+            (r"/api/1\.[23]/patches/(\d+)/", patch_patch),
+            (r"/api/1\.[23]/patches/(\d+)/checks/", get_checks),
+            (r"/api/1\.[23]/patches/(\d+)/checks/", post_checks),
         ]
 
     return Handler

@@ -112,8 +112,8 @@ class Env:
 
 
 @pytest.fixture
-def fake():
-    server = FakePatchwork().start()
+def fake(request):
+    server = FakePatchwork(api_version=getattr(request, "param", "1.2")).start()
     yield server
     server.stop()
 
@@ -221,6 +221,24 @@ def test_errors_are_logged_and_retried(env: Env, caplog) -> None:
     assert "Polling Patchwork works again" in text
     settle(env.sched, env.launcher)
     assert env.final_checks(sid) == [[("build", "success"), ("lint", "success")]]
+
+
+@pytest.mark.parametrize("fake", ["1.3"], indirect=True)
+def test_recheck_comment_on_a_patch_or_the_cover_letter_runs_check_again(env: Env) -> None:
+    env.start()
+    out = make_series(env.src, env.tmp / "series-a", TWO)
+    sid = env.fake.add_series("[PATCH 0/2] two", out, cover="Two small things.\n")
+    env.wait_checks(sid, {"lint": "success", "build": "success"})
+    first, _ = env.fake.series_patches(sid)
+    env.fake.add_comment("Looks odd to me.\n\nrecheck\n", patch=first)
+    wait_until(lambda: len(env.launcher.history) == 4, what="builds of the recheck")
+    env.fake.add_comment("Thanks, applied? No: recheck please", cover=sid)  # not a recheck line
+    env.fake.add_comment("recheck", cover=sid)
+    wait_until(lambda: len(env.launcher.history) == 6, what="builds of the second recheck")
+    env.polled()
+    settle(env.sched, env.launcher)
+    assert len(env.launcher.history) == 6
+    assert {h["changes"] for h in env.launcher.history} == {f"{sid},1"}
 
 
 def test_dequeued_series_has_no_check_left_pending(env: Env) -> None:

@@ -117,6 +117,12 @@ class PatchworkConnection(Connection):
         self._sender = _PendingChecks(self)
         self.poller = EventPoller(self)
 
+    @property
+    def api_version(self) -> tuple[int, int]:
+        """The REST API version the URL names ("/api/1.3/"); the newest one for "/api/"."""
+        match = re.search(r"/api/(\d+)\.(\d+)/?$", self.client.url)
+        return (int(match.group(1)), int(match.group(2))) if match else (99, 0)
+
     def start(self) -> None:
         if self._token_file:
             try:

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("zuul_lite.connections.patchwork")
 
 CATEGORIES = ("series-completed", "patch-state-changed")
+# Comments became events in REST API 1.3 (Patchwork 3.1): "recheck" on a patch
+# or on the cover letter becomes a comment-added of its series.
+COMMENT_CATEGORIES = ("patch-comment-created", "cover-comment-created")
 MAX_BACKOFF = 300.0
 
 
@@ -47,6 +50,7 @@ class EventPoller(threading.Thread):
         self.version = 0  # of the cursor's znode, for the versioned write
         self.posted: set[int] = set()  # series this process posted patchset-created for
         self.rounds = 0  # polls that went through (tests wait on it)
+        self.categories = CATEGORIES + (COMMENT_CATEGORIES if conn.api_version >= (1, 3) else ())
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -61,7 +65,7 @@ class EventPoller(threading.Thread):
                 if resync:
                     self._resync()
                     resync = False
-                for category in CATEGORIES:
+                for category in self.categories:
                     self._poll(category)
             except BadVersionError:
                 # Another poller (a second scheduler) moved the cursor first and
@@ -100,10 +104,11 @@ class EventPoller(threading.Thread):
         self.state.zk.ensure_path(posixpath.dirname(self.path))
         try:
             self.cursor, self.version = self.state.zk.get(self.path)
+            self._add_categories()
             return
         except NoNodeError:
             pass
-        cursor = {"categories": {c: self._newest(c) for c in CATEGORIES}}
+        cursor = {"categories": {c: self._newest(c) for c in self.categories}}
         try:
             self.state.zk.create(self.path, cursor)
         except NodeExistsError:
@@ -114,6 +119,18 @@ class EventPoller(threading.Thread):
             "Patchwork project %s: no cursor yet; starting after its newest events",
             self.conn.project,
         )
+
+    def _add_categories(self) -> None:
+        """A category this version polls that the stored cursor lacks (a newer
+        API, an upgrade) starts after its newest events, as a first start does."""
+        missing = [c for c in self.categories if c not in self.cursor["categories"]]
+        if not missing:
+            return
+        cursor = {
+            "categories": {**self.cursor["categories"], **{c: self._newest(c) for c in missing}}
+        }
+        self.state.zk.set(self.path, cursor, version=self.version)
+        self.cursor, self.version = cursor, self.version + 1
 
     def _newest(self, category: str) -> dict:
         client = self.conn.client
@@ -196,6 +213,8 @@ class EventPoller(threading.Thread):
         about another project's series is skipped with a log line."""
         try:
             payload = entry["payload"]
+            if category in COMMENT_CATEGORIES:
+                return self._comment_events(payload)
             if category == "series-completed":
                 series = payload["series"]
                 if series["id"] in self.posted:
@@ -216,6 +235,20 @@ class EventPoller(threading.Thread):
         except (KeyError, TypeError, ZuulLiteError) as error:
             log.warning("Skipped Patchwork event %s (%s): %r", entry.get("id"), category, error)
             return []
+
+    def _comment_events(self, payload: dict) -> list[TriggerEvent]:
+        """A comment on a patch or a cover letter: comment-added for each of
+        its series, with the comment's text for the pipelines' regexes."""
+        client = self.conn.client
+        comment = client.call("GET", payload["comment"]["url"])
+        subject = payload.get("patch") or payload["cover"]
+        detail = client.call("GET", subject["url"])
+        out = []
+        for series in detail.get("series") or []:
+            event = self._event("comment-added", series["id"], series.get("version") or 1)
+            event.comment = comment.get("content") or ""
+            out.append(event)
+        return out
 
     def _resync(self) -> None:
         cur = self.cursor["categories"]["series-completed"]
