@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from nodepool_lite.zk import ZooKeeper
-from tests.harness import make_project, make_series, write_config
+from tests.harness import REPO_ROOT, make_project, make_series, write_config
 from zuul_lite import config as zconfig
 from zuul_lite.cmd.client import main
 from zuul_lite.state import ZuulState
@@ -95,3 +95,21 @@ def test_validate_config(cli, capsys, tmp_path):
     bad.write_text(yaml.safe_dump(data))
     assert main(["-c", str(bad), "validate-config"]) == 1
     assert f"{bad}: Connection pw: url: expected an http(s) URL." in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["patchwork", "gerrit"])
+def test_example_connections_in_etc_are_valid(cli, capsys, tmp_path, name):
+    """The commented-out examples of etc/zuul.yaml, as an operator uncomments them."""
+    path, *_ = cli
+    lines = (REPO_ROOT / "etc" / "zuul.yaml").read_text().splitlines()
+    start = lines.index(f"  # {name}:")
+    block = [lines[start]]
+    for line in lines[start + 1 :]:
+        if not line.startswith("  #   "):
+            break
+        block.append(line)
+    example = yaml.safe_load("\n".join(ln.replace("  # ", "", 1) for ln in block))
+    data = yaml.safe_load(path.read_text())
+    data["connections"].update(example)
+    path.write_text(yaml.safe_dump(data))
+    assert main(["-c", str(path), "validate-config"]) == 0, capsys.readouterr().err
