@@ -397,3 +397,12 @@ def test_two_pollers_on_one_cursor_post_each_event_once(tmp_path, zk, fake) -> N
             conn.stop()
     events = [zk.get(state.trigger_event_path(n))[0] for n in state.trigger_events()]
     assert sorted(e["change"] for e in events) == sids
+
+
+def test_series_whose_mbox_does_not_parse_gets_one_fail_check(env: Env) -> None:
+    env.start()
+    env.fake.fail(r"^/series/\d+/mbox/$", "garbage", 2)  # read for Depends-On, then to merge
+    sid = env.series("one", [("one.txt", "1\n", "one: add")])
+    env.wait_checks(sid, {"zuul-lite": "fail"})
+    (check,) = env.fake.checks(env.fake.series_patches(sid)[0])
+    assert "the series holds no patch." in check["description"]
