@@ -10,6 +10,10 @@ quick start reads this file before it makes them.
 `merger:` says where the scheduler serves its merger's repositories over git
 (`git-listen`, `git-port`) and the URL launchers fetch them from (`git-url`,
 to which the project name is appended; by default git://<listen>:<port>/).
+
+`database: dburi:` is the SQLAlchemy URL of the build history (default
+`sqlite:///<state-dir>/history.sqlite`; `postgresql://user:pw@host/db` for
+PostgreSQL).
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ SCHEMA = v.Schema(
             str: {v.Required("driver"): v.In(driver_names()), v.Extra: object}
         },
         "web": {"listen": str, "port": int, "url": str},
+        "database": {v.Required("dburi"): str},
         "launcher": dict,
     },
     extra=v.PREVENT_EXTRA,
@@ -93,6 +98,7 @@ class ZuulConfig:
     web_port: int = 9000
     web_url: str = "http://127.0.0.1:9000"
     launcher: dict = field(default_factory=dict)
+    dburi: str = ""  # the build history; default: SQLite under the state dir
     zk_tls: TLSFiles | None = None
     gearman_tls: TLSFiles | None = None
     gearman_server_tls: TLSFiles | None = None  # the embedded server's, with gearman_tls.ca
@@ -153,6 +159,7 @@ def load(path: Path | str) -> ZuulConfig:
         web_port=port,
         web_url=web.get("url", f"http://{listen}:{port}"),
         launcher=data.get("launcher", {}),
+        dburi=data.get("database", {}).get("dburi") or f"sqlite:///{state_dir / 'history.sqlite'}",
         zk_tls=zk_tls,
         gearman_tls=gearman_tls,
         gearman_server_tls=server_tls,

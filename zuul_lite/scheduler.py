@@ -28,6 +28,7 @@ from zuul_lite.dispatcher import Dispatcher
 from zuul_lite.exceptions import ConfigError, EnqueueRefused, ReviewSystemError, ZuulLiteError
 from zuul_lite.gearman import BuildClient, GearServer
 from zuul_lite.gitserver import GitServer
+from zuul_lite.history.db import HistoryDB
 from zuul_lite.layout import Layout, load_layout
 from zuul_lite.manager import PipelineManager
 from zuul_lite.manager.dependent import DependentPipelineManager
@@ -115,6 +116,8 @@ class Scheduler(threading.Thread):
         self.git_server = GitServer(self.merger.merger.root, config.git_listen, config.git_port)
         self.gear_server: GearServer | None = None
         self.gearman = BuildClient(self._on_gear_failed)
+        # Every reported item's build set and builds (zuul_lite/history/).
+        self.history = HistoryDB(config.dburi)
         self.dispatcher = Dispatcher()
         # Gate merges (pushes, submits) run here, so builds of other items go
         # out meanwhile; one thread keeps the merges of a branch in order.
@@ -131,6 +134,7 @@ class Scheduler(threading.Thread):
 
     def start(self) -> None:
         self._load_layout(initial=True)
+        self.history.upgrade()
         self.git_server.start()
         if self.config.gearman_start:
             self.gear_server = GearServer(
@@ -178,6 +182,7 @@ class Scheduler(threading.Thread):
         if self.gear_server is not None:
             self.gear_server.shutdown()
         self.git_server.stop()
+        self.history.dispose()
 
     def reconfigure(self) -> None:
         """Safe from any thread (SIGHUP): the loop reloads the layout."""

@@ -1,0 +1,152 @@
+"""The build history: rows from queue items, idempotent writes, queries and
+migrations, on a real SQLite file."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from nodepool_lite.zk import ZooKeeper
+from tests.harness import make_project, make_series, settle, wait_for_votes, write_config
+from zuul_lite import config as zconfig
+from zuul_lite.connections.local import LocalConnection
+from zuul_lite.history.db import Filters, HistoryDB, HistoryError
+from zuul_lite.history.records import item_record
+from zuul_lite.model import Build, BuildSet, BuildState, Change, QueueItem
+from zuul_lite.scheduler import Scheduler
+from zuul_lite.state import ZuulState
+
+
+def make_item(number: int, results: dict[str, str], pipeline: str = "check") -> QueueItem:
+    change = Change("local", "demo", "master", number, 1, subject=f"fix {number}", owner="Dev")
+    bs = BuildSet(changes=[f"{number},1"], merge_state="complete")
+    for index, (job, result) in enumerate(results.items()):
+        bs.builds[job] = Build(
+            job=job,
+            node_type="debian",
+            state=BuildState.COMPLETED,
+            result=result,
+            start_time=1000.0 + index,
+            end_time=1010.0 + index,
+            elapsed=10.0,
+            log_url=f"http://logs/{number}/1/{pipeline}/{job}/",
+            log_path=f"{number}/1/{pipeline}/{job}/x",
+            index=index,
+        )
+    return QueueItem(
+        pipeline=pipeline, queue="demo", change=change, enqueue_time=990.0, buildset=bs
+    )
+
+
+def db_at(tmp_path, name: str = "history.sqlite") -> HistoryDB:
+    db = HistoryDB(f"sqlite:///{tmp_path / 'state' / name}")
+    db.upgrade()
+    return db
+
+
+def test_item_is_recorded_once_however_often_it_is_written(tmp_path):
+    db = db_at(tmp_path)
+    item = make_item(1, {"lint": "SUCCESS", "build": "FAILURE"})
+    record = item_record(item, "FAILURE", message="")
+    db.record(record)
+    first = db.buildset(item.buildset.uuid)
+    # A scheduler killed after the write and before the item left ZooKeeper
+    # writes the same item again on restart.
+    db.record(item_record(item, "FAILURE"))
+    assert len(db.buildsets(Filters())) == 1
+    assert len(db.builds(Filters())) == 2
+    again = db.buildset(item.buildset.uuid)
+    assert again["report_time"] == first["report_time"]
+    assert [b["job_name"] for b in again["builds"]] == ["lint", "build"]
+    assert again["result"] == "FAILURE" and again["changes"] == "1,1"
+    assert again["first_build_start_time"] == 1000.0
+    assert again["last_build_end_time"] == 1011.0
+
+
+def test_filters(tmp_path):
+    db = db_at(tmp_path)
+    db.record(item_record(make_item(1, {"lint": "SUCCESS", "build": "FAILURE"}), "FAILURE"))
+    db.record(item_record(make_item(2, {"lint": "SUCCESS"}, "gate"), "SUCCESS", merged=True))
+    assert [b["change"] for b in db.builds(Filters(job="lint"))] == [2, 1]
+    assert [b["job_name"] for b in db.builds(Filters(result="FAILURE"))] == ["build"]
+    assert [b["change"] for b in db.builds(Filters(pipeline="gate"))] == [2]
+    assert db.builds(Filters(project="other")) == []
+    assert [b["job_name"] for b in db.builds(Filters(change=1))] == ["build", "lint"]
+    sets = db.buildsets(Filters(result="SUCCESS"))
+    assert [(s["change"], s["merged"]) for s in sets] == [(2, True)]
+    assert [s["change"] for s in db.buildsets(Filters(job="build"))] == [1]
+    build = db.builds(Filters(job="build"))[0]
+    assert build["buildset"]["result"] == "FAILURE"
+    assert db.build(build["uuid"])["log_path"] == "1/1/check/build/x"
+    assert db.build("0" * 32) is None
+    assert len(db.builds(Filters(), limit=1)) == 1
+    assert [b["change"] for b in db.builds(Filters(job="lint"), offset=1)] == [1]
+    # Enqueued at 990 and reported now: a long wait, and none in the last second.
+    assert all(t > 1e9 for t in db.vote_times(since=0)) and len(db.vote_times(since=0)) == 2
+    assert db.vote_times(since=0, pipeline="gate") != [] and db.vote_times(since=4e9) == []
+    assert db.job_durations("lint") == [10.0, 10.0]
+
+
+def test_migration_of_an_empty_and_an_existing_database(tmp_path):
+    path = tmp_path / "state" / "old.sqlite"
+    path.parent.mkdir()
+    engine = sa.create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:  # a database holding something else already
+        conn.execute(sa.text("CREATE TABLE other (x INTEGER)"))
+        conn.execute(sa.text("INSERT INTO other VALUES (7)"))
+    engine.dispose()
+    db = db_at(tmp_path, "old.sqlite")
+    db.record(item_record(make_item(3, {"lint": "SUCCESS"}), "SUCCESS"))
+    db.dispose()
+    again = db_at(tmp_path, "old.sqlite")  # a restart: nothing to migrate, nothing lost
+    assert [s["change"] for s in again.buildsets(Filters())] == [3]
+    with again.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert conn.execute(sa.text("SELECT x FROM other")).scalar() == 7
+
+
+def test_unusable_database_is_one_sentence(tmp_path):
+    for dburi in ("not a url", "nosuchdialect://x/y"):
+        try:
+            HistoryDB(dburi).upgrade()
+        except HistoryError as error:
+            assert "\n" not in str(error) and "Traceback" not in str(error)
+        else:
+            raise AssertionError(f"{dburi} was accepted")
+    # The web reading a database the scheduler has not migrated yet.
+    empty = HistoryDB(f"sqlite:///{tmp_path / 'empty.sqlite'}")
+    try:
+        empty.builds(Filters())
+    except HistoryError as error:
+        assert "no such table" in str(error) and "SELECT" not in str(error)
+    else:
+        raise AssertionError("an empty database was read")
+
+
+def test_a_check_run_leaves_its_builds_in_sql(tmp_path, zk_hosts):
+    """The real scheduler, a real series through the local inbox, the `noop`
+    job (no node, no launcher): the vote and the history agree."""
+    cfg = zconfig.load(write_config(tmp_path, zk_hosts, layout="noop.yaml"))
+    zk = ZooKeeper(zk_hosts)
+    zk.connect()
+    sched = Scheduler(cfg, zk)
+    try:
+        src = make_project(tmp_path)
+        local = LocalConnection("local", {"driver": "local"}, ZuulState(zk), cfg.state_dir)
+        local.import_project("demo", src)
+        sched.start()
+        series = make_series(src, tmp_path / "s", [("README", "more\n", "README: more")])
+        change, _ = local.submit(series, "demo")
+        assert [v["value"] for v in wait_for_votes(zk, change)] == [1]
+        settle(sched)
+    finally:
+        sched.stop()
+        zk.disconnect()
+    db = HistoryDB(cfg.dburi)
+    assert cfg.dburi == f"sqlite:///{tmp_path / 'state' / 'history.sqlite'}"
+    (buildset,) = db.buildsets(Filters(change=change))
+    assert (buildset["pipeline"], buildset["result"], buildset["subject"]) == (
+        "check", "SUCCESS", "README: more"
+    )  # fmt: skip
+    (build,) = db.builds(Filters(change=change))
+    assert (build["job_name"], build["result"], build["node_type"]) == ("noop", "SUCCESS", None)
+    assert build["log_path"] == f"{change}/1/check/noop/{build['uuid']}"
