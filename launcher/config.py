@@ -24,7 +24,8 @@ from typing import Any
 import voluptuous as v
 import yaml
 
-from nodepool_lite import tls
+from nodepool_lite import metrics, tls
+from nodepool_lite.metrics import MetricsConfig
 from nodepool_lite.tls import TLSFiles
 
 LAUNCHER_SCHEMA = v.Schema(
@@ -43,6 +44,7 @@ LAUNCHER_SCHEMA = v.Schema(
         "post-timeout": v.All(v.Coerce(float), v.Range(min=1)),
         "ansible-playbook": str,
         "tls": {v.Required("cert"): str, v.Required("key"): str},
+        "metrics": metrics.SCHEMA,
     },
     extra=v.PREVENT_EXTRA,
 )
@@ -75,6 +77,7 @@ class LauncherConfig:
     ansible_playbook: str = ""
     zk_tls: TLSFiles | None = None
     gearman_tls: TLSFiles | None = None
+    metrics: MetricsConfig | None = None  # /metrics of this launcher; None: not served
 
     def __post_init__(self) -> None:
         if not self.ansible_playbook:
@@ -137,6 +140,7 @@ def load(path: Path | str) -> LauncherConfig:
         ansible_playbook=section.get("ansible-playbook", ""),
         zk_tls=zk_tls,
         gearman_tls=gearman_tls,
+        metrics=MetricsConfig.from_config(section.get("metrics")),
     )
 
 

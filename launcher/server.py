@@ -26,6 +26,8 @@ import gear
 from launcher.build import Build, BuildAbandoned
 from launcher.config import LauncherConfig
 from launcher.gearworker import NoDelayWorker
+from launcher.metrics import LauncherMetrics
+from nodepool_lite.metrics import MetricsServer
 from nodepool_lite.tls import gear_args
 from nodepool_lite.zk import ZooKeeper
 from zuul_lite.build_contract import BuildRequest, ContractError
@@ -54,9 +56,17 @@ class LauncherServer:
         self._builds_lock = threading.Lock()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.metrics = LauncherMetrics(lambda: len(self.builds))
+        self.metrics_server = (
+            MetricsServer(self.metrics.registry, config.metrics, f"launcher {config.name}")
+            if config.metrics is not None
+            else None
+        )
 
     def start(self) -> None:
         """Connect to ZooKeeper and gearman and start taking builds."""
+        if self.metrics_server is not None:
+            self.metrics_server.start()
         self.zk.connect()
         tls = gear_args(self.config.gearman_tls)
         for worker in (self.worker, self.stop_worker):
@@ -110,6 +120,8 @@ class LauncherServer:
                     worker.stopWaitingForJobs()
         self.worker.shutdown()
         self.stop_worker.shutdown()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         if self._own_zk:
             self.zk.disconnect()
 
@@ -149,6 +161,7 @@ class LauncherServer:
                 build.abandon()
         try:
             result = build.run()
+            self.metrics.build_finished(request.job, result.result, result.elapsed)
             job.sendWorkComplete(json.dumps(result.to_dict()).encode())
         except BuildAbandoned:
             self._send_safely(job.sendWorkFail)

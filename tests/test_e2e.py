@@ -54,6 +54,7 @@ def write_configs(root: Path) -> tuple[Path, int]:
             "log-url": f"http://127.0.0.1:{web_port}/logs",
             "jobs-dir": str(REPO / "jobs"),
             "private-key": str(state / "keys" / "id_ed25519"),
+            "metrics": {"listen": "127.0.0.1", "port": free_port()},
         }
     )
     (etc / "zuul.yaml").write_text(yaml.safe_dump(zuul))

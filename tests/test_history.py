@@ -5,15 +5,10 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from nodepool_lite.zk import ZooKeeper
-from tests.harness import make_project, make_series, settle, wait_for_votes, write_config
-from zuul_lite import config as zconfig
-from zuul_lite.connections.local import LocalConnection
+from tests.harness import noop_check_run
 from zuul_lite.history.db import Filters, HistoryDB, HistoryError
 from zuul_lite.history.records import item_record
 from zuul_lite.model import Build, BuildSet, BuildState, Change, QueueItem
-from zuul_lite.scheduler import Scheduler
-from zuul_lite.state import ZuulState
 
 
 def make_item(number: int, results: dict[str, str], pipeline: str = "check") -> QueueItem:
@@ -123,24 +118,9 @@ def test_unusable_database_is_one_sentence(tmp_path):
 
 
 def test_a_check_run_leaves_its_builds_in_sql(tmp_path, zk_hosts):
-    """The real scheduler, a real series through the local inbox, the `noop`
-    job (no node, no launcher): the vote and the history agree."""
-    cfg = zconfig.load(write_config(tmp_path, zk_hosts, layout="noop.yaml"))
-    zk = ZooKeeper(zk_hosts)
-    zk.connect()
-    sched = Scheduler(cfg, zk)
-    try:
-        src = make_project(tmp_path)
-        local = LocalConnection("local", {"driver": "local"}, ZuulState(zk), cfg.state_dir)
-        local.import_project("demo", src)
-        sched.start()
-        series = make_series(src, tmp_path / "s", [("README", "more\n", "README: more")])
-        change, _ = local.submit(series, "demo")
-        assert [v["value"] for v in wait_for_votes(zk, change)] == [1]
-        settle(sched)
-    finally:
-        sched.stop()
-        zk.disconnect()
+    """A real check run: the vote and the history agree."""
+    with noop_check_run(tmp_path, zk_hosts) as (cfg, _, change):
+        pass
     db = HistoryDB(cfg.dburi)
     assert cfg.dburi == f"sqlite:///{tmp_path / 'state' / 'history.sqlite'}"
     (buildset,) = db.buildsets(Filters(change=change))

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import voluptuous as v
 
-from nodepool_lite import tls
+from nodepool_lite import metrics, tls
+from nodepool_lite.metrics import MetricsConfig
 from nodepool_lite.tls import TLSFiles
 from zuul_lite.connections import driver_names, validate_connection
 from zuul_lite.exceptions import ConfigError
@@ -61,6 +62,7 @@ SCHEMA = v.Schema(
             "layout": str,
             "jobs-dir": str,
             "merger-workers": v.All(int, v.Range(min=1, max=16)),
+            "metrics": metrics.SCHEMA,
         },
         "merger": {
             "git-listen": str,
@@ -98,6 +100,7 @@ class ZuulConfig:
     web_port: int = 9000
     web_url: str = "http://127.0.0.1:9000"
     launcher: dict = field(default_factory=dict)
+    metrics: MetricsConfig | None = None  # the scheduler's /metrics; None: not served
     dburi: str = ""  # the build history; default: SQLite under the state dir
     zk_tls: TLSFiles | None = None
     gearman_tls: TLSFiles | None = None
@@ -159,6 +162,7 @@ def load(path: Path | str) -> ZuulConfig:
         web_port=port,
         web_url=web.get("url", f"http://{listen}:{port}"),
         launcher=data.get("launcher", {}),
+        metrics=MetricsConfig.from_config(sched.get("metrics")),
         dburi=data.get("database", {}).get("dburi") or f"sqlite:///{state_dir / 'history.sqlite'}",
         zk_tls=zk_tls,
         gearman_tls=gearman_tls,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import gear
 
 from nodepool_lite.exceptions import NodeExistsError, NoNodeError, ZKError
+from nodepool_lite.metrics import MetricsServer
 from nodepool_lite.tls import gear_args
 from nodepool_lite.zk import ZooKeeper
 from zuul_lite.build_contract import BuildRequest, BuildResult
@@ -35,6 +36,7 @@ from zuul_lite.manager.dependent import DependentPipelineManager
 from zuul_lite.manager.independent import IndependentPipelineManager
 from zuul_lite.merger import Merger, MergeResult
 from zuul_lite.merger_pool import MergerPool
+from zuul_lite.metrics import SchedulerMetrics
 from zuul_lite.model import Build, Change, ManagementEvent, QueueItem, TriggerEvent
 from zuul_lite.state import ZuulState
 
@@ -118,6 +120,12 @@ class Scheduler(threading.Thread):
         self.gearman = BuildClient(self._on_gear_failed)
         # Every reported item's build set and builds (zuul_lite/history/).
         self.history = HistoryDB(config.dburi)
+        self.metrics = SchedulerMetrics()
+        self.metrics_server = (
+            MetricsServer(self.metrics.registry, config.metrics, "scheduler")
+            if config.metrics is not None
+            else None
+        )
         self.dispatcher = Dispatcher()
         # Gate merges (pushes, submits) run here, so builds of other items go
         # out meanwhile; one thread keeps the merges of a branch in order.
@@ -135,6 +143,8 @@ class Scheduler(threading.Thread):
     def start(self) -> None:
         self._load_layout(initial=True)
         self.history.upgrade()
+        if self.metrics_server is not None:
+            self.metrics_server.start()
         self.git_server.start()
         if self.config.gearman_start:
             self.gear_server = GearServer(
@@ -183,6 +193,8 @@ class Scheduler(threading.Thread):
             self.gear_server.shutdown()
         self.git_server.stop()
         self.history.dispose()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
 
     def reconfigure(self) -> None:
         """Safe from any thread (SIGHUP): the loop reloads the layout."""
@@ -391,6 +403,7 @@ class Scheduler(threading.Thread):
                         break
                 for manager in self.managers.values():
                     manager.flush()
+                    self.metrics.pipeline_state(manager.pipeline)
             except Exception:
                 if self.stop_event.is_set():
                     return  # stopping: ZooKeeper may be gone already
@@ -432,6 +445,7 @@ class Scheduler(threading.Thread):
                     waiting.add(event.connection)  # its events stay in order
                     continue
                 self._handle_trigger(path, event)
+                self.metrics.events.labels(event.connection, event.type).inc()
                 self._event_retries.pop(name, None)
             except ZKError:
                 self._triggers.set()  # ZooKeeper away: the event stays queued

@@ -465,6 +465,7 @@ class PipelineManager:
             return
         if not self._record_history(item, record):
             return
+        action = record["action"] if record is not None else self.reporter.action(item)
         while True:
             txn = self.state.transaction()
             try:
@@ -479,6 +480,7 @@ class PipelineManager:
                 self.remove_item(
                     item, reset_behind or (self.changes_merge and not merged), txn=txn
                 )
+                self.sched.metrics.item_reported(item, action, time.time())
                 return
             except BadVersionError:
                 queue.window = window
@@ -822,6 +824,7 @@ class PipelineManager:
             build.state, build.result = BuildState.COMPLETED, Result.SUCCESS
             build.end_time = build.start_time
             build.elapsed = 0.0
+            self.sched.metrics.build_finished(item.pipeline, build)
             self.save(item)
             return
         build.state = BuildState.QUEUED
@@ -902,6 +905,7 @@ class PipelineManager:
         if build.elapsed is None and build.start_time:
             build.elapsed = build.end_time - build.start_time
         self.log.info("%s: %s", build.job, build.result, item=item, build=build)
+        self.sched.metrics.build_finished(item.pipeline, build)
         self.save(item)
 
     def on_build_lost(self, item: QueueItem, build: Build, why: str) -> None:
@@ -915,6 +919,7 @@ class PipelineManager:
             build.summary = f"Gave up after {build.attempts} attempts: {why}"
             build.end_time = time.time()
             self.log.warning("%s: RETRY_LIMIT (%s)", build.job, why, item=item, build=build)
+            self.sched.metrics.build_finished(item.pipeline, build)
         else:
             build.uuid = new_uuid()
             build.state = BuildState.WAITING
