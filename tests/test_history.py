@@ -3,12 +3,17 @@ migrations, on a real SQLite file."""
 
 from __future__ import annotations
 
+import threading
+
+import pytest
 import sqlalchemy as sa
 
-from tests.harness import noop_check_run
+from tests.harness import local_project, make_series, noop_check_run, settle, wait_for_votes
 from zuul_lite.history.db import Filters, HistoryDB, HistoryError
 from zuul_lite.history.records import item_record
 from zuul_lite.model import Build, BuildSet, BuildState, Change, QueueItem
+from zuul_lite.scheduler import Scheduler
+from zuul_lite.state import ZuulState
 
 
 def make_item(number: int, results: dict[str, str], pipeline: str = "check") -> QueueItem:
@@ -130,3 +135,44 @@ def test_a_check_run_leaves_its_builds_in_sql(tmp_path, zk_hosts):
     (build,) = db.builds(Filters(change=change))
     assert (build["job_name"], build["result"], build["node_type"]) == ("noop", "SUCCESS", None)
     assert build["log_path"] == f"{change}/1/check/noop/{build['uuid']}"
+
+
+class Killed(BaseException):
+    """Ends the scheduler thread where it is raised, as kill -9 would: its
+    loop catches Exception only, so nothing after that line runs."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_scheduler_killed_between_the_sql_write_and_zookeeper(tmp_path, zk_hosts):
+    """The item's rows are in SQL but the item is still in ZooKeeper, not
+    voted on: the next scheduler votes and writes the same rows again,
+    so the history holds the item once."""
+    cfg, zk, local, src = local_project(tmp_path, zk_hosts, "noop.yaml")
+    first = Scheduler(cfg, zk)
+    written = threading.Event()
+    record = first.history.record
+
+    def record_then_die(rows):
+        record(rows)
+        written.set()
+        raise Killed
+
+    first.history.record = record_then_die
+    first.start()
+    change, _ = local.submit(make_series(src, tmp_path / "s", [("README", "x\n", "x")]), "demo")
+    assert written.wait(30)
+    first.join(10)
+    first.stop()
+    assert HistoryDB(cfg.dburi).buildsets(Filters(change=change)) != []
+    assert ZuulState(zk).read_status()["pipelines"][0]["items"] != []  # still queued
+    second = Scheduler(cfg, zk)
+    second.start()
+    try:
+        assert [v["value"] for v in wait_for_votes(zk, change)] == [1]
+        settle(second)
+    finally:
+        second.stop()
+        zk.disconnect()
+    db = HistoryDB(cfg.dburi)
+    assert len(db.buildsets(Filters(change=change))) == 1
+    assert len(db.builds(Filters(change=change))) == 1
