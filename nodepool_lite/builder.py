@@ -35,6 +35,7 @@ from pathlib import Path
 from nodepool_lite import exceptions as exc
 from nodepool_lite.config import Config, DiskImage
 from nodepool_lite.drivers.userns import shift_rootfs
+from nodepool_lite.metrics import BuilderMetrics, MetricsServer
 from nodepool_lite.model import BuildState, ImageBuild
 from nodepool_lite.uploader import UploadWorker
 from nodepool_lite.zk import IMAGE_BUILD_REQUEST_ROOT, ZooKeeper
@@ -368,6 +369,7 @@ class BuildWorker(threading.Thread):
         self.stop_event = threading.Event()
         self.current: BuildRun | None = None
         self.on_built: Callable[[], None] | None = None  # wakes the upload worker
+        self.metrics: BuilderMetrics | None = None
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -416,7 +418,11 @@ class BuildWorker(threading.Thread):
         try:
             self.current = BuildRun()
             if not self.stop_event.is_set():
-                build_image(self.config, self.zk, name, run=self.current)
+                start = time.monotonic()
+                build = build_image(self.config, self.zk, name, run=self.current)
+                if self.metrics is not None:
+                    took = time.monotonic() - start
+                    self.metrics.build_finished(name, build.state.value, took)
                 if self.on_built is not None:
                     self.on_built()
         finally:
@@ -456,8 +462,17 @@ class NodePoolBuilder:
         self.cleanup_worker = CleanupWorker(config, zk, interval)
         self.upload_worker = UploadWorker(config, zk, interval)
         self.build_worker.on_built = self.upload_worker.wake.set
+        self.metrics = BuilderMetrics(zk, image_names(config))
+        self.build_worker.metrics = self.metrics
+        self.metrics_server = (
+            MetricsServer(self.metrics.registry, config.builder_metrics, "builder")
+            if config.builder_metrics is not None
+            else None
+        )
 
     def start(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.start()
         images_dir(self.config).mkdir(parents=True, exist_ok=True)
         reconcile(self.config, self.zk)
         self.cleanup_worker.start()
@@ -469,6 +484,8 @@ class NodePoolBuilder:
         self.build_worker.stop()
         self.cleanup_worker.stop()
         self.upload_worker.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
 
     def join(self, timeout: float | None = None) -> None:
         self.build_worker.join(timeout)

@@ -15,10 +15,11 @@ from typing import Any
 import voluptuous as v
 import yaml
 
-from nodepool_lite import tls
+from nodepool_lite import metrics, tls
 from nodepool_lite.drivers import registry
 from nodepool_lite.drivers.base import ProviderConfig
 from nodepool_lite.exceptions import ConfigError
+from nodepool_lite.metrics import MetricsConfig
 from nodepool_lite.tls import TLSFiles
 
 DEFAULT_STATE_DIR = "/var/lib/zuul-lite"
@@ -49,6 +50,13 @@ SCHEMA = v.Schema(
         v.Optional("labels", default=list): [_label],
         v.Optional("diskimages", default=list): [_diskimage],
         v.Optional("providers", default=list): [_provider],
+        # Prometheus /metrics of each daemon (doc/web.md); a port each, so both
+        # can run on one host.
+        v.Optional("metrics"): {
+            "listen": str,
+            "launcher-port": metrics.PORT,
+            "builder-port": metrics.PORT,
+        },
     }
 )
 
@@ -72,6 +80,8 @@ class Config:
     diskimages: list[DiskImage]
     providers: list[ProviderConfig]
     zookeeper_tls: TLSFiles | None = None
+    launcher_metrics: MetricsConfig | None = None  # None: not served
+    builder_metrics: MetricsConfig | None = None
 
     def diskimage(self, name: str) -> DiskImage | None:
         return next((d for d in self.diskimages if d.name == name), None)
@@ -169,4 +179,13 @@ def load(path: str | Path) -> Config:
             for d in data["diskimages"]
         ],
         providers=providers,
+        launcher_metrics=_metrics(data, "launcher-port"),
+        builder_metrics=_metrics(data, "builder-port"),
     )
+
+
+def _metrics(data: dict, key: str) -> MetricsConfig | None:
+    section = data.get("metrics") or {}
+    if key not in section:
+        return None
+    return MetricsConfig(section.get("listen", "127.0.0.1"), section[key])

@@ -28,6 +28,7 @@ from nodepool_lite import exceptions as exc
 from nodepool_lite.cleanup import CleanupWorker
 from nodepool_lite.drivers import registry
 from nodepool_lite.drivers.base import PoolConfig, Provider
+from nodepool_lite.metrics import MetricsServer, launcher_registry
 from nodepool_lite.model import Node, NodeRequest, NodeState, RequestState
 from nodepool_lite.worker import BaseWorker
 from nodepool_lite.zk import IMAGE_ROOT, LAUNCHER_ROOT, NODE_ROOT, REQUEST_ROOT, ZooKeeper
@@ -339,6 +340,11 @@ class NodePool:
         self._unwatch: list[Callable[[], None]] = []
         self._launching: set[str] = set()
         self._launching_lock = threading.Lock()
+        self.metrics_server = (
+            MetricsServer(launcher_registry(self.zk), self.config.launcher_metrics, "launcher")
+            if self.config.launcher_metrics is not None
+            else None
+        )
 
     def launch_started(self, node: Node) -> None:
         """Store a new `building` node and mark it as being launched here, in
@@ -365,6 +371,8 @@ class NodePool:
             self.cleanup_worker.wake_event.set()
 
     def start(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.start()
         self.zk.connect()
         self.zk.add_connection_listener(self._on_connection)
         for provider in self.config.providers:
@@ -409,6 +417,8 @@ class NodePool:
             watcher.stopped = True
         for unwatch in self._unwatch:
             unwatch()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         self.wake()
 
     def join(self) -> None:

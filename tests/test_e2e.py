@@ -64,6 +64,8 @@ def write_configs(root: Path) -> tuple[Path, int]:
     ccache = Path(os.environ.get("ZUUL_LITE_CACHE", "/var/cache/zuul-lite")) / "ccache-nodes"
     text = text.replace("/var/lib/zuul-lite/ccache", str(ccache))
     text = text.replace("/var/lib/zuul-lite", str(state)).replace("port: 2281", f"port: {zk_port}")
+    text = text.replace("launcher-port: 9104", f"launcher-port: {free_port()}")
+    text = text.replace("builder-port: 9105", f"builder-port: {free_port()}")
     (etc / "nodepool.yaml").write_text(text)
     return etc, zk_port
 

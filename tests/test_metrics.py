@@ -9,16 +9,24 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from launcher import config as launcher_config
 from launcher.config import LauncherConfig
 from launcher.server import LauncherServer
-from nodepool_lite.metrics import MetricsConfig, MetricsServer
+from nodepool_lite import config as npconfig
+from nodepool_lite.metrics import BuilderMetrics, MetricsConfig, MetricsServer, launcher_registry
+from nodepool_lite.model import BuildState, ImageBuild, Node, NodeState
+from nodepool_lite.zk import ZooKeeper
+from tests.harness import REPO_ROOT as REPO
 from tests.harness import noop_check_run
+from zuul_lite import config as zconfig
 from zuul_lite.metrics import SchedulerMetrics
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
     """{(sample name, sorted labels): value} of one /metrics page."""
-    text = httpx.get(url).text
+    response = httpx.get(url)
+    response.raise_for_status()
+    text = response.text
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)
@@ -84,3 +92,46 @@ def test_a_taken_port_is_one_sentence():
             MetricsServer(SchedulerMetrics().registry, taken, "scheduler").start()
     finally:
         first.stop()
+
+
+def test_nodepool_metrics_read_zookeeper(zk, zk_hosts):
+    for state, provider in (("ready", "local"), ("ready", "local"), ("in-use", "cloud")):
+        zk.store_node(Node(state=NodeState(state), type="kernel-debian", provider=provider))
+    zk.store_image_build("kernel-ci-debian", ImageBuild(state=BuildState.READY))
+    zk.store_image_build("kernel-ci-debian", ImageBuild(state=BuildState.FAILED))
+    builder = BuilderMetrics(zk, ["kernel-ci-debian"])
+    builder.build_finished("kernel-ci-debian", "failed", 250.0)
+    away = ZooKeeper(zk_hosts)
+    servers = [
+        MetricsServer(launcher_registry(zk), MetricsConfig(), "launcher"),
+        MetricsServer(builder.registry, MetricsConfig(), "builder"),
+        MetricsServer(launcher_registry(away), MetricsConfig(), "launcher"),
+    ]
+    for server in servers:
+        server.start()
+    try:
+        nodes, images, down = (scrape(server.url) for server in servers)
+    finally:
+        for server in servers:
+            server.stop()
+    ready = (("label", "kernel-debian"), ("provider", "local"), ("state", "ready"))
+    assert nodes[("nodepool_nodes", ready)] == 2
+    in_use = (("label", "kernel-debian"), ("provider", "cloud"), ("state", "in-use"))
+    assert nodes[("nodepool_nodes", in_use)] == 1
+    assert nodes[("nodepool_zookeeper_up", ())] == 1
+    failed = (("image", "kernel-ci-debian"), ("state", "failed"))
+    assert images[("nodepool_image_builds", failed)] == 1
+    result = (("image", "kernel-ci-debian"), ("result", "failed"))
+    assert images[("nodepool_image_builds_finished_total", result)] == 1
+    assert images[("nodepool_image_build_duration_seconds_sum", result)] == 250
+    assert down == {("nodepool_zookeeper_up", ()): 0}
+
+
+def test_example_configs_serve_metrics_on_loopback():
+    nodepool = npconfig.load(REPO / "etc" / "nodepool.yaml")
+    assert nodepool.launcher_metrics == MetricsConfig("127.0.0.1", 9104)
+    assert nodepool.builder_metrics == MetricsConfig("127.0.0.1", 9105)
+    assert zconfig.load(REPO / "etc" / "zuul.yaml").metrics == MetricsConfig("127.0.0.1", 9102)
+    assert launcher_config.load(REPO / "etc" / "zuul.yaml").metrics == MetricsConfig(
+        "127.0.0.1", 9103
+    )
