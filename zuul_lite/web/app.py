@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -21,6 +27,7 @@ from nodepool_lite.zk import ZooKeeper
 from zuul_lite.history.db import HistoryDB, HistoryError
 from zuul_lite.web import history as history_pages
 from zuul_lite.web import logs, status
+from zuul_lite.web.live import StatusStreams
 from zuul_lite.web.templating import make_templates
 
 log = logging.getLogger("zuul_lite.web")
@@ -69,6 +76,8 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, _not_found)
     app.add_exception_handler(ZKError, _zk_unavailable)
     app.add_exception_handler(HistoryError, _history_unavailable)
+    streams = StatusStreams(zk)
+    app.state.on_stop = [streams.close]  # WebServer.stop ends the open streams
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(logs.make_router(Path(log_root), templates))
     if history is not None:
@@ -83,7 +92,16 @@ def create_app(
 
     @app.get("/api/status")
     def api_status() -> dict[str, Any]:
-        return status.read_status(zk)
+        return status.read_status(zk, history)
+
+    @app.get("/api/status/stream", response_class=StreamingResponse)
+    def api_status_stream() -> StreamingResponse:
+        """The status as server-sent events: now, then each time it changes."""
+        return StreamingResponse(
+            streams.stream(lambda: status.read_status(zk, history)),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def status_page(request: Request) -> Response:

@@ -8,8 +8,6 @@ cannot be read is a 503 with one sentence (the app's handler), never a trace.
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,9 +17,7 @@ from fastapi.responses import HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from zuul_lite.history.db import MAX_LIMIT, Filters, HistoryDB
-from zuul_lite.web import buildlog
-
-DAY = 86400.0
+from zuul_lite.web import buildlog, status
 
 
 class HistoryQuery:
@@ -52,14 +48,6 @@ class HistoryQuery:
     def args(self) -> dict[str, Any]:
         """The filters set, for the pages' forms."""
         return {k: v for k, v in asdict(self.filters).items() if v is not None}
-
-
-def percentile(values: list[float], pct: float) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(pct) - 1]
 
 
 def make_router(history: HistoryDB, log_root: Path, templates: Jinja2Templates) -> APIRouter:
@@ -98,8 +86,7 @@ def make_router(history: HistoryDB, log_root: Path, templates: Jinja2Templates) 
     @router.get("/api/time-to-vote")
     def api_time_to_vote(pipeline: str | None = None) -> dict[str, Any]:
         """Seconds from enqueue to report over the last day: p50 and p95."""
-        times = history.vote_times(time.time() - DAY, pipeline or None)
-        return {"count": len(times), "p50": percentile(times, 50), "p95": percentile(times, 95)}
+        return status.time_to_vote(history, pipeline or None)
 
     @router.get("/builds", response_class=HTMLResponse, include_in_schema=False)
     def builds_page(request: Request, q: Annotated[HistoryQuery, Depends()]) -> Response:
