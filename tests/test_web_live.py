@@ -1,7 +1,7 @@
-"""The live status stream (server-sent events) through the real uvicorn
-server on loopback: the status at once, then again on each change in
-ZooKeeper, with waiting and running builds told apart and the job
-estimates and time to vote from the history."""
+"""Through the real uvicorn server on loopback: the live status stream
+(server-sent events: the status at once, then again on each change in
+ZooKeeper, waiting and running builds told apart, job estimates and time to
+vote from the history) and the nodes and images API."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 
 import httpx
 
+from nodepool_lite.model import BuildState, ImageBuild, Node, NodeState
 from nodepool_lite.zk import ZooKeeper
 from tests.test_history import make_item
 from tests.test_web import queue_item, store_item
@@ -60,3 +61,22 @@ def test_stream_sends_the_status_and_each_change(tmp_path, zk: ZooKeeper):
             assert time.monotonic() - stopped < 5
     finally:
         server.stop()
+
+
+def test_nodes_and_images_api(tmp_path, zk: ZooKeeper):
+    node_id = zk.store_node(Node(state=NodeState.READY, type="kernel-debian", provider="local"))
+    build_id = zk.store_image_build("kernel-ci-debian", ImageBuild(state=BuildState.READY))
+    server = WebServer(create_app(zk, tmp_path), port=0)
+    server.start()
+    try:
+        (node,) = httpx.get(f"{server.url}/api/nodes").json()
+        (image,) = httpx.get(f"{server.url}/api/images").json()
+    finally:
+        server.stop()
+    assert (node["id"], node["state"], node["type"], node["provider"]) == (
+        node_id, "ready", "kernel-debian", "local"
+    )  # fmt: skip
+    assert image["name"] == "kernel-ci-debian"
+    assert [(b["id"], b["state"], b["uploads"]) for b in image["builds"]] == [
+        (build_id, "ready", [])
+    ]

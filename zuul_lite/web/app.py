@@ -26,7 +26,7 @@ from nodepool_lite.exceptions import ZKError
 from nodepool_lite.zk import ZooKeeper
 from zuul_lite.history.db import HistoryDB, HistoryError
 from zuul_lite.web import history as history_pages
-from zuul_lite.web import logs, status
+from zuul_lite.web import logs, nodes, status
 from zuul_lite.web.live import StatusStreams
 from zuul_lite.web.templating import make_templates
 
@@ -80,6 +80,7 @@ def create_app(
     app.state.on_stop = [streams.close]  # WebServer.stop ends the open streams
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(logs.make_router(Path(log_root), templates))
+    app.include_router(nodes.make_router(zk))
     if history is not None:
         app.include_router(history_pages.make_router(history, Path(log_root), templates))
 
