@@ -24,7 +24,11 @@ ERROR = re.compile(
     r"Traceback \(most recent call last\)|^\S.*: FAILED\b",
 )
 MAX_ERRORS = 20
-MAX_SHOWN_LINES = 50_000  # the HTML view; the raw file is always at /logs/
+# The HTML view; the raw file is always at /logs/. A line from a build can
+# be of any length: what is shown of it is capped too.
+MAX_SHOWN_LINES = 50_000
+MAX_SHOWN_BYTES = 32 * 1024 * 1024
+MAX_LINE = 4096
 MAX_TREE = 500
 REPRODUCE = ("reproduce.sh", "artifacts/reproduce.sh")
 MAX_REPRODUCE = 16_384
@@ -59,24 +63,32 @@ def _output_path(log_root: Path, directory: Path) -> Path | None:
     return found if found is not None and found.is_file() else None
 
 
-def read_output(log_root: Path, directory: Path, limit: int = MAX_SHOWN_LINES) -> list[OutputLine]:
-    """job-output.txt as numbered lines, error lines marked; at most `limit`."""
+def read_output(log_root: Path, directory: Path) -> tuple[list[OutputLine], bool]:
+    """job-output.txt as numbered lines, error lines marked, and whether the
+    file goes on beyond what is shown (MAX_SHOWN_LINES, MAX_SHOWN_BYTES)."""
     path = _output_path(log_root, directory)
     if path is None:
-        return []
+        return [], False
     lines = []
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for number, text in enumerate(handle, 1):
-            if number > limit:
-                break
-            text = text.rstrip("\n")
+    budget = MAX_SHOWN_BYTES
+    with path.open("rb") as handle:
+        for number, raw in enumerate(iter(lambda: handle.readline(MAX_LINE), b""), 1):
+            budget -= len(raw)
+            while not raw.endswith(b"\n"):  # a longer line: skip its rest
+                rest = handle.readline(MAX_LINE)
+                budget -= len(rest)
+                if not rest or rest.endswith(b"\n") or budget < 0:
+                    break
+            if number > MAX_SHOWN_LINES or budget < 0:
+                return lines, True
+            text = raw.decode("utf-8", errors="replace").rstrip("\n")
             lines.append(OutputLine(number, text, ERROR.search(text) is not None))
-    return lines
+    return lines, False
 
 
 def first_errors(log_root: Path, directory: Path) -> list[OutputLine]:
     """The first error lines of job-output.txt, for the build page's summary."""
-    return [line for line in read_output(log_root, directory) if line.error][:MAX_ERRORS]
+    return [line for line in read_output(log_root, directory)[0] if line.error][:MAX_ERRORS]
 
 
 def reproduce_command(log_root: Path, directory: Path) -> str | None:

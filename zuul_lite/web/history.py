@@ -124,13 +124,11 @@ def make_router(history: HistoryDB, log_root: Path, templates: Jinja2Templates) 
         """job-output.txt with a line anchor (#L<n>) on each line and error lines marked."""
         build = get_build(uuid)
         directory = buildlog.build_dir(log_root, build.get("log_path"))
-        lines = buildlog.read_output(log_root, directory) if directory is not None else []
+        lines, capped = buildlog.read_output(log_root, directory) if directory else ([], False)
         if not lines:
             raise HTTPException(404, f"Build {uuid} has no {buildlog.JOB_OUTPUT}.")
         return templates.TemplateResponse(
-            request,
-            "output.html",
-            {"build": build, "lines": lines, "capped": len(lines) >= buildlog.MAX_SHOWN_LINES},
+            request, "output.html", {"build": build, "lines": lines, "capped": capped}
         )
 
     return router
