@@ -137,6 +137,11 @@ def test_a_check_run_leaves_its_builds_in_sql(tmp_path, zk_hosts):
     assert build["log_path"] == f"{change}/1/check/noop/{build['uuid']}"
 
 
+def submit(local, src, root) -> int:
+    """A one-patch series of project demo into the local inbox; its change number."""
+    return local.submit(make_series(src, root / "s", [("README", "x\n", "x")]), "demo")[0]
+
+
 class Killed(BaseException):
     """Ends the scheduler thread where it is raised, as kill -9 would: its
     loop catches Exception only, so nothing after that line runs."""
@@ -159,7 +164,7 @@ def test_a_scheduler_killed_between_the_sql_write_and_zookeeper(tmp_path, zk_hos
 
     first.history.record = record_then_die
     first.start()
-    change, _ = local.submit(make_series(src, tmp_path / "s", [("README", "x\n", "x")]), "demo")
+    change = submit(local, src, tmp_path)
     assert written.wait(30)
     first.join(10)
     first.stop()
@@ -176,3 +181,30 @@ def test_a_scheduler_killed_between_the_sql_write_and_zookeeper(tmp_path, zk_hos
     db = HistoryDB(cfg.dburi)
     assert len(db.buildsets(Filters(change=change))) == 1
     assert len(db.builds(Filters(change=change))) == 1
+
+
+def test_a_database_that_refuses_keeps_the_item_until_it_takes_it(tmp_path, zk_hosts):
+    """No vote leaves before its history is written: the item waits and the
+    write is tried again (after 2 s), like a report a review system refused."""
+    cfg, zk, local, src = local_project(tmp_path, zk_hosts, "noop.yaml")
+    sched = Scheduler(cfg, zk)
+    record = sched.history.record
+    refused = []
+
+    def refuse_once(rows):
+        if not refused:
+            refused.append(rows.uuid)
+            raise HistoryError("The database is away.")
+        record(rows)
+
+    sched.history.record = refuse_once
+    sched.start()
+    try:
+        change = submit(local, src, tmp_path)
+        assert [v["value"] for v in wait_for_votes(zk, change)] == [1]
+        settle(sched)
+    finally:
+        sched.stop()
+        zk.disconnect()
+    (buildset,) = HistoryDB(cfg.dburi).buildsets(Filters(change=change))
+    assert refused == [buildset["uuid"]]
