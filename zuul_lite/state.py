@@ -206,10 +206,22 @@ class ZuulState:
         return result
 
     def get_build_result(self, uuid: str) -> BuildResult | None:
-        data = self.zk.get_or_none(self.build_result_path(uuid))
+        return self._build_result(self.zk.get_or_none(self.build_result_path(uuid)))
+
+    def get_build_results(self, uuids: list[str]) -> list[BuildResult | None]:
+        """Several results in about one round trip (None: not stored)."""
+        return [
+            self._build_result(data)
+            for data in self.zk.get_many([self.build_result_path(u) for u in uuids])
+        ]
+
+    @staticmethod
+    def _build_result(data: object) -> BuildResult | None:
         if data is None:
             return None
         try:
+            if isinstance(data, ValueError):
+                raise ContractError(f"not JSON ({data})")
             return BuildResult.from_dict(data)
         except ContractError as error:
             return BuildResult("FAILURE", summary=f"The launcher stored a bad result: {error}")
