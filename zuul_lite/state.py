@@ -180,14 +180,21 @@ class ZuulState:
     def build_early_failure_path(self, uuid: str) -> str:
         return f"{BUILDS}/{uuid}/early-failure"
 
-    def claim_build(self, uuid: str, launcher: str) -> bool:
+    def claim_build(self, uuid: str, launcher: str, console: str | None = None) -> bool:
         """Mark a build as run by `launcher` (ephemeral: it vanishes with the
-        launcher's session). False if another launcher already runs it."""
+        launcher's session), with the host:port of its live console. False if
+        another launcher already runs it."""
+        data = {"launcher": launcher, **({"console": console} if console else {})}
         try:
-            self.zk.create(self.build_running_path(uuid), {"launcher": launcher}, ephemeral=True)
+            self.zk.create(self.build_running_path(uuid), data, ephemeral=True)
         except NodeExistsError:
             return False
         return True
+
+    def build_console(self, uuid: str) -> str | None:
+        """host:port of the live console of a running build; None if it is not running."""
+        data = self.zk.get_or_none(self.build_running_path(uuid))
+        return data.get("console") if isinstance(data, dict) else None
 
     def release_build(self, uuid: str) -> None:
         self.zk.delete(self.build_running_path(uuid))

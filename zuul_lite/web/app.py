@@ -18,7 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nodepool_lite.exceptions import ZKError
 from nodepool_lite.zk import ZooKeeper
-from zuul_lite.web import logs, status
+from zuul_lite.state import ZuulState
+from zuul_lite.web import console, logs, status
 from zuul_lite.web.templating import make_templates
 
 log = logging.getLogger("zuul_lite.web")
@@ -54,6 +55,7 @@ def create_app(zk: ZooKeeper, log_root: Path, local_changes: bool = True) -> Fas
     app.add_exception_handler(ZKError, _zk_unavailable)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(logs.make_router(Path(log_root), templates))
+    app.include_router(console.make_router(ZuulState(zk), templates))
 
     @app.get("/health")
     def health() -> JSONResponse:

@@ -41,6 +41,10 @@ function renderBuild(build, now) {
   row.appendChild(el("td", duration(elapsed(build, now)), "num"));
   const logs = el("td");
   if (build.log_url) logs.appendChild(link(build.log_url, "logs"));
+  // Submitted and not finished: its launcher streams the output while it runs.
+  else if (build.state === "queued" && build.uuid) {
+    logs.appendChild(link(`/console/${build.uuid}`, "console"));
+  }
   row.appendChild(logs);
   return row;
 }
