@@ -57,7 +57,7 @@ function itemState(item) {
   return "running";
 }
 
-function renderItem(item, now) {
+function renderItem(item, now, shared) {
   const change = item.change;
   const bs = item.buildset;
   const box = el("div", null, "item");
@@ -90,7 +90,55 @@ function renderItem(item, now) {
   const builds = Object.values(bs.builds || {}).sort((a, b) => (a.index || 0) - (b.index || 0));
   for (const build of builds) table.appendChild(renderBuild(build, now));
   box.appendChild(table);
+  if (operatorToken() && !isRef) box.appendChild(operatorButtons(item, change, shared));
   return box;
+}
+
+// Operator actions: only with the admin token (kept for this tab only); the
+// server checks it and answers each request with one sentence.
+const TOKEN_KEY = "zuul-lite-admin-token";
+
+function operatorToken() {
+  return sessionStorage.getItem(TOKEN_KEY);
+}
+
+function operatorButtons(item, change, shared) {
+  const actions = el("div", null, "actions");
+  for (const action of shared ? ["promote", "dequeue"] : ["dequeue"]) {
+    const button = el("button", action);
+    button.onclick = () => operate(item.pipeline, action, change.number);
+    actions.appendChild(button);
+  }
+  return actions;
+}
+
+async function operate(pipeline, action, change) {
+  const said = document.getElementById("operator-said");
+  try {
+    const response = await fetch(`/api/pipeline/${encodeURIComponent(pipeline)}/${action}`, {
+      method: "POST",
+      headers: {"Content-Type": "application/json", Authorization: `Bearer ${operatorToken()}`},
+      body: JSON.stringify({change}),
+    });
+    const body = await response.json();
+    said.textContent = typeof body.detail === "string" ? body.detail : `HTTP ${response.status}`;
+  } catch (err) {
+    said.textContent = `The request failed (${err.message}).`;
+  }
+}
+
+function setupOperator() {
+  const form = document.getElementById("operator-form");
+  const input = document.getElementById("operator-token");
+  form.onsubmit = (event) => {
+    event.preventDefault();
+    if (input.value) sessionStorage.setItem(TOKEN_KEY, input.value);
+    else sessionStorage.removeItem(TOKEN_KEY);
+    input.value = "";
+    document.getElementById("operator-said").textContent = operatorToken()
+      ? "Operator actions shown; the server checks the token on each."
+      : "Operator actions hidden.";
+  };
 }
 
 function render(status) {
@@ -102,7 +150,9 @@ function render(status) {
     if (!pipeline.items.length) section.appendChild(el("p", "Queue is empty.", "muted"));
     for (const queue of pipeline.queues || []) {
       if (!queue.dynamic) section.appendChild(el("h3", `queue ${queue.name}`));
-      for (const item of queue.items) section.appendChild(renderItem(item, status.now));
+      for (const item of queue.items) {
+        section.appendChild(renderItem(item, status.now, !queue.dynamic));
+      }
     }
     root.appendChild(section);
   }
@@ -121,4 +171,5 @@ async function refresh() {
   setTimeout(refresh, REFRESH_MS);
 }
 
+setupOperator();
 refresh();
