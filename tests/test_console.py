@@ -13,11 +13,8 @@ import pytest
 
 from launcher.ansible import OutputLog
 from launcher.console import ConsoleServer
-from nodepool_lite.zk import ZooKeeper
 from nodepool_lite.zkserver import free_port
 from zuul_lite.state import ZuulState
-from zuul_lite.web.app import create_app
-from zuul_lite.web.server import WebServer
 
 
 @pytest.fixture
@@ -95,14 +92,6 @@ def test_a_port_in_use_is_a_launcher_without_console(console, caplog):
     second.start()
     assert second.address is None
     assert f"No live console: cannot listen on 127.0.0.1:{server.port}" in caplog.text
-
-
-@pytest.fixture
-def web(zk: ZooKeeper, tmp_path: Path):
-    server = WebServer(create_app(zk, tmp_path / "logs"), port=0)
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_web_relays_the_console_as_server_sent_events(zk, console, web):

@@ -7,20 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
-import pytest
 
 from nodepool_lite.model import BuildState, ImageBuild, ImageUpload, Node, NodeState, UploadState
 from nodepool_lite.zk import ZooKeeper
-from zuul_lite.web.app import create_app
-from zuul_lite.web.server import WebServer
-
-
-@pytest.fixture
-def web(zk: ZooKeeper, tmp_path: Path):
-    server = WebServer(create_app(zk, tmp_path / "logs"), port=0)
-    server.start()
-    yield server
-    server.stop()
 
 
 def image_build(zk: ZooKeeper, tmp_path: Path, log: Path | None) -> ImageBuild:
