@@ -96,6 +96,11 @@ class ZuulState:
     def pipeline_names(self) -> list[str]:
         return self.zk.get_children(PIPELINES)
 
+    def watch_pipelines(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """`callback()` on any change of any pipeline's queues or items (the
+        web's live status); returns the function that stops watching."""
+        return self.zk.watch_tree(PIPELINES, callback)
+
     def ensure_pipeline(self, pipeline: str) -> None:
         self.zk.ensure_path(f"{PIPELINES}/{pipeline}/items")
         self.zk.ensure_path(f"{PIPELINES}/{pipeline}/queues")

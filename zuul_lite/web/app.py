@@ -20,7 +20,7 @@ from nodepool_lite.exceptions import ZKError
 from nodepool_lite.zk import ZooKeeper
 from zuul_lite import config as zconfig
 from zuul_lite.state import ZuulState
-from zuul_lite.web import console, logs, nodepool, operator, status
+from zuul_lite.web import console, live, logs, nodepool, operator, status
 from zuul_lite.web.templating import make_templates
 
 log = logging.getLogger("zuul_lite.web")
@@ -64,6 +64,8 @@ def create_app(
     app.include_router(logs.make_router(Path(log_root), templates))
     app.include_router(console.make_router(ZuulState(zk), templates))
     app.include_router(nodepool.make_router(zk, templates))
+    app.state.status_feed = live.StatusFeed(ZuulState(zk))
+    app.include_router(live.make_router(app.state.status_feed))
     if cfg is not None:
         app.include_router(operator.make_router(ZuulState(zk), cfg))
 

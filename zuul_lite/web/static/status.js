@@ -1,4 +1,4 @@
-// Live status: fetch /api/status every few seconds and redraw the queues.
+// Live status: follow /api/status/stream (polling /api/status if it fails) and redraw the queues.
 // Everything from the API goes in through textContent: subjects and job names
 // come from patch authors and must never be parsed as HTML.
 "use strict";
@@ -55,6 +55,19 @@ function itemState(item) {
   if (bs.merge_state === "pending") return item.active ? "merging" : "waiting (outside the window)";
   if (bs.merge_state === "conflict") return "merge conflict";
   return "running";
+}
+
+const PASSING = new Set([null, undefined, "SUCCESS", "SKIPPED"]);
+
+function failing(item) {
+  if (item.error || item.buildset.merge_error) return true;
+  return Object.values(item.buildset.builds || {}).some(
+    (b) => b.early_failure || !PASSING.has(b.result));
+}
+
+function labelOf(item) {
+  const change = item.change;
+  return change.number === 0 ? change.branch : `${change.number},${change.patchset}`;
 }
 
 function renderItem(item, now, shared) {
@@ -150,26 +163,68 @@ function render(status) {
     if (!pipeline.items.length) section.appendChild(el("p", "Queue is empty.", "muted"));
     for (const queue of pipeline.queues || []) {
       if (!queue.dynamic) section.appendChild(el("h3", `queue ${queue.name}`));
+      let previous = null;
       for (const item of queue.items) {
-        section.appendChild(renderItem(item, status.now, !queue.dynamic));
+        const box = renderItem(item, status.now, !queue.dynamic);
+        if (failing(item)) box.classList.add("failing");
+        // Zuul's picture of a reset: an item not tested on top of the one
+        // before it in the queue was re-based past that (failing) item.
+        if (!queue.dynamic && previous && item.item_ahead !== previous.uuid) {
+          box.classList.add("rebased");
+          box.insertBefore(el("div", `re-based: not tested with ${labelOf(previous)}`, "meta"),
+            box.children[1]);
+        }
+        section.appendChild(box);
+        previous = item;
       }
     }
     root.appendChild(section);
   }
 }
 
-async function refresh() {
+// Live: /api/status/stream sends the status at each change of a pipeline;
+// between changes, elapsed times tick on from the server's clock. Should the
+// stream fail (an old proxy), the page polls /api/status instead.
+let last = null;
+
+function show(status) {
+  last = {status, received: Date.now() / 1000};
+  redraw();
+  document.getElementById("updated").textContent =
+    `Live · last change ${new Date().toLocaleTimeString()}`;
+}
+
+function redraw() {
+  if (!last) return;
+  const now = last.status.now + (Date.now() / 1000 - last.received);
+  render({...last.status, now});
+}
+
+async function poll() {
   const updated = document.getElementById("updated");
   try {
     const response = await fetch("/api/status", {cache: "no-store"});
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
-    render(await response.json());
-    updated.textContent = `Updated ${new Date().toLocaleTimeString()}`;
+    show(await response.json());
+    updated.textContent = `Updated ${new Date().toLocaleTimeString()} (polling)`;
   } catch (err) {
     updated.textContent = `Could not load /api/status (${err.message}); retrying.`;
   }
-  setTimeout(refresh, REFRESH_MS);
+  setTimeout(poll, REFRESH_MS);
+}
+
+function follow() {
+  if (!window.EventSource) return poll();
+  const source = new EventSource("/api/status/stream");
+  let opened = false;
+  source.onopen = () => { opened = true; };
+  source.onmessage = (event) => show(JSON.parse(event.data));
+  source.onerror = () => {
+    if (!opened) { source.close(); poll(); }  // never connected: poll instead
+    // else EventSource reconnects by itself (the web restarted, a proxy timeout)
+  };
 }
 
 setupOperator();
-refresh();
+setInterval(redraw, 1000);
+follow();
