@@ -23,8 +23,10 @@ from typing import Any
 
 import gear
 
+from launcher.ansible import OutputLog
 from launcher.build import Build, BuildAbandoned
 from launcher.config import LauncherConfig
+from launcher.console import ConsoleServer
 from launcher.gearworker import NoDelayWorker
 from launcher.metrics import LauncherMetrics
 from nodepool_lite.metrics import MetricsServer
@@ -62,12 +64,16 @@ class LauncherServer:
             if config.metrics is not None
             else None
         )
+        self.console = ConsoleServer(
+            self._output_of, config.console_listen, config.console_port, config.console_host
+        )
 
     def start(self) -> None:
         """Connect to ZooKeeper and gearman and start taking builds."""
         if self.metrics_server is not None:
             self.metrics_server.start()
         self.zk.connect()
+        self.console.start()
         tls = gear_args(self.config.gearman_tls)
         for worker in (self.worker, self.stop_worker):
             worker.addServer(self.config.gearman_server, self.config.gearman_port, **tls)
@@ -122,6 +128,7 @@ class LauncherServer:
         self.stop_worker.shutdown()
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        self.console.stop()
         if self._own_zk:
             self.zk.disconnect()
 
@@ -136,6 +143,11 @@ class LauncherServer:
                 return
             self._execute(job)
 
+    def _output_of(self, uuid: str) -> OutputLog | None:
+        with self._builds_lock:
+            build = self.builds.get(uuid)
+        return build.output if build is not None else None
+
     def _on_zk_state(self, state: str) -> None:
         """From kazoo's thread: pass the state on to the running builds (non-blocking)."""
         (log.info if state == "CONNECTED" else log.warning)("ZooKeeper connection %s", state)
@@ -148,7 +160,11 @@ class LauncherServer:
         try:
             request = BuildRequest.from_dict(_json(job.arguments))
             build = Build(
-                self.config, self.state, request, lambda *s: self._status(job, build, *s)
+                self.config,
+                self.state,
+                request,
+                lambda *s: self._status(job, build, *s),
+                self.console.address,
             )
         except ValueError as error:  # ContractError, or a log_path that leaves the log root
             sentence = str(error)[:1].upper() + str(error)[1:]
@@ -171,6 +187,7 @@ class LauncherServer:
         finally:
             with self._builds_lock:
                 self.builds.pop(build.uuid, None)
+            build.output.finish()
 
     def _status(
         self, job: gear.WorkerJob, build: Build, phase: str, step: int, steps: int

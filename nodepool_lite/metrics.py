@@ -83,11 +83,10 @@ class MetricsServer:
         log.info("Metrics of the %s at %s", self.name, self.url)
 
     def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        self._server = None
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()  # ends serve_forever in its thread
+            server.server_close()
 
 
 class ZooKeeperCollector(Collector):

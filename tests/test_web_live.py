@@ -10,7 +10,6 @@ import time
 
 import httpx
 
-from nodepool_lite.model import BuildState, ImageBuild, Node, NodeState
 from nodepool_lite.zk import ZooKeeper
 from tests.test_history import make_item
 from tests.test_web import queue_item, store_item
@@ -55,28 +54,5 @@ def test_stream_sends_the_status_and_each_change(tmp_path, zk: ZooKeeper):
             third = next(stream)
             build = third["pipelines"][0]["items"][0]["buildset"]["builds"]["kernel-build"]
             assert build["running"] is True
-            stopped = time.monotonic()
-            server.stop()  # ends the open stream instead of waiting for it
-            assert list(stream) == []
-            assert time.monotonic() - stopped < 5
     finally:
         server.stop()
-
-
-def test_nodes_and_images_api(tmp_path, zk: ZooKeeper):
-    node_id = zk.store_node(Node(state=NodeState.READY, type="kernel-debian", provider="local"))
-    build_id = zk.store_image_build("kernel-ci-debian", ImageBuild(state=BuildState.READY))
-    server = WebServer(create_app(zk, tmp_path), port=0)
-    server.start()
-    try:
-        (node,) = httpx.get(f"{server.url}/api/nodes").json()
-        (image,) = httpx.get(f"{server.url}/api/images").json()
-    finally:
-        server.stop()
-    assert (node["id"], node["state"], node["type"], node["provider"]) == (
-        node_id, "ready", "kernel-debian", "local"
-    )  # fmt: skip
-    assert image["name"] == "kernel-ci-debian"
-    assert [(b["id"], b["state"], b["uploads"]) for b in image["builds"]] == [
-        (build_id, "ready", [])
-    ]

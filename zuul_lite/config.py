@@ -72,7 +72,14 @@ SCHEMA = v.Schema(
         v.Required("connections"): {
             str: {v.Required("driver"): v.In(driver_names()), v.Extra: object}
         },
-        "web": {"listen": str, "port": int, "url": str},
+        "web": {
+            "listen": str,
+            "port": int,
+            "url": str,
+            # Operator actions from the web (doc/architecture.md, "Web"): off without.
+            v.Exclusive("admin-token", "admin"): v.All(str, v.Length(min=16)),
+            v.Exclusive("admin-token-file", "admin"): str,
+        },
         "database": {v.Required("dburi"): str},
         "launcher": dict,
     },
@@ -102,6 +109,7 @@ class ZuulConfig:
     launcher: dict = field(default_factory=dict)
     metrics: MetricsConfig | None = None  # the scheduler's /metrics; None: not served
     dburi: str = ""  # the build history; default: SQLite under the state dir
+    web_admin_token: str | None = None  # None: the web is read-only
     zk_tls: TLSFiles | None = None
     gearman_tls: TLSFiles | None = None
     gearman_server_tls: TLSFiles | None = None  # the embedded server's, with gearman_tls.ca
@@ -161,6 +169,7 @@ def load(path: Path | str) -> ZuulConfig:
         web_listen=listen,
         web_port=port,
         web_url=web.get("url", f"http://{listen}:{port}"),
+        web_admin_token=_admin_token(path, web),
         launcher=data.get("launcher", {}),
         metrics=MetricsConfig.from_config(sched.get("metrics")),
         dburi=data.get("database", {}).get("dburi") or f"sqlite:///{state_dir / 'history.sqlite'}",
@@ -175,3 +184,22 @@ def _default_git_url(listen: str, port: int) -> str:
     """git://<listen>:<port>/, with this host's name when listening on every address."""
     host = socket.getfqdn() if listen in ("", "0.0.0.0", "::") else listen
     return f"git://[{host}]:{port}/" if ":" in host else f"git://{host}:{port}/"
+
+
+def _admin_token(path: Path, web: dict) -> str | None:
+    """The web's admin token, from the file named if there is one (kept out of
+    a config that many can read); a file that cannot be read is one sentence."""
+    if "admin-token" in web:
+        return web["admin-token"]
+    if "admin-token-file" not in web:
+        return None
+    token_file = path.parent / web["admin-token-file"]
+    try:
+        token = token_file.read_text().strip()
+    except OSError as error:
+        where = f"{path}: web/admin-token-file"
+        raise ConfigError(f"{where}: {error.strerror}: {token_file}.") from None
+    if len(token) < 16:
+        where = f"{path}: web/admin-token-file"
+        raise ConfigError(f"{where}: {token_file} holds fewer than 16 characters.")
+    return token

@@ -11,23 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import (
-    HTMLResponse,
-    JSONResponse,
-    PlainTextResponse,
-    Response,
-    StreamingResponse,
-)
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nodepool_lite.exceptions import ZKError
 from nodepool_lite.zk import ZooKeeper
+from zuul_lite import config as zconfig
 from zuul_lite.history.db import HistoryDB, HistoryError
+from zuul_lite.state import ZuulState
+from zuul_lite.web import console, live, logs, nodepool, operator, status
 from zuul_lite.web import history as history_pages
-from zuul_lite.web import logs, nodes, status
-from zuul_lite.web.live import StatusStreams
 from zuul_lite.web.templating import make_templates
 
 log = logging.getLogger("zuul_lite.web")
@@ -63,10 +58,12 @@ def create_app(
     zk: ZooKeeper,
     log_root: Path,
     local_changes: bool = True,
+    cfg: zconfig.ZuulConfig | None = None,
     history: HistoryDB | None = None,
 ) -> FastAPI:
-    """Build the app; `local_changes` adds the local inbox pages and API,
-    `history` the build history pages and API (the scheduler writes it).
+    """Build the app; `local_changes` adds the local inbox pages and API, `cfg`
+    the operator actions (which answer only to its admin token), `history`
+    the build history pages and API (the scheduler writes it).
 
     Gerrit and Patchwork users read votes in their review system, so the change
     pages exist only when the built-in local inbox is the source of changes.
@@ -76,11 +73,16 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, _not_found)
     app.add_exception_handler(ZKError, _zk_unavailable)
     app.add_exception_handler(HistoryError, _history_unavailable)
-    streams = StatusStreams(zk)
-    app.state.on_stop = [streams.close]  # WebServer.stop ends the open streams
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(logs.make_router(Path(log_root), templates))
-    app.include_router(nodes.make_router(zk))
+    app.include_router(console.make_router(ZuulState(zk), templates))
+    app.include_router(nodepool.make_router(zk, templates))
+    app.state.status_feed = live.StatusFeed(
+        ZuulState(zk), read=lambda: status.read_status(zk, history)
+    )
+    app.include_router(live.make_router(app.state.status_feed))
+    if cfg is not None:
+        app.include_router(operator.make_router(ZuulState(zk), cfg))
     if history is not None:
         app.include_router(history_pages.make_router(history, Path(log_root), templates))
 
@@ -94,15 +96,6 @@ def create_app(
     @app.get("/api/status")
     def api_status() -> dict[str, Any]:
         return status.read_status(zk, history)
-
-    @app.get("/api/status/stream", response_class=StreamingResponse)
-    def api_status_stream() -> StreamingResponse:
-        """The status as server-sent events: now, then each time it changes."""
-        return StreamingResponse(
-            streams.stream(lambda: status.read_status(zk, history)),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def status_page(request: Request) -> Response:

@@ -1,92 +1,102 @@
-"""Live status over server-sent events: `/api/status/stream`.
+"""The status page's live feed: server-sent events with the whole status,
+sent again whenever a pipeline changes in ZooKeeper.
 
-One ZooKeeper tree watch per web process on the pipelines and the builds
-(started with the first subscriber) wakes every open stream; each reads the
-status again and sends it if it changed. Nothing polls: a stream waits on
-its wake-up, sending a comment line every KEEPALIVE seconds so proxies keep
-the connection. Stopping the web closes every stream at once.
+One tree watch on the pipelines serves every browser, and the status is read
+once per change however many follow it, so a busy page costs ZooKeeper the
+same as one reader.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import anyio
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
 
-from nodepool_lite.exceptions import ZKError
-from nodepool_lite.zk import ZooKeeper
-from zuul_lite.state import BUILDS, PIPELINES
+from zuul_lite.state import ZuulState
 
-log = logging.getLogger("zuul_lite.web.live")
-
-KEEPALIVE = 15.0
-RETRY_MS = 3000  # how soon a browser reconnects after the stream ends
+KEEPALIVE = 20.0  # seconds between comment events on a quiet stream
 
 
-class StatusStreams:
-    """The wake-ups of every open stream, fed by ZooKeeper watches."""
+class StatusFeed:
+    """`read` gives the status as /api/status has it (the queues, and what
+    the web adds from the history); by default the queues with `now`."""
 
-    def __init__(self, zk: ZooKeeper) -> None:
-        self.zk = zk
-        self._lock = threading.Lock()
-        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
-        self._unwatch: list[Callable[[], None]] = []
-        self.closed = False
+    def __init__(self, state: ZuulState, read: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.state = state
+        self.read = read or (lambda: {**state.read_status(), "now": time.time()})
+        self.version = 0
+        self._changed = threading.Condition()
+        self._lock = threading.Lock()  # one watch, one read per version
+        self._started = False
+        self._snapshot: tuple[int, bytes] | None = None
+        self._stop_watch = None
 
-    def _watch(self) -> None:
-        """Start the tree watches once (they survive session losses: kazoo's TreeCache)."""
+    def _on_change(self) -> None:
+        with self._changed:
+            self.version += 1
+            self._changed.notify_all()
+
+    def start(self) -> None:
+        """Watch from the first follower on: a web nobody follows watches nothing."""
         with self._lock:
-            if self._unwatch or self.closed:
-                return
-            for path in (PIPELINES, BUILDS):
-                self.zk.ensure_path(path)
-                self._unwatch.append(self.zk.watch_tree(path, self._changed))
+            if not self._started:
+                # The builds too: a launcher taking a build (its `running`
+                # claim) turns it from waiting in Gearman to running.
+                stops = [
+                    self.state.watch_pipelines(self._on_change),
+                    self.state.watch_builds(self._on_change),
+                ]
+                self._stop_watch = lambda: [stop() for stop in stops]
+                self._started = True
 
-    def _changed(self) -> None:
+    def stop(self) -> None:
         with self._lock:
-            waiters = list(self._waiters)
-        for loop, event in waiters:
-            loop.call_soon_threadsafe(event.set)
+            if self._stop_watch is not None:
+                self._stop_watch()
+            self._stop_watch = None
+            self._started = False
 
-    def close(self) -> None:
-        """Stop watching and end every stream (the web server is stopping)."""
-        with self._lock:
-            self.closed = True
-            unwatch, self._unwatch = self._unwatch, []
-        for stop in unwatch:
-            stop()
-        self._changed()
+    def wait(self, seen: int, timeout: float) -> int:
+        with self._changed:
+            self._changed.wait_for(lambda: self.version != seen, timeout)
+            return self.version
 
-    async def stream(self, read: Callable[[], dict[str, Any]]) -> AsyncIterator[str]:
-        """SSE lines: the status now, then each time it changes."""
-        await anyio.to_thread.run_sync(self._watch)
-        event = asyncio.Event()
-        waiter = (asyncio.get_running_loop(), event)
+    def snapshot(self) -> tuple[int, bytes]:
+        """The current status as one SSE event, read once for each change."""
         with self._lock:
-            self._waiters.add(waiter)
-        last = None
-        try:
-            yield f"retry: {RETRY_MS}\n\n"
-            while not self.closed:
-                event.clear()
-                try:
-                    status = await anyio.to_thread.run_sync(read)
-                except ZKError as error:
-                    status = {"error": str(error)}
-                # `now` moves on every read: a change is anything else.
-                key = json.dumps({k: v for k, v in status.items() if k != "now"}, sort_keys=True)
-                if key != last:
-                    last = key
-                    yield f"data: {json.dumps(status)}\n\n"
-                try:
-                    await asyncio.wait_for(event.wait(), KEEPALIVE)
-                except TimeoutError:
-                    yield ": keep-alive\n\n"
-        finally:
-            with self._lock:
-                self._waiters.discard(waiter)
+            version = self.version
+            if self._snapshot is None or self._snapshot[0] != version:
+                status = self.read()
+                self._snapshot = (version, b"data: " + json.dumps(status).encode() + b"\n\n")
+            return self._snapshot
+
+    def events(self) -> Iterator[bytes]:
+        self.start()
+        seen = -1
+        while True:
+            version, event = self.snapshot()
+            if version != seen:
+                seen = version
+                yield event
+            if self.wait(seen, KEEPALIVE) == seen:
+                yield b": keepalive\n\n"
+
+
+def make_router(feed: StatusFeed) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/api/status/stream")
+    def status_stream() -> StreamingResponse:
+        """text/event-stream: the status as /api/status has it, then again at each change."""
+        return StreamingResponse(
+            feed.events(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    return router

@@ -79,8 +79,6 @@ class WebServer:
         """Ask uvicorn to finish open requests and exit, then wait for its thread."""
         if self._server is None or self._thread is None:
             return
-        for hook in getattr(self.app.state, "on_stop", []):
-            hook()  # end what never ends by itself (event streams)
         self._server.should_exit = True
         self._thread.join(STOP_TIMEOUT + 5)
         if self._thread.is_alive():

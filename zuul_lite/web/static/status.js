@@ -1,16 +1,11 @@
-// Live status: /api/status/stream sends the status as server-sent events
-// each time it changes; between events a one-second tick moves the elapsed
-// times and progress bars on (from the server's clock, so a skewed browser
-// clock does not matter). Everything from the API goes in through
-// textContent: subjects and job names come from patch authors and must
-// never be parsed as HTML.
+// Live status: follow /api/status/stream (polling /api/status if it fails) and redraw the queues.
+// Everything from the API goes in through textContent: subjects and job names
+// come from patch authors and must never be parsed as HTML.
 "use strict";
 
-const TICK_MS = 1000;
+const REFRESH_MS = 5000;
 const root = document.getElementById("pipelines");
 const localChanges = root.dataset.localChanges === "true";
-let last = null; // the newest status
-let skew = 0; // server clock minus browser clock, seconds
 
 function el(tag, text, className) {
   const node = document.createElement(tag);
@@ -44,14 +39,15 @@ function buildState(build) {
   return build.state;
 }
 
+// A running build against the median of its job's recent successful builds.
 function progress(build, now, estimate) {
   const cell = el("td");
   if (build.state !== "queued" || !build.running || !estimate) return cell;
+  const took = elapsed(build, now) || 0;
   const bar = el("progress");
   bar.max = estimate;
-  bar.value = Math.min(elapsed(build, now) || 0, estimate);
-  const left = estimate - (elapsed(build, now) || 0);
-  bar.title = left > 0 ? `about ${duration(left)} left` : "longer than usual";
+  bar.value = Math.min(took, estimate);
+  bar.title = took < estimate ? `about ${duration(estimate - took)} left` : "longer than usual";
   cell.appendChild(bar);
   return cell;
 }
@@ -67,6 +63,10 @@ function renderBuild(build, now, estimates) {
   row.appendChild(progress(build, now, (estimates || {})[build.job]));
   const logs = el("td");
   if (build.log_url) logs.appendChild(link(build.log_url, "logs"));
+  // Submitted and not finished: its launcher streams the output while it runs.
+  else if (build.state === "queued" && build.uuid) {
+    logs.appendChild(link(`/console/${build.uuid}`, "console"));
+  }
   row.appendChild(logs);
   return row;
 }
@@ -79,24 +79,23 @@ function itemState(item) {
   return "running";
 }
 
+const PASSING = new Set([null, undefined, "SUCCESS", "SKIPPED"]);
+
 function failing(item) {
+  if (item.error || item.buildset.merge_error) return true;
   return Object.values(item.buildset.builds || {}).some(
-    (b) => b.early_failure || (b.result && b.result !== "SUCCESS"),
-  );
+    (b) => b.early_failure || !PASSING.has(b.result));
 }
 
-// `previous` is the item just ahead in the queue's list: an item tested on
-// top of another one (a failing item ahead was left out) is drawn indented
-// under the one it is now tested on, as Zuul draws a re-based gate queue.
-function renderItem(item, now, estimates, previous, labels) {
+function labelOf(item) {
+  const change = item.change;
+  return change.number === 0 ? change.branch : `${change.number},${change.patchset}`;
+}
+
+function renderItem(item, now, shared, estimates) {
   const change = item.change;
   const bs = item.buildset;
-  const box = el("div", null, failing(item) ? "item failing" : "item");
-  if (previous && item.item_ahead !== previous.uuid) {
-    box.classList.add("rebased");
-    const onto = item.item_ahead ? labels[item.item_ahead] : "the branch head";
-    box.appendChild(el("div", `re-based onto ${onto}: the item ahead is failing`, "meta"));
-  }
+  const box = el("div", null, "item");
   const title = el("div");
   // Change 0 is a branch head (post): branch@commit, no change page to link to.
   const isRef = change.number === 0;
@@ -128,12 +127,55 @@ function renderItem(item, now, estimates, previous, labels) {
   const builds = Object.values(bs.builds || {}).sort((a, b) => (a.index || 0) - (b.index || 0));
   for (const build of builds) table.appendChild(renderBuild(build, now, estimates));
   box.appendChild(table);
+  if (operatorToken() && !isRef) box.appendChild(operatorButtons(item, change, shared));
   return box;
 }
 
-function itemLabel(item) {
-  const c = item.change;
-  return c.number === 0 ? `${c.branch}@${(c.newrev || "").slice(0, 12)}` : `${c.number},${c.patchset}`;
+// Operator actions: only with the admin token (kept for this tab only); the
+// server checks it and answers each request with one sentence.
+const TOKEN_KEY = "zuul-lite-admin-token";
+
+function operatorToken() {
+  return sessionStorage.getItem(TOKEN_KEY);
+}
+
+function operatorButtons(item, change, shared) {
+  const actions = el("div", null, "actions");
+  for (const action of shared ? ["promote", "dequeue"] : ["dequeue"]) {
+    const button = el("button", action);
+    button.onclick = () => operate(item.pipeline, action, change.number);
+    actions.appendChild(button);
+  }
+  return actions;
+}
+
+async function operate(pipeline, action, change) {
+  const said = document.getElementById("operator-said");
+  try {
+    const response = await fetch(`/api/pipeline/${encodeURIComponent(pipeline)}/${action}`, {
+      method: "POST",
+      headers: {"Content-Type": "application/json", Authorization: `Bearer ${operatorToken()}`},
+      body: JSON.stringify({change}),
+    });
+    const body = await response.json();
+    said.textContent = typeof body.detail === "string" ? body.detail : `HTTP ${response.status}`;
+  } catch (err) {
+    said.textContent = `The request failed (${err.message}).`;
+  }
+}
+
+function setupOperator() {
+  const form = document.getElementById("operator-form");
+  const input = document.getElementById("operator-token");
+  form.onsubmit = (event) => {
+    event.preventDefault();
+    if (input.value) sessionStorage.setItem(TOKEN_KEY, input.value);
+    else sessionStorage.removeItem(TOKEN_KEY);
+    input.value = "";
+    document.getElementById("operator-said").textContent = operatorToken()
+      ? "Operator actions shown; the server checks the token on each."
+      : "Operator actions hidden.";
+  };
 }
 
 function renderTimeToVote(status) {
@@ -146,7 +188,7 @@ function renderTimeToVote(status) {
     : "No reports in the last day.";
 }
 
-function render(status, now) {
+function render(status) {
   renderTimeToVote(status);
   root.replaceChildren();
   if (!status.pipelines.length) root.appendChild(el("p", "No pipelines have run yet.", "muted"));
@@ -156,10 +198,18 @@ function render(status, now) {
     if (!pipeline.items.length) section.appendChild(el("p", "Queue is empty.", "muted"));
     for (const queue of pipeline.queues || []) {
       if (!queue.dynamic) section.appendChild(el("h3", `queue ${queue.name}`));
-      const labels = Object.fromEntries(queue.items.map((i) => [i.uuid, itemLabel(i)]));
       let previous = null;
       for (const item of queue.items) {
-        section.appendChild(renderItem(item, now, status.estimates, previous, labels));
+        const box = renderItem(item, status.now, !queue.dynamic, status.estimates);
+        if (failing(item)) box.classList.add("failing");
+        // Zuul's picture of a reset: an item not tested on top of the one
+        // before it in the queue was re-based past that (failing) item.
+        if (!queue.dynamic && previous && item.item_ahead !== previous.uuid) {
+          box.classList.add("rebased");
+          box.insertBefore(el("div", `re-based: not tested with ${labelOf(previous)}`, "meta"),
+            box.children[1]);
+        }
+        section.appendChild(box);
         previous = item;
       }
     }
@@ -167,29 +217,49 @@ function render(status, now) {
   }
 }
 
-function tick() {
-  if (last) render(last, Date.now() / 1000 + skew);
+// Live: /api/status/stream sends the status at each change of a pipeline;
+// between changes, elapsed times tick on from the server's clock. Should the
+// stream fail (an old proxy), the page polls /api/status instead.
+let last = null;
+
+function show(status) {
+  last = {status, received: Date.now() / 1000};
+  redraw();
+  document.getElementById("updated").textContent =
+    `Live · last change ${new Date().toLocaleTimeString()}`;
 }
 
-function connect() {
+function redraw() {
+  if (!last) return;
+  const now = last.status.now + (Date.now() / 1000 - last.received);
+  render({...last.status, now});
+}
+
+async function poll() {
   const updated = document.getElementById("updated");
+  try {
+    const response = await fetch("/api/status", {cache: "no-store"});
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    show(await response.json());
+    updated.textContent = `Updated ${new Date().toLocaleTimeString()} (polling)`;
+  } catch (err) {
+    updated.textContent = `Could not load /api/status (${err.message}); retrying.`;
+  }
+  setTimeout(poll, REFRESH_MS);
+}
+
+function follow() {
+  if (!window.EventSource) return poll();
   const source = new EventSource("/api/status/stream");
-  source.onmessage = (message) => {
-    const status = JSON.parse(message.data);
-    if (status.error) {
-      updated.textContent = `The server cannot read the status: ${status.error}`;
-      return;
-    }
-    skew = status.now - Date.now() / 1000;
-    last = status;
-    tick();
-    updated.textContent = `Live; last change ${new Date().toLocaleTimeString()}`;
-  };
-  // EventSource reconnects by itself after the `retry` the server set.
+  let opened = false;
+  source.onopen = () => { opened = true; };
+  source.onmessage = (event) => show(JSON.parse(event.data));
   source.onerror = () => {
-    updated.textContent = "Connection to the server lost; reconnecting.";
+    if (!opened) { source.close(); poll(); }  // never connected: poll instead
+    // else EventSource reconnects by itself (the web restarted, a proxy timeout)
   };
 }
 
-connect();
-setInterval(tick, TICK_MS);
+setupOperator();
+setInterval(redraw, 1000);
+follow();
