@@ -8,10 +8,17 @@ import threading
 import pytest
 import sqlalchemy as sa
 
-from tests.harness import local_project, make_series, noop_check_run, settle, wait_for_votes
+from tests.harness import (
+    StandInLauncher,
+    local_project,
+    make_series,
+    noop_check_run,
+    settle,
+    wait_for_votes,
+)
 from zuul_lite.history.db import Filters, HistoryDB, HistoryError
 from zuul_lite.history.records import item_record
-from zuul_lite.model import Build, BuildSet, BuildState, Change, QueueItem
+from zuul_lite.model import Build, BuildSet, BuildState, Change, ManagementEvent, QueueItem
 from zuul_lite.scheduler import Scheduler
 from zuul_lite.state import ZuulState
 
@@ -208,3 +215,25 @@ def test_a_database_that_refuses_keeps_the_item_until_it_takes_it(tmp_path, zk_h
         zk.disconnect()
     (buildset,) = HistoryDB(cfg.dburi).buildsets(Filters(change=change))
     assert refused == [buildset["uuid"]]
+
+
+def test_an_item_dequeued_after_its_builds_started_is_history_too(tmp_path, zk_hosts):
+    cfg, zk, local, src = local_project(tmp_path, zk_hosts, "demo.yaml")
+    sched = Scheduler(cfg, zk)
+    sched.start()
+    launcher = StandInLauncher(zk, sched.gearman_port)
+    launcher.hold = True
+    launcher.start()
+    try:
+        change = submit(local, src, tmp_path)
+        launcher.wait_for_builds(1, held=True)
+        sched.state.put_management_event(
+            ManagementEvent(type="dequeue", pipeline="check", change=change).to_dict()
+        )
+        settle(sched, launcher)
+    finally:
+        launcher.stop()
+        sched.stop()
+        zk.disconnect()
+    (buildset,) = HistoryDB(cfg.dburi).buildsets(Filters(change=change))
+    assert (buildset["result"], buildset["message"]) == ("DEQUEUED", "dequeued by an operator")
