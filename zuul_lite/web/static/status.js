@@ -38,7 +38,11 @@ function renderBuild(build, now) {
   row.appendChild(el("td", build.job));
   row.appendChild(el("td", build.state, build.state));
   row.appendChild(el("td", build.result || "", build.result || ""));
-  row.appendChild(el("td", duration(elapsed(build, now)), "num"));
+  const cell = el("td", duration(elapsed(build, now)), "num");
+  if (build.start_time && !build.end_time && build.elapsed == null) {
+    cell.dataset.start = build.start_time;  // ticks on between changes (tick())
+  }
+  row.appendChild(cell);
   const logs = el("td");
   if (build.log_url) logs.appendChild(link(build.log_url, "logs"));
   // Submitted and not finished: its launcher streams the output while it runs.
@@ -194,10 +198,22 @@ function show(status) {
     `Live · last change ${new Date().toLocaleTimeString()}`;
 }
 
+function serverNow() {
+  return last.status.now + (Date.now() / 1000 - last.received);
+}
+
 function redraw() {
+  if (last) render({...last.status, now: serverNow()});
+}
+
+// Only the running builds' elapsed cells change between two statuses: the
+// rest of the page stays as it is (a link under the pointer is not replaced).
+function tick() {
   if (!last) return;
-  const now = last.status.now + (Date.now() / 1000 - last.received);
-  render({...last.status, now});
+  const now = serverNow();
+  for (const cell of root.querySelectorAll("td[data-start]")) {
+    cell.textContent = duration(now - Number(cell.dataset.start));
+  }
 }
 
 async function poll() {
@@ -226,5 +242,5 @@ function follow() {
 }
 
 setupOperator();
-setInterval(redraw, 1000);
+setInterval(tick, 1000);
 follow();
