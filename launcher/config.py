@@ -24,9 +24,10 @@ from typing import Any
 import voluptuous as v
 import yaml
 
-from nodepool_lite import metrics, tls
-from nodepool_lite.metrics import MetricsConfig
+from nodepool_lite import tls
 from nodepool_lite.tls import TLSFiles
+from zuul_lite import metrics
+from zuul_lite.metrics import MetricsConfig
 
 LAUNCHER_SCHEMA = v.Schema(
     {

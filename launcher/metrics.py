@@ -1,5 +1,6 @@
-"""A launcher's Prometheus metrics (served by nodepool_lite.metrics): builds
-running now, finished builds by job and result, and how long they ran."""
+"""A launcher's Prometheus metrics (its own registry, served by
+nodepool_lite.metrics): builds running now, finished builds by job and
+result, and how long they ran."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from nodepool_lite.metrics import DURATION_BUCKETS
+from zuul_lite.metrics import DURATION_BUCKETS
 
 
 class LauncherMetrics:

@@ -29,7 +29,6 @@ from launcher.config import LauncherConfig
 from launcher.console import ConsoleServer
 from launcher.gearworker import NoDelayWorker
 from launcher.metrics import LauncherMetrics
-from nodepool_lite.metrics import MetricsServer
 from nodepool_lite.tls import gear_args
 from nodepool_lite.zk import ZooKeeper
 from zuul_lite.build_contract import BuildRequest, ContractError
@@ -60,9 +59,7 @@ class LauncherServer:
         self._threads: list[threading.Thread] = []
         self.metrics = LauncherMetrics(lambda: len(self.builds))
         self.metrics_server = (
-            MetricsServer(self.metrics.registry, config.metrics, f"launcher {config.name}")
-            if config.metrics is not None
-            else None
+            config.metrics.server(self.metrics.registry) if config.metrics else None
         )
         self.console = ConsoleServer(
             self._output_of, config.console_listen, config.console_port, config.console_host

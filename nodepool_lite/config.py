@@ -15,11 +15,10 @@ from typing import Any
 import voluptuous as v
 import yaml
 
-from nodepool_lite import metrics, tls
+from nodepool_lite import tls
 from nodepool_lite.drivers import registry
 from nodepool_lite.drivers.base import ProviderConfig
 from nodepool_lite.exceptions import ConfigError
-from nodepool_lite.metrics import MetricsConfig
 from nodepool_lite.tls import TLSFiles
 
 DEFAULT_STATE_DIR = "/var/lib/zuul-lite"
@@ -50,12 +49,11 @@ SCHEMA = v.Schema(
         v.Optional("labels", default=list): [_label],
         v.Optional("diskimages", default=list): [_diskimage],
         v.Optional("providers", default=list): [_provider],
-        # Prometheus /metrics of each daemon (doc/web.md); a port each, so both
-        # can run on one host.
+        # Prometheus /metrics of the launcher and the builder (nodepool_lite/metrics.py).
         v.Optional("metrics"): {
-            "listen": str,
-            "launcher-port": metrics.PORT,
-            "builder-port": metrics.PORT,
+            v.Optional("listen", default="127.0.0.1"): str,
+            v.Optional("launcher-port"): v.All(int, v.Range(min=0, max=65535)),
+            v.Optional("builder-port"): v.All(int, v.Range(min=0, max=65535)),
         },
     }
 )
@@ -80,8 +78,9 @@ class Config:
     diskimages: list[DiskImage]
     providers: list[ProviderConfig]
     zookeeper_tls: TLSFiles | None = None
-    launcher_metrics: MetricsConfig | None = None  # None: not served
-    builder_metrics: MetricsConfig | None = None
+    metrics_listen: str = "127.0.0.1"
+    metrics_launcher_port: int | None = None  # None: no /metrics
+    metrics_builder_port: int | None = None
 
     def diskimage(self, name: str) -> DiskImage | None:
         return next((d for d in self.diskimages if d.name == name), None)
@@ -179,13 +178,7 @@ def load(path: str | Path) -> Config:
             for d in data["diskimages"]
         ],
         providers=providers,
-        launcher_metrics=_metrics(data, "launcher-port"),
-        builder_metrics=_metrics(data, "builder-port"),
+        metrics_listen=data.get("metrics", {}).get("listen", "127.0.0.1"),
+        metrics_launcher_port=data.get("metrics", {}).get("launcher-port"),
+        metrics_builder_port=data.get("metrics", {}).get("builder-port"),
     )
-
-
-def _metrics(data: dict, key: str) -> MetricsConfig | None:
-    section = data.get("metrics") or {}
-    if key not in section:
-        return None
-    return MetricsConfig(section.get("listen", "127.0.0.1"), section[key])

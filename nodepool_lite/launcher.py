@@ -23,12 +23,14 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from nodepool_lite import config as npconfig
 from nodepool_lite import exceptions as exc
 from nodepool_lite.cleanup import CleanupWorker
 from nodepool_lite.drivers import registry
 from nodepool_lite.drivers.base import PoolConfig, Provider
-from nodepool_lite.metrics import MetricsServer, launcher_registry
+from nodepool_lite.metrics import MetricsServer, StateCollector
 from nodepool_lite.model import Node, NodeRequest, NodeState, RequestState
 from nodepool_lite.worker import BaseWorker
 from nodepool_lite.zk import IMAGE_ROOT, LAUNCHER_ROOT, NODE_ROOT, REQUEST_ROOT, ZooKeeper
@@ -340,11 +342,13 @@ class NodePool:
         self._unwatch: list[Callable[[], None]] = []
         self._launching: set[str] = set()
         self._launching_lock = threading.Lock()
-        self.metrics_server = (
-            MetricsServer(launcher_registry(self.zk), self.config.launcher_metrics, "launcher")
-            if self.config.launcher_metrics is not None
-            else None
-        )
+        self.metrics: MetricsServer | None = None
+        if self.config.metrics_launcher_port is not None:
+            registry = CollectorRegistry()
+            registry.register(StateCollector(self.zk))
+            self.metrics = MetricsServer(
+                registry, self.config.metrics_listen, self.config.metrics_launcher_port
+            )
 
     def launch_started(self, node: Node) -> None:
         """Store a new `building` node and mark it as being launched here, in
@@ -371,8 +375,6 @@ class NodePool:
             self.cleanup_worker.wake_event.set()
 
     def start(self) -> None:
-        if self.metrics_server is not None:
-            self.metrics_server.start()
         self.zk.connect()
         self.zk.add_connection_listener(self._on_connection)
         for provider in self.config.providers:
@@ -399,6 +401,8 @@ class NodePool:
         for worker in self.pool_workers:
             worker.start()
         self.cleanup_worker.start()
+        if self.metrics is not None:
+            self.metrics.start()
         log.info(
             "Nodepool launcher started: %s",
             ", ".join(w.launcher_id for w in self.pool_workers) or "no pools",
@@ -417,8 +421,8 @@ class NodePool:
             watcher.stopped = True
         for unwatch in self._unwatch:
             unwatch()
-        if self.metrics_server is not None:
-            self.metrics_server.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         self.wake()
 
     def join(self) -> None:

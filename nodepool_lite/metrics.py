@@ -1,169 +1,142 @@
-"""Prometheus `/metrics` for one daemon: its own CollectorRegistry (several
-launchers, or a scheduler and a launcher, may share a test process, and the
-global registry would mix their figures) served by prometheus-client's own
-HTTP server on the `metrics: {listen, port}` of the daemon's config.
-The scheduler and the launcher share this helper with nodepool.
+"""Prometheus metrics of the nodepool daemons (prometheus-client).
+
+What ZooKeeper holds (nodes by provider, label and state; node requests by
+state; image builds and uploads by state) is read at scrape time by a
+collector, so the figures are right after any restart and the same whichever
+daemon is asked. What only a daemon sees as it happens (how long each image
+build took, and whether it failed) is counted in that daemon.
+
+Each daemon has its own CollectorRegistry, so several can run in one process
+(the tests, the quick start) without sharing counters.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
+import threading
+from collections import Counter as Tally
 from collections.abc import Iterator
-from dataclasses import dataclass
-from threading import Thread
-from typing import TYPE_CHECKING
-from wsgiref.simple_server import WSGIServer
+from typing import Any
 
-import voluptuous as v
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
-from prometheus_client import Counter as Counter_
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from nodepool_lite.exceptions import ZKError
-
-if TYPE_CHECKING:
-    from nodepool_lite.zk import ZooKeeper
+from nodepool_lite.exceptions import NodepoolError
+from nodepool_lite.model import BuildState, ImageBuild
+from nodepool_lite.zk import ZooKeeper
 
 log = logging.getLogger("nodepool_lite.metrics")
 
-# Port 0 picks a free port (tests); no `metrics:` section serves nothing.
-PORT = v.All(int, v.Range(min=0, max=65535))
-SCHEMA = {"listen": str, v.Required("port"): PORT}
-
-# Seconds: from a noop job to a defconfig build with boot tests.
-DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, float("inf"))
-# Seconds: an image build takes minutes (186 s warm, MACHINE-NOTES) to an hour.
-IMAGE_BUCKETS = (60, 120, 180, 300, 600, 900, 1200, 1800, 3600, 7200, float("inf"))
-NODE_LABELS = ["provider", "label", "state"]
-IMAGE_LABELS = ["image", "state"]
+# dib builds take minutes; an hour and more is a build that went wrong.
+BUILD_BUCKETS = (30, 60, 120, 180, 300, 600, 900, 1800, 3600, float("inf"))
 
 
-@dataclass(frozen=True, slots=True)
-class MetricsConfig:
-    listen: str = "127.0.0.1"
-    port: int = 0
+class StateCollector(Collector):
+    """Gauges of what ZooKeeper holds, read when Prometheus scrapes."""
 
-    @classmethod
-    def from_config(cls, section: dict | None) -> MetricsConfig | None:
-        if not section:
-            return None
-        return cls(section.get("listen", "127.0.0.1"), section["port"])
-
-
-class MetricsServer:
-    """Serve `registry` on `listen:port` in a thread; `port` is the bound one after start()."""
-
-    def __init__(self, registry: CollectorRegistry, config: MetricsConfig, name: str) -> None:
-        self.registry = registry
-        self.listen = config.listen
-        self.port = config.port
-        self.name = name
-        self._server: WSGIServer | None = None
-        self._thread: Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.listen}]" if ":" in self.listen else self.listen
-        return f"http://{host}:{self.port}/metrics"
-
-    def start(self) -> None:
-        """Raises OSError with one sentence when the port is taken."""
-        try:
-            self._server, self._thread = start_http_server(
-                self.port, addr=self.listen, registry=self.registry
-            )
-        except OSError as error:
-            raise OSError(
-                f"Cannot serve the {self.name} metrics on {self.listen}:{self.port}: "
-                f"{error.strerror}."
-            ) from error
-        self.port = self._server.server_port
-        log.info("Metrics of the %s at %s", self.name, self.url)
-
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()  # ends serve_forever in its thread
-            server.server_close()
-
-
-class ZooKeeperCollector(Collector):
-    """Nodes by provider, label and state, and image builds by image and
-    state, read from ZooKeeper at each scrape: what every launcher and
-    builder shares, so the figures hold across restarts. A ZooKeeper that
-    does not answer gives `nodepool_zookeeper_up 0` and nothing else."""
-
-    def __init__(self, zk: ZooKeeper, images: list[str], nodes: bool, builds: bool) -> None:
+    def __init__(self, zk: ZooKeeper) -> None:
         self.zk = zk
-        self.images = images
-        self.nodes = nodes
-        self.builds = builds
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        up = GaugeMetricFamily("nodepool_zookeeper_up", "Whether ZooKeeper answered this scrape")
+        nodes = GaugeMetricFamily(
+            "nodepool_nodes",
+            "Nodes by provider, label and state",
+            labels=["provider", "label", "state"],
+        )
+        requests = GaugeMetricFamily(
+            "nodepool_node_requests", "Node requests by state", labels=["state"]
+        )
+        builds = GaugeMetricFamily(
+            "nodepool_image_builds", "Image builds by image and state", labels=["image", "state"]
+        )
+        uploads = GaugeMetricFamily(
+            "nodepool_image_uploads",
+            "Image uploads by provider and state",
+            labels=["provider", "state"],
+        )
         try:
-            families = list(self._families())
-        except ZKError as error:
-            log.warning("Metrics scrape without ZooKeeper: %s", error)
-            up.add_metric([], 0)
-            yield up
-            return
-        up.add_metric([], 1)
-        yield up
-        yield from families
+            for (provider, label, state), n in Tally(
+                (node.provider, node.type, node.state.value) for node in self.zk.nodes()
+            ).items():
+                nodes.add_metric([provider, label, state], n)
+            for state, n in Tally(self._request_states()).items():
+                requests.add_metric([state], n)
+            build_tally: Tally[tuple[str, str]] = Tally()
+            upload_tally: Tally[tuple[str, str]] = Tally()
+            for image in self.zk.get_image_names():
+                for build in self.zk.get_image_builds(image):
+                    build_tally[(image, build.state.value)] += 1
+                    for upload in self.zk.get_image_uploads(image, build.id or ""):
+                        upload_tally[(upload.provider, upload.state.value)] += 1
+            for key, n in build_tally.items():
+                builds.add_metric(list(key), n)
+            for key, n in upload_tally.items():
+                uploads.add_metric(list(key), n)
+        except NodepoolError as error:  # ZooKeeper away: a scrape with what we have
+            log.warning("Metrics without ZooKeeper's state: %s", error)
+        yield from (nodes, requests, builds, uploads)
 
-    def _families(self) -> Iterator[GaugeMetricFamily]:
-        if self.nodes:
-            family = GaugeMetricFamily(
-                "nodepool_nodes", "Nodes by provider, label and state", labels=NODE_LABELS
-            )
-            counts = Counter((n.provider, n.type, n.state.value) for n in self.zk.nodes())
-            for key, count in sorted(counts.items()):
-                family.add_metric(list(key), count)
-            yield family
-        if self.builds:
-            family = GaugeMetricFamily(
-                "nodepool_image_builds",
-                "Image builds kept, by image and state",
-                labels=IMAGE_LABELS,
-            )
-            for image in self.images:
-                states = Counter(b.state.value for b in self.zk.get_image_builds(image))
-                for state, count in sorted(states.items()):
-                    family.add_metric([image, state], count)
-            yield family
+    def _request_states(self) -> Iterator[str]:
+        for request_id in self.zk.node_request_ids():
+            req = self.zk.get_node_request(request_id)
+            if req is not None:
+                yield req.state.value
 
 
 class BuilderMetrics:
-    """The builder's registry: image builds from ZooKeeper, plus how long
-    each build of this builder took and how it ended."""
+    """What the builder daemon counts as builds finish."""
 
-    def __init__(self, zk: ZooKeeper, images: list[str]) -> None:
-        self.registry = CollectorRegistry()
-        self.registry.register(ZooKeeperCollector(zk, images, nodes=False, builds=True))
-        self.duration = Histogram(
-            "nodepool_image_build_duration_seconds",
-            "How long diskimage-builder and the extraction took, by image and result",
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.build_seconds = Histogram(
+            "nodepool_image_build_seconds",
+            "Duration of image builds by image and result",
             ["image", "result"],
-            buckets=IMAGE_BUCKETS,
-            registry=self.registry,
+            buckets=BUILD_BUCKETS,
+            registry=registry,
         )
-        self.results = Counter_(
-            "nodepool_image_builds_finished",
-            "Image builds this builder finished, by image and result (failed: a failure)",
-            ["image", "result"],
-            registry=self.registry,
+        self.build_failures = Counter(
+            "nodepool_image_build_failures",
+            "Failed image builds by image",
+            ["image"],
+            registry=registry,
         )
 
-    def build_finished(self, image: str, result: str, seconds: float) -> None:
-        self.duration.labels(image, result).observe(seconds)
-        self.results.labels(image, result).inc()
+    def finished(self, build: ImageBuild) -> None:
+        result = "ready" if build.state == BuildState.READY else "failed"
+        self.build_seconds.labels(build.image, result).observe(
+            max(0.0, build.state_time - build.created_time)
+        )
+        if result == "failed":
+            self.build_failures.labels(build.image).inc()
 
 
-def launcher_registry(zk: ZooKeeper) -> CollectorRegistry:
-    """The nodepool launcher's registry: nodes from ZooKeeper."""
-    registry = CollectorRegistry()
-    registry.register(ZooKeeperCollector(zk, [], nodes=True, builds=False))
-    return registry
+class MetricsServer:
+    """`/metrics` of one daemon on `listen:port` (prometheus-client's own server)."""
+
+    def __init__(self, registry: CollectorRegistry, listen: str, port: int) -> None:
+        self.registry = registry
+        self.listen = listen
+        self.port = port
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """An address in use is one warning: the daemon matters more than its metrics."""
+        try:
+            self._server, self._thread = start_http_server(
+                self.port, self.listen, registry=self.registry
+            )
+        except OSError as error:
+            log.warning(
+                "No metrics: cannot listen on %s:%s (%s)", self.listen, self.port, error.strerror
+            )
+            return
+        self.port = self._server.server_address[1]
+        log.info("Metrics on http://%s:%s/metrics", self.listen, self.port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

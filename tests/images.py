@@ -44,8 +44,8 @@ def node_config(state_dir: Path) -> Config:
     return dataclasses.replace(
         nodepool_config.load(EXAMPLE_CONFIG),
         state_dir=Path(state_dir),
-        launcher_metrics=None,
-        builder_metrics=None,
+        metrics_launcher_port=None,
+        metrics_builder_port=None,
     )
 
 

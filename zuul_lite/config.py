@@ -24,12 +24,13 @@ from pathlib import Path
 
 import voluptuous as v
 
-from nodepool_lite import metrics, tls
-from nodepool_lite.metrics import MetricsConfig
+from nodepool_lite import tls
 from nodepool_lite.tls import TLSFiles
+from zuul_lite import metrics
 from zuul_lite.connections import driver_names, validate_connection
 from zuul_lite.exceptions import ConfigError
 from zuul_lite.layout import _read_yaml, _validate
+from zuul_lite.metrics import MetricsConfig
 
 
 def _gearman_tls(section: dict) -> dict:

@@ -1,15 +1,42 @@
-"""The scheduler's Prometheus metrics (served by nodepool_lite.metrics).
+"""Prometheus metrics of the scheduler, and the `metrics: {listen, port}`
+section that the scheduler and each launcher take in zuul.yaml.
 
 Names follow Prometheus conventions under `zuul_`: counters end in `_total`,
-durations are histograms in seconds. Only the scheduler thread updates them.
+durations are histograms in seconds. Only the scheduler thread updates the
+scheduler's. Each daemon has its own CollectorRegistry, served by
+nodepool_lite.metrics.MetricsServer (prometheus-client's own HTTP server).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import voluptuous as v
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from nodepool_lite.metrics import DURATION_BUCKETS
+from nodepool_lite.metrics import MetricsServer
 from zuul_lite.model import Build, BuildState, Pipeline, QueueItem
+
+# Port 0 picks a free port (tests); no `metrics:` section serves nothing.
+SCHEMA = {"listen": str, v.Required("port"): v.All(int, v.Range(min=0, max=65535))}
+
+# Seconds: from a noop job to a defconfig build with boot tests.
+DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, float("inf"))
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1"
+    port: int = 0
+
+    @classmethod
+    def from_config(cls, section: dict | None) -> MetricsConfig | None:
+        if not section:
+            return None
+        return cls(section.get("listen", "127.0.0.1"), section["port"])
+
+    def server(self, registry: CollectorRegistry) -> MetricsServer:
+        return MetricsServer(registry, self.listen, self.port)
 
 
 class SchedulerMetrics:

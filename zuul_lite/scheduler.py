@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import gear
 
 from nodepool_lite.exceptions import NodeExistsError, NoNodeError, ZKError
-from nodepool_lite.metrics import MetricsServer
 from nodepool_lite.tls import gear_args
 from nodepool_lite.zk import ZooKeeper
 from zuul_lite.build_contract import BuildRequest, BuildResult
@@ -122,9 +121,7 @@ class Scheduler(threading.Thread):
         self.history = HistoryDB(config.dburi)
         self.metrics = SchedulerMetrics()
         self.metrics_server = (
-            MetricsServer(self.metrics.registry, config.metrics, "scheduler")
-            if config.metrics is not None
-            else None
+            config.metrics.server(self.metrics.registry) if config.metrics else None
         )
         self.dispatcher = Dispatcher()
         # Gate merges (pushes, submits) run here, so builds of other items go

@@ -43,13 +43,17 @@ function buildState(build) {
 function progress(build, now, estimate) {
   const cell = el("td");
   if (build.state !== "queued" || !build.running || !estimate) return cell;
-  const took = elapsed(build, now) || 0;
   const bar = el("progress");
   bar.max = estimate;
-  bar.value = Math.min(took, estimate);
-  bar.title = took < estimate ? `about ${duration(estimate - took)} left` : "longer than usual";
+  bar.dataset.start = build.start_time;  // moves on between changes (tick())
+  advance(bar, (elapsed(build, now) || 0));
   cell.appendChild(bar);
   return cell;
+}
+
+function advance(bar, took) {
+  bar.value = Math.min(took, bar.max);
+  bar.title = took < bar.max ? `about ${duration(bar.max - took)} left` : "longer than usual";
 }
 
 function renderBuild(build, now, estimates) {
@@ -59,7 +63,11 @@ function renderBuild(build, now, estimates) {
   row.appendChild(el("td", state, state === "running" ? "running" : "muted"));
   row.appendChild(el("td", build.result || "", build.result || ""));
   row.appendChild(el("td", build.node_type || "", "muted"));
-  row.appendChild(el("td", duration(elapsed(build, now)), "num"));
+  const cell = el("td", duration(elapsed(build, now)), "num");
+  if (build.start_time && !build.end_time && build.elapsed == null) {
+    cell.dataset.start = build.start_time;  // ticks on between changes (tick())
+  }
+  row.appendChild(cell);
   row.appendChild(progress(build, now, (estimates || {})[build.job]));
   const logs = el("td");
   if (build.log_url) logs.appendChild(link(build.log_url, "logs"));
@@ -229,10 +237,25 @@ function show(status) {
     `Live · last change ${new Date().toLocaleTimeString()}`;
 }
 
+function serverNow() {
+  return last.status.now + (Date.now() / 1000 - last.received);
+}
+
 function redraw() {
+  if (last) render({...last.status, now: serverNow()});
+}
+
+// Only the running builds' elapsed cells change between two statuses: the
+// rest of the page stays as it is (a link under the pointer is not replaced).
+function tick() {
   if (!last) return;
-  const now = last.status.now + (Date.now() / 1000 - last.received);
-  render({...last.status, now});
+  const now = serverNow();
+  for (const cell of root.querySelectorAll("td[data-start]")) {
+    cell.textContent = duration(now - Number(cell.dataset.start));
+  }
+  for (const bar of root.querySelectorAll("progress[data-start]")) {
+    advance(bar, now - Number(bar.dataset.start));
+  }
 }
 
 async function poll() {
@@ -261,5 +284,5 @@ function follow() {
 }
 
 setupOperator();
-setInterval(redraw, 1000);
+setInterval(tick, 1000);
 follow();
