@@ -9,7 +9,8 @@ restart:
 - `building` nodes whose launcher is no longer registered, or is ours but
   not launching them any more (it failed half-way), were abandoned;
 - `ready` nodes whose request is gone (the requestor died) or was never
-  fulfilled by a live launcher are destroyed;
+  fulfilled by a live launcher are destroyed (unallocated ones are
+  min-ready's spares and stay);
 - `in-use` nodes whose lock is free lost their requestor (it holds the lock
   for as long as it uses the node);
 - node directories and containers with no ZooKeeper record are leaked.
@@ -92,6 +93,8 @@ class CleanupWorker(BaseWorker):
                 return not self.nodepool.is_launching(node.id or "")
             return node.launcher not in launchers
         if node.state == NodeState.READY:
+            if node.allocated_to is None:
+                return False  # a spare kept by min-ready
             req = requests.get(node.allocated_to)
             if req is None:
                 return True

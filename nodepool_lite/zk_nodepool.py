@@ -64,7 +64,9 @@ class NodepoolZK:
         optionally watch it: `watcher(refreshed request)`, `watcher(None)` once
         it is deleted; returning False stops the watch."""
         # A fresh request each time, even for an object submitted before.
-        for name, value in (("declined_by", []), ("nodes", []), ("reason", None)):
+        for name, value in (
+            ("declined_by", []), ("declined_reasons", {}), ("nodes", []), ("reason", None),
+        ):  # fmt: skip
             object.__setattr__(req, name, value)
         object.__setattr__(req, "state", RequestState.REQUESTED)
         path = self.create(

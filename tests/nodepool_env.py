@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -29,6 +33,7 @@ from nodepool_lite.model import (
 )
 from nodepool_lite.zk import ZooKeeper
 
+REPO = Path(__file__).resolve().parent.parent
 IMAGE = "kernel-ci-debian"
 LABEL = "kernel-debian"
 TRUSTED_LABEL = "kernel-debian-trusted"  # the shared compiler cache is writable on it
@@ -191,3 +196,33 @@ def release(zk, nodes: list[Node]) -> None:
         node.state = NodeState.USED
         zk.store_node(node)
         zk.unlock_node(node)
+
+
+@contextmanager
+def launchers() -> Iterator[Callable[[Path], object]]:
+    """`start(config path)` starts a NodePool in this process; all are
+    stopped at the end."""
+    from nodepool_lite.launcher import NodePool
+
+    started: list[NodePool] = []
+
+    def start(path: Path) -> NodePool:
+        np = NodePool(path)
+        np.start()
+        started.append(np)
+        return np
+
+    try:
+        yield start
+    finally:
+        for np in started:
+            np.stop()
+            np.join()
+
+
+def launcher_process(conf: Path) -> subprocess.Popen:
+    """`nodepool launcher` as its own process (session), to be killed with -9."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "nodepool_lite.cmd.nodepoolcmd", "-c", str(conf), "launcher"],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
+    )  # fmt: skip

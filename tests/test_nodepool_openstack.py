@@ -17,11 +17,10 @@ from nodepool_lite.builder import cleanup
 from nodepool_lite.cmd.nodepoolcmd import main
 from nodepool_lite.drivers.openstack.provider import OpenStackProvider
 from nodepool_lite.exceptions import ConfigError
-from nodepool_lite.launcher import NodePool
 from nodepool_lite.model import BuildState, ImageBuild, NodeState, RequestState, UploadState
 from nodepool_lite.uploader import upload_pass, uploaders
 from tests.fake_openstack import FakeCloud, clouds_yaml, image_json
-from tests.nodepool_env import release, request, take_nodes, wait_for
+from tests.nodepool_env import launchers, release, request, take_nodes, wait_for
 
 LABEL = "cloud-debian"
 IMAGE = "kernel-ci-debian"
@@ -113,18 +112,8 @@ def write_config(
 
 @pytest.fixture
 def nodepool(tmp_path, zk_hosts, sshd, cloud):
-    started = []
-
-    def start(**overrides) -> NodePool:
-        np = NodePool(write_config(tmp_path, zk_hosts, sshd[0], **overrides))
-        np.start()
-        started.append(np)
-        return np
-
-    yield start
-    for np in started:
-        np.stop()
-        np.join()
+    with launchers() as start:
+        yield lambda **overrides: start(write_config(tmp_path, zk_hosts, sshd[0], **overrides))
 
 
 def test_launch_active_server_is_a_ready_node(nodepool, cloud, zk, sshd):
