@@ -20,6 +20,7 @@ the same build, synchronous, for `nodepool image-build --wait` and the tests.
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import logging
 import os
 import shutil
@@ -73,6 +74,27 @@ def get_diskimage(config: Config, image_name: str) -> DiskImage:
             f"Unknown image {image_name!r}: no such entry under diskimages in nodepool.yaml."
         )
     return diskimage
+
+
+def _dib_elements() -> Path | None:
+    """diskimage-builder's own elements (debian-minimal, base, ...)."""
+    spec = importlib.util.find_spec("diskimage_builder")
+    return Path(spec.origin).parent / "elements" if spec and spec.origin else None
+
+
+def check_elements(config: Config, diskimage: DiskImage) -> None:
+    """Every element of `diskimage` exists where dib will look (elements/, the
+    image's ELEMENTS_PATH, diskimage-builder's own); ConfigError naming the
+    key otherwise, before any build record or dib run."""
+    extra = diskimage.env_vars.get("ELEMENTS_PATH", "")
+    dirs = [REPO_ELEMENTS, *(Path(p) for p in extra.split(":") if p), _dib_elements()]
+    index = config.diskimages.index(diskimage)
+    for i, element in enumerate(diskimage.elements):
+        if not any(d is not None and (d / element).is_dir() for d in dirs):
+            raise exc.ConfigError(
+                f"{config.path}: diskimages[{index}].elements[{i}]: unknown element "
+                f"{element!r} (not in elements/, ELEMENTS_PATH or diskimage-builder's)."
+            )
 
 
 def image_names(config: Config) -> list[str]:
@@ -215,6 +237,7 @@ def build_image(
     `run` lets a daemon thread cancel the build on stop.
     """
     diskimage = get_diskimage(config, image_name)
+    check_elements(config, diskimage)
     base = output_dir or images_dir(config)
     build = ImageBuild(
         builder=socket.gethostname(),
@@ -414,6 +437,8 @@ class BuildWorker(threading.Thread):
             self.wake.clear()
             try:
                 self._work()
+            except exc.ConfigError as error:
+                log.error("Not building: %s", error)  # until the config is fixed
             except exc.NodepoolError:
                 log.exception("Build worker pass failed")
             self.wake.wait(self.interval)

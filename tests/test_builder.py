@@ -72,6 +72,7 @@ def fake_dib(tmp_path, monkeypatch):
     script = tmp_path / "fake-dib.py"
     script.write_text(FAKE_DIB)
     monkeypatch.setenv("ZUUL_LITE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(builder, "check_elements", lambda config, diskimage: None)
     monkeypatch.setattr(
         builder,
         "dib_command",
@@ -116,6 +117,17 @@ def test_failed_build_keeps_log_only(zk, tmp_path, fake_dib):
 def test_unknown_image_is_one_sentence(zk, tmp_path):
     with pytest.raises(ConfigError, match=r"^Unknown image 'nope'.*\.$"):
         build_image(small_config(tmp_path), zk, "nope")
+
+
+def test_unknown_element_is_one_sentence_before_any_build(zk, tmp_path):
+    config = small_config(tmp_path, elements=("debian-minimal", "kernel-ci-node", "nope"))
+    with pytest.raises(ConfigError) as error:
+        build_image(config, zk, "small")
+    assert str(error.value) == (
+        f"{config.path}: diskimages[0].elements[2]: unknown element 'nope' "
+        "(not in elements/, ELEMENTS_PATH or diskimage-builder's)."
+    )
+    assert zk.get_image_builds("small") == []
 
 
 def test_cleanup_keeps_two_newest_ready_and_in_use(zk, tmp_path, fake_dib):
@@ -188,6 +200,7 @@ from nodepool_lite.config import load
 from nodepool_lite.zk import ZooKeeper
 conf, hosts, script = sys.argv[1:4]
 builder.dib_command = lambda d, out: [sys.executable, script, "-o", str(out), *d.elements]
+builder.check_elements = lambda config, diskimage: None
 zk = ZooKeeper(hosts)
 zk.connect()
 builder.NodePoolBuilder(load(conf), zk, interval=3600).start()

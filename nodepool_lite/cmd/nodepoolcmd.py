@@ -148,8 +148,11 @@ class Commands:
             raise NodepoolError(f"Unknown image {name!r}: no such entry under diskimages.")
 
     def image_build(self) -> int:
+        from nodepool_lite.builder import check_elements, get_diskimage
+
         name = self.args.image
         self._known_image(name)
+        check_elements(self.config, get_diskimage(self.config, name))
         if not self.args.wait:
             self.zk.request_image_build(name)
             print(f"Build of {name} requested; the builder picks it up.")
