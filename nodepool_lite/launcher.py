@@ -234,28 +234,27 @@ class PoolWorker(BaseWorker):
         return [n for n in self.zk.nodes() if n.provider == name and n.pool == self.pool.name]
 
     def _process_requests(self) -> None:
-        launchers = self.zk.get_launchers()
         # "<priority>-<sequence>": jobs' requests before min-ready's, oldest first.
-        for request_id in sorted(self.zk.node_request_ids()):
+        pool_nodes = None
+        for req in self.zk.node_requests():
             if self.stop_event.is_set():
                 return
-            req = self.zk.get_node_request(request_id)
-            if req is None:
-                continue
             if req.state == RequestState.PENDING:
                 self._recover_lost(req)
                 continue
             if req.state != RequestState.REQUESTED:
                 continue
             if self.launcher_id in req.declined_by:
+                launchers = self.zk.get_launchers()
                 if set(launchers) <= set(req.declined_by):
                     self._decline(req, launchers)  # a launcher that could serve it left
                 continue
             why_not = self._why_not(req.node_types)
             if why_not:
-                self._decline(req, launchers, why_not)
+                self._decline(req, self.zk.get_launchers(), why_not)
                 continue
-            pool_nodes = self._pool_nodes()
+            if pool_nodes is None:
+                pool_nodes = self._pool_nodes()
             spares = [] if min_ready.is_min_ready(req) else self._spares(req, pool_nodes)
             rest = list(req.node_types)
             for node in spares:
@@ -268,6 +267,7 @@ class PoolWorker(BaseWorker):
                 self.log.debug("Request %s waits for capacity", req.id)
                 return
             self._accept(req, spares, rest)
+            pool_nodes = None  # changed by this request
 
     def _why_not(self, labels: list[str]) -> str | None:
         """Why this pool can never serve `labels` together, or None."""

@@ -63,9 +63,8 @@ class MinReadyWorker(BaseWorker):
             return
         have = {label: 0 for label in wanted}
         now = time.time()
-        for request_id in self.zk.node_request_ids():
-            req = self.zk.get_node_request(request_id)
-            if req is None or not is_min_ready(req):
+        for req in self.zk.node_requests():
+            if not is_min_ready(req):
                 continue
             if req.state == RequestState.FAILED and now - req.state_time > FAILED_BACKOFF:
                 self.zk.delete_node_request(req)

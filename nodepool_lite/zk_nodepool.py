@@ -122,6 +122,17 @@ class NodepoolZK:
     def node_request_ids(self) -> list[str]:
         return self.get_children(REQUEST_ROOT)
 
+    def node_requests(self) -> list[NodeRequest]:
+        """Every request in the order they are served (`<priority>-<sequence>`),
+        read in about one round trip."""
+        ids = sorted(self.node_request_ids())
+        values = self.get_many([self._request_path(i) for i in ids])
+        return [
+            NodeRequest.from_dict(d, id=i)
+            for i, d in zip(ids, values, strict=True)
+            if isinstance(d, dict) and d
+        ]
+
     def request_lock_ids(self) -> list[str]:
         """Lock dirs, for cleaning up those whose request is gone."""
         return self.get_children(REQUEST_LOCK_ROOT)
@@ -177,7 +188,13 @@ class NodepoolZK:
         return self.get_children(NODE_ROOT)
 
     def nodes(self) -> list[Node]:
-        return [n for n in (self.get_node(i) for i in self.node_ids()) if n is not None]
+        """Every node, read in about one round trip (a pool worker's pass
+        reads them all, on the path of every request)."""
+        ids = self.node_ids()
+        values = self.get_many([self._node_path(i) for i in ids])
+        # A znode without data is a lock dir left behind by a deleted node.
+        pairs = zip(ids, values, strict=True)
+        return [Node.from_dict(d, id=i) for i, d in pairs if isinstance(d, dict) and d]
 
     # -- launchers ----------------------------------------------------------
 

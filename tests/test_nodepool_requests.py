@@ -8,27 +8,28 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from pathlib import Path
 
 import pytest
-import yaml
 
 from nodepool_lite.cmd.nodepoolcmd import main
 from nodepool_lite.launcher import NodePool
 from nodepool_lite.min_ready import REQUESTOR, is_spare
 from nodepool_lite.model import NodeState, RequestState
 from tests.nodepool_env import (
+    STATIC_LABEL,
+    STATIC_OTHER,
     launcher_process,
     launchers,
     release,
     request,
+    static_config,
+    static_host,
     take_nodes,
     wait_for,
 )
 
-LABEL = "static-label"
-OTHER = "other-label"
-HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDKCz4ZcdtvM0NRm0xTAOKJXqCzFbGJtOcbF5N6vjXjk"
+LABEL = STATIC_LABEL
+OTHER = STATIC_OTHER
 
 
 def closed_port() -> int:
@@ -38,34 +39,6 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def host(name: str, port: int, labels: list[str], key: bool = True) -> dict:
-    entry = {"name": name, "labels": labels, "connection-port": port}
-    return entry | ({"host-key": HOST_KEY} if key else {})
-
-
-def static_config(tmp_path: Path, zk_hosts: str, providers: dict[str, list[dict]], **top) -> Path:
-    """One static provider (pool `main`) per entry: name -> its hosts."""
-    hosts, _, chroot = zk_hosts.partition("/")
-    zk_host, port = hosts.split(":")
-    data = {
-        "zookeeper-servers": [{"host": zk_host, "port": int(port), "chroot": chroot}],
-        "state-dir": str(tmp_path / "state"),
-        "labels": top.pop("labels", [{"name": LABEL}, {"name": OTHER}]),
-        "providers": [
-            {
-                "name": name,
-                "driver": "static",
-                "launch-retries": 2,
-                "pools": [{"name": "main", "max-servers": len(nodes), "nodes": nodes}],
-            }
-            for name, nodes in providers.items()
-        ],
-    }
-    path = tmp_path / "nodepool.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
 @pytest.fixture
 def nodepool(tmp_path, zk_hosts):
     with launchers() as start:
@@ -73,8 +46,8 @@ def nodepool(tmp_path, zk_hosts):
 
 
 def test_failed_launches_fail_over_to_another_provider(nodepool, zk):
-    broken = host("127.0.0.1", closed_port(), [LABEL], key=False)
-    good = host("127.0.0.2", 2222, [LABEL, OTHER])
+    broken = static_host("127.0.0.1", closed_port(), [LABEL], key=False)
+    good = static_host("127.0.0.2", 2222, [LABEL, OTHER])
     nodepool({"broken": [broken], "good": [good]})
     # The good host is lent out: only the broken provider can try `first`.
     busy, busy_done, _ = request(zk, OTHER)
@@ -97,8 +70,8 @@ def test_failed_launches_fail_over_to_another_provider(nodepool, zk):
 def test_request_fails_with_every_pool_reason_once_all_decline(nodepool, zk, capsys):
     np = nodepool(
         {
-            "a": [host("127.0.0.1", closed_port(), [LABEL], key=False)],
-            "b": [host("127.0.0.1", closed_port(), [LABEL], key=False)],
+            "a": [static_host("127.0.0.1", closed_port(), [LABEL], key=False)],
+            "b": [static_host("127.0.0.1", closed_port(), [LABEL], key=False)],
         }
     )
     req, done, _ = request(zk, LABEL)
@@ -123,7 +96,7 @@ def spares(zk, label: str = LABEL) -> list:
 
 
 def test_min_ready_spare_handed_out_at_once_and_replaced(nodepool, zk, capsys):
-    hosts = [host(f"127.0.0.{i}", 2222, [LABEL]) for i in (1, 2, 3)]
+    hosts = [static_host(f"127.0.0.{i}", 2222, [LABEL]) for i in (1, 2, 3)]
     np = nodepool({"static": hosts}, labels=[{"name": LABEL, "min-ready": 1}])
     [spare] = wait_for(lambda: spares(zk), 30, "a ready node")
     assert not [r for r in zk.node_request_ids() if zk.get_node_request(r)]  # released
@@ -147,7 +120,7 @@ def test_min_ready_spare_handed_out_at_once_and_replaced(nodepool, zk, capsys):
 
 def test_min_ready_of_a_label_no_pool_offers_is_one_sentence(tmp_path, zk_hosts, capsys):
     path = static_config(
-        tmp_path, zk_hosts, {"s": [host("127.0.0.1", 2222, [LABEL])]},
+        tmp_path, zk_hosts, {"s": [static_host("127.0.0.1", 2222, [LABEL])]},
         labels=[{"name": LABEL}, {"name": OTHER, "min-ready": 2}],
     )  # fmt: skip
     assert main(["-c", str(path), "list"]) == 1
@@ -163,7 +136,9 @@ def test_kill_9_launcher_mid_launch_then_restart(tmp_path, zk, zk_hosts):
     silent.bind(("127.0.0.1", 0))
     silent.listen()
     port = silent.getsockname()[1]
-    conf = static_config(tmp_path, zk_hosts, {"s": [host("127.0.0.1", port, [LABEL], key=False)]})
+    conf = static_config(
+        tmp_path, zk_hosts, {"s": [static_host("127.0.0.1", port, [LABEL], key=False)]}
+    )
     daemon = launcher_process(conf)
     nodepool = None
     try:
@@ -173,7 +148,7 @@ def test_kill_9_launcher_mid_launch_then_restart(tmp_path, zk, zk_hosts):
         os.killpg(daemon.pid, signal.SIGKILL)
         daemon.wait()
         # The operator fixes the host (its key is now known) and restarts.
-        static_config(tmp_path, zk_hosts, {"s": [host("127.0.0.1", port, [LABEL])]})
+        static_config(tmp_path, zk_hosts, {"s": [static_host("127.0.0.1", port, [LABEL])]})
         nodepool = NodePool(conf)
         nodepool.start()
         assert done.wait(60)  # the dead launcher's session expires first
