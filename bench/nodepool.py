@@ -29,6 +29,7 @@ dev rootfs of tests/nodepool_env.py); it is skipped otherwise.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import sys
@@ -41,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # tests/ holds the node image and nodepool helpers
     sys.path.insert(0, str(ROOT))
 
+from nodepool_lite import config as npconfig  # noqa: E402
+from nodepool_lite.drivers.nspawn.provider import NspawnProvider  # noqa: E402
 from nodepool_lite.launcher import NodePool  # noqa: E402
 from nodepool_lite.min_ready import is_spare  # noqa: E402
 from nodepool_lite.model import NodeRequest, NodeState, RequestState  # noqa: E402
@@ -205,6 +208,34 @@ def idle(zk_hosts: str, work: Path, seconds: float) -> tuple[float, float]:
     return rss, 100.0 * used / wall
 
 
+def round_trip(zk_hosts: str) -> float:
+    """p50 of one ZooKeeper read; a request served from a ready node takes
+    about 14 of them (locks of request and node, reads, writes)."""
+    zk = ZooKeeper(zk_hosts)
+    zk.connect()
+    try:
+        times = []
+        for _ in range(50):
+            start = time.monotonic()
+            zk.exists("/")
+            times.append(time.monotonic() - start)
+    finally:
+        zk.disconnect()
+    return p50(times)
+
+
+def destroy_leftovers(work: Path) -> None:
+    """Whatever a failed run left of nspawn nodes (containers, forwards,
+    mounts), by the driver's own leak cleanup: nothing outlives the bench."""
+    directory = work / "nspawn"
+    if not (directory / "state" / "nodes").is_dir():
+        return
+    cfg = npconfig.load(write_config(directory, "127.0.0.1:1"))
+    provider = NspawnProvider(cfg.providers[0], cfg.state_dir, None)  # type: ignore[arg-type]
+    for node_id in provider.leaked_node_ids():
+        provider.cleanup_node(node_id)
+
+
 def cpu_ticks(pid: int) -> int:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])  # utime + stime
@@ -223,6 +254,10 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=10.0, help="seconds of idle measurement")
     parser.add_argument("--drivers", default="static,nspawn")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # A node's sshd not up yet is retried by the driver; kazoo's reconnects are noise.
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+    logging.getLogger("kazoo").setLevel(logging.ERROR)
     drivers = args.drivers.split(",")
     if "nspawn" in drivers and os.geteuid() != 0:
         print("nspawn skipped: needs root")
@@ -238,11 +273,13 @@ def main() -> None:
                 zk.connect()
                 register_node_image(zk)
                 zk.disconnect()
+            rtt = round_trip(zk_hosts)
             rows = []
             for name in drivers:
                 rows += run_driver(name, zk_hosts, work, args.n)
             rss, cpu = idle(zk_hosts, work, args.idle)
         finally:
+            destroy_leftovers(work)
             server.stop()
     headers = ["driver", "measure", "n", "p50", "max"]
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
@@ -253,6 +290,10 @@ def main() -> None:
     for row in ready:
         print(f"goal p50 <= 30 ms with a ready node: {row[0]} {row[3]}")
     print(f"idle launcher: RSS {rss:.1f} MiB, CPU {cpu:.2f}% of one core over {args.idle:.0f} s")
+    print(
+        f"ZooKeeper round trip p50 {ms(rtt)}; load average {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} CPUs (figures scale with both)"
+    )
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ def release_nodes(zk: ZooKeeper, req: NodeRequest, nodes: list[Node]) -> None:
     for node in nodes:
         node.allocated_to = None
         zk.store_node(node)
+    zk.unlock_node_request(req)
     zk.delete_node_request(req)
 
 

@@ -98,7 +98,12 @@ class NodepoolZK:
     def delete_node_request(self, req: NodeRequest) -> None:
         if req.id is not None:
             self.delete(self._request_path(req.id))
-            self.delete(f"{REQUEST_LOCK_ROOT}/{req.id}", recursive=True)
+            try:
+                self.delete(f"{REQUEST_LOCK_ROOT}/{req.id}", recursive=True)
+            except exc.ZKError:
+                # A pool worker tried the lock meanwhile; it finds the request
+                # gone, and the launcher's cleanup removes the empty lock dir.
+                pass
 
     def lock_node_request(
         self, req: NodeRequest, blocking: bool = True, timeout: float | None = None
