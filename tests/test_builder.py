@@ -40,6 +40,10 @@ if "slow" in sys.argv:
     os.mkdir(work)
     if os.geteuid() == 0:
         subprocess.run(["mount", "-t", "tmpfs", "tmpfs", work], check=True)
+        image = os.path.join(work, "image.raw")
+        with open(image, "wb") as f:
+            f.truncate(1 << 20)
+        subprocess.run(["losetup", "-f", image], check=True)
     child = subprocess.Popen(["sleep", "600"], start_new_session=True)
     with open(os.path.join(os.path.dirname(out), "pids"), "w") as f:
         f.write(f"{os.getpid()} {child.pid}\\n")
@@ -208,6 +212,12 @@ threading.Event().wait()
 """
 
 
+def loops_under(top: Path) -> list[str]:
+    """Loop devices whose backing file lies below `top`."""
+    out = subprocess.run(["losetup", "-n", "-O", "NAME,BACK-FILE"], capture_output=True, text=True)
+    return [line for line in out.stdout.splitlines() if str(top) in line]
+
+
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -237,6 +247,8 @@ def test_kill_9_builder_mid_build_then_restart(zk, zk_hosts, tmp_path, fake_dib)
         pids = wait_for(lambda: pids_file.exists() and pids_file.read_text().split(), 30, "dib")
         pids = [int(pid) for pid in pids]
         work = Path(orphan.path) / "tmp" / "dib_build.fake"
+        if os.geteuid() == 0:
+            assert is_mounted(work) and loops_under(Path(orphan.path))
         os.killpg(daemon.pid, signal.SIGKILL)
         daemon.wait()
         assert all(_alive(pid) for pid in pids)
@@ -244,6 +256,7 @@ def test_kill_9_builder_mid_build_then_restart(zk, zk_hosts, tmp_path, fake_dib)
         restarted.start()  # reconciles before its build worker runs
         assert not any(_alive(pid) for pid in pids)
         assert not is_mounted(work) and not work.parent.exists()
+        assert not loops_under(Path(orphan.path))
         assert zk.get_image_build("slow", orphan.id).state == BuildState.FAILED
         assert "the builder died" in (Path(orphan.path) / "build.log").read_text()
         wait_for(lambda: [b for b in zk.get_image_builds("slow", [BuildState.BUILDING])
