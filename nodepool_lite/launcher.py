@@ -169,10 +169,10 @@ class NodeLauncher(threading.Thread):
                 min_ready.release_nodes(self.zk, self.req, self.nodes)
                 self.log.info("Ready nodes %s kept for min-ready", [n.id for n in self.nodes])
             else:
+                # As Nodepool: fulfilled first, nodes unlocked after (run's
+                # finally); the requestor's lock on them waits that long.
                 self.req.nodes = [n.id for n in self.nodes if n.id]
                 self.req.state = RequestState.FULFILLED
-                for node in self.nodes:
-                    self._unlock(node)
                 self.zk.store_node_request(self.req)
                 self.log.info("Request %s fulfilled: nodes %s", self.req.id, self.req.nodes)
         except exc.NoNodeError:
@@ -411,11 +411,12 @@ class PoolWorker(BaseWorker):
         try:
             req.nodes = [n.id for n in nodes if n.id]
             req.state = RequestState.FULFILLED
-            for node in nodes:
-                self.zk.unlock_node(node)
             self.zk.store_node_request(req)
             self.log.info("Request %s fulfilled with ready nodes %s", req.id, req.nodes)
         finally:
+            # After the request, as for launched nodes: the requestor's lock waits.
+            for node in nodes:
+                self.zk.unlock_node(node)
             self.zk.unlock_node_request(req)
         self.nodepool.wake()  # min-ready asks for replacements
 
