@@ -85,8 +85,11 @@ class ZuulEnv:
         launcher_cls: type[StandInLauncher] = StandInLauncher,
         hold: bool = False,
         results: dict[str, str] | None = None,
+        launchers: int = 1,
     ) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="zuul-lite-bench-"))
+        self.launchers: list[StandInLauncher] = []
+        self.launcher_count = launchers
         self.zk_server = ZooKeeperServer(self.tmp / "zk", port=free_port(), force_sync=False)
         self.sched: Scheduler | None = None
         self.launcher: StandInLauncher | None = None
@@ -144,9 +147,14 @@ class ZuulEnv:
         self.local.import_project("demo", self.src)
         self.sched = Scheduler(self.cfg, self.zk_sched)
         self.sched.start()
-        self.launcher = launcher_cls(self.zk_launcher, self.sched.gearman_port, results)
-        self.launcher.hold = hold
-        self.launcher.start()
+        # Several stand-ins take builds at once, as several launchers would.
+        for i in range(self.launcher_count):
+            zk = self.zk_launcher if i == 0 else self._client(hosts)
+            launcher = launcher_cls(zk, self.sched.gearman_port, results)
+            launcher.hold = hold
+            launcher.start()
+            self.launchers.append(launcher)
+        self.launcher = self.launchers[0]
 
     def _post_event(self, event: TriggerEvent) -> None:
         """As the CLI posts it, remembering the event's own timestamp; kept
@@ -183,8 +191,8 @@ class ZuulEnv:
         if self.sched is not None:
             self.sched.stop()
             self.sched.join(10)
-        if self.launcher is not None:
-            self.launcher.stop()
+        for launcher in self.launchers:
+            launcher.stop()
         for client in self.clients:
             try:
                 client.disconnect()

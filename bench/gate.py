@@ -75,7 +75,7 @@ class Counters:
                 self.push_time += time.perf_counter() - start
 
         merger.merge_chain, merger.push = timed_merge, timed_push
-        self.launcher = env.launcher
+        self.launchers = env.launchers
 
     def snapshot(self) -> tuple[int, int, float, int, float, int]:
         return (
@@ -84,7 +84,7 @@ class Counters:
             self.merge_time,
             self.pushes,
             self.push_time,
-            len(self.launcher.history),
+            sum(len(launcher.history) for launcher in self.launchers),
         )
 
     def since(self, before: tuple) -> str:
@@ -98,6 +98,11 @@ class Counters:
         )
 
 
+def set_results(env: ZuulEnv, results: dict[str, str]) -> None:
+    for launcher in env.launchers:
+        launcher.results = results
+
+
 def run_together(env: ZuulEnv, numbers: list[int]) -> float:
     """Approve all at once, as reviewers would, each from a thread of its own
     (one after the other, the bench's own round trips would be measured);
@@ -107,7 +112,7 @@ def run_together(env: ZuulEnv, numbers: list[int]) -> float:
     with ThreadPoolExecutor(len(numbers)) as reviewers:
         list(reviewers.map(env.local.approve, numbers))
     end = watch.wait(TIMEOUT, env)
-    settle(env.sched, env.launcher)
+    settle(env.sched, env.launchers)
     return end - start
 
 
@@ -142,6 +147,9 @@ def surprises(env: ZuulEnv, numbers: list[int], failing: int | None = None) -> N
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3, help="runs of the single series (median)")
+    parser.add_argument(
+        "--launchers", type=int, default=4, help="stand-in launchers taking builds at once"
+    )
     opts = parser.parse_args()
     quiet_logs()
     print(
@@ -149,12 +157,12 @@ def main() -> None:
         f"({os.cpu_count()} CPUs)"
     )
     t_setup = time.monotonic()
-    env = ZuulEnv(LAYOUT)
+    env = ZuulEnv(LAYOUT, launchers=opts.launchers)
     try:
         count = 1 + opts.reps + 3 * SERIES
         patches = env.patches("s", count)
         numbers = [env.submit(p) for p in patches]  # patchset-created: no pipeline wants it
-        settle(env.sched, env.launcher)
+        settle(env.sched, env.launchers)
         warm, numbers = numbers[0], numbers[1:]
         singles, numbers = numbers[: opts.reps], numbers[opts.reps :]
         together, numbers = numbers[:SERIES], numbers[SERIES:]
@@ -184,10 +192,10 @@ def main() -> None:
         print(f"      {counters.since(before)}")
         surprises(env, together)
 
-        env.launcher.results = {f"build:{failing[FAILING]}": "FAILURE"}
+        set_results(env, {f"build:{failing[FAILING]}": "FAILURE"})
         before = counters.snapshot()
         c = run_together(env, failing)
-        env.launcher.results = {}
+        set_results(env, {})
         print(
             f"(c) {SERIES} at once, 3rd build fails    : {c:6.3f} s  [{outcome(env, failing)}; "
             f"expected {SERIES - 1} merged, 1 voted -1]"

@@ -57,10 +57,32 @@ class OutputLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
+        # The live console (launcher/console.py) waits on this instead of
+        # polling the file: `lines` counts what was written, `finished` ends it.
+        self._grown = threading.Condition(self._lock)
+        self.lines = 0
+        self.finished = False
 
     def write(self, line: str) -> None:
         with self._lock, open(self.path, "a", encoding="utf-8") as out:
             out.write(f"{timestamp()} | {line.rstrip()}\n")
+            out.flush()
+            self._wrote()
+
+    def _wrote(self) -> None:
+        self.lines += 1
+        self._grown.notify_all()
+
+    def finish(self) -> None:
+        """The build ended: followers read what is left and stop."""
+        with self._grown:
+            self.finished = True
+            self._grown.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> None:
+        """Until a line after the `seen`-th is written, the log finishes, or `timeout`."""
+        with self._grown:
+            self._grown.wait_for(lambda: self.lines != seen or self.finished, timeout)
 
     def copy_stream(self, stream: IO[bytes], keep: Callable[[str], bool] | None = None) -> None:
         """Copy a process's output until EOF; one open file, flushed per line.
@@ -75,6 +97,7 @@ class OutputLog:
                 with self._lock:
                     out.write(f"{timestamp()} | {line}\n")
                     out.flush()
+                    self._wrote()
 
 
 class AnsibleRunner:

@@ -71,8 +71,10 @@ class Build:
         state: ZuulState,
         request: BuildRequest,
         status: StatusCallback,
+        console: str | None = None,
     ) -> None:
         self.config = config
+        self.console = console  # where this launcher streams job-output.txt live
         self.state = state
         self.request = request
         self.uuid = request.uuid
@@ -136,7 +138,7 @@ class Build:
 
     def _claim(self) -> bool:
         with self._claim_lock:
-            self._claimed = self.state.claim_build(self.uuid, self.config.name)
+            self._claimed = self.state.claim_build(self.uuid, self.config.name, self.console)
             return self._claimed
 
     def _release(self) -> None:
@@ -152,7 +154,7 @@ class Build:
             try:
                 if self.state.get_build_result(self.uuid) is not None:
                     return
-                if self.state.claim_build(self.uuid, self.config.name):
+                if self.state.claim_build(self.uuid, self.config.name, self.console):
                     self.log.info("Claimed the build again after a ZooKeeper session loss")
                 else:
                     self.log.warning(

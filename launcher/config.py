@@ -43,6 +43,9 @@ LAUNCHER_SCHEMA = v.Schema(
         "post-timeout": v.All(v.Coerce(float), v.Range(min=1)),
         "ansible-playbook": str,
         "tls": {v.Required("cert"): str, v.Required("key"): str},
+        # The live console (launcher/console.py): where it listens, and the
+        # host name the web server connects to if not the listen address.
+        "console": {"listen": str, "port": v.All(int, v.Range(min=0, max=65535)), "host": str},
     },
     extra=v.PREVENT_EXTRA,
 )
@@ -75,6 +78,9 @@ class LauncherConfig:
     ansible_playbook: str = ""
     zk_tls: TLSFiles | None = None
     gearman_tls: TLSFiles | None = None
+    console_listen: str = "127.0.0.1"
+    console_port: int = 0  # a free port: the claim in ZooKeeper says which
+    console_host: str | None = None
 
     def __post_init__(self) -> None:
         if not self.ansible_playbook:
@@ -117,6 +123,7 @@ def load(path: Path | str) -> LauncherConfig:
     state_dir = here / section.get("state-dir", data.get("state-dir", "/var/lib/zuul-lite"))
     web = data.get("web") or {}
     web_url = web.get("url", f"http://{web.get('listen', '127.0.0.1')}:{web.get('port', 9000)}")
+    console = section.get("console") or {}
     jobs_dir = section.get("jobs-dir") or (data.get("scheduler") or {}).get("jobs-dir", "../jobs")
     return LauncherConfig(
         zk_hosts=zk_hosts,
@@ -137,6 +144,9 @@ def load(path: Path | str) -> LauncherConfig:
         ansible_playbook=section.get("ansible-playbook", ""),
         zk_tls=zk_tls,
         gearman_tls=gearman_tls,
+        console_listen=console.get("listen", "127.0.0.1"),
+        console_port=console.get("port", 7900),
+        console_host=console.get("host"),
     )
 
 

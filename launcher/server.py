@@ -23,8 +23,10 @@ from typing import Any
 
 import gear
 
+from launcher.ansible import OutputLog
 from launcher.build import Build, BuildAbandoned
 from launcher.config import LauncherConfig
+from launcher.console import ConsoleServer
 from launcher.gearworker import NoDelayWorker
 from nodepool_lite.tls import gear_args
 from nodepool_lite.zk import ZooKeeper
@@ -54,10 +56,14 @@ class LauncherServer:
         self._builds_lock = threading.Lock()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.console = ConsoleServer(
+            self._output_of, config.console_listen, config.console_port, config.console_host
+        )
 
     def start(self) -> None:
         """Connect to ZooKeeper and gearman and start taking builds."""
         self.zk.connect()
+        self.console.start()
         tls = gear_args(self.config.gearman_tls)
         for worker in (self.worker, self.stop_worker):
             worker.addServer(self.config.gearman_server, self.config.gearman_port, **tls)
@@ -110,6 +116,7 @@ class LauncherServer:
                     worker.stopWaitingForJobs()
         self.worker.shutdown()
         self.stop_worker.shutdown()
+        self.console.stop()
         if self._own_zk:
             self.zk.disconnect()
 
@@ -124,6 +131,11 @@ class LauncherServer:
                 return
             self._execute(job)
 
+    def _output_of(self, uuid: str) -> OutputLog | None:
+        with self._builds_lock:
+            build = self.builds.get(uuid)
+        return build.output if build is not None else None
+
     def _on_zk_state(self, state: str) -> None:
         """From kazoo's thread: pass the state on to the running builds (non-blocking)."""
         (log.info if state == "CONNECTED" else log.warning)("ZooKeeper connection %s", state)
@@ -136,7 +148,11 @@ class LauncherServer:
         try:
             request = BuildRequest.from_dict(_json(job.arguments))
             build = Build(
-                self.config, self.state, request, lambda *s: self._status(job, build, *s)
+                self.config,
+                self.state,
+                request,
+                lambda *s: self._status(job, build, *s),
+                self.console.address,
             )
         except ValueError as error:  # ContractError, or a log_path that leaves the log root
             sentence = str(error)[:1].upper() + str(error)[1:]
@@ -158,6 +174,7 @@ class LauncherServer:
         finally:
             with self._builds_lock:
                 self.builds.pop(build.uuid, None)
+            build.output.finish()
 
     def _status(
         self, job: gear.WorkerJob, build: Build, phase: str, step: int, steps: int

@@ -33,10 +33,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from nodepool_lite import dib_orphans
 from nodepool_lite import exceptions as exc
 from nodepool_lite.config import Config, DiskImage
 from nodepool_lite.drivers.userns import shift_rootfs
+from nodepool_lite.metrics import BuilderMetrics, MetricsServer, StateCollector
 from nodepool_lite.model import BuildState, ImageBuild
 from nodepool_lite.uploader import UploadWorker
 from nodepool_lite.zk import IMAGE_BUILD_REQUEST_ROOT, IMAGE_ROOT, ZooKeeper
@@ -424,6 +427,7 @@ class BuildWorker(threading.Thread):
         self.stop_event = threading.Event()
         self.current: BuildRun | None = None
         self.on_built: Callable[[], None] | None = None  # wakes the upload worker
+        self.on_finished: Callable[[ImageBuild], None] | None = None  # counts it (metrics)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -477,7 +481,9 @@ class BuildWorker(threading.Thread):
                 self.zk.remove_image_build_request(name)
             self.current = BuildRun()
             if not self.stop_event.is_set():
-                build_image(self.config, self.zk, name, run=self.current)
+                build = build_image(self.config, self.zk, name, run=self.current)
+                if self.on_finished is not None:
+                    self.on_finished(build)
                 if self.on_built is not None:
                     self.on_built()
         finally:
@@ -526,6 +532,14 @@ class NodePoolBuilder:
         self.cleanup_worker = CleanupWorker(config, zk, interval)
         self.upload_worker = UploadWorker(config, zk, interval)
         self.build_worker.on_built = self.upload_worker.wake.set
+        self.metrics: MetricsServer | None = None
+        if config.metrics_builder_port is not None:
+            registry = CollectorRegistry()
+            registry.register(StateCollector(zk))
+            self.build_worker.on_finished = BuilderMetrics(registry).finished
+            self.metrics = MetricsServer(
+                registry, config.metrics_listen, config.metrics_builder_port
+            )
 
     def start(self) -> None:
         images_dir(self.config).mkdir(parents=True, exist_ok=True)
@@ -533,12 +547,16 @@ class NodePoolBuilder:
         self.cleanup_worker.start()
         self.upload_worker.start()
         self.build_worker.start()
+        if self.metrics is not None:
+            self.metrics.start()
         log.info("Builder started for images %s", ", ".join(image_names(self.config)))
 
     def stop(self) -> None:
         self.build_worker.stop()
         self.cleanup_worker.stop()
         self.upload_worker.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
 
     def join(self, timeout: float | None = None) -> None:
         self.build_worker.join(timeout)

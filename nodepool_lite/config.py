@@ -53,6 +53,12 @@ SCHEMA = v.Schema(
         v.Optional("labels", default=list): [_label],
         v.Optional("diskimages", default=list): [_diskimage],
         v.Optional("providers", default=list): [_provider],
+        # Prometheus /metrics of the launcher and the builder (nodepool_lite/metrics.py).
+        v.Optional("metrics"): {
+            v.Optional("listen", default="127.0.0.1"): str,
+            v.Optional("launcher-port"): v.All(int, v.Range(min=0, max=65535)),
+            v.Optional("builder-port"): v.All(int, v.Range(min=0, max=65535)),
+        },
     }
 )
 
@@ -77,6 +83,9 @@ class Config:
     providers: list[ProviderConfig]
     zookeeper_tls: TLSFiles | None = None
     min_ready: dict[str, int] = field(default_factory=dict)  # labels with min-ready > 0
+    metrics_listen: str = "127.0.0.1"
+    metrics_launcher_port: int | None = None  # None: no /metrics
+    metrics_builder_port: int | None = None
 
     def diskimage(self, name: str) -> DiskImage | None:
         return next((d for d in self.diskimages if d.name == name), None)
@@ -187,4 +196,7 @@ def load(path: str | Path) -> Config:
             for d in data["diskimages"]
         ],
         providers=providers,
+        metrics_listen=data.get("metrics", {}).get("listen", "127.0.0.1"),
+        metrics_launcher_port=data.get("metrics", {}).get("launcher-port"),
+        metrics_builder_port=data.get("metrics", {}).get("builder-port"),
     )

@@ -28,12 +28,15 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from nodepool_lite import config as npconfig
 from nodepool_lite import exceptions as exc
 from nodepool_lite import min_ready
 from nodepool_lite.cleanup import CleanupWorker
 from nodepool_lite.drivers import registry
 from nodepool_lite.drivers.base import PoolConfig, Provider
+from nodepool_lite.metrics import MetricsServer, StateCollector
 from nodepool_lite.min_ready import MinReadyWorker
 from nodepool_lite.model import Node, NodeRequest, NodeState, RequestState
 from nodepool_lite.worker import BaseWorker
@@ -447,6 +450,13 @@ class NodePool:
         self._unwatch: list[Callable[[], None]] = []
         self._launching: set[str] = set()
         self._launching_lock = threading.Lock()
+        self.metrics: MetricsServer | None = None
+        if self.config.metrics_launcher_port is not None:
+            registry = CollectorRegistry()
+            registry.register(StateCollector(self.zk))
+            self.metrics = MetricsServer(
+                registry, self.config.metrics_listen, self.config.metrics_launcher_port
+            )
 
     def launch_started(self, node: Node) -> None:
         """Store a new `building` node and mark it as being launched here, in
@@ -502,6 +512,8 @@ class NodePool:
             worker.start()
         self.cleanup_worker.start()
         self.min_ready_worker.start()
+        if self.metrics is not None:
+            self.metrics.start()
         log.info(
             "Nodepool launcher started: %s",
             ", ".join(w.launcher_id for w in self.pool_workers) or "no pools",
@@ -520,6 +532,8 @@ class NodePool:
             watcher.stopped = True
         for unwatch in self._unwatch:
             unwatch()
+        if self.metrics is not None:
+            self.metrics.stop()
         self.wake()
 
     def join(self) -> None:

@@ -47,6 +47,18 @@ def gear_server():
     server.shutdown()
 
 
+@pytest.fixture
+def web(zk, tmp_path: Path):
+    """The web app on the real uvicorn server, a free loopback port, logs under tmp."""
+    from zuul_lite.web.app import create_app
+    from zuul_lite.web.server import WebServer
+
+    server = WebServer(create_app(zk, tmp_path / "logs"), port=0)
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(autouse=True)
 def _quiet_kazoo():
     logging.getLogger("kazoo").setLevel(logging.INFO)

@@ -162,11 +162,14 @@ def wait_for_votes(zk: ZooKeeper, change: int, count: int = 1, timeout: float = 
 
 
 def _undelivered(sched, launcher) -> bool:
-    """Whether a build the scheduler submitted has not reached the launcher yet."""
+    """Whether a build the scheduler submitted has not reached the launcher
+    (or one of a list of launchers) yet."""
     if launcher is None:
         return False
-    with launcher.lock:
-        seen = {b["uuid"] for b in launcher.builds}
+    seen = set()
+    for one in launcher if isinstance(launcher, list) else [launcher]:
+        with one.lock:
+            seen.update(b["uuid"] for b in one.builds)
     return any(
         build.state == "queued" and build.uuid not in seen
         for _, _, build in list(sched._all_builds())

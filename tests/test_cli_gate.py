@@ -5,7 +5,11 @@ builds (tests/harness.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import httpx
 import pytest
+import yaml
 
 from nodepool_lite.zk import ZooKeeper
 from tests.harness import (
@@ -21,9 +25,12 @@ from tests.harness import (
 )
 from zuul_lite import config as zconfig
 from zuul_lite.cmd.client import main
+from zuul_lite.exceptions import ConfigError
 from zuul_lite.git import git
 from zuul_lite.scheduler import Scheduler
 from zuul_lite.state import ZuulState
+from zuul_lite.web.app import create_app
+from zuul_lite.web.server import WebServer
 
 
 class Cli:
@@ -241,3 +248,85 @@ def test_bad_input_is_one_sentence_and_changes_nothing(busy, argv, sentence):
     assert busy.held() == held
     for n, v in votes.items():
         assert busy.state.zk.get(busy.state.local_path("changes", n))[0]["votes"] == v
+
+
+TOKEN = "s3cret-operator-token"
+
+
+@pytest.fixture
+def web(cli):
+    """The web server with operator actions on (the token set in its config)."""
+    cfg = dataclasses.replace(zconfig.load(cli.path), web_admin_token=TOKEN)
+    server = WebServer(create_app(cli.zk, cli.tmp / "logs", cfg=cfg), port=0)
+    server.start()
+    yield server
+    server.stop()
+
+
+def post(web, action: str, change: int, token: str | None = TOKEN) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.post(
+        f"{web.url}/api/pipeline/gate/{action}", json={"change": change}, headers=headers
+    )
+
+
+def test_web_promote_and_dequeue_with_the_admin_token(cli, web):
+    a, b, c = (cli.submit(n) for n in "abc")
+    for n in (a, b, c):
+        cli.ok("approve", str(n))
+    reply = post(web, "promote", c)
+    assert (reply.status_code, reply.json()) == (
+        202,
+        {"detail": "Change 3: promote in gate requested."},
+    )
+    cli.settle()
+    reply = post(web, "dequeue", a)
+    assert reply.status_code == 202
+    cli.settle()
+    assert cli.gate_lines() == [
+        "3,1 c [running; on top of the branch head]",
+        "2,1 b [running; on top of 3,1]",
+    ]
+
+
+def test_web_refuses_operator_actions_without_the_token(busy, web):
+    before = queue_shape(busy.zk, "gate")
+    for token, status in ((None, 401), ("wrong-token-wrong-token", 401)):
+        reply = post(web, "dequeue", 2, token)
+        assert reply.status_code == status
+        assert reply.json()["detail"].startswith("Operator actions need the admin token")
+    read_only = WebServer(
+        create_app(busy.zk, busy.tmp / "logs", cfg=zconfig.load(busy.path)), port=0
+    )
+    read_only.start()
+    try:
+        reply = post(read_only, "dequeue", 2)
+        assert reply.status_code == 403
+        assert "Operator actions are off" in reply.json()["detail"]
+    finally:
+        read_only.stop()
+    # Bad input with the token: the CLI's sentence, and nothing changes.
+    assert post(web, "promote", 4).json() == {"detail": "Change 4 is not in gate."}
+    reply = httpx.post(f"{web.url}/api/pipeline/nope/dequeue", json={"change": 2},
+                       headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+    assert (reply.status_code, reply.json()["detail"]) == (400, NO_PIPELINE)
+    assert (
+        post(web, "explode", 2).json()["detail"].startswith("There is no operator action explode")
+    )
+    busy.settle()
+    assert busy.state.management_events() == []
+    assert queue_shape(busy.zk, "gate") == before
+
+
+def test_admin_token_file_must_be_readable_and_long(tmp_path, zk_hosts):
+    path = write_config(tmp_path, zk_hosts)
+    data = yaml.safe_load(path.read_text())
+    data["web"]["admin-token-file"] = "token"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"web/admin-token-file: No such file or directory"):
+        zconfig.load(path)
+    (tmp_path / "token").write_text("short\n")
+    with pytest.raises(ConfigError, match=r"holds fewer than 16 characters"):
+        zconfig.load(path)
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    assert zconfig.load(path).web_admin_token == TOKEN

@@ -28,6 +28,7 @@ import uuid as uuidlib
 from pathlib import Path
 
 import gear
+import httpx
 import pytest
 import yaml
 from kazoo.client import KazooClient
@@ -42,6 +43,8 @@ from nodepool_lite.zkserver import free_port
 from tests.harness import SshHost
 from zuul_lite.gitserver import GitServer
 from zuul_lite.state import ZuulState
+from zuul_lite.web.app import create_app
+from zuul_lite.web.server import WebServer
 
 LABEL = "test-label"
 
@@ -830,3 +833,35 @@ def test_failure_output_match_fails_the_build_early(launcher_env):
     assert env["state"].get_early_failure(args["uuid"])["reason"] == reason
     assert result["result"] == "FAILURE"
     assert result["summary"] == reason
+
+
+def test_live_console_follows_a_running_build_through_the_web(launcher_env):
+    """The launcher streams job-output.txt while the build runs; the web relays
+    it as server-sent events found through the build's claim in ZooKeeper."""
+    env = launcher_env
+    env["start"]()
+    args = build_args(env, {"run": ["playbooks/wait-release.yaml"]})
+    job = env["client"].submit(EXECUTE, args)
+    env["client"].wait_phase(job, "run")
+    web = WebServer(create_app(env["zk"], env["config"].log_root), port=0)
+    web.start()
+    try:
+        with httpx.stream("GET", f"{web.url}/api/console/{args['uuid']}", timeout=60) as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            lines = stream.iter_lines()
+            seen = []
+            for line in lines:  # what was written before we came, then live lines
+                seen.append(line)
+                if "Wait until the test releases" in line:
+                    break
+            assert any(line.startswith("data: ") and "PLAYBOOK [setup]" in line for line in seen)
+            (env["ssh_host"].home / "release").touch()
+            rest = list(lines)  # the stream ends with the build
+        assert rest[-3:] == ["event: end", "data: ", ""]
+        assert any("PLAYBOOK [collect]" in line for line in rest)
+        assert env["client"].wait(job)["result"] == "SUCCESS"
+        gone = httpx.get(f"{web.url}/api/console/{args['uuid']}")
+        assert gone.status_code == 404
+        assert "is not running" in gone.json()["detail"]
+    finally:
+        web.stop()

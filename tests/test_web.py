@@ -301,3 +301,25 @@ def test_real_server_port_in_use(zk: ZooKeeper, log_root: Path) -> None:
             WebServer(create_app(zk, log_root), port=first.port).start()
     finally:
         first.stop()
+
+
+def test_status_stream_sends_the_status_then_each_change(zk: ZooKeeper, web) -> None:
+    """The live status page's feed: the whole status at once, then again when
+    a pipeline changes in ZooKeeper, with no polling by the browser."""
+    with httpx.stream("GET", f"{web.url}/api/status/stream", timeout=30) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        events = (
+            json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: ")
+        )
+        assert next(events)["pipelines"] == []
+        store_item(zk, "check", queue_item("u1", 3, 100.0))
+        while not (status := next(events))["pipelines"]:
+            pass  # the tree watch may fire for the pipeline node before its item
+        assert [i["change"]["number"] for i in status["pipelines"][0]["items"]] == [3]
+        item = queue_item("u1", 3, 100.0, result="FAILURE", state="completed")
+        zk.set(ZuulState(zk).item_path("check", "u1"), {**item, "pipeline": "check"})
+        while (build := next(events)["pipelines"][0]["items"][0]["buildset"]["builds"])[
+            "kernel-build"
+        ]["result"] is None:
+            pass
+        assert build["kernel-build"]["result"] == "FAILURE"

@@ -66,7 +66,14 @@ SCHEMA = v.Schema(
         v.Required("connections"): {
             str: {v.Required("driver"): v.In(driver_names()), v.Extra: object}
         },
-        "web": {"listen": str, "port": int, "url": str},
+        "web": {
+            "listen": str,
+            "port": int,
+            "url": str,
+            # Operator actions from the web (doc/architecture.md, "Web"): off without.
+            v.Exclusive("admin-token", "admin"): v.All(str, v.Length(min=16)),
+            v.Exclusive("admin-token-file", "admin"): str,
+        },
         "launcher": dict,
     },
     extra=v.PREVENT_EXTRA,
@@ -93,6 +100,7 @@ class ZuulConfig:
     web_port: int = 9000
     web_url: str = "http://127.0.0.1:9000"
     launcher: dict = field(default_factory=dict)
+    web_admin_token: str | None = None  # None: the web is read-only
     zk_tls: TLSFiles | None = None
     gearman_tls: TLSFiles | None = None
     gearman_server_tls: TLSFiles | None = None  # the embedded server's, with gearman_tls.ca
@@ -152,6 +160,7 @@ def load(path: Path | str) -> ZuulConfig:
         web_listen=listen,
         web_port=port,
         web_url=web.get("url", f"http://{listen}:{port}"),
+        web_admin_token=_admin_token(path, web),
         launcher=data.get("launcher", {}),
         zk_tls=zk_tls,
         gearman_tls=gearman_tls,
@@ -164,3 +173,22 @@ def _default_git_url(listen: str, port: int) -> str:
     """git://<listen>:<port>/, with this host's name when listening on every address."""
     host = socket.getfqdn() if listen in ("", "0.0.0.0", "::") else listen
     return f"git://[{host}]:{port}/" if ":" in host else f"git://{host}:{port}/"
+
+
+def _admin_token(path: Path, web: dict) -> str | None:
+    """The web's admin token, from the file named if there is one (kept out of
+    a config that many can read); a file that cannot be read is one sentence."""
+    if "admin-token" in web:
+        return web["admin-token"]
+    if "admin-token-file" not in web:
+        return None
+    token_file = path.parent / web["admin-token-file"]
+    try:
+        token = token_file.read_text().strip()
+    except OSError as error:
+        where = f"{path}: web/admin-token-file"
+        raise ConfigError(f"{where}: {error.strerror}: {token_file}.") from None
+    if len(token) < 16:
+        where = f"{path}: web/admin-token-file"
+        raise ConfigError(f"{where}: {token_file} holds fewer than 16 characters.")
+    return token

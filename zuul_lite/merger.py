@@ -758,12 +758,14 @@ class Merger:
 
     def _push(self, project: str, sha: str, review_repo: Path, branch: str) -> str | None:
         ref = f"refs/heads/{branch}"
+        # One git process when an earlier push landed it (the items behind the
+        # first of a gate run that merges together).
+        if self._landed(review_repo, ref, sha):
+            log.info("%s is already on %s of %s", sha[:12], branch, project)
+            return None
         head = git(review_repo, "rev-parse", "--verify", "--quiet", ref, check=False).strip()
         if not re.fullmatch(r"[0-9a-f]{40,64}", head):
             return f"Branch '{branch}' does not exist in project {project}."
-        if head == sha or self._landed(review_repo, head, sha):
-            log.info("%s is already on %s of %s", sha[:12], branch, project)
-            return None
         try:
             git(self.workspace(project), "push", "--quiet", str(review_repo), f"{sha}:{ref}")
         except GitError as e:

@@ -296,11 +296,8 @@ class Scheduler(threading.Thread):
             if uuid not in self._watched:
                 return False
             if "result" in children:
-                try:  # read here, off the scheduler thread
-                    result = self.state.get_build_result(uuid)
-                except ZKError:
-                    result = None
-                self._post(BuildCompleted(uuid, result))
+                # The loop reads the results of a wake-up's builds at once.
+                self._post(BuildCompleted(uuid))
                 return False
             if "early-failure" in children and not seen.get("early"):
                 seen["early"] = True
@@ -559,22 +556,46 @@ class Scheduler(threading.Thread):
         return None
 
     def _process_events(self) -> None:
+        events = []
         while True:
             try:
-                event = self.events.get_nowait()
+                events.append(self.events.get_nowait())
             except queue.Empty:
-                return
-            if isinstance(event, Reconfigure):
-                self._load_layout()
-            elif isinstance(event, Callback):
-                event.func()
-            elif isinstance(event, MergeCompleted):
-                for manager in self.managers.values():
-                    for item in manager.pipeline.all_items():
-                        if item.uuid == event.result.item_uuid:
-                            manager.on_merged(item, event.result)
-            else:
-                self._process_build_event(event)
+                break
+        unread = [e.uuid for e in events if isinstance(e, BuildCompleted) and e.result is None]
+        try:
+            results = dict(zip(unread, self.state.get_build_results(unread), strict=True))
+        except ZKError:
+            self._requeue(events)
+            raise
+        for i, event in enumerate(events):
+            if isinstance(event, BuildCompleted) and event.result is None:
+                event = BuildCompleted(event.uuid, results[event.uuid])
+            try:
+                self._process_event(event)
+            except ZKError:
+                self._requeue(events[i:])  # this one too: ZooKeeper was away
+                raise
+            except Exception:
+                self._requeue(events[i + 1 :])
+                raise
+
+    def _requeue(self, events: list[object]) -> None:
+        for event in events:
+            self.events.put(event)
+
+    def _process_event(self, event: object) -> None:
+        if isinstance(event, Reconfigure):
+            self._load_layout()
+        elif isinstance(event, Callback):
+            event.func()
+        elif isinstance(event, MergeCompleted):
+            for manager in self.managers.values():
+                for item in manager.pipeline.all_items():
+                    if item.uuid == event.result.item_uuid:
+                        manager.on_merged(item, event.result)
+        else:
+            self._process_build_event(event)
 
     def _process_build_event(self, event: BuildCompleted | BuildLost | BuildEarlyFailure) -> None:
         found = self._find_build(event.uuid)

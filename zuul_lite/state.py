@@ -96,6 +96,11 @@ class ZuulState:
     def pipeline_names(self) -> list[str]:
         return self.zk.get_children(PIPELINES)
 
+    def watch_pipelines(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """`callback()` on any change of any pipeline's queues or items (the
+        web's live status); returns the function that stops watching."""
+        return self.zk.watch_tree(PIPELINES, callback)
+
     def ensure_pipeline(self, pipeline: str) -> None:
         self.zk.ensure_path(f"{PIPELINES}/{pipeline}/items")
         self.zk.ensure_path(f"{PIPELINES}/{pipeline}/queues")
@@ -180,14 +185,21 @@ class ZuulState:
     def build_early_failure_path(self, uuid: str) -> str:
         return f"{BUILDS}/{uuid}/early-failure"
 
-    def claim_build(self, uuid: str, launcher: str) -> bool:
+    def claim_build(self, uuid: str, launcher: str, console: str | None = None) -> bool:
         """Mark a build as run by `launcher` (ephemeral: it vanishes with the
-        launcher's session). False if another launcher already runs it."""
+        launcher's session), with the host:port of its live console. False if
+        another launcher already runs it."""
+        data = {"launcher": launcher, **({"console": console} if console else {})}
         try:
-            self.zk.create(self.build_running_path(uuid), {"launcher": launcher}, ephemeral=True)
+            self.zk.create(self.build_running_path(uuid), data, ephemeral=True)
         except NodeExistsError:
             return False
         return True
+
+    def build_console(self, uuid: str) -> str | None:
+        """host:port of the live console of a running build; None if it is not running."""
+        data = self.zk.get_or_none(self.build_running_path(uuid))
+        return data.get("console") if isinstance(data, dict) else None
 
     def release_build(self, uuid: str) -> None:
         self.zk.delete(self.build_running_path(uuid))
@@ -206,10 +218,22 @@ class ZuulState:
         return result
 
     def get_build_result(self, uuid: str) -> BuildResult | None:
-        data = self.zk.get_or_none(self.build_result_path(uuid))
+        return self._build_result(self.zk.get_or_none(self.build_result_path(uuid)))
+
+    def get_build_results(self, uuids: list[str]) -> list[BuildResult | None]:
+        """Several results in about one round trip (None: not stored)."""
+        return [
+            self._build_result(data)
+            for data in self.zk.get_many([self.build_result_path(u) for u in uuids])
+        ]
+
+    @staticmethod
+    def _build_result(data: object) -> BuildResult | None:
         if data is None:
             return None
         try:
+            if isinstance(data, ValueError):
+                raise ContractError(f"not JSON ({data})")
             return BuildResult.from_dict(data)
         except ContractError as error:
             return BuildResult("FAILURE", summary=f"The launcher stored a bad result: {error}")

@@ -17,10 +17,11 @@ from pathlib import Path
 from nodepool_lite.exceptions import NodepoolError
 from nodepool_lite.zk import ZooKeeper
 from zuul_lite import config as zconfig
+from zuul_lite import management
 from zuul_lite.connections.local import LocalConnection
 from zuul_lite.exceptions import ZuulLiteError
 from zuul_lite.layout import load_layout
-from zuul_lite.model import Change, ManagementEvent
+from zuul_lite.model import Change
 from zuul_lite.state import ZuulState
 
 log = logging.getLogger("zuul_lite.cmd")
@@ -52,10 +53,7 @@ def _connect(cfg: zconfig.ZuulConfig) -> ZooKeeper:
 
 
 def _local(cfg: zconfig.ZuulConfig, zk: ZooKeeper) -> LocalConnection:
-    for name, c in cfg.connections.items():
-        if c["driver"] == "local":
-            return LocalConnection(name, c, ZuulState(zk), cfg.state_dir)
-    raise ZuulLiteError(f"{cfg.path} defines no local connection.")
+    return management.local_connection(cfg, ZuulState(zk))
 
 
 def _wait_for_signal(stop) -> None:
@@ -89,7 +87,8 @@ def cmd_web(args, cfg) -> int:
     from zuul_lite.web.server import WebServer
 
     zk = _connect(cfg)
-    server = WebServer(create_app(zk, cfg.log_root), host=cfg.web_listen, port=cfg.web_port)
+    app = create_app(zk, cfg.log_root, cfg=cfg)
+    server = WebServer(app, host=cfg.web_listen, port=cfg.web_port)
     server.start()
     log.info("Web server on http://%s:%s", cfg.web_listen, cfg.web_port)
     _wait_for_signal(server.stop)
@@ -135,44 +134,15 @@ def cmd_abandon(args, cfg) -> int:
     return 0
 
 
-def _queued(state: ZuulState, pipeline: str, change: int) -> list[dict]:
-    for p in state.read_status()["pipelines"]:
-        if p["name"] == pipeline:
-            return [i for i in p["items"] if i["change"]["number"] == change]
-    return []
-
-
 def _manage(args, cfg, kind: str) -> int:
     """enqueue, dequeue, promote: checked here, carried out by the scheduler."""
     zk = _connect(cfg)
     try:
-        layout = load_layout(cfg.layout_path, cfg.jobs_dir, set(cfg.connections))
-        if args.pipeline not in layout.pipelines:
-            known = ", ".join(layout.pipelines)
-            raise ZuulLiteError(f"There is no pipeline {args.pipeline} (pipelines: {known}).")
         state = ZuulState(zk)
-        queued = _queued(state, args.pipeline, args.change)
-        if kind == "enqueue":
-            change = _local(cfg, zk).get_change(args.change, args.patchset)
-            if change.status != "NEW":
-                raise ZuulLiteError(f"Change {args.change} is {change.status.lower()}.")
-            if any(i["change"]["patchset"] == change.patchset for i in queued):
-                raise ZuulLiteError(f"Change {change.label} is already in {args.pipeline}.")
-        elif not queued:
-            raise ZuulLiteError(f"Change {args.change} is not in {args.pipeline}.")
-        elif kind == "promote" and layout.pipelines[args.pipeline].manager != "dependent":
-            raise ZuulLiteError(f"Pipeline {args.pipeline} has no shared queue to promote in.")
-        state.put_management_event(
-            ManagementEvent(
-                type=kind,
-                pipeline=args.pipeline,
-                change=args.change,
-                patchset=getattr(args, "patchset", None),
-            ).to_dict()
-        )
+        patchset = getattr(args, "patchset", None)
+        print(management.request(cfg, state, kind, args.pipeline, args.change, patchset))
     finally:
         zk.disconnect()
-    print(f"Change {args.change}: {kind} in {args.pipeline} requested.")
     return 0
 
 

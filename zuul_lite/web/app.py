@@ -18,7 +18,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nodepool_lite.exceptions import ZKError
 from nodepool_lite.zk import ZooKeeper
-from zuul_lite.web import logs, status
+from zuul_lite import config as zconfig
+from zuul_lite.state import ZuulState
+from zuul_lite.web import console, live, logs, nodepool, operator, status
 from zuul_lite.web.templating import make_templates
 
 log = logging.getLogger("zuul_lite.web")
@@ -42,8 +44,14 @@ def _zk_unavailable(request: Request, exc: Exception) -> Response:
     return JSONResponse({"detail": str(exc)}, 503)
 
 
-def create_app(zk: ZooKeeper, log_root: Path, local_changes: bool = True) -> FastAPI:
-    """Build the app; `local_changes` adds the local inbox pages and API.
+def create_app(
+    zk: ZooKeeper,
+    log_root: Path,
+    local_changes: bool = True,
+    cfg: zconfig.ZuulConfig | None = None,
+) -> FastAPI:
+    """Build the app; `local_changes` adds the local inbox pages and API, `cfg`
+    the operator actions (which answer only to its admin token).
 
     Gerrit and Patchwork users read votes in their review system, so the change
     pages exist only when the built-in local inbox is the source of changes.
@@ -54,6 +62,12 @@ def create_app(zk: ZooKeeper, log_root: Path, local_changes: bool = True) -> Fas
     app.add_exception_handler(ZKError, _zk_unavailable)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(logs.make_router(Path(log_root), templates))
+    app.include_router(console.make_router(ZuulState(zk), templates))
+    app.include_router(nodepool.make_router(zk, templates))
+    app.state.status_feed = live.StatusFeed(ZuulState(zk))
+    app.include_router(live.make_router(app.state.status_feed))
+    if cfg is not None:
+        app.include_router(operator.make_router(ZuulState(zk), cfg))
 
     @app.get("/health")
     def health() -> JSONResponse:

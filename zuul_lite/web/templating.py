@@ -43,6 +43,19 @@ def vote(value: int | None) -> Markup:
     return Markup('<span class="{0}">{1:+d}</span>').format(css, value)
 
 
+def age(seconds: float | None) -> str:
+    """Seconds as the largest two units ("3h 12m", "45s")."""
+    if seconds is None:
+        return ""
+    s = max(0, int(seconds))
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (s, "s")]
+    first = next((i for i, (n, _) in enumerate(parts) if n), len(parts) - 1)
+    return " ".join(f"{n}{unit}" for n, unit in parts[first : first + 2])
+
+
 def make_templates(local_changes: bool) -> Jinja2Templates:
     """Templates that know whether the local inbox pages exist (for the menu and links)."""
     templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
@@ -50,4 +63,5 @@ def make_templates(local_changes: bool) -> Jinja2Templates:
     templates.env.filters["when"] = when
     templates.env.filters["linkify"] = linkify
     templates.env.filters["vote"] = vote
+    templates.env.filters["age"] = age
     return templates

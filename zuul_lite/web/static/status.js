@@ -1,4 +1,4 @@
-// Live status: fetch /api/status every few seconds and redraw the queues.
+// Live status: follow /api/status/stream (polling /api/status if it fails) and redraw the queues.
 // Everything from the API goes in through textContent: subjects and job names
 // come from patch authors and must never be parsed as HTML.
 "use strict";
@@ -38,9 +38,17 @@ function renderBuild(build, now) {
   row.appendChild(el("td", build.job));
   row.appendChild(el("td", build.state, build.state));
   row.appendChild(el("td", build.result || "", build.result || ""));
-  row.appendChild(el("td", duration(elapsed(build, now)), "num"));
+  const cell = el("td", duration(elapsed(build, now)), "num");
+  if (build.start_time && !build.end_time && build.elapsed == null) {
+    cell.dataset.start = build.start_time;  // ticks on between changes (tick())
+  }
+  row.appendChild(cell);
   const logs = el("td");
   if (build.log_url) logs.appendChild(link(build.log_url, "logs"));
+  // Submitted and not finished: its launcher streams the output while it runs.
+  else if (build.state === "queued" && build.uuid) {
+    logs.appendChild(link(`/console/${build.uuid}`, "console"));
+  }
   row.appendChild(logs);
   return row;
 }
@@ -53,7 +61,20 @@ function itemState(item) {
   return "running";
 }
 
-function renderItem(item, now) {
+const PASSING = new Set([null, undefined, "SUCCESS", "SKIPPED"]);
+
+function failing(item) {
+  if (item.error || item.buildset.merge_error) return true;
+  return Object.values(item.buildset.builds || {}).some(
+    (b) => b.early_failure || !PASSING.has(b.result));
+}
+
+function labelOf(item) {
+  const change = item.change;
+  return change.number === 0 ? change.branch : `${change.number},${change.patchset}`;
+}
+
+function renderItem(item, now, shared) {
   const change = item.change;
   const bs = item.buildset;
   const box = el("div", null, "item");
@@ -86,7 +107,55 @@ function renderItem(item, now) {
   const builds = Object.values(bs.builds || {}).sort((a, b) => (a.index || 0) - (b.index || 0));
   for (const build of builds) table.appendChild(renderBuild(build, now));
   box.appendChild(table);
+  if (operatorToken() && !isRef) box.appendChild(operatorButtons(item, change, shared));
   return box;
+}
+
+// Operator actions: only with the admin token (kept for this tab only); the
+// server checks it and answers each request with one sentence.
+const TOKEN_KEY = "zuul-lite-admin-token";
+
+function operatorToken() {
+  return sessionStorage.getItem(TOKEN_KEY);
+}
+
+function operatorButtons(item, change, shared) {
+  const actions = el("div", null, "actions");
+  for (const action of shared ? ["promote", "dequeue"] : ["dequeue"]) {
+    const button = el("button", action);
+    button.onclick = () => operate(item.pipeline, action, change.number);
+    actions.appendChild(button);
+  }
+  return actions;
+}
+
+async function operate(pipeline, action, change) {
+  const said = document.getElementById("operator-said");
+  try {
+    const response = await fetch(`/api/pipeline/${encodeURIComponent(pipeline)}/${action}`, {
+      method: "POST",
+      headers: {"Content-Type": "application/json", Authorization: `Bearer ${operatorToken()}`},
+      body: JSON.stringify({change}),
+    });
+    const body = await response.json();
+    said.textContent = typeof body.detail === "string" ? body.detail : `HTTP ${response.status}`;
+  } catch (err) {
+    said.textContent = `The request failed (${err.message}).`;
+  }
+}
+
+function setupOperator() {
+  const form = document.getElementById("operator-form");
+  const input = document.getElementById("operator-token");
+  form.onsubmit = (event) => {
+    event.preventDefault();
+    if (input.value) sessionStorage.setItem(TOKEN_KEY, input.value);
+    else sessionStorage.removeItem(TOKEN_KEY);
+    input.value = "";
+    document.getElementById("operator-said").textContent = operatorToken()
+      ? "Operator actions shown; the server checks the token on each."
+      : "Operator actions hidden.";
+  };
 }
 
 function render(status) {
@@ -98,23 +167,80 @@ function render(status) {
     if (!pipeline.items.length) section.appendChild(el("p", "Queue is empty.", "muted"));
     for (const queue of pipeline.queues || []) {
       if (!queue.dynamic) section.appendChild(el("h3", `queue ${queue.name}`));
-      for (const item of queue.items) section.appendChild(renderItem(item, status.now));
+      let previous = null;
+      for (const item of queue.items) {
+        const box = renderItem(item, status.now, !queue.dynamic);
+        if (failing(item)) box.classList.add("failing");
+        // Zuul's picture of a reset: an item not tested on top of the one
+        // before it in the queue was re-based past that (failing) item.
+        if (!queue.dynamic && previous && item.item_ahead !== previous.uuid) {
+          box.classList.add("rebased");
+          box.insertBefore(el("div", `re-based: not tested with ${labelOf(previous)}`, "meta"),
+            box.children[1]);
+        }
+        section.appendChild(box);
+        previous = item;
+      }
     }
     root.appendChild(section);
   }
 }
 
-async function refresh() {
+// Live: /api/status/stream sends the status at each change of a pipeline;
+// between changes, elapsed times tick on from the server's clock. Should the
+// stream fail (an old proxy), the page polls /api/status instead.
+let last = null;
+
+function show(status) {
+  last = {status, received: Date.now() / 1000};
+  redraw();
+  document.getElementById("updated").textContent =
+    `Live · last change ${new Date().toLocaleTimeString()}`;
+}
+
+function serverNow() {
+  return last.status.now + (Date.now() / 1000 - last.received);
+}
+
+function redraw() {
+  if (last) render({...last.status, now: serverNow()});
+}
+
+// Only the running builds' elapsed cells change between two statuses: the
+// rest of the page stays as it is (a link under the pointer is not replaced).
+function tick() {
+  if (!last) return;
+  const now = serverNow();
+  for (const cell of root.querySelectorAll("td[data-start]")) {
+    cell.textContent = duration(now - Number(cell.dataset.start));
+  }
+}
+
+async function poll() {
   const updated = document.getElementById("updated");
   try {
     const response = await fetch("/api/status", {cache: "no-store"});
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
-    render(await response.json());
-    updated.textContent = `Updated ${new Date().toLocaleTimeString()}`;
+    show(await response.json());
+    updated.textContent = `Updated ${new Date().toLocaleTimeString()} (polling)`;
   } catch (err) {
     updated.textContent = `Could not load /api/status (${err.message}); retrying.`;
   }
-  setTimeout(refresh, REFRESH_MS);
+  setTimeout(poll, REFRESH_MS);
 }
 
-refresh();
+function follow() {
+  if (!window.EventSource) return poll();
+  const source = new EventSource("/api/status/stream");
+  let opened = false;
+  source.onopen = () => { opened = true; };
+  source.onmessage = (event) => show(JSON.parse(event.data));
+  source.onerror = () => {
+    if (!opened) { source.close(); poll(); }  // never connected: poll instead
+    // else EventSource reconnects by itself (the web restarted, a proxy timeout)
+  };
+}
+
+setupOperator();
+setInterval(tick, 1000);
+follow();
