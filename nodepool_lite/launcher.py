@@ -49,10 +49,21 @@ class TreeWatcher:
     """Calls `notify()` when a child of `root` appears or goes, or (with
     `data=True`) when a child's data changes."""
 
-    def __init__(self, zk: ZooKeeper, root: str, notify: Callable[[], None], data: bool = True):
+    def __init__(
+        self,
+        zk: ZooKeeper,
+        root: str,
+        notify: Callable[[], None],
+        data: bool = True,
+        notify_new: Callable[[], None] | None = None,
+    ):
+        """`notify_new` (with `data`), if given, is called instead of `notify`
+        when children only appeared: a new request concerns the pool workers
+        alone, and every other pass run beside theirs delays them."""
         self.zk = zk
         self.root = root
         self.notify = notify
+        self.notify_new = notify_new
         self.data = data
         self.stopped = False
         self._watched: set[str] = set()
@@ -64,13 +75,18 @@ class TreeWatcher:
     def _on_children(self, children: list[str]) -> bool | None:
         if self.stopped:
             return False
+        only_new = False
         if self.data:
             with self._watched_lock:
                 new = set(children) - self._watched
+                only_new = bool(new) and self._watched <= set(children)
                 self._watched |= new
             for child in sorted(new):
                 threading.Thread(target=self._watch_child, args=(child,), daemon=True).start()
-        self.notify()
+        if only_new and self.notify_new is not None:
+            self.notify_new()
+        else:
+            self.notify()
         return None
 
     def _watch_child(self, child: str) -> None:
@@ -79,6 +95,8 @@ class TreeWatcher:
         def on_data(data: dict | None, version: int | None) -> bool | None:
             if self.stopped:
                 return False
+            if version == 0:
+                return None  # as created: the children watch told of it
             self.notify()
             if data is None:
                 with self._watched_lock:
@@ -476,9 +494,12 @@ class NodePool:
         with self._launching_lock:
             return node_id in self._launching
 
-    def wake(self) -> None:
+    def wake_pools(self) -> None:
         for worker in self.pool_workers:
             worker.wake_event.set()
+
+    def wake(self) -> None:
+        self.wake_pools()
         for other in (self.cleanup_worker, self.min_ready_worker):
             if other is not None:
                 other.wake_event.set()
@@ -499,7 +520,10 @@ class NodePool:
         self.cleanup_worker.reconcile()
         for worker in self.pool_workers:
             worker.register()
-        self.watchers = [TreeWatcher(self.zk, r, self.wake) for r in (REQUEST_ROOT, NODE_ROOT)]
+        self.watchers = [
+            TreeWatcher(self.zk, REQUEST_ROOT, self.wake, notify_new=self.wake_pools),
+            TreeWatcher(self.zk, NODE_ROOT, self.wake),
+        ]
         # Builds and their uploads, at any depth: a new one may make a label ready.
         self._unwatch = [
             self.zk.watch_tree(f"{IMAGE_ROOT}/{image.name}", self.wake)
