@@ -20,6 +20,7 @@ the same build, synchronous, for `nodepool image-build --wait` and the tests.
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import logging
 import os
 import shutil
@@ -34,13 +35,14 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from nodepool_lite import dib_orphans
 from nodepool_lite import exceptions as exc
 from nodepool_lite.config import Config, DiskImage
 from nodepool_lite.drivers.userns import shift_rootfs
 from nodepool_lite.metrics import BuilderMetrics, MetricsServer, StateCollector
 from nodepool_lite.model import BuildState, ImageBuild
 from nodepool_lite.uploader import UploadWorker
-from nodepool_lite.zk import IMAGE_BUILD_REQUEST_ROOT, ZooKeeper
+from nodepool_lite.zk import IMAGE_BUILD_REQUEST_ROOT, IMAGE_ROOT, ZooKeeper
 
 log = logging.getLogger("nodepool_lite.builder")
 
@@ -75,6 +77,27 @@ def get_diskimage(config: Config, image_name: str) -> DiskImage:
             f"Unknown image {image_name!r}: no such entry under diskimages in nodepool.yaml."
         )
     return diskimage
+
+
+def _dib_elements() -> Path | None:
+    """diskimage-builder's own elements (debian-minimal, base, ...)."""
+    spec = importlib.util.find_spec("diskimage_builder")
+    return Path(spec.origin).parent / "elements" if spec and spec.origin else None
+
+
+def check_elements(config: Config, diskimage: DiskImage) -> None:
+    """Every element of `diskimage` exists where dib will look (elements/, the
+    image's ELEMENTS_PATH, diskimage-builder's own); ConfigError naming the
+    key otherwise, before any build record or dib run."""
+    extra = diskimage.env_vars.get("ELEMENTS_PATH", "")
+    dirs = [REPO_ELEMENTS, *(Path(p) for p in extra.split(":") if p), _dib_elements()]
+    index = config.diskimages.index(diskimage)
+    for i, element in enumerate(diskimage.elements):
+        if not any(d is not None and (d / element).is_dir() for d in dirs):
+            raise exc.ConfigError(
+                f"{config.path}: diskimages[{index}].elements[{i}]: unknown element "
+                f"{element!r} (not in elements/, ELEMENTS_PATH or diskimage-builder's)."
+            )
 
 
 def image_names(config: Config) -> list[str]:
@@ -144,18 +167,27 @@ class BuildRun:
 
     def __init__(self) -> None:
         self.process: subprocess.Popen[bytes] | None = None
+        self.build_dir: Path | None = None
         self.cancelled = threading.Event()
 
     def cancel(self) -> None:
         self.cancelled.set()
-        if self.process is not None and self.process.poll() is None:
-            # dib starts sudo/chroot children: kill the whole session.
-            os.killpg(self.process.pid, 15)
+        if self.process is not None and self.process.poll() is None and self.build_dir:
+            # dib starts sudo/chroot children, some in sessions of their own:
+            # kill every process of the build while its tree is still whole.
+            dib_orphans.kill_build(self.build_dir)
 
     def run(
-        self, cmd: list[str], env: dict[str, str], log_path: Path, progress: Progress | None
+        self,
+        cmd: list[str],
+        env: dict[str, str],
+        build_dir: Path,
+        log_path: Path,
+        progress: Progress | None,
     ) -> int:
-        """Run `cmd`, its output to `log_path` (and `progress`); return its exit code."""
+        """Run `cmd` for the build in `build_dir`, its output to `log_path`
+        (and `progress`); return its exit code."""
+        self.build_dir = build_dir
         with open(log_path, "ab") as out:
             out.write(f"$ {' '.join(cmd)}\n".encode())
             out.flush()
@@ -208,6 +240,7 @@ def build_image(
     `run` lets a daemon thread cancel the build on stop.
     """
     diskimage = get_diskimage(config, image_name)
+    check_elements(config, diskimage)
     base = output_dir or images_dir(config)
     build = ImageBuild(
         builder=socket.gethostname(),
@@ -223,11 +256,17 @@ def build_image(
     blog.info("Building %s with elements %s", build_dir, " ".join(diskimage.elements))
     start = time.monotonic()
     try:
-        build_dir.mkdir(parents=True)
-        env = dib_env(diskimage)
+        tmp = dib_orphans.tmp_dir(build_dir)
+        tmp.mkdir(parents=True)
+        # Everything dib makes (its build dirs, the chroot and its mounts)
+        # lies under the build dir, where a restarted builder finds it.
+        env = {**dib_env(diskimage), "TMP_DIR": str(tmp)}
         cmd = dib_command(diskimage, build_dir / image_name)
         with machine_lock():
-            rc = (run or BuildRun()).run(cmd, env, Path(build.log_path), progress)
+            try:
+                rc = (run or BuildRun()).run(cmd, env, build_dir, Path(build.log_path), progress)
+            finally:
+                _end_run(build_dir)
         if rc != 0:
             raise exc.NodepoolError(f"disk-image-create exited with {rc}; see {build.log_path}.")
         built = time.monotonic()
@@ -249,6 +288,16 @@ def build_image(
         build.state = BuildState.FAILED
     zk.store_image_build(image_name, build)
     return build
+
+
+def _end_run(build_dir: Path) -> None:
+    """After a dib run, ended or orphaned: no process of it left, then nothing
+    mounted below its TMP_DIR (a mount left there may bind a cache that
+    rmtree would empty), then the dir itself."""
+    dib_orphans.kill_build(build_dir)
+    tmp = dib_orphans.tmp_dir(build_dir)
+    dib_orphans.release_mounts(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove_build(config: Config, zk: ZooKeeper, build: ImageBuild) -> None:
@@ -289,9 +338,11 @@ def machine_building() -> bool:
 
 
 def reconcile(config: Config, zk: ZooKeeper) -> None:
-    """After a builder restart: builds this host left `building` can only be dead
-    ones (unless a CLI build runs right now), so mark them failed and drop their
-    partial output but keep the log."""
+    """After a builder restart: builds this host left `building` are dead ones
+    (unless a CLI build runs right now). Their orphaned dib processes are
+    killed and their mounts and loop devices released before anything else,
+    so no second dib ever runs beside an orphan; then each is marked failed
+    (its partial output dropped, its log kept) and built afresh."""
     if machine_building():
         log.info("A build runs on this machine; leaving building records alone")
         return
@@ -299,11 +350,16 @@ def reconcile(config: Config, zk: ZooKeeper) -> None:
     for build in all_builds(config, zk):
         if build.state == BuildState.BUILDING and build.builder == host:
             log.warning("Build %s was left building by a dead builder: failed", _build_key(build))
-            build.state = BuildState.FAILED
-            zk.store_image_build(build.image, build)
             if build.path:
+                _end_run(Path(build.path))
                 shutil.rmtree(Path(build.path) / "rootfs", ignore_errors=True)
                 Path(build.path, f"{build.image}.tar").unlink(missing_ok=True)
+                with suppress(OSError), open(Path(build.path) / "build.log", "a") as out:
+                    out.write("zuul-lite builder: the builder died during this build\n")
+            build.state = BuildState.FAILED
+            zk.store_image_build(build.image, build)
+            if config.diskimage(build.image) is not None:
+                zk.request_image_build(build.image)
 
 
 def cleanup(config: Config, zk: ZooKeeper) -> None:
@@ -385,6 +441,8 @@ class BuildWorker(threading.Thread):
             self.wake.clear()
             try:
                 self._work()
+            except exc.ConfigError as error:
+                log.error("Not building: %s", error)  # until the config is fixed
             except exc.NodepoolError:
                 log.exception("Build worker pass failed")
             self.wake.wait(self.interval)
@@ -403,21 +461,24 @@ class BuildWorker(threading.Thread):
         for name in image_names(self.config):
             if self.stop_event.is_set():
                 return
-            if name in requested:
-                # Before the build: a request made while it runs asks for another.
-                self.zk.remove_image_build_request(name)
-                self._build(name)
-            elif build_due(self.config, self.zk, name, time.time()):
-                self._build(name)
+            if name in requested or build_due(self.config, self.zk, name, time.time()):
+                self._build(name, requested=name in requested)
 
-    def _build(self, name: str) -> None:
+    def _build(self, name: str, requested: bool) -> None:
         """Build under the image's ZK lock, so two builders never build one image."""
         try:
             lock = self.zk.lock_image(name, socket.gethostname(), blocking=False)
         except exc.LockError:
-            log.info("Another builder is building %s", name)
+            # A build request stays until a builder holds the lock: one
+            # killed with -9 holds it until its session expires, and the
+            # build it left is to be made again.
+            log.info("Another builder is building %s; waiting for its lock", name)
+            self._wake_when_unlocked(name)
             return
         try:
+            if requested:
+                # Before the build: a request made while it runs asks for another.
+                self.zk.remove_image_build_request(name)
             self.current = BuildRun()
             if not self.stop_event.is_set():
                 build = build_image(self.config, self.zk, name, run=self.current)
@@ -428,6 +489,15 @@ class BuildWorker(threading.Thread):
         finally:
             self.current = None
             lock.release()
+
+    def _wake_when_unlocked(self, name: str) -> None:
+        def on_holders(holders: list[str]) -> bool | None:
+            if not holders or self.stop_event.is_set():
+                self.wake.set()
+                return False
+            return None
+
+        self.zk.watch_children(f"{IMAGE_ROOT}/{name}/lock", on_holders)
 
 
 class CleanupWorker(threading.Thread):

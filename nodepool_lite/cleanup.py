@@ -9,7 +9,8 @@ restart:
 - `building` nodes whose launcher is no longer registered, or is ours but
   not launching them any more (it failed half-way), were abandoned;
 - `ready` nodes whose request is gone (the requestor died) or was never
-  fulfilled by a live launcher are destroyed;
+  fulfilled by a live launcher are destroyed (unallocated ones are
+  min-ready's spares and stay);
 - `in-use` nodes whose lock is free lost their requestor (it holds the lock
   for as long as it uses the node);
 - node directories and containers with no ZooKeeper record are leaked.
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 from nodepool_lite import exceptions as exc
 from nodepool_lite.model import Node, NodeState, RequestState
 from nodepool_lite.worker import BaseWorker
-from nodepool_lite.zk import REQUEST_LOCK_ROOT
+from nodepool_lite.zk import NODE_ROOT, REQUEST_LOCK_ROOT
 
 if TYPE_CHECKING:
     from nodepool_lite.drivers.base import Provider
@@ -35,9 +36,10 @@ log = logging.getLogger("nodepool_lite.launcher.CleanupWorker")
 
 class CleanupWorker(BaseWorker):
     """Also called DeletedNodeWorker in Nodepool; one per NodePool. Watches
-    wake it on every node and request change; a requestor that dies while a
-    node is in-use only drops its lock, which nothing watches, so that case
-    waits for the safety tick."""
+    wake it on every node and request change, and on the release of the lock
+    of a node it would destroy but could not lock (a requestor marks its node
+    used before it unlocks it; one that dies while a node is in-use only
+    drops its lock)."""
 
     def __init__(self, nodepool: NodePool):
         super().__init__("CleanupWorker", nodepool.stop_event, log)
@@ -46,6 +48,7 @@ class CleanupWorker(BaseWorker):
         self.deleting: set[str] = set()
         self._deleters: list[threading.Thread] = []
         self._deleters_lock = threading.Lock()
+        self._lock_watches: set[str] = set()
 
     def reconcile(self) -> None:
         """On start: nodes that should be running but are not become `failed`;
@@ -92,6 +95,8 @@ class CleanupWorker(BaseWorker):
                 return not self.nodepool.is_launching(node.id or "")
             return node.launcher not in launchers
         if node.state == NodeState.READY:
+            if node.allocated_to is None:
+                return False  # a spare kept by min-ready
             req = requests.get(node.allocated_to)
             if req is None:
                 return True
@@ -113,6 +118,8 @@ class CleanupWorker(BaseWorker):
                 continue
             if self._should_destroy(node, launchers, requests):
                 self._destroy(node, launchers, requests)
+        with self._deleters_lock:
+            self._lock_watches &= known  # a node deleted while locked ends its watch silently
         for name, provider in self.nodepool.providers.items():
             try:
                 self._destroy_leaked(name, provider, known)
@@ -136,8 +143,11 @@ class CleanupWorker(BaseWorker):
     def _destroy(self, node: Node, launchers: set[str], requests: dict) -> None:
         try:
             self.zk.lock_node(node, blocking=False)
-        except (exc.LockError, exc.NoNodeError):
-            return  # its requestor or launcher holds it: not ours to destroy
+        except exc.LockError:
+            self._wake_when_unlocked(node)  # its requestor or launcher holds it
+            return
+        except exc.NoNodeError:
+            return
         if node.state != NodeState.DELETING and not self._should_destroy(
             node, launchers, requests
         ):
@@ -155,6 +165,28 @@ class CleanupWorker(BaseWorker):
             )
             self._deleters.append(thread)
         thread.start()
+
+    def _wake_when_unlocked(self, node: Node) -> None:
+        node_id = node.id or ""
+        with self._deleters_lock:
+            if node_id in self._lock_watches:
+                return
+            self._lock_watches.add(node_id)
+
+        def on_holders(holders: list[str]) -> bool | None:
+            if holders and not self.stop_event.is_set():
+                return None
+            with self._deleters_lock:
+                self._lock_watches.discard(node_id)
+            self.wake_event.set()
+            return False
+
+        try:
+            # No ensure: a lock dir that went with its node needs no watch.
+            self.zk.watch_children(f"{NODE_ROOT}/{node_id}/lock", on_holders, ensure=False)
+        except exc.ZKError:
+            with self._deleters_lock:
+                self._lock_watches.discard(node_id)
 
     def _delete_node(self, node: Node) -> None:
         provider = self.nodepool.providers[node.provider]

@@ -8,7 +8,7 @@ operators fix configs from that line alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,11 @@ _zk_server = {
     v.Optional("port", default=2181): int,
     v.Optional("chroot"): str,
 }
-_label = {v.Required("name"): str}
+_label = {
+    v.Required("name"): str,
+    # Ready nodes of the label kept booted and unallocated (min_ready.py).
+    v.Optional("min-ready", default=0): v.All(int, v.Range(min=0)),
+}
 _diskimage = {
     v.Required("name"): str,
     v.Required("elements"): [str],
@@ -78,6 +82,7 @@ class Config:
     diskimages: list[DiskImage]
     providers: list[ProviderConfig]
     zookeeper_tls: TLSFiles | None = None
+    min_ready: dict[str, int] = field(default_factory=dict)  # labels with min-ready > 0
     metrics_listen: str = "127.0.0.1"
     metrics_launcher_port: int | None = None  # None: no /metrics
     metrics_builder_port: int | None = None
@@ -137,6 +142,17 @@ def _load_provider(data: dict, index: int) -> ProviderConfig:
         raise v.Invalid(error.msg, [*where, *error.path]) from None
 
 
+def _check_min_ready(data: dict, providers: list[ProviderConfig]) -> None:
+    """Ready nodes of a label no pool offers could never be made: say so
+    rather than fail a request for them forever."""
+    offered = {label for p in providers for pool in p.pools for label in pool.labels}
+    for i, label in enumerate(data["labels"]):
+        if label["min-ready"] and label["name"] not in offered:
+            raise v.Invalid(
+                f"no provider pool offers label {label['name']!r}", ["labels", i, "min-ready"]
+            )
+
+
 def load(path: str | Path) -> Config:
     """Parse and validate `path`; ConfigError (one sentence) on any problem."""
     path = Path(path)
@@ -151,6 +167,7 @@ def load(path: str | Path) -> Config:
     try:
         data = SCHEMA(raw)
         providers = [_load_provider(data, i) for i in range(len(data["providers"]))]
+        _check_min_ready(data, providers)
     except v.MultipleInvalid as error:
         first = error.errors[0]
         raise ConfigError(f"{path}: {_key_path(first.path)}: {first.msg}") from None
@@ -166,6 +183,7 @@ def load(path: str | Path) -> Config:
         ),
         state_dir=Path(data["state-dir"]).absolute(),
         labels=[label["name"] for label in data["labels"]],
+        min_ready={lb["name"]: lb["min-ready"] for lb in data["labels"] if lb["min-ready"]},
         diskimages=[
             DiskImage(
                 name=d["name"],

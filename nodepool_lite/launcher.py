@@ -6,7 +6,12 @@ is no polling; a long safety tick only covers watches lost with a session):
 
 - one PoolWorker per provider pool: serves, declines or queues requests;
 - one NodeLauncher per accepted request: boots its nodes, fulfils it;
-- the CleanupWorker (cleanup.py): destroys used, failed and orphaned nodes.
+- the CleanupWorker (cleanup.py): destroys used, failed and orphaned nodes;
+- the MinReadyWorker (min_ready.py): asks for the ready nodes `min-ready` keeps.
+
+A pool that cannot serve a request (label not offered, launches failed
+`launch-retries` times) declines it with a reason and leaves it to the
+others; it fails, with every pool's reason, once all have declined.
 
 Every pool worker registers as a launcher in ZooKeeper (ephemeral), so a
 request that every live pool declined can be failed with a reason, and nodes
@@ -27,10 +32,12 @@ from prometheus_client import CollectorRegistry
 
 from nodepool_lite import config as npconfig
 from nodepool_lite import exceptions as exc
+from nodepool_lite import min_ready
 from nodepool_lite.cleanup import CleanupWorker
 from nodepool_lite.drivers import registry
 from nodepool_lite.drivers.base import PoolConfig, Provider
 from nodepool_lite.metrics import MetricsServer, StateCollector
+from nodepool_lite.min_ready import MinReadyWorker
 from nodepool_lite.model import Node, NodeRequest, NodeState, RequestState
 from nodepool_lite.worker import BaseWorker
 from nodepool_lite.zk import IMAGE_ROOT, LAUNCHER_ROOT, NODE_ROOT, REQUEST_ROOT, ZooKeeper
@@ -42,10 +49,21 @@ class TreeWatcher:
     """Calls `notify()` when a child of `root` appears or goes, or (with
     `data=True`) when a child's data changes."""
 
-    def __init__(self, zk: ZooKeeper, root: str, notify: Callable[[], None], data: bool = True):
+    def __init__(
+        self,
+        zk: ZooKeeper,
+        root: str,
+        notify: Callable[[], None],
+        data: bool = True,
+        notify_new: Callable[[], None] | None = None,
+    ):
+        """`notify_new` (with `data`), if given, is called instead of `notify`
+        when children only appeared: a new request concerns the pool workers
+        alone, and every other pass run beside theirs delays them."""
         self.zk = zk
         self.root = root
         self.notify = notify
+        self.notify_new = notify_new
         self.data = data
         self.stopped = False
         self._watched: set[str] = set()
@@ -57,13 +75,18 @@ class TreeWatcher:
     def _on_children(self, children: list[str]) -> bool | None:
         if self.stopped:
             return False
+        only_new = False
         if self.data:
             with self._watched_lock:
                 new = set(children) - self._watched
+                only_new = bool(new) and self._watched <= set(children)
                 self._watched |= new
             for child in sorted(new):
                 threading.Thread(target=self._watch_child, args=(child,), daemon=True).start()
-        self.notify()
+        if only_new and self.notify_new is not None:
+            self.notify_new()
+        else:
+            self.notify()
         return None
 
     def _watch_child(self, child: str) -> None:
@@ -72,6 +95,8 @@ class TreeWatcher:
         def on_data(data: dict | None, version: int | None) -> bool | None:
             if self.stopped:
                 return False
+            if version == 0:
+                return None  # as created: the children watch told of it
             self.notify()
             if data is None:
                 with self._watched_lock:
@@ -93,7 +118,8 @@ class NodeLauncher(threading.Thread):
         self.worker = worker
         self.zk = worker.zk
         self.req = req
-        self.nodes = nodes
+        self.nodes = nodes  # `building` ones are booted here; `ready` ones are spares
+        self.spares = {n.id for n in nodes if n.state == NodeState.READY}
         self.log = logging.getLogger(f"nodepool_lite.launcher.NodeLauncher.{req.id}")
 
     def run(self) -> None:
@@ -142,40 +168,45 @@ class NodeLauncher(threading.Thread):
         return error
 
     def _run(self) -> None:
-        errors = []
+        error = None
         for node in self.nodes:
-            error = self._launch(node)
-            if error:
-                errors.append(f"node {node.id} ({node.type}): {error}")
-                break
+            if node.state == NodeState.BUILDING:
+                error = self._launch(node)
+                if error:
+                    error = f"node {node.id} ({node.type}): {error}"
+                    break
         if self.zk.get_node_request(self.req.id or "") is None:
             self.log.info(
                 "Request %s vanished (requestor gone); discarding its nodes", self.req.id
             )
             self._discard_ready()
             return
-        if errors:
-            self._discard_ready()
-            self.req.state = RequestState.FAILED
-            self.req.reason = "; ".join(errors)
-        else:
-            self.req.nodes = [n.id for n in self.nodes if n.id]
-            self.req.state = RequestState.FULFILLED
-        for node in self.nodes:
-            self._unlock(node)
         try:
-            self.zk.store_node_request(self.req)
+            if error:
+                self._discard_ready()
+                # Another pool offering the labels may still serve it.
+                self.worker.decline(self.req, self.zk.get_launchers(), error)
+            elif min_ready.is_min_ready(self.req):
+                min_ready.release_nodes(self.zk, self.req, self.nodes)
+                self.log.info("Ready nodes %s kept for min-ready", [n.id for n in self.nodes])
+            else:
+                # As Nodepool: fulfilled first, nodes unlocked after (run's
+                # finally); the requestor's lock on them waits that long.
+                self.req.nodes = [n.id for n in self.nodes if n.id]
+                self.req.state = RequestState.FULFILLED
+                self.zk.store_node_request(self.req)
+                self.log.info("Request %s fulfilled: nodes %s", self.req.id, self.req.nodes)
         except exc.NoNodeError:
             self.log.info("Request %s vanished before it was fulfilled", self.req.id)
-            return
-        if errors:
-            self.log.warning("Request %s failed: %s", self.req.id, self.req.reason)
-        else:
-            self.log.info("Request %s fulfilled: nodes %s", self.req.id, self.req.nodes)
 
     def _discard_ready(self) -> None:
+        """Nodes booted for this request are destroyed; spares it was given
+        are handed back."""
         for node in self.nodes:
-            if node.state in (NodeState.READY, NodeState.BUILDING):
+            if node.id in self.spares:
+                node.allocated_to = None
+                self.zk.store_node(node)
+            elif node.state in (NodeState.READY, NodeState.BUILDING):
                 node.state = NodeState.DELETING
                 self.zk.store_node(node)
 
@@ -214,38 +245,71 @@ class PoolWorker(BaseWorker):
             self.launchers.discard(launcher)
         self.nodepool.wake()
 
-    def _used_servers(self) -> int:
+    @property
+    def key(self) -> str:
+        """`<provider>/<pool>`: how requests name this pool in their declines."""
+        return f"{self.provider.provider.name}/{self.pool.name}"
+
+    def _pool_nodes(self) -> list[Node]:
         name = self.provider.provider.name
-        return sum(1 for n in self.zk.nodes() if n.provider == name and n.pool == self.pool.name)
+        return [n for n in self.zk.nodes() if n.provider == name and n.pool == self.pool.name]
 
     def _process_requests(self) -> None:
-        launchers = self.zk.get_launchers()
-        for request_id in self.zk.node_request_ids():
+        # "<priority>-<sequence>": jobs' requests before min-ready's, oldest first.
+        pool_nodes = None
+        for req in self.zk.node_requests():
             if self.stop_event.is_set():
                 return
-            req = self.zk.get_node_request(request_id)
-            if req is None:
-                continue
             if req.state == RequestState.PENDING:
                 self._recover_lost(req)
                 continue
             if req.state != RequestState.REQUESTED:
                 continue
             if self.launcher_id in req.declined_by:
+                launchers = self.zk.get_launchers()
                 if set(launchers) <= set(req.declined_by):
                     self._decline(req, launchers)  # a launcher that could serve it left
                 continue
-            if not self.handler.serves(req.node_types):
-                self._decline(req, launchers)
+            why_not = self._why_not(req.node_types)
+            if why_not:
+                self._decline(req, self.zk.get_launchers(), why_not)
                 continue
-            if not self.handler.ready(req.node_types):
-                self.log.debug("Request %s waits for an image of %s", req.id, req.node_types)
+            if pool_nodes is None:
+                pool_nodes = self._pool_nodes()
+            spares = [] if min_ready.is_min_ready(req) else self._spares(req, pool_nodes)
+            rest = list(req.node_types)
+            for node in spares:
+                rest.remove(node.type)
+            if rest and not self.handler.ready(rest):
+                self.log.debug("Request %s waits for an image of %s", req.id, rest)
                 continue
-            if not self.handler.has_capacity(req.node_types, self._used_servers()):
+            if rest and not self.handler.has_capacity(rest, len(pool_nodes)):
                 # First come, first served: later requests wait too.
                 self.log.debug("Request %s waits for capacity", req.id)
                 return
-            self._accept(req)
+            self._accept(req, spares, rest)
+            pool_nodes = None  # changed by this request
+
+    def _why_not(self, labels: list[str]) -> str | None:
+        """Why this pool can never serve `labels` together, or None."""
+        if self.handler.serves(labels):
+            return None
+        missing = [label for label in labels if label not in self.pool.labels]
+        if missing:
+            return f"does not offer label {missing[0]}"
+        return f"{len(labels)} nodes exceed its max-servers {self.pool.max_servers}"
+
+    def _spares(self, req: NodeRequest, pool_nodes: list[Node]) -> list[Node]:
+        """Unlocked candidates among this pool's ready unallocated nodes, one
+        per label of `req` where there is one."""
+        free = [n for n in pool_nodes if min_ready.is_spare(n)]
+        picked = []
+        for label in req.node_types:
+            node = next((n for n in free if n.type == label), None)
+            if node is not None:
+                free.remove(node)
+                picked.append(node)
+        return picked
 
     def _try_lock(self, req: NodeRequest) -> bool:
         try:
@@ -266,35 +330,75 @@ class PoolWorker(BaseWorker):
         finally:
             self.zk.unlock_node_request(req)
 
-    def _decline(self, req: NodeRequest, launchers: dict[str, list[str]]) -> None:
+    def _decline(
+        self, req: NodeRequest, launchers: dict[str, list[str]], reason: str | None = None
+    ) -> None:
         if not self._try_lock(req):
             return
         try:
-            if req.state != RequestState.REQUESTED:
-                return
-            if self.launcher_id not in req.declined_by:
-                req.declined_by.append(self.launcher_id)
-            if set(launchers) | {self.launcher_id} <= set(req.declined_by):
-                req.state = RequestState.FAILED
-                req.reason = _decline_reason(req, launchers)
-                self.log.info("Request %s failed: %s", req.id, req.reason)
-            else:
-                self.log.debug("Declined request %s", req.id)
-            self.zk.store_node_request(req)
+            if req.state == RequestState.REQUESTED:
+                self.decline(req, launchers, reason)
         finally:
             self.zk.unlock_node_request(req)
 
-    def _accept(self, req: NodeRequest) -> None:
+    def decline(
+        self, req: NodeRequest, launchers: dict[str, list[str]], reason: str | None
+    ) -> None:
+        """Record on the locked `req` that this pool cannot serve it (and why);
+        it fails with every pool's reason once all live pools declined it,
+        else it goes back to the others."""
+        if self.launcher_id not in req.declined_by:
+            req.declined_by.append(self.launcher_id)
+        if reason is not None:
+            req.declined_reasons[self.key] = reason
+        if set(launchers) | {self.launcher_id} <= set(req.declined_by):
+            req.state = RequestState.FAILED
+            req.reason = _decline_reason(req, launchers)
+            self.log.warning("Request %s failed: %s", req.id, req.reason)
+        else:
+            req.state = RequestState.REQUESTED
+            self.log.info("Declined request %s: %s", req.id, reason)
+        self.zk.store_node_request(req)
+
+    def _lock_spares(self, req: NodeRequest, spares: list[Node]) -> list[Node] | None:
+        """Lock and allocate `spares` to `req`; None (all unlocked) when one
+        was taken meanwhile: the request is looked at again on the next pass."""
+        locked: list[Node] = []
+        for node in spares:
+            try:
+                self.zk.lock_node(node, blocking=False)
+            except (exc.LockError, exc.NoNodeError):
+                break
+            locked.append(node)
+            if not min_ready.is_spare(node):
+                break
+        else:
+            for node in locked:
+                node.allocated_to = req.id
+                self.zk.store_node(node)
+            return locked
+        for node in locked:
+            self.zk.unlock_node(node)
+        self.nodepool.wake()
+        return None
+
+    def _accept(self, req: NodeRequest, spares: list[Node], rest: list[str]) -> None:
         if not self._try_lock(req):
             return
         if req.state != RequestState.REQUESTED or self.launcher_id in req.declined_by:
             self.zk.unlock_node_request(req)
             return
-        nodes: list[Node] = []
+        nodes = self._lock_spares(req, spares) if spares else []
+        if nodes is None:
+            self.zk.unlock_node_request(req)
+            return
+        if not rest:
+            self._fulfil_from_spares(req, nodes)
+            return
         try:
             req.state = RequestState.PENDING
             self.zk.store_node_request(req)
-            for label in req.node_types:
+            for label in rest:
                 node = Node(
                     type=label,
                     provider=self.provider.provider.name,
@@ -313,11 +417,29 @@ class PoolWorker(BaseWorker):
             self.nodepool.launch_finished(nodes)
             self.zk.unlock_node_request(req)
             raise
-        self.log.info("Request %s accepted: launching nodes %s", req.id, [n.id for n in nodes])
+        self.log.info(
+            "Request %s accepted: launching nodes %s beside ready nodes %s",
+            req.id, [n.id for n in nodes if n.state == NodeState.BUILDING],
+            [n.id for n in spares],
+        )  # fmt: skip
         launcher = NodeLauncher(self, req, nodes)
         with self._launchers_lock:
             self.launchers.add(launcher)
         launcher.start()
+
+    def _fulfil_from_spares(self, req: NodeRequest, nodes: list[Node]) -> None:
+        """Every label has a ready node: the request is fulfilled in this pass."""
+        try:
+            req.nodes = [n.id for n in nodes if n.id]
+            req.state = RequestState.FULFILLED
+            self.zk.store_node_request(req)
+            self.log.info("Request %s fulfilled with ready nodes %s", req.id, req.nodes)
+        finally:
+            # After the request, as for launched nodes: the requestor's lock waits.
+            for node in nodes:
+                self.zk.unlock_node(node)
+            self.zk.unlock_node_request(req)
+        self.nodepool.wake()  # min-ready asks for replacements
 
 
 def _decline_reason(req: NodeRequest, launchers: dict[str, list[str]]) -> str:
@@ -325,6 +447,9 @@ def _decline_reason(req: NodeRequest, launchers: dict[str, list[str]]) -> str:
     missing = [label for label in req.node_types if label not in offered]
     if missing:
         return f"no provider offers label {missing[0]}"
+    if req.declined_reasons:
+        reasons = "; ".join(f"{k}: {v}" for k, v in sorted(req.declined_reasons.items()))
+        return f"every provider pool declined: {reasons}"
     return f"no provider pool can serve node types {', '.join(req.node_types)} together"
 
 
@@ -338,6 +463,7 @@ class NodePool:
         self.providers: dict[str, Provider] = {}
         self.pool_workers: list[PoolWorker] = []
         self.cleanup_worker: CleanupWorker | None = None
+        self.min_ready_worker: MinReadyWorker | None = None
         self.watchers: list[TreeWatcher] = []
         self._unwatch: list[Callable[[], None]] = []
         self._launching: set[str] = set()
@@ -368,11 +494,15 @@ class NodePool:
         with self._launching_lock:
             return node_id in self._launching
 
-    def wake(self) -> None:
+    def wake_pools(self) -> None:
         for worker in self.pool_workers:
             worker.wake_event.set()
-        if self.cleanup_worker is not None:
-            self.cleanup_worker.wake_event.set()
+
+    def wake(self) -> None:
+        self.wake_pools()
+        for other in (self.cleanup_worker, self.min_ready_worker):
+            if other is not None:
+                other.wake_event.set()
 
     def start(self) -> None:
         self.zk.connect()
@@ -386,10 +516,14 @@ class NodePool:
             for pool in provider.pools:
                 self.pool_workers.append(PoolWorker(self, self.providers[provider.name], pool))
         self.cleanup_worker = CleanupWorker(self)
+        self.min_ready_worker = MinReadyWorker(self)
         self.cleanup_worker.reconcile()
         for worker in self.pool_workers:
             worker.register()
-        self.watchers = [TreeWatcher(self.zk, r, self.wake) for r in (REQUEST_ROOT, NODE_ROOT)]
+        self.watchers = [
+            TreeWatcher(self.zk, REQUEST_ROOT, self.wake, notify_new=self.wake_pools),
+            TreeWatcher(self.zk, NODE_ROOT, self.wake),
+        ]
         # Builds and their uploads, at any depth: a new one may make a label ready.
         self._unwatch = [
             self.zk.watch_tree(f"{IMAGE_ROOT}/{image.name}", self.wake)
@@ -401,6 +535,7 @@ class NodePool:
         for worker in self.pool_workers:
             worker.start()
         self.cleanup_worker.start()
+        self.min_ready_worker.start()
         if self.metrics is not None:
             self.metrics.start()
         log.info(
@@ -429,8 +564,9 @@ class NodePool:
         for worker in self.pool_workers:
             if worker.is_alive():
                 worker.join()
-        if self.cleanup_worker is not None and self.cleanup_worker.is_alive():
-            self.cleanup_worker.join()
+        for other in (self.cleanup_worker, self.min_ready_worker):
+            if other is not None and other.is_alive():
+                other.join()
         for worker in self.pool_workers:
             try:
                 self.zk.unregister_launcher(worker.launcher_id)

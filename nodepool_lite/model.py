@@ -63,7 +63,8 @@ NODE_TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
 
 _R = RequestState
 REQUEST_TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
-    _R.REQUESTED: frozenset({_R.PENDING, _R.FAILED}),
+    # Fulfilled at once when ready nodes (min-ready's spares) cover it.
+    _R.REQUESTED: frozenset({_R.PENDING, _R.FULFILLED, _R.FAILED}),
     # A pool worker that cannot serve a request hands it back (`requested`).
     _R.PENDING: frozenset({_R.REQUESTED, _R.FULFILLED, _R.FAILED}),
     _R.FULFILLED: frozenset(),
@@ -169,6 +170,9 @@ class NodeRequest(_Stored):
     node_types: list[str] = field(default_factory=list)
     requestor: str = ""
     declined_by: list[str] = field(default_factory=list)
+    # "<provider>/<pool>" -> why that pool declined; joined into `reason`
+    # when every pool that could serve the request has declined it.
+    declined_reasons: dict[str, str] = field(default_factory=dict)
     nodes: list[str] = field(default_factory=list)
     state_time: float = field(default_factory=time.time)
     reason: str | None = None

@@ -64,7 +64,9 @@ class NodepoolZK:
         optionally watch it: `watcher(refreshed request)`, `watcher(None)` once
         it is deleted; returning False stops the watch."""
         # A fresh request each time, even for an object submitted before.
-        for name, value in (("declined_by", []), ("nodes", []), ("reason", None)):
+        for name, value in (
+            ("declined_by", []), ("declined_reasons", {}), ("nodes", []), ("reason", None),
+        ):  # fmt: skip
             object.__setattr__(req, name, value)
         object.__setattr__(req, "state", RequestState.REQUESTED)
         path = self.create(
@@ -96,7 +98,12 @@ class NodepoolZK:
     def delete_node_request(self, req: NodeRequest) -> None:
         if req.id is not None:
             self.delete(self._request_path(req.id))
-            self.delete(f"{REQUEST_LOCK_ROOT}/{req.id}", recursive=True)
+            try:
+                self.delete(f"{REQUEST_LOCK_ROOT}/{req.id}", recursive=True)
+            except exc.ZKError:
+                # A pool worker tried the lock meanwhile; it finds the request
+                # gone, and the launcher's cleanup removes the empty lock dir.
+                pass
 
     def lock_node_request(
         self, req: NodeRequest, blocking: bool = True, timeout: float | None = None
@@ -119,6 +126,17 @@ class NodepoolZK:
 
     def node_request_ids(self) -> list[str]:
         return self.get_children(REQUEST_ROOT)
+
+    def node_requests(self) -> list[NodeRequest]:
+        """Every request in the order they are served (`<priority>-<sequence>`),
+        read in about one round trip."""
+        ids = sorted(self.node_request_ids())
+        values = self.get_many([self._request_path(i) for i in ids])
+        return [
+            NodeRequest.from_dict(d, id=i)
+            for i, d in zip(ids, values, strict=True)
+            if isinstance(d, dict) and d
+        ]
 
     def request_lock_ids(self) -> list[str]:
         """Lock dirs, for cleaning up those whose request is gone."""
@@ -175,7 +193,13 @@ class NodepoolZK:
         return self.get_children(NODE_ROOT)
 
     def nodes(self) -> list[Node]:
-        return [n for n in (self.get_node(i) for i in self.node_ids()) if n is not None]
+        """Every node, read in about one round trip (a pool worker's pass
+        reads them all, on the path of every request)."""
+        ids = self.node_ids()
+        values = self.get_many([self._node_path(i) for i in ids])
+        # A znode without data is a lock dir left behind by a deleted node.
+        pairs = zip(ids, values, strict=True)
+        return [Node.from_dict(d, id=i) for i, d in pairs if isinstance(d, dict) and d]
 
     # -- launchers ----------------------------------------------------------
 

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -29,9 +33,12 @@ from nodepool_lite.model import (
 )
 from nodepool_lite.zk import ZooKeeper
 
+REPO = Path(__file__).resolve().parent.parent
 IMAGE = "kernel-ci-debian"
 LABEL = "kernel-debian"
 TRUSTED_LABEL = "kernel-debian-trusted"  # the shared compiler cache is writable on it
+STATIC_LABEL = "static-label"
+STATIC_OTHER = "other-label"
 
 
 def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
@@ -111,11 +118,12 @@ def write_config(
     bind_ro: list[str] | None = None,
     limits: dict | None = None,
     ccache: Path | None = None,
+    min_ready: int = 0,
 ) -> Path:
     """A nodepool.yaml for one nspawn pool, its state dir under `directory`;
     `limits` (memory, tasks, cpus, disk) apply to every label. The compiler
     cache (`ccache`, default `directory/ccache`) is mounted as etc/nodepool.yaml
-    does: read-only but on TRUSTED_LABEL."""
+    does: read-only but on TRUSTED_LABEL. `min_ready` applies to LABEL."""
     shared = ccache or directory / "ccache"
     ccache_bind = [{"host": str(shared), "node": "/var/cache/ccache"}]
     hosts, _, chroot = zk_hosts.partition("/")
@@ -123,7 +131,9 @@ def write_config(
     data = {
         "zookeeper-servers": [{"host": host, "port": int(port), "chroot": chroot}],
         "state-dir": str(directory / "state"),
-        "labels": [{"name": label} for label in labels],
+        "labels": [
+            {"name": label, "min-ready": min_ready if label == LABEL else 0} for label in labels
+        ],  # fmt: skip
         "diskimages": [{"name": IMAGE, "elements": ["debian-minimal", "kernel-ci-node"]}],
         "providers": [
             {
@@ -191,3 +201,65 @@ def release(zk, nodes: list[Node]) -> None:
         node.state = NodeState.USED
         zk.store_node(node)
         zk.unlock_node(node)
+
+
+@contextmanager
+def launchers() -> Iterator[Callable[[Path], object]]:
+    """`start(config path)` starts a NodePool in this process; all are
+    stopped at the end."""
+    from nodepool_lite.launcher import NodePool
+
+    started: list[NodePool] = []
+
+    def start(path: Path) -> NodePool:
+        np = NodePool(path)
+        np.start()
+        started.append(np)
+        return np
+
+    try:
+        yield start
+    finally:
+        for np in started:
+            np.stop()
+            np.join()
+
+
+def launcher_process(conf: Path) -> subprocess.Popen:
+    """`nodepool launcher` as its own process (session), to be killed with -9."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "nodepool_lite.cmd.nodepoolcmd", "-c", str(conf), "launcher"],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
+    )  # fmt: skip
+
+
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDKCz4ZcdtvM0NRm0xTAOKJXqCzFbGJtOcbF5N6vjXjk"
+
+
+def static_host(name: str, port: int, labels: list[str], key: bool = True) -> dict:
+    """A static host entry; without `key` the launcher scans its ssh host key."""
+    entry = {"name": name, "labels": labels, "connection-port": port}
+    return entry | ({"host-key": HOST_KEY} if key else {})
+
+
+def static_config(directory: Path, zk_hosts: str, providers: dict[str, list[dict]], **top) -> Path:
+    """One static provider (pool `main`) per entry: name -> its hosts."""
+    hosts, _, chroot = zk_hosts.partition("/")
+    zk_host, port = hosts.split(":")
+    data = {
+        "zookeeper-servers": [{"host": zk_host, "port": int(port), "chroot": chroot}],
+        "state-dir": str(directory / "state"),
+        "labels": top.pop("labels", [{"name": STATIC_LABEL}, {"name": STATIC_OTHER}]),
+        "providers": [
+            {
+                "name": name,
+                "driver": "static",
+                "launch-retries": 2,
+                "pools": [{"name": "main", "max-servers": len(nodes), "nodes": nodes}],
+            }
+            for name, nodes in providers.items()
+        ],
+    }
+    path = directory / "nodepool.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -6,6 +6,7 @@ without minutes of apt."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,10 +18,12 @@ import pytest
 from nodepool_lite import builder
 from nodepool_lite.builder import NodePoolBuilder, build_image, cleanup, reconcile, rootfs_path
 from nodepool_lite.config import Config, load
+from nodepool_lite.drivers.nspawn.limits import is_mounted
 from nodepool_lite.drivers.userns import NODE_UID_BASE, NODE_UID_COUNT, host_id
 from nodepool_lite.exceptions import ConfigError
 from nodepool_lite.model import BuildState, ImageBuild, Node
 from tests.images import MARKER, ensure_node_image, node_config, prune_stale
+from tests.nodepool_env import REPO, wait_for
 
 FAKE_DIB = """
 import sys, tarfile, io, time
@@ -30,7 +33,21 @@ if "fail" in sys.argv:
     print("ERROR: element failed", flush=True)
     sys.exit(1)
 if "slow" in sys.argv:
-    time.sleep(30)
+    # As dib: a work dir under TMP_DIR (a tmpfs as root), a child in a
+    # session of its own (sudo's), then a long wait.
+    import os, subprocess
+    work = os.path.join(os.environ["TMP_DIR"], "dib_build.fake")
+    os.mkdir(work)
+    if os.geteuid() == 0:
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", work], check=True)
+        image = os.path.join(work, "image.raw")
+        with open(image, "wb") as f:
+            f.truncate(1 << 20)
+        subprocess.run(["losetup", "-f", image], check=True)
+    child = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    with open(os.path.join(os.path.dirname(out), "pids"), "w") as f:
+        f.write(f"{os.getpid()} {child.pid}\\n")
+    time.sleep(600)
 with tarfile.open(out + ".tar", "w") as tar:
     info = tarfile.TarInfo("etc/hostname")
     data = b"node\\n"
@@ -59,6 +76,7 @@ def fake_dib(tmp_path, monkeypatch):
     script = tmp_path / "fake-dib.py"
     script.write_text(FAKE_DIB)
     monkeypatch.setenv("ZUUL_LITE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(builder, "check_elements", lambda config, diskimage: None)
     monkeypatch.setattr(
         builder,
         "dib_command",
@@ -103,6 +121,17 @@ def test_failed_build_keeps_log_only(zk, tmp_path, fake_dib):
 def test_unknown_image_is_one_sentence(zk, tmp_path):
     with pytest.raises(ConfigError, match=r"^Unknown image 'nope'.*\.$"):
         build_image(small_config(tmp_path), zk, "nope")
+
+
+def test_unknown_element_is_one_sentence_before_any_build(zk, tmp_path):
+    config = small_config(tmp_path, elements=("debian-minimal", "kernel-ci-node", "nope"))
+    with pytest.raises(ConfigError) as error:
+        build_image(config, zk, "small")
+    assert str(error.value) == (
+        f"{config.path}: diskimages[0].elements[2]: unknown element 'nope' "
+        "(not in elements/, ELEMENTS_PATH or diskimage-builder's)."
+    )
+    assert zk.get_image_builds("small") == []
 
 
 def test_cleanup_keeps_two_newest_ready_and_in_use(zk, tmp_path, fake_dib):
@@ -165,6 +194,82 @@ def test_daemon_builds_on_request_and_stops_a_running_build(zk, tmp_path, fake_d
     assert time.time() - started < 10, "stop did not cancel the running build"
     assert "small" not in zk.get_image_build_requests()
     assert [b.state for b in zk.get_image_builds("slow")][-1] == BuildState.FAILED
+
+
+# `nodepool builder` with FAKE_DIB, as a process of its own to kill with -9.
+BUILDER_WITH_FAKE_DIB = """
+import sys, threading
+from nodepool_lite import builder
+from nodepool_lite.config import load
+from nodepool_lite.zk import ZooKeeper
+conf, hosts, script = sys.argv[1:4]
+builder.dib_command = lambda d, out: [sys.executable, script, "-o", str(out), *d.elements]
+builder.check_elements = lambda config, diskimage: None
+zk = ZooKeeper(hosts)
+zk.connect()
+builder.NodePoolBuilder(load(conf), zk, interval=3600).start()
+threading.Event().wait()
+"""
+
+
+def loops_under(top: Path) -> list[str]:
+    """Loop devices whose backing file lies below `top`."""
+    out = subprocess.run(["losetup", "-n", "-O", "NAME,BACK-FILE"], capture_output=True, text=True)
+    return [line for line in out.stdout.splitlines() if str(top) in line]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_kill_9_builder_mid_build_then_restart(zk, zk_hosts, tmp_path, fake_dib):
+    """dib outlives a builder killed with -9; the restarted builder kills it
+    (and its child in another session), unmounts its tmpfs, fails the build
+    and starts a fresh one, never beside the orphan."""
+    config = small_config(tmp_path, rebuild_age=10**9)
+    for image in ("small", "slow"):
+        zk.store_image_build(image, ImageBuild(state=BuildState.READY))  # not due
+    zk.request_image_build("slow")
+    runner = tmp_path / "builder-runner.py"
+    runner.write_text(BUILDER_WITH_FAKE_DIB)
+    daemon = subprocess.Popen(
+        [sys.executable, str(runner), str(config.path), zk_hosts, str(fake_dib)],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
+    )  # fmt: skip
+    restarted = None
+    try:
+        [orphan] = wait_for(lambda: zk.get_image_builds("slow", [BuildState.BUILDING]), 30,
+                            "the build to start")  # fmt: skip
+        pids_file = Path(orphan.path) / "pids"
+        pids = wait_for(lambda: pids_file.exists() and pids_file.read_text().split(), 30, "dib")
+        pids = [int(pid) for pid in pids]
+        work = Path(orphan.path) / "tmp" / "dib_build.fake"
+        if os.geteuid() == 0:
+            assert is_mounted(work) and loops_under(Path(orphan.path))
+        os.killpg(daemon.pid, signal.SIGKILL)
+        daemon.wait()
+        assert all(_alive(pid) for pid in pids)
+        restarted = NodePoolBuilder(config, zk, interval=3600)
+        restarted.start()  # reconciles before its build worker runs
+        assert not any(_alive(pid) for pid in pids)
+        assert not is_mounted(work) and not work.parent.exists()
+        assert not loops_under(Path(orphan.path))
+        assert zk.get_image_build("slow", orphan.id).state == BuildState.FAILED
+        assert "the builder died" in (Path(orphan.path) / "build.log").read_text()
+        wait_for(lambda: [b for b in zk.get_image_builds("slow", [BuildState.BUILDING])
+                          if b.id != orphan.id], 30, "a fresh build")  # fmt: skip
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        if restarted is not None:
+            restarted.stop()
+            restarted.join(10)
+    fresh = zk.get_image_builds("slow")[-1]
+    assert fresh.state == BuildState.FAILED  # stopped: its dib and child killed too
+    assert not (Path(fresh.path) / "tmp").exists()
 
 
 # -- the real image: built once per machine per elements/ hash -------------------

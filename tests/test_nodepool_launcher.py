@@ -7,7 +7,6 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from tests.nodepool_env import (
     IMAGE,
     LABEL,
     TRUSTED_LABEL,
+    launcher_process,
     register_node_image,
     release,
     request,
@@ -360,11 +360,7 @@ def test_kill_9_launcher_then_restart(tmp_path, zk, zk_hosts):
     the node it was booting is destroyed and its request served again."""
     register_node_image(zk)
     conf = write_config(tmp_path, zk_hosts)
-    repo = Path(__file__).resolve().parent.parent
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "nodepool_lite.cmd.nodepoolcmd", "-c", str(conf), "launcher"],
-        env={**os.environ, "PYTHONPATH": str(repo)}, start_new_session=True,
-    )  # fmt: skip
+    daemon = launcher_process(conf)
     nodepool = None
     try:
         first, first_done, _ = request(zk, LABEL)

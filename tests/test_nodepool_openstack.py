@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,12 +17,12 @@ from nodepool_lite import config
 from nodepool_lite.builder import cleanup
 from nodepool_lite.cmd.nodepoolcmd import main
 from nodepool_lite.drivers.openstack.provider import OpenStackProvider
-from nodepool_lite.exceptions import ConfigError
+from nodepool_lite.exceptions import ConfigError, LaunchError
 from nodepool_lite.launcher import NodePool
 from nodepool_lite.model import BuildState, ImageBuild, NodeState, RequestState, UploadState
 from nodepool_lite.uploader import upload_pass, uploaders
 from tests.fake_openstack import FakeCloud, clouds_yaml, image_json
-from tests.nodepool_env import release, request, take_nodes, wait_for
+from tests.nodepool_env import launchers, release, request, take_nodes, wait_for
 
 LABEL = "cloud-debian"
 IMAGE = "kernel-ci-debian"
@@ -113,18 +114,8 @@ def write_config(
 
 @pytest.fixture
 def nodepool(tmp_path, zk_hosts, sshd, cloud):
-    started = []
-
-    def start(**overrides) -> NodePool:
-        np = NodePool(write_config(tmp_path, zk_hosts, sshd[0], **overrides))
-        np.start()
-        started.append(np)
-        return np
-
-    yield start
-    for np in started:
-        np.stop()
-        np.join()
+    with launchers() as start:
+        yield lambda **overrides: start(write_config(tmp_path, zk_hosts, sshd[0], **overrides))
 
 
 def test_launch_active_server_is_a_ready_node(nodepool, cloud, zk, sshd):
@@ -360,3 +351,34 @@ def test_broken_clouds_yaml_is_one_sentence(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as error:
         config.load(path)
     assert str(error.value) == f"{path}: providers[0].cloud: {clouds}: invalid YAML at line 2"
+
+
+def test_launcher_killed_mid_boot_then_restart(nodepool, cloud, zk, zk_hosts, tmp_path, sshd):
+    """A launcher dies while its server boots: the restarted one deletes that
+    server, serves the request with a new one, and leaves nothing behind.
+    The fake cloud lives in this process, so instead of kill -9 the dead
+    launcher's session is closed (its registrations and locks go at once)
+    and its launch thread hangs for good."""
+    frozen = threading.Event()
+
+    def hang(*args) -> None:
+        frozen.wait()
+        raise LaunchError("the test ended")
+
+    dead = NodePool(write_config(tmp_path, zk_hosts, sshd[0]))
+    dead.start()
+    dead.providers["cloud"]._boot = hang  # type: ignore[method-assign]
+    try:
+        req, done, _ = request(zk, LABEL)
+        [half] = wait_for(lambda: [n for n in zk.nodes() if n.external_id], 30, "a server")
+        assert half.state == NodeState.BUILDING and half.external_id in cloud.servers
+        dead.stop_event.set()
+        dead.zk.client.stop()
+        nodepool()
+        assert done.wait(30)
+        [node] = take_nodes(zk, req)
+        assert list(cloud.servers) == [node.external_id] != [half.external_id]
+        release(zk, [node])
+        wait_for(lambda: not cloud.servers and not zk.nodes(), 30, "server and node deleted")
+    finally:
+        frozen.set()

@@ -149,7 +149,7 @@ def test_model_transitions():
     node.state = NodeState.USED
     with pytest.raises(exc.InvalidStateError):
         node.state = NodeState.READY
-    req = NodeRequest(node_types=["a"])
+    req = NodeRequest(node_types=["a"], state=RequestState.FAILED)
     with pytest.raises(exc.InvalidStateError):
         req.state = RequestState.FULFILLED
     copy = Node.from_dict({**node.to_dict(), "unknown": 1}, id="0000000001")

@@ -148,8 +148,11 @@ class Commands:
             raise NodepoolError(f"Unknown image {name!r}: no such entry under diskimages.")
 
     def image_build(self) -> int:
+        from nodepool_lite.builder import check_elements, get_diskimage
+
         name = self.args.image
         self._known_image(name)
+        check_elements(self.config, get_diskimage(self.config, name))
         if not self.args.wait:
             self.zk.request_image_build(name)
             print(f"Build of {name} requested; the builder picks it up.")
@@ -249,6 +252,20 @@ class Commands:
     def hold(self) -> int:
         return self._change_node(self.args.id, NodeState.HOLD, self.args.reason)
 
+    def request_list(self) -> int:
+        """Node requests, in the order pool workers serve them."""
+        rows = []
+        for request_id in sorted(self.zk.node_request_ids()):
+            r = self.zk.get_node_request(request_id)
+            if r is not None:
+                rows.append([r.id, r.state.value, _age(r.state_time), r.requestor,
+                             ",".join(r.node_types), ",".join(r.nodes),
+                             ",".join(sorted(r.declined_reasons)), r.reason or ""])  # fmt: skip
+        headers = ["Request", "State", "Age", "Requestor", "Node types", "Nodes", "Declined by",
+                   "Reason"]  # fmt: skip
+        print(_table(headers, rows))
+        return 0
+
     def info(self) -> int:
         launchers = self.zk.get_launchers()
         rows = [[name, ", ".join(labels)] for name, labels in launchers.items()]
@@ -306,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("hold", help="keep a node for debugging until deleted")
     p.add_argument("id")
     p.add_argument("--reason", required=True)
+    sub.add_parser("request-list", help="node requests and which pools declined them")
     sub.add_parser("info", help="launchers, node requests, node counts")
     sub.add_parser("alien-list", help="servers providers run that are not ours")
     return parser

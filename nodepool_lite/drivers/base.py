@@ -47,6 +47,9 @@ def common_provider(pools: dict, extra: dict) -> dict:
         v.Required("name"): str,
         v.Required("driver"): str,
         v.Required("pools"): [pools],
+        # Boots of one node before its pool declines the request (another
+        # pool offering the label may then serve it).
+        v.Optional("launch-retries", default=3): v.All(int, v.Range(min=1)),
         **extra,
     }
 
@@ -69,6 +72,7 @@ class ProviderConfig:
     name: str
     driver: str
     pools: list[PoolConfig]
+    launch_retries: int = 3
 
 
 class Driver(ABC):
@@ -147,11 +151,11 @@ class Provider(ABC):
 class RequestHandler(ABC):
     """How one pool serves requests; drivers override what differs."""
 
-    launch_attempts = 3  # boots of one node before its request fails
-
     def __init__(self, provider: Provider, pool: PoolConfig):
         self.provider = provider
         self.pool = pool
+        # Boots of one node before the pool declines its request.
+        self.launch_attempts = provider.provider.launch_retries
 
     def serves(self, labels: list[str]) -> bool:
         """Could this pool ever serve all of `labels` together? False declines."""

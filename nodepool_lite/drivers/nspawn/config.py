@@ -136,4 +136,9 @@ def load(data: dict[str, Any]) -> ProviderConfig:
                 bind=_binds(pool["bind"]),
             )
         )
-    return ProviderConfig(name=data["name"], driver=data["driver"], pools=pools)
+    return ProviderConfig(
+        name=data["name"],
+        driver=data["driver"],
+        pools=pools,
+        launch_retries=data["launch-retries"],
+    )

@@ -55,7 +55,6 @@ SCHEMA = v.Schema(
             v.Optional("region-name"): str,
             # From create to an answering sshd; Nodepool's boot-timeout.
             v.Optional("boot-timeout", default=60): v.All(v.Coerce(float), v.Range(min=1)),
-            v.Optional("launch-retries", default=3): v.All(int, v.Range(min=1)),
         },
     )
 )
@@ -87,7 +86,6 @@ class OpenStackProviderConfig(ProviderConfig):
     cloud: str
     region_name: str | None
     boot_timeout: float
-    launch_retries: int
 
 
 def _one_of(label: dict, keys: tuple[str, str], where: list[Any]) -> None:

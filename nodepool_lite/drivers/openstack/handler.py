@@ -18,10 +18,6 @@ class OpenStackRequestHandler(RequestHandler):
     provider: OpenStackProvider
     pool: OpenStackPool
 
-    def __init__(self, provider: OpenStackProvider, pool: OpenStackPool):
-        super().__init__(provider, pool)
-        self.launch_attempts = provider.provider.launch_retries
-
     def ready(self, labels: list[str]) -> bool:
         """Labels booted from our diskimage wait for its first upload."""
         zk, name = self.provider.zk, self.provider.provider.name

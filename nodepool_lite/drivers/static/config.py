@@ -73,4 +73,9 @@ def load(data: dict[str, Any], declared: set[str]) -> ProviderConfig:
                 name=pool["name"], max_servers=pool["max-servers"], labels=labels, nodes=nodes
             )
         )
-    return ProviderConfig(name=data["name"], driver=data["driver"], pools=pools)
+    return ProviderConfig(
+        name=data["name"],
+        driver=data["driver"],
+        pools=pools,
+        launch_retries=data["launch-retries"],
+    )
