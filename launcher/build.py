@@ -35,6 +35,8 @@ from launcher.jobdir import JobDir
 from launcher.nodes import NodeError, NodeRequestCancelled, NodeRequester
 from launcher.playbooks import NodeAddress, PlaybookError, resolve_playbooks, write_ansible_dir
 from nodepool_lite import exceptions as npexc
+from nodepool_lite.model import Node
+from zuul_lite import autohold
 from zuul_lite.build_contract import BuildRequest, BuildResult
 from zuul_lite.state import ZuulState
 
@@ -308,13 +310,30 @@ class Build:
             self.output.write(str(error))
             return Attempt("NODE_FAILURE", str(error))
         stop_watch = self.requester.watch_lost(node, self._node_lost)
+        attempt: Attempt | None = None
         try:
             address = NodeAddress.of(node)
             self.output.write(f"Node {node.id} ({node.type}) at {address.host}:{address.port}")
-            return self._run_playbooks(address, last)
+            attempt = self._run_playbooks(address, last)
+            return attempt
         finally:
             stop_watch()
+            self._give_back(node, attempt)
+
+    def _give_back(self, node: Node, attempt: Attempt | None) -> None:
+        """To nodepool to destroy, or held if an autohold request wants it."""
+        held = None
+        if attempt is not None and attempt.result in autohold.HOLD_RESULTS:
+            req = self.request
+            try:
+                held = autohold.claim(self.state, req.project, req.job, req.change, node.id or "")
+            except npexc.NodepoolError as error:
+                self.log.warning("Could not look at the autohold requests: %s", error)
+        if held is None:
             self.requester.release(node)
+            return
+        self.output.write(f"Node {node.id} is held for autohold request {held.id}: {held.reason}")
+        self.requester.hold(node, f"{self.request.project}/{self.request.job}", held.reason)
 
     def _node_lost(self, reason: str) -> None:
         self.log.warning("%s", reason)

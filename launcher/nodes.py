@@ -186,11 +186,18 @@ class NodeRequester:
         return stopped.set
 
     def release(self, node: Node) -> None:
-        """Mark the node `used` and unlock it, so nodepool destroys it.
+        """Mark the node `used` and unlock it, so nodepool destroys it."""
+        self._give_back(node, NodeState.USED)
 
-        A node nodepool already took back (deleted, `deleting`, `failed`) is
-        only unlocked: writing `used` over it would undo nodepool's decision.
-        """
+    def hold(self, node: Node, hold_job: str, comment: str) -> None:
+        """Mark the node `hold` (autohold) and unlock it: nodepool keeps it
+        until an operator deletes it."""
+        node.hold_job, node.comment = hold_job, comment
+        self._give_back(node, NodeState.HOLD)
+
+    def _give_back(self, node: Node, state: NodeState) -> None:
+        """A node nodepool already took back (deleted, `deleting`, `failed`) is
+        only unlocked: writing over it would undo nodepool's decision."""
         try:
             fresh = self.zk.get_node(node.id or "")
             if fresh is None or fresh.state != NodeState.IN_USE:
@@ -198,11 +205,11 @@ class NodeRequester:
                     "Node %s is already %s", node.id, fresh.state.value if fresh else "gone"
                 )
                 return
-            node.state = NodeState.USED
+            node.state = state
             self.zk.store_node(node)
-            self.log.info("Node %s released (used)", node.id)
+            self.log.info("Node %s released (%s)", node.id, state.value)
         except npexc.NodepoolError:
-            self.log.exception("Could not mark node %s used", node.id)
+            self.log.exception("Could not mark node %s %s", node.id, state.value)
         finally:
             try:
                 self.zk.unlock_node(node)

@@ -330,3 +330,46 @@ def test_admin_token_file_must_be_readable_and_long(tmp_path, zk_hosts):
         zconfig.load(path)
     (tmp_path / "token").write_text(TOKEN + "\n")
     assert zconfig.load(path).web_admin_token == TOKEN
+
+
+def test_autohold_from_the_cli_and_the_web(cli, web):
+    out = cli.ok("autohold", "--project", "demo", "--job", "build", "--reason", "dev: oops")
+    assert out == "Autohold 0000000000 added: the next 1 failing build build(s) keep their node.\n"
+    assert cli.ok("autohold-list") == (
+        "0000000000: demo job build, 0/1 held (none yet): dev: oops\n"
+    )
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    body = {"project": "demo", "job": "lint", "change": 2, "count": 2, "reason": "ci: flaky?"}
+    assert httpx.post(f"{web.url}/api/autohold", json=body).status_code == 401
+    reply = httpx.post(f"{web.url}/api/autohold", json=body, headers=auth)
+    assert reply.status_code == 202
+    listed = httpx.get(f"{web.url}/api/autohold").json()
+    assert [(r["id"], r["job"], r["change"], r["count"]) for r in listed] == [
+        ("0000000000", "build", None, 1),
+        ("0000000001", "lint", 2, 2),
+    ]
+    reply = httpx.delete(f"{web.url}/api/autohold/0000000001", headers=auth)
+    assert reply.json()["detail"].startswith("Autohold 0000000001 deleted")
+    assert cli.ok("autohold-delete", "0000000000").startswith("Autohold 0000000000 deleted")
+    assert cli.ok("autohold-list") == "No autohold requests.\n"
+
+
+AUTOHOLD_BAD_INPUT = [
+    (["--project", "nope", "--job", "build", "--reason", "r"],
+     "There is no project nope in the layout (projects: demo)."),
+    (["--project", "demo", "--job", "nope", "--reason", "r"],
+     "There is no job nope with a node in the layout."),
+    (["--project", "demo", "--job", "build", "--reason", " "],
+     "An autohold needs a reason (who wants the node, and why)."),
+    (["--project", "demo", "--job", "build", "--reason", "r", "--count", "0"],
+     "An autohold count must be between 1 and 100, not 0."),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("argv,sentence", AUTOHOLD_BAD_INPUT)
+def test_bad_autohold_is_one_sentence(cli, argv, sentence):
+    assert cli.run("autohold", *argv) == (1, "", f"zuul-lite: {sentence}\n")
+    assert cli.run("autohold-delete", "0000000042") == (
+        1, "", "zuul-lite: There is no autohold request 0000000042.\n"
+    )  # fmt: skip
+    assert cli.ok("autohold-list") == "No autohold requests.\n"

@@ -41,6 +41,7 @@ from nodepool_lite.model import Node, NodeState, RequestState
 from nodepool_lite.zk import REQUEST_ROOT, ZooKeeper
 from nodepool_lite.zkserver import free_port
 from tests.harness import SshHost
+from zuul_lite import autohold
 from zuul_lite.gitserver import GitServer
 from zuul_lite.state import ZuulState
 from zuul_lite.web.app import create_app
@@ -865,3 +866,26 @@ def test_live_console_follows_a_running_build_through_the_web(launcher_env):
         assert "is not running" in gone.json()["detail"]
     finally:
         web.stop()
+
+
+def test_autohold_keeps_the_node_of_the_next_failing_builds(launcher_env):
+    """Zuul's autohold: the next `count` failing builds of the job keep their
+    node in nodepool's hold state with the reason; then nodes go back as usual."""
+    env = launcher_env
+    env["start"]()
+    state = env["state"]
+    request = autohold.add(
+        state, autohold.AutoholdRequest(project="linux", job="test-job", reason="dev: why?")
+    )
+    run_build(env, {"run": ["playbooks/ok.yaml"]})  # a success keeps nothing
+    args, result = run_build(env, {"run": ["playbooks/compile-error.yaml"]})
+    assert result["result"] == "FAILURE"
+    _, result = run_build(env, {"run": ["playbooks/compile-error.yaml"]})  # count 1: used up
+    assert result["result"] == "FAILURE"
+    states = [env["zk"].get_node(n) for n in env["nodepool"].nodes]
+    assert [n.state for n in states] == [NodeState.USED, NodeState.HOLD, NodeState.USED]
+    held = states[1]
+    assert (held.hold_job, held.comment) == ("linux/test-job", "dev: why?")
+    assert autohold.requests(state)[0].nodes == [held.id]
+    output = (env["config"].log_root / args["log_path"] / "job-output.txt").read_text()
+    assert f"Node {held.id} is held for autohold request {request.id}: dev: why?" in output

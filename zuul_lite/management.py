@@ -1,5 +1,6 @@
-"""Operator requests (enqueue, dequeue, promote): checked, then posted for the
-scheduler, which carries them out on its own thread.
+"""Operator requests: enqueue, dequeue, promote (checked, then posted for the
+scheduler, which carries them out on its own thread) and autohold requests
+(stored for the launchers).
 
 The CLI and the web's authenticated API both go through `request`, so a bad
 request is refused with the same sentence wherever it comes from, and the
@@ -8,6 +9,7 @@ queue is unchanged.
 
 from __future__ import annotations
 
+from zuul_lite import autohold
 from zuul_lite import config as zconfig
 from zuul_lite.connections.local import LocalConnection
 from zuul_lite.exceptions import ZuulLiteError
@@ -63,3 +65,38 @@ def request(
         ManagementEvent(type=kind, pipeline=pipeline, change=change, patchset=patchset).to_dict()
     )
     return f"Change {change}: {kind} in {pipeline} requested."
+
+
+def add_autohold(
+    cfg: zconfig.ZuulConfig,
+    state: ZuulState,
+    project: str,
+    job: str,
+    reason: str,
+    count: int = 1,
+    change: int | None = None,
+) -> str:
+    """Ask that the next `count` failing builds of `job` keep their node."""
+    layout = load_layout(cfg.layout_path, cfg.jobs_dir, set(cfg.connections))
+    if project not in layout.projects:
+        known = ", ".join(sorted(layout.projects)) or "none"
+        raise ZuulLiteError(f"There is no project {project} in the layout (projects: {known}).")
+    if job not in layout.jobs or layout.jobs[job].noop:
+        raise ZuulLiteError(f"There is no job {job} with a node in the layout.")
+    if not 1 <= count <= 100:
+        raise ZuulLiteError(f"An autohold count must be between 1 and 100, not {count}.")
+    if not reason.strip():
+        raise ZuulLiteError("An autohold needs a reason (who wants the node, and why).")
+    request = autohold.add(
+        state,
+        autohold.AutoholdRequest(
+            project=project, job=job, reason=reason.strip(), count=count, change=change
+        ),
+    )
+    return f"Autohold {request.id} added: the next {count} failing {job} build(s) keep their node."
+
+
+def delete_autohold(state: ZuulState, request_id: str) -> str:
+    if not autohold.delete(state, request_id):
+        raise ZuulLiteError(f"There is no autohold request {request_id}.")
+    return f"Autohold {request_id} deleted (nodes it held stay until nodepool deletes them)."

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from nodepool_lite.exceptions import NodeExistsError
+from nodepool_lite.exceptions import NodeExistsError, NoNodeError
 from nodepool_lite.zk import Lock, Transaction, ZooKeeper
 from zuul_lite.build_contract import BuildResult, ContractError
 
@@ -41,6 +41,7 @@ REPORTS = f"{ROOT}/reports"
 CONNECTIONS = f"{ROOT}/connections"
 LOCAL = f"{ROOT}/local"
 LOCKS = f"{ROOT}/locks"
+AUTOHOLDS = f"{ROOT}/autohold"
 
 
 class ZuulState:
@@ -90,6 +91,25 @@ class ZuulState:
 
     def get(self, path: str) -> dict | None:
         return self.zk.get_or_none(path)
+
+    # Autohold requests ----------------------------------------------------
+
+    def autohold_path(self, request_id: str) -> str:
+        return f"{AUTOHOLDS}/{request_id}"
+
+    def create_autohold(self, data: dict) -> str:
+        """Store a new request; its id (the sequence node's name)."""
+        return self.zk.create(f"{AUTOHOLDS}/", data, sequence=True).rsplit("/", 1)[1]
+
+    def autohold_ids(self) -> list[str]:
+        return sorted(self.zk.get_children(AUTOHOLDS))
+
+    def get_autohold(self, request_id: str) -> tuple[dict, int] | None:
+        """The request and its znode version (for a compare-and-set), or None."""
+        try:
+            return self.zk.get(self.autohold_path(request_id))
+        except NoNodeError:
+            return None
 
     # Pipelines, queues, items ---------------------------------------------
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from nodepool_lite.exceptions import NodepoolError
 from nodepool_lite.zk import ZooKeeper
+from zuul_lite import autohold, management
 from zuul_lite import config as zconfig
-from zuul_lite import management
 from zuul_lite.connections.local import LocalConnection
 from zuul_lite.exceptions import ZuulLiteError
 from zuul_lite.layout import load_layout
@@ -144,6 +144,37 @@ def _manage(args, cfg, kind: str) -> int:
         print(management.request(cfg, state, kind, args.pipeline, args.change, patchset))
     finally:
         zk.disconnect()
+    return 0
+
+
+def _with_state(cfg, action):
+    zk = _connect(cfg)
+    try:
+        return action(ZuulState(zk))
+    finally:
+        zk.disconnect()
+
+
+def cmd_autohold(args, cfg) -> int:
+    print(
+        _with_state(
+            cfg,
+            lambda state: management.add_autohold(
+                cfg, state, args.project, args.job, args.reason, args.count, args.change
+            ),
+        )
+    )
+    return 0
+
+
+def cmd_autohold_list(args, cfg) -> int:
+    found = _with_state(cfg, autohold.requests)
+    print("\n".join(r.describe() for r in found) if found else "No autohold requests.")
+    return 0
+
+
+def cmd_autohold_delete(args, cfg) -> int:
+    print(_with_state(cfg, lambda state: management.delete_autohold(state, args.id)))
     return 0
 
 
@@ -274,6 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
         if kind == "enqueue":
             s.add_argument("--patchset", type=int)
         s.set_defaults(func=lambda a, c, k=kind: _manage(a, c, k))
+    s = sub.add_parser("autohold", help="keep the node of the next failing builds of a job")
+    s.add_argument("--project", required=True)
+    s.add_argument("--job", required=True)
+    s.add_argument("--change", type=int, help="only builds of this change")
+    s.add_argument("--reason", required=True, help="who wants the node, and why")
+    s.add_argument("--count", type=int, default=1, help="how many nodes to keep (default 1)")
+    s.set_defaults(func=cmd_autohold)
+    s = sub.add_parser("autohold-list", help="the autohold requests and the nodes they hold")
+    s.set_defaults(func=cmd_autohold_list)
+    s = sub.add_parser("autohold-delete", help="delete an autohold request")
+    s.add_argument("id")
+    s.set_defaults(func=cmd_autohold_delete)
     s = sub.add_parser("show", help="show a change with its votes")
     s.add_argument("change", type=int)
     s.add_argument("--json", action="store_true")

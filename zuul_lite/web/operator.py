@@ -1,4 +1,4 @@
-"""Operator actions from the web: enqueue, dequeue, promote.
+"""Operator actions from the web: enqueue, dequeue, promote, autohold.
 
 Read-only is the default: these answer 403 until `web: admin-token` (or
 `admin-token-file`) is set in zuul.yaml, and then only to a request that
@@ -17,8 +17,8 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
+from zuul_lite import autohold, management
 from zuul_lite import config as zconfig
-from zuul_lite import management
 from zuul_lite.exceptions import ZuulLiteError
 from zuul_lite.state import ZuulState
 
@@ -28,6 +28,14 @@ log = logging.getLogger("zuul_lite.web.operator")
 class OperatorRequest(BaseModel):
     change: int = Field(ge=1)
     patchset: int | None = Field(default=None, ge=1)
+
+
+class AutoholdBody(BaseModel):
+    project: str
+    job: str
+    reason: str
+    count: int = 1
+    change: int | None = Field(default=None, ge=1)
 
 
 def make_router(state: ZuulState, cfg: zconfig.ZuulConfig) -> APIRouter:
@@ -57,5 +65,29 @@ def make_router(state: ZuulState, cfg: zconfig.ZuulConfig) -> APIRouter:
             return JSONResponse({"detail": str(error)}, 400)
         log.info("Operator request from the web: %s", said)
         return JSONResponse({"detail": said}, 202)
+
+    @router.get("/api/autohold")
+    def autohold_list() -> list[dict]:
+        return [{**r.to_dict(), "id": r.id} for r in autohold.requests(state)]
+
+    @router.post("/api/autohold", status_code=202)
+    def autohold_add(body: AutoholdBody, _: None = Depends(authorised)) -> JSONResponse:
+        try:
+            said = management.add_autohold(
+                cfg, state, body.project, body.job, body.reason, body.count, body.change
+            )
+        except ZuulLiteError as error:
+            return JSONResponse({"detail": str(error)}, 400)
+        log.info("Operator request from the web: %s", said)
+        return JSONResponse({"detail": said}, 202)
+
+    @router.delete("/api/autohold/{request_id}")
+    def autohold_delete(request_id: str, _: None = Depends(authorised)) -> JSONResponse:
+        try:
+            said = management.delete_autohold(state, request_id)
+        except ZuulLiteError as error:
+            return JSONResponse({"detail": str(error)}, 404)
+        log.info("Operator request from the web: %s", said)
+        return JSONResponse({"detail": said})
 
     return router
