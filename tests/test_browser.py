@@ -3,7 +3,8 @@ selenium through Debian's chromedriver, against the real uvicorn server and a
 real ZooKeeper. Screenshots go to the test's directory (printed on failure).
 
 The status page shows a running and a finished build and updates live; the
-console page follows a running build's output line by line until it ends.
+console page follows a running build's output line by line until it ends; a
+build page opens from the history and leads to its error line.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from launcher.ansible import OutputLog
 from launcher.console import ConsoleServer
 from nodepool_lite.zk import ZooKeeper
 from tests.test_web import queue_item, store_item
+from tests.test_web_history import site  # noqa: F401 (a fixture)
 from zuul_lite.state import ZuulState
 
 CHROMIUM = "/usr/bin/chromium"
@@ -114,3 +116,25 @@ def test_status_page_with_a_running_and_a_finished_build_then_its_console(
         assert "RUN END RESULT_NORMAL" in browser.find_element(By.ID, "console").text
     finally:
         console.stop()
+
+
+@pytest.fixture
+def history(site):  # noqa: F811 (tests/test_web_history.py's: two builds, one failed)
+    return site
+
+
+def test_build_page_from_the_history_and_its_output(history, browser, tmp_path: Path) -> None:
+    """From /builds to a failed build's page (first error lines, the
+    reproduce command, the log tree), then to the error line in its output."""
+    server, uuid, _ = history
+    browser.get(server.url + "/builds?result=FAILURE")
+    browser.find_element(By.CSS_SELECTOR, f'a[href="/build/{uuid}"]').click()
+    text_shows(browser, "main", "undeclared <script>")  # shown as text, not run
+    page = browser.find_element(By.TAG_NAME, "main").text
+    assert "make -j2 W=1 fs/foo.o" in page and "job-output.txt" in page
+    shot(browser, tmp_path, "build")
+    browser.find_element(By.CSS_SELECTOR, f'a[href="/build/{uuid}/output#L2"]').click()
+    WebDriverWait(browser, WAIT).until(lambda d: d.current_url.endswith("#L2"))
+    line = browser.find_element(By.ID, "L2")
+    assert "error" in line.get_attribute("class") and "undeclared" in line.text
+    shot(browser, tmp_path, "output")
