@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import subprocess
 import time
@@ -93,8 +94,21 @@ def kill_build(build_dir: Path, timeout: float = 30.0) -> set[int]:
             except ProcessLookupError:
                 pass
         killed |= pids
-        time.sleep(0.05)  # the kernel reaps them; nothing to wait on but /proc
+        _wait_exited(pids, deadline)
     return killed
+
+
+def _wait_exited(pids: set[int], deadline: float) -> None:
+    """Until each of `pids` has exited (its pidfd turns readable) or `deadline`."""
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        finally:
+            os.close(fd)
 
 
 def release_mounts(top: Path) -> list[str]:
