@@ -26,6 +26,8 @@ import yaml
 
 from nodepool_lite import tls
 from nodepool_lite.tls import TLSFiles
+from zuul_lite import metrics
+from zuul_lite.metrics import MetricsConfig
 
 LAUNCHER_SCHEMA = v.Schema(
     {
@@ -43,6 +45,7 @@ LAUNCHER_SCHEMA = v.Schema(
         "post-timeout": v.All(v.Coerce(float), v.Range(min=1)),
         "ansible-playbook": str,
         "tls": {v.Required("cert"): str, v.Required("key"): str},
+        "metrics": metrics.SCHEMA,
         # The live console (launcher/console.py): where it listens, and the
         # host name the web server connects to if not the listen address.
         "console": {"listen": str, "port": v.All(int, v.Range(min=0, max=65535)), "host": str},
@@ -78,6 +81,7 @@ class LauncherConfig:
     ansible_playbook: str = ""
     zk_tls: TLSFiles | None = None
     gearman_tls: TLSFiles | None = None
+    metrics: MetricsConfig | None = None  # /metrics of this launcher; None: not served
     console_listen: str = "127.0.0.1"
     console_port: int = 0  # a free port: the claim in ZooKeeper says which
     console_host: str | None = None
@@ -144,6 +148,7 @@ def load(path: Path | str) -> LauncherConfig:
         ansible_playbook=section.get("ansible-playbook", ""),
         zk_tls=zk_tls,
         gearman_tls=gearman_tls,
+        metrics=MetricsConfig.from_config(section.get("metrics")),
         console_listen=console.get("listen", "127.0.0.1"),
         console_port=console.get("port", 7900),
         console_host=console.get("host"),

@@ -28,6 +28,7 @@ from launcher.build import Build, BuildAbandoned
 from launcher.config import LauncherConfig
 from launcher.console import ConsoleServer
 from launcher.gearworker import NoDelayWorker
+from launcher.metrics import LauncherMetrics
 from nodepool_lite.tls import gear_args
 from nodepool_lite.zk import ZooKeeper
 from zuul_lite.build_contract import BuildRequest, ContractError
@@ -56,12 +57,18 @@ class LauncherServer:
         self._builds_lock = threading.Lock()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.metrics = LauncherMetrics(lambda: len(self.builds))
+        self.metrics_server = (
+            config.metrics.server(self.metrics.registry) if config.metrics else None
+        )
         self.console = ConsoleServer(
             self._output_of, config.console_listen, config.console_port, config.console_host
         )
 
     def start(self) -> None:
         """Connect to ZooKeeper and gearman and start taking builds."""
+        if self.metrics_server is not None:
+            self.metrics_server.start()
         self.zk.connect()
         self.console.start()
         tls = gear_args(self.config.gearman_tls)
@@ -116,6 +123,8 @@ class LauncherServer:
                     worker.stopWaitingForJobs()
         self.worker.shutdown()
         self.stop_worker.shutdown()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         self.console.stop()
         if self._own_zk:
             self.zk.disconnect()
@@ -165,6 +174,7 @@ class LauncherServer:
                 build.abandon()
         try:
             result = build.run()
+            self.metrics.build_finished(request.job, result.result, result.elapsed)
             job.sendWorkComplete(json.dumps(result.to_dict()).encode())
         except BuildAbandoned:
             self._send_safely(job.sendWorkFail)

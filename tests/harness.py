@@ -4,6 +4,7 @@ a stand-in launcher."""
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import re
@@ -440,3 +441,44 @@ def local_ansible_dir(tmp_path: Path, request: BuildRequest, jobs_dir: Path):
         dependencies={},
     )
     return jobdir, phases
+
+
+def local_project(root: Path, zk_hosts: str, layout: str, **scheduler_keys):
+    """A config with `layout`, a ZooKeeper client and the local inbox holding
+    project `demo`: (config, zk, local connection, the project's source).
+    `scheduler_keys` go into the config's `scheduler:` section (e.g. `metrics`)."""
+    from zuul_lite import config as zconfig
+    from zuul_lite.connections.local import LocalConnection
+
+    path = write_config(root, zk_hosts, layout=layout)
+    data = yaml.safe_load(path.read_text())
+    data["scheduler"].update(scheduler_keys)
+    path.write_text(yaml.safe_dump(data))
+    cfg = zconfig.load(path)
+    zk = ZooKeeper(zk_hosts)
+    zk.connect()
+    src = make_project(root)
+    local = LocalConnection("local", {"driver": "local"}, ZuulState(zk), cfg.state_dir)
+    local.import_project("demo", src)
+    return cfg, zk, local, src
+
+
+@contextlib.contextmanager
+def noop_check_run(root: Path, zk_hosts: str, **scheduler_keys):
+    """The real scheduler runs check on one series with the `noop` job (no
+    node, no launcher), settled after its vote; yields (config, scheduler,
+    change number) and stops it afterwards."""
+    from zuul_lite.scheduler import Scheduler
+
+    cfg, zk, local, src = local_project(root, zk_hosts, "noop.yaml", **scheduler_keys)
+    sched = Scheduler(cfg, zk)
+    try:
+        sched.start()
+        series = make_series(src, root / "series", [("README", "more\n", "README: more")])
+        change, _ = local.submit(series, "demo")
+        assert [v["value"] for v in wait_for_votes(zk, change)] == [1]
+        settle(sched)
+        yield cfg, sched, change
+    finally:
+        sched.stop()
+        zk.disconnect()

@@ -39,8 +39,14 @@ EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "etc" / "nodepool.yaml
 
 
 def node_config(state_dir: Path) -> Config:
-    """etc/nodepool.yaml (which defines kernel-ci-debian) with its state dir moved."""
-    return dataclasses.replace(nodepool_config.load(EXAMPLE_CONFIG), state_dir=Path(state_dir))
+    """etc/nodepool.yaml (which defines kernel-ci-debian) with its state dir
+    moved and no metrics server (its fixed ports would clash between runs)."""
+    return dataclasses.replace(
+        nodepool_config.load(EXAMPLE_CONFIG),
+        state_dir=Path(state_dir),
+        metrics_launcher_port=None,
+        metrics_builder_port=None,
+    )
 
 
 def image_key(diskimage: DiskImage) -> str:

@@ -54,6 +54,7 @@ def write_configs(root: Path) -> tuple[Path, int]:
             "log-url": f"http://127.0.0.1:{web_port}/logs",
             "jobs-dir": str(REPO / "jobs"),
             "private-key": str(state / "keys" / "id_ed25519"),
+            "metrics": {"listen": "127.0.0.1", "port": free_port()},
         }
     )
     (etc / "zuul.yaml").write_text(yaml.safe_dump(zuul))
@@ -63,6 +64,8 @@ def write_configs(root: Path) -> tuple[Path, int]:
     ccache = Path(os.environ.get("ZUUL_LITE_CACHE", "/var/cache/zuul-lite")) / "ccache-nodes"
     text = text.replace("/var/lib/zuul-lite/ccache", str(ccache))
     text = text.replace("/var/lib/zuul-lite", str(state)).replace("port: 2281", f"port: {zk_port}")
+    text = text.replace("launcher-port: 9104", f"launcher-port: {free_port()}")
+    text = text.replace("builder-port: 9105", f"builder-port: {free_port()}")
     (etc / "nodepool.yaml").write_text(text)
     return etc, zk_port
 

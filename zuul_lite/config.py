@@ -10,6 +10,10 @@ quick start reads this file before it makes them.
 `merger:` says where the scheduler serves its merger's repositories over git
 (`git-listen`, `git-port`) and the URL launchers fetch them from (`git-url`,
 to which the project name is appended; by default git://<listen>:<port>/).
+
+`database: dburi:` is the SQLAlchemy URL of the build history (default
+`sqlite:///<state-dir>/history.sqlite`; `postgresql://user:pw@host/db` for
+PostgreSQL).
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ import voluptuous as v
 
 from nodepool_lite import tls
 from nodepool_lite.tls import TLSFiles
+from zuul_lite import metrics
 from zuul_lite.connections import driver_names, validate_connection
 from zuul_lite.exceptions import ConfigError
 from zuul_lite.layout import _read_yaml, _validate
+from zuul_lite.metrics import MetricsConfig
 
 
 def _gearman_tls(section: dict) -> dict:
@@ -57,6 +63,7 @@ SCHEMA = v.Schema(
             "layout": str,
             "jobs-dir": str,
             "merger-workers": v.All(int, v.Range(min=1, max=16)),
+            "metrics": metrics.SCHEMA,
         },
         "merger": {
             "git-listen": str,
@@ -74,6 +81,7 @@ SCHEMA = v.Schema(
             v.Exclusive("admin-token", "admin"): v.All(str, v.Length(min=16)),
             v.Exclusive("admin-token-file", "admin"): str,
         },
+        "database": {v.Required("dburi"): str},
         "launcher": dict,
     },
     extra=v.PREVENT_EXTRA,
@@ -100,6 +108,8 @@ class ZuulConfig:
     web_port: int = 9000
     web_url: str = "http://127.0.0.1:9000"
     launcher: dict = field(default_factory=dict)
+    metrics: MetricsConfig | None = None  # the scheduler's /metrics; None: not served
+    dburi: str = ""  # the build history; default: SQLite under the state dir
     web_admin_token: str | None = None  # None: the web is read-only
     zk_tls: TLSFiles | None = None
     gearman_tls: TLSFiles | None = None
@@ -162,6 +172,8 @@ def load(path: Path | str) -> ZuulConfig:
         web_url=web.get("url", f"http://{listen}:{port}"),
         web_admin_token=_admin_token(path, web),
         launcher=data.get("launcher", {}),
+        metrics=MetricsConfig.from_config(sched.get("metrics")),
+        dburi=data.get("database", {}).get("dburi") or f"sqlite:///{state_dir / 'history.sqlite'}",
         zk_tls=zk_tls,
         gearman_tls=gearman_tls,
         gearman_server_tls=server_tls,

@@ -28,12 +28,14 @@ from zuul_lite.dispatcher import Dispatcher
 from zuul_lite.exceptions import ConfigError, EnqueueRefused, ReviewSystemError, ZuulLiteError
 from zuul_lite.gearman import BuildClient, GearServer
 from zuul_lite.gitserver import GitServer
+from zuul_lite.history.db import HistoryDB
 from zuul_lite.layout import Layout, load_layout
 from zuul_lite.manager import PipelineManager
 from zuul_lite.manager.dependent import DependentPipelineManager
 from zuul_lite.manager.independent import IndependentPipelineManager
 from zuul_lite.merger import Merger, MergeResult
 from zuul_lite.merger_pool import MergerPool
+from zuul_lite.metrics import SchedulerMetrics
 from zuul_lite.model import Build, Change, ManagementEvent, QueueItem, TriggerEvent
 from zuul_lite.state import ZuulState
 
@@ -115,6 +117,12 @@ class Scheduler(threading.Thread):
         self.git_server = GitServer(self.merger.merger.root, config.git_listen, config.git_port)
         self.gear_server: GearServer | None = None
         self.gearman = BuildClient(self._on_gear_failed)
+        # Every reported item's build set and builds (zuul_lite/history/).
+        self.history = HistoryDB(config.dburi)
+        self.metrics = SchedulerMetrics()
+        self.metrics_server = (
+            config.metrics.server(self.metrics.registry) if config.metrics else None
+        )
         self.dispatcher = Dispatcher()
         # Gate merges (pushes, submits) run here, so builds of other items go
         # out meanwhile; one thread keeps the merges of a branch in order.
@@ -131,6 +139,9 @@ class Scheduler(threading.Thread):
 
     def start(self) -> None:
         self._load_layout(initial=True)
+        self.history.upgrade()
+        if self.metrics_server is not None:
+            self.metrics_server.start()
         self.git_server.start()
         if self.config.gearman_start:
             self.gear_server = GearServer(
@@ -178,6 +189,9 @@ class Scheduler(threading.Thread):
         if self.gear_server is not None:
             self.gear_server.shutdown()
         self.git_server.stop()
+        self.history.dispose()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
 
     def reconfigure(self) -> None:
         """Safe from any thread (SIGHUP): the loop reloads the layout."""
@@ -383,6 +397,7 @@ class Scheduler(threading.Thread):
                         break
                 for manager in self.managers.values():
                     manager.flush()
+                    self.metrics.pipeline_state(manager.pipeline)
             except Exception:
                 if self.stop_event.is_set():
                     return  # stopping: ZooKeeper may be gone already
@@ -424,6 +439,7 @@ class Scheduler(threading.Thread):
                     waiting.add(event.connection)  # its events stay in order
                     continue
                 self._handle_trigger(path, event)
+                self.metrics.events.labels(event.connection, event.type).inc()
                 self._event_retries.pop(name, None)
             except ZKError:
                 self._triggers.set()  # ZooKeeper away: the event stays queued

@@ -101,6 +101,11 @@ class ZuulState:
         web's live status); returns the function that stops watching."""
         return self.zk.watch_tree(PIPELINES, callback)
 
+    def watch_builds(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """`callback()` on any change below the builds (a launcher's claim, a
+        result); returns the function that stops watching."""
+        return self.zk.watch_tree(BUILDS, callback)
+
     def ensure_pipeline(self, pipeline: str) -> None:
         self.zk.ensure_path(f"{PIPELINES}/{pipeline}/items")
         self.zk.ensure_path(f"{PIPELINES}/{pipeline}/queues")

@@ -83,11 +83,12 @@ def cmd_scheduler(args, cfg) -> int:
 
 
 def cmd_web(args, cfg) -> int:
+    from zuul_lite.history.db import HistoryDB
     from zuul_lite.web.app import create_app
     from zuul_lite.web.server import WebServer
 
     zk = _connect(cfg)
-    app = create_app(zk, cfg.log_root, cfg=cfg)
+    app = create_app(zk, cfg.log_root, cfg=cfg, history=HistoryDB(cfg.dburi))
     server = WebServer(app, host=cfg.web_listen, port=cfg.web_port)
     server.start()
     log.info("Web server on http://%s:%s", cfg.web_listen, cfg.web_port)

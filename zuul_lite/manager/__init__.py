@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING
 from nodepool_lite.exceptions import BadVersionError
 from nodepool_lite.zk import Transaction
 from zuul_lite.build_contract import BuildRequest, BuildResult
-from zuul_lite.exceptions import EnqueueRefused, ReviewSystemError
+from zuul_lite.exceptions import EnqueueRefused, ReviewSystemError, ZuulLiteError
+from zuul_lite.history.db import HistoryError
+from zuul_lite.history.records import ACTION_RESULTS, DEQUEUED, item_record
 from zuul_lite.manager.reporting import ItemReporter
 from zuul_lite.merger import MergeChange, MergeRequest, MergeResult
 from zuul_lite.model import (
@@ -461,6 +463,9 @@ class PipelineManager:
         if record is not None and self.reporter.must_merge(record):
             self._land(item)
             return
+        if not self._record_history(item, record):
+            return
+        action = record["action"] if record is not None else self.reporter.action(item)
         while True:
             txn = self.state.transaction()
             try:
@@ -475,9 +480,26 @@ class PipelineManager:
                 self.remove_item(
                     item, reset_behind or (self.changes_merge and not merged), txn=txn
                 )
+                self.sched.metrics.item_reported(item, action, time.time())
                 return
             except BadVersionError:
                 queue.window = window
+
+    def _record_history(self, item: QueueItem, record: dict | None) -> bool:
+        """Write the item's build set and builds to SQL as they are reported,
+        before the transaction that removes the item from ZooKeeper: a
+        scheduler killed in between finds the item again and writes the same
+        rows again (keyed by uuid), so nothing is lost or doubled. A database
+        that refuses is retried like a review system that does (the item waits)."""
+        action = record["action"] if record is not None else self.reporter.action(item)
+        merged = bool(record and record["merged"])
+        reason = self.reporter.reason(item, record)
+        try:
+            self.sched.history.record(item_record(item, ACTION_RESULTS[action], merged, reason))
+        except HistoryError as error:
+            self._report_later(item, error)
+            return False
+        return True
 
     def _land(self, item: QueueItem) -> None:
         """Merge the item, and the items that passed behind it on top of it,
@@ -562,14 +584,20 @@ class PipelineManager:
             if b.state in (BuildState.QUEUED, BuildState.COMPLETED)
         ]
         self.log.info("Dequeued %s: %s", item.label, why, item=item)
+        if started:
+            try:  # history, not a vote: a database away does not keep the item
+                self.sched.history.record(item_record(item, DEQUEUED, message=why))
+            except HistoryError as error:
+                self.log.warning("Dequeue of %s not in the history: %s", item.label, error)
         self.remove_item(item, reset_behind=True)
         if started and item.live and not item.change.is_ref:
             conn = self.sched.connections[item.change.connection]
             conn.on_dequeued(item.change, self.pipeline.name, started, why)
 
-    def _report_later(self, item: QueueItem, error: ReviewSystemError) -> None:
-        """The review system did not take the report: keep the item and try
-        again after a backoff (2 s doubling up to 5 min), for as long as it takes."""
+    def _report_later(self, item: QueueItem, error: ZuulLiteError) -> None:
+        """The review system (or the history database) did not take the
+        report: keep the item and try again after a backoff (2 s doubling
+        up to 5 min), for as long as it takes."""
         attempts = self._report_retries.get(item.uuid, (0, 0.0))[0] + 1
         delay = min(2.0 * 2 ** (attempts - 1), REPORT_RETRY_MAX)
         self._report_retries[item.uuid] = (attempts, time.monotonic() + delay)
@@ -796,6 +824,7 @@ class PipelineManager:
             build.state, build.result = BuildState.COMPLETED, Result.SUCCESS
             build.end_time = build.start_time
             build.elapsed = 0.0
+            self.sched.metrics.build_finished(item.pipeline, build)
             self.save(item)
             return
         build.state = BuildState.QUEUED
@@ -876,6 +905,7 @@ class PipelineManager:
         if build.elapsed is None and build.start_time:
             build.elapsed = build.end_time - build.start_time
         self.log.info("%s: %s", build.job, build.result, item=item, build=build)
+        self.sched.metrics.build_finished(item.pipeline, build)
         self.save(item)
 
     def on_build_lost(self, item: QueueItem, build: Build, why: str) -> None:
@@ -889,6 +919,7 @@ class PipelineManager:
             build.summary = f"Gave up after {build.attempts} attempts: {why}"
             build.end_time = time.time()
             self.log.warning("%s: RETRY_LIMIT (%s)", build.job, why, item=item, build=build)
+            self.sched.metrics.build_finished(item.pipeline, build)
         else:
             build.uuid = new_uuid()
             build.state = BuildState.WAITING

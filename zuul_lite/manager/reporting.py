@@ -190,6 +190,12 @@ class ItemReporter:
         return record
 
     @staticmethod
+    def reason(item: QueueItem, record: dict | None) -> str:
+        """Why the item ended as it did, in one sentence; empty when its jobs say it."""
+        merge_error = record["merge_error"] if record is not None else None
+        return item.error or item.failure or item.buildset.merge_error or merge_error or ""
+
+    @staticmethod
     def must_merge(record: dict) -> bool:
         return bool(record["submit"]) and not record["merged"] and record["merge_error"] is None
 
@@ -246,11 +252,7 @@ class ItemReporter:
                 BuildReport(b.job, b.result, b.log_url, b.elapsed, b.summary)
                 for b in item.buildset.ordered_builds()
             ),
-            reason=item.error
-            or item.failure
-            or item.buildset.merge_error
-            or record["merge_error"]
-            or "",
+            reason=self.reason(item, record),
         )
         if conn.reports_in_transaction:
             conn.report_ops(change, report, txn)

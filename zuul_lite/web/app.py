@@ -19,8 +19,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nodepool_lite.exceptions import ZKError
 from nodepool_lite.zk import ZooKeeper
 from zuul_lite import config as zconfig
+from zuul_lite.history.db import HistoryDB, HistoryError
 from zuul_lite.state import ZuulState
 from zuul_lite.web import console, live, logs, nodepool, operator, status
+from zuul_lite.web import history as history_pages
 from zuul_lite.web.templating import make_templates
 
 log = logging.getLogger("zuul_lite.web")
@@ -44,30 +46,45 @@ def _zk_unavailable(request: Request, exc: Exception) -> Response:
     return JSONResponse({"detail": str(exc)}, 503)
 
 
+def _history_unavailable(request: Request, exc: Exception) -> Response:
+    """The history database away: 503 with its sentence (no statement, no trace)."""
+    log.warning("%s %s: %s", request.method, request.url.path, exc)
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"detail": str(exc)}, 503)
+    return PlainTextResponse(str(exc), 503)
+
+
 def create_app(
     zk: ZooKeeper,
     log_root: Path,
     local_changes: bool = True,
     cfg: zconfig.ZuulConfig | None = None,
+    history: HistoryDB | None = None,
 ) -> FastAPI:
     """Build the app; `local_changes` adds the local inbox pages and API, `cfg`
-    the operator actions (which answer only to its admin token).
+    the operator actions (which answer only to its admin token), `history`
+    the build history pages and API (the scheduler writes it).
 
     Gerrit and Patchwork users read votes in their review system, so the change
     pages exist only when the built-in local inbox is the source of changes.
     """
     app = FastAPI(title="zuul-lite", docs_url="/api/docs", redoc_url=None)
-    templates = make_templates(local_changes)
+    templates = make_templates(local_changes, history is not None)
     app.add_exception_handler(StarletteHTTPException, _not_found)
     app.add_exception_handler(ZKError, _zk_unavailable)
+    app.add_exception_handler(HistoryError, _history_unavailable)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(logs.make_router(Path(log_root), templates))
     app.include_router(console.make_router(ZuulState(zk), templates))
     app.include_router(nodepool.make_router(zk, templates))
-    app.state.status_feed = live.StatusFeed(ZuulState(zk))
+    app.state.status_feed = live.StatusFeed(
+        ZuulState(zk), read=lambda: status.read_status(zk, history)
+    )
     app.include_router(live.make_router(app.state.status_feed))
     if cfg is not None:
         app.include_router(operator.make_router(ZuulState(zk), cfg))
+    if history is not None:
+        app.include_router(history_pages.make_router(history, Path(log_root), templates))
 
     @app.get("/health")
     def health() -> JSONResponse:
@@ -78,7 +95,7 @@ def create_app(
 
     @app.get("/api/status")
     def api_status() -> dict[str, Any]:
-        return status.read_status(zk)
+        return status.read_status(zk, history)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def status_page(request: Request) -> Response:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
@@ -22,8 +23,12 @@ KEEPALIVE = 20.0  # seconds between comment events on a quiet stream
 
 
 class StatusFeed:
-    def __init__(self, state: ZuulState) -> None:
+    """`read` gives the status as /api/status has it (the queues, and what
+    the web adds from the history); by default the queues with `now`."""
+
+    def __init__(self, state: ZuulState, read: Callable[[], dict[str, Any]] | None = None) -> None:
         self.state = state
+        self.read = read or (lambda: {**state.read_status(), "now": time.time()})
         self.version = 0
         self._changed = threading.Condition()
         self._lock = threading.Lock()  # one watch, one read per version
@@ -40,7 +45,13 @@ class StatusFeed:
         """Watch from the first follower on: a web nobody follows watches nothing."""
         with self._lock:
             if not self._started:
-                self._stop_watch = self.state.watch_pipelines(self._on_change)
+                # The builds too: a launcher taking a build (its `running`
+                # claim) turns it from waiting in Gearman to running.
+                stops = [
+                    self.state.watch_pipelines(self._on_change),
+                    self.state.watch_builds(self._on_change),
+                ]
+                self._stop_watch = lambda: [stop() for stop in stops]
                 self._started = True
 
     def stop(self) -> None:
@@ -60,7 +71,7 @@ class StatusFeed:
         with self._lock:
             version = self.version
             if self._snapshot is None or self._snapshot[0] != version:
-                status = {**self.state.read_status(), "now": time.time()}
+                status = self.read()
                 self._snapshot = (version, b"data: " + json.dumps(status).encode() + b"\n\n")
             return self._snapshot
 

@@ -53,12 +53,13 @@ def resolve(log_root: Path, rel: str) -> Path | None:
 
     Returns None for anything that does not exist or lands outside the root,
     whether by `..`, an absolute path or a symlink pointing out of the tree:
-    resolving first and comparing afterwards catches all three.
+    resolving first and comparing afterwards catches all three. A NUL byte
+    (which the OS would refuse) is None too.
     """
     root = log_root.resolve()
     try:
         target = (root / rel).resolve(strict=True)
-    except (OSError, RuntimeError):  # missing, unreadable, or a symlink loop
+    except (OSError, RuntimeError, ValueError):  # missing, unreadable, a loop, a NUL
         return None
     return target if target.is_relative_to(root) else None
 

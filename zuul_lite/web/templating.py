@@ -10,6 +10,8 @@ from typing import Any
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup, escape
 
+from zuul_lite.reporter import format_duration
+
 # A URL ends before whitespace, quotes or brackets, and never on the
 # punctuation that closes the sentence around it.
 URL = re.compile(r"""https?://[^\s<>"']*[^\s<>"'.,;:!?)\]]""")
@@ -56,10 +58,13 @@ def age(seconds: float | None) -> str:
     return " ".join(f"{n}{unit}" for n, unit in parts[first : first + 2])
 
 
-def make_templates(local_changes: bool) -> Jinja2Templates:
-    """Templates that know whether the local inbox pages exist (for the menu and links)."""
+def make_templates(local_changes: bool, history: bool = False) -> Jinja2Templates:
+    """Templates that know whether the local inbox and history pages exist
+    (for the menu and links)."""
     templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
     templates.env.globals["local_changes"] = local_changes
+    templates.env.globals["history"] = history
+    templates.env.filters["duration"] = format_duration
     templates.env.filters["when"] = when
     templates.env.filters["linkify"] = linkify
     templates.env.filters["vote"] = vote

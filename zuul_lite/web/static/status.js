@@ -33,16 +33,42 @@ function elapsed(build, now) {
   return (build.end_time || now) - build.start_time;
 }
 
-function renderBuild(build, now) {
+// Submitted to Gearman but not taken by a launcher yet: waiting, not running.
+function buildState(build) {
+  if (build.state === "queued") return build.running ? "running" : "waiting in gearman";
+  return build.state;
+}
+
+// A running build against the median of its job's recent successful builds.
+function progress(build, now, estimate) {
+  const cell = el("td");
+  if (build.state !== "queued" || !build.running || !estimate) return cell;
+  const bar = el("progress");
+  bar.max = estimate;
+  bar.dataset.start = build.start_time;  // moves on between changes (tick())
+  advance(bar, (elapsed(build, now) || 0));
+  cell.appendChild(bar);
+  return cell;
+}
+
+function advance(bar, took) {
+  bar.value = Math.min(took, bar.max);
+  bar.title = took < bar.max ? `about ${duration(bar.max - took)} left` : "longer than usual";
+}
+
+function renderBuild(build, now, estimates) {
   const row = el("tr");
   row.appendChild(el("td", build.job));
-  row.appendChild(el("td", build.state, build.state));
+  const state = buildState(build);
+  row.appendChild(el("td", state, state === "running" ? "running" : "muted"));
   row.appendChild(el("td", build.result || "", build.result || ""));
+  row.appendChild(el("td", build.node_type || "", "muted"));
   const cell = el("td", duration(elapsed(build, now)), "num");
   if (build.start_time && !build.end_time && build.elapsed == null) {
     cell.dataset.start = build.start_time;  // ticks on between changes (tick())
   }
   row.appendChild(cell);
+  row.appendChild(progress(build, now, (estimates || {})[build.job]));
   const logs = el("td");
   if (build.log_url) logs.appendChild(link(build.log_url, "logs"));
   // Submitted and not finished: its launcher streams the output while it runs.
@@ -74,7 +100,7 @@ function labelOf(item) {
   return change.number === 0 ? change.branch : `${change.number},${change.patchset}`;
 }
 
-function renderItem(item, now, shared) {
+function renderItem(item, now, shared, estimates) {
   const change = item.change;
   const bs = item.buildset;
   const box = el("div", null, "item");
@@ -102,10 +128,12 @@ function renderItem(item, now, shared) {
   if (item.error) box.appendChild(el("pre", item.error));
   const table = el("table");
   const head = el("tr");
-  for (const name of ["Job", "State", "Result", "Elapsed", "Logs"]) head.appendChild(el("th", name));
+  for (const name of ["Job", "State", "Result", "Node", "Elapsed", "Progress", "Logs"]) {
+    head.appendChild(el("th", name));
+  }
   table.appendChild(head);
   const builds = Object.values(bs.builds || {}).sort((a, b) => (a.index || 0) - (b.index || 0));
-  for (const build of builds) table.appendChild(renderBuild(build, now));
+  for (const build of builds) table.appendChild(renderBuild(build, now, estimates));
   box.appendChild(table);
   if (operatorToken() && !isRef) box.appendChild(operatorButtons(item, change, shared));
   return box;
@@ -158,7 +186,18 @@ function setupOperator() {
   };
 }
 
+function renderTimeToVote(status) {
+  const box = document.getElementById("time-to-vote");
+  const ttv = status.time_to_vote;
+  if (!box || !ttv) return;
+  box.textContent = ttv.count
+    ? `Time to vote over the last day: p50 ${duration(ttv.p50)}, p95 ${duration(ttv.p95)} ` +
+      `(${ttv.count} reports)`
+    : "No reports in the last day.";
+}
+
 function render(status) {
+  renderTimeToVote(status);
   root.replaceChildren();
   if (!status.pipelines.length) root.appendChild(el("p", "No pipelines have run yet.", "muted"));
   for (const pipeline of status.pipelines) {
@@ -169,7 +208,7 @@ function render(status) {
       if (!queue.dynamic) section.appendChild(el("h3", `queue ${queue.name}`));
       let previous = null;
       for (const item of queue.items) {
-        const box = renderItem(item, status.now, !queue.dynamic);
+        const box = renderItem(item, status.now, !queue.dynamic, status.estimates);
         if (failing(item)) box.classList.add("failing");
         // Zuul's picture of a reset: an item not tested on top of the one
         // before it in the queue was re-based past that (failing) item.
@@ -213,6 +252,9 @@ function tick() {
   const now = serverNow();
   for (const cell of root.querySelectorAll("td[data-start]")) {
     cell.textContent = duration(now - Number(cell.dataset.start));
+  }
+  for (const bar of root.querySelectorAll("progress[data-start]")) {
+    advance(bar, now - Number(bar.dataset.start));
   }
 }
 
