@@ -112,18 +112,12 @@ def _wait_exited(pids: set[int], deadline: float) -> None:
 
 
 def release_mounts(top: Path) -> list[str]:
-    """Unmount everything below `top`, deepest first (lazily if busy), and
-    detach loop devices backed by files below it; returns what was released."""
+    """Detach loop devices backed by files below `top`, then unmount
+    everything below it, deepest first (lazily if busy); returns what was
+    released. Loops first: once the mount holding its file is gone, a loop
+    device names its file relative to nothing and cannot be told apart."""
     prefix = str(top)
-    with open("/proc/self/mountinfo") as mounts:
-        points = [line.split()[4] for line in mounts]
     released = []
-    for point in sorted({p for p in points if _under(p, prefix)}, key=len, reverse=True):
-        result = subprocess.run(["umount", point], capture_output=True, text=True)
-        if result.returncode != 0:
-            subprocess.run(["umount", "-l", point], capture_output=True)
-        log.warning("Unmounted %s left by a build", point)
-        released.append(point)
     for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
         try:
             target = backing.read_text().strip()
@@ -134,4 +128,12 @@ def release_mounts(top: Path) -> list[str]:
             subprocess.run(["losetup", "-d", device], capture_output=True)
             log.warning("Detached %s (%s) left by a build", device, target)
             released.append(device)
+    with open("/proc/self/mountinfo") as mounts:
+        points = [line.split()[4] for line in mounts]
+    for point in sorted({p for p in points if _under(p, prefix)}, key=len, reverse=True):
+        result = subprocess.run(["umount", point], capture_output=True, text=True)
+        if result.returncode != 0:
+            subprocess.run(["umount", "-l", point], capture_output=True)
+        log.warning("Unmounted %s left by a build", point)
+        released.append(point)
     return released
