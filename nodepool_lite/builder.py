@@ -41,7 +41,7 @@ from nodepool_lite.config import Config, DiskImage
 from nodepool_lite.drivers.userns import shift_rootfs
 from nodepool_lite.metrics import BuilderMetrics, MetricsServer, StateCollector
 from nodepool_lite.model import BuildState, ImageBuild
-from nodepool_lite.uploader import UploadWorker
+from nodepool_lite.uploader import UploadWorker, uploaders
 from nodepool_lite.zk import IMAGE_BUILD_REQUEST_ROOT, IMAGE_ROOT, ZooKeeper
 
 log = logging.getLogger("nodepool_lite.builder")
@@ -550,6 +550,16 @@ class NodePoolBuilder:
         if self.metrics is not None:
             self.metrics.start()
         log.info("Builder started for images %s", ", ".join(image_names(self.config)))
+
+    def reconfigure(self, config: Config) -> None:
+        """`config` for the next passes (SIGHUP); a running build goes on.
+        ZooKeeper and metrics settings take a restart."""
+        self.config = config
+        self.build_worker.config = self.cleanup_worker.config = config
+        self.upload_worker.targets = uploaders(config)
+        self.build_worker.wake.set()
+        self.upload_worker.wake.set()
+        log.info("Builder reconfigured for images %s", ", ".join(image_names(config)))
 
     def stop(self) -> None:
         self.build_worker.stop()

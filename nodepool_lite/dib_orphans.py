@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import subprocess
 import time
@@ -93,23 +94,30 @@ def kill_build(build_dir: Path, timeout: float = 30.0) -> set[int]:
             except ProcessLookupError:
                 pass
         killed |= pids
-        time.sleep(0.05)  # the kernel reaps them; nothing to wait on but /proc
+        _wait_exited(pids, deadline)
     return killed
 
 
+def _wait_exited(pids: set[int], deadline: float) -> None:
+    """Until each of `pids` has exited (its pidfd turns readable) or `deadline`."""
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        finally:
+            os.close(fd)
+
+
 def release_mounts(top: Path) -> list[str]:
-    """Unmount everything below `top`, deepest first (lazily if busy), and
-    detach loop devices backed by files below it; returns what was released."""
+    """Detach loop devices backed by files below `top`, then unmount
+    everything below it, deepest first (lazily if busy); returns what was
+    released. Loops first: once the mount holding its file is gone, a loop
+    device names its file relative to nothing and cannot be told apart."""
     prefix = str(top)
-    with open("/proc/self/mountinfo") as mounts:
-        points = [line.split()[4] for line in mounts]
     released = []
-    for point in sorted({p for p in points if _under(p, prefix)}, key=len, reverse=True):
-        result = subprocess.run(["umount", point], capture_output=True, text=True)
-        if result.returncode != 0:
-            subprocess.run(["umount", "-l", point], capture_output=True)
-        log.warning("Unmounted %s left by a build", point)
-        released.append(point)
     for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
         try:
             target = backing.read_text().strip()
@@ -120,4 +128,12 @@ def release_mounts(top: Path) -> list[str]:
             subprocess.run(["losetup", "-d", device], capture_output=True)
             log.warning("Detached %s (%s) left by a build", device, target)
             released.append(device)
+    with open("/proc/self/mountinfo") as mounts:
+        points = [line.split()[4] for line in mounts]
+    for point in sorted({p for p in points if _under(p, prefix)}, key=len, reverse=True):
+        result = subprocess.run(["umount", point], capture_output=True, text=True)
+        if result.returncode != 0:
+            subprocess.run(["umount", "-l", point], capture_output=True)
+        log.warning("Unmounted %s left by a build", point)
+        released.append(point)
     return released

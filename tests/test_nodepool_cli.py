@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from nodepool_lite.cmd.nodepoolcmd import main
 from nodepool_lite.launcher import NodePool
-from nodepool_lite.model import NodeRequest, NodeState, RequestState
+from nodepool_lite.model import BuildState, ImageBuild, NodeRequest, NodeState, RequestState
 from tests.nodepool_env import IMAGE, LABEL, register_node_image, wait_for, write_config
 
 
@@ -106,6 +107,37 @@ def test_launcher_daemon_reloads_on_sighup_and_keeps_a_good_config(conf, zk):
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(30) == 0
         assert zk.get_launchers() == {}
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+
+
+def test_builder_daemon_reloads_on_sighup_and_keeps_a_good_config(conf, zk, tmp_path):
+    """Nothing is due (ready builds), so no dib runs; the daemon's log says
+    what each SIGHUP did."""
+    zk.store_image_build(IMAGE, ImageBuild(state=BuildState.READY))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    log = tmp_path / "builder.log"
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "nodepool_lite.cmd.nodepoolcmd", "-c", conf,
+         "--log-file", str(log), "builder"], env=env,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: log.exists() and "Builder started" in log.read_text(), 30, "started")
+        good = Path(conf).read_text()
+        Path(conf).write_text(good.replace("max-servers: 2", "max-servers: two"))
+        daemon.send_signal(signal.SIGHUP)
+        wait_for(lambda: "Keeping the running config" in log.read_text(), 30, "refused")
+        assert "max-servers: expected int" in log.read_text() and daemon.poll() is None
+        data = yaml.safe_load(good)
+        data["diskimages"].append({"name": "second", "elements": ["debian-minimal"]})
+        Path(conf).write_text(yaml.safe_dump(data))
+        zk.store_image_build("second", ImageBuild(state=BuildState.READY))  # not due
+        daemon.send_signal(signal.SIGHUP)
+        wait_for(lambda: f"reconfigured for images {IMAGE}, second" in log.read_text(), 30,
+                 "reconfigured")  # fmt: skip
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
     finally:
         if daemon.poll() is None:
             daemon.kill()

@@ -134,9 +134,14 @@ class Commands:
     def builder(self) -> int:
         from nodepool_lite.builder import NodePoolBuilder
 
+        signals = Signals(reload=True)
         builder = NodePoolBuilder(self.config, self.zk)
         builder.start()
-        Signals().wait()
+        while signals.wait() == signal.SIGHUP:
+            try:
+                builder.reconfigure(npconfig.load(self.args.config))
+            except NodepoolError as error:
+                log.error("Keeping the running config: %s", error)
         builder.stop()
         builder.join()
         return 0
