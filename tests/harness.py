@@ -236,7 +236,8 @@ class StandInLauncher(threading.Thread):
     request, claims it and stores its result in ZooKeeper as the launcher does,
     then sends WORK_COMPLETE. It answers `launcher:stop:stand-in` like a real
     launcher. `hold` keeps builds until `release(pattern)`; `results` maps a
-    job name, or "job:change", to its result; `history` lists every build
+    job name, or "job:change", to its result (or a list: one per build, in
+    turn); `history` lists every build
     with how it ended (Zuul's assertHistory). `tls` is its Gearman certificate."""
 
     STOP = "launcher:stop:stand-in"
@@ -245,7 +246,7 @@ class StandInLauncher(threading.Thread):
         self,
         zk: ZooKeeper,
         port: int,
-        results: dict[str, str] | None = None,
+        results: dict[str, str | list[str]] | None = None,
         tls: TLSFiles | None = None,
     ) -> None:
         super().__init__(daemon=True)
@@ -304,9 +305,13 @@ class StandInLauncher(threading.Thread):
             job.sendWorkComplete(json.dumps({"uuid": uuid}).encode())
 
     def result_for(self, args: dict) -> str:
-        return self.results.get(
+        """A list gives the results of successive builds (the last one stays)."""
+        result = self.results.get(
             f"{args['job']}:{args['change']}", self.results.get(args["job"], "SUCCESS")
         )
+        if isinstance(result, list):
+            return result.pop(0) if len(result) > 1 else result[0]
+        return result
 
     def finish(self, job: gear.Job, args: dict, result: str | None = None) -> None:
         result = result or self.result_for(args)

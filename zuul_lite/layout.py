@@ -90,6 +90,8 @@ JOB = v.Schema(
             "failure-output": v.Any(_regex, [_regex]),
             # Writes caches shared with other builds: runs only on trusted trees.
             "trusted": bool,
+            # A FAILURE is run once more on a fresh node before it counts.
+            "rerun-on-failure": bool,
         }
     }
 )
@@ -170,6 +172,7 @@ def load_jobs(jobs_dir: Path) -> dict[str, Job]:
                 failure_output=_as_list(d.get("failure-output")),
                 description=d.get("description", ""),
                 trusted=d.get("trusted", False),
+                rerun_on_failure=d.get("rerun-on-failure", False),
             )
     for job in jobs.values():
         for dep in job.dependencies:

@@ -178,6 +178,8 @@ class Job:
     # Writes caches shared with other builds: runs only on trusted trees (merged
     # branch heads, in a trusted pipeline), never on a change under review.
     trusted: bool = False
+    # A FAILURE is run once more on a fresh node before it counts (a flaky test).
+    rerun_on_failure: bool = False
 
     @property
     def noop(self) -> bool:
@@ -202,6 +204,11 @@ class Build:
     attempts: int = 0  # how many uuids this job has had in this build set
     early_failure: bool = False  # the launcher said it will fail
     index: int = 0  # the job's place in the project's list: the order votes show
+    # Set when a rerun-on-failure job failed and runs once more under a new
+    # uuid: how the first run ended, where its logs are, and its uuid.
+    first_result: str | None = None
+    first_log_url: str | None = None
+    rerun_of: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -217,6 +224,11 @@ class Build:
     @property
     def failed(self) -> bool:
         return self.early_failure or (self.done and self.result != Result.SUCCESS)
+
+    @property
+    def flaky(self) -> bool:
+        """It failed, then passed on a fresh node: it counts as passed."""
+        return self.first_result is not None and self.result == Result.SUCCESS
 
 
 @dataclass(slots=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zuul_lite.model import Pipeline, QueueItem, Result
+from zuul_lite.model import Build, Pipeline, QueueItem, Result
 
 
 def format_duration(seconds: float | None) -> str:
@@ -18,12 +18,23 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours}h {minutes:02d}m {seconds:02d}s"
 
 
+def _rerun_note(build: Build) -> str:
+    """What a rerun-on-failure build's first run did: a flip is reported as
+    flaky (and counts as passed); otherwise the first run is named too."""
+    if build.first_result is None:
+        return ""
+    first = f" {build.first_log_url}" if build.first_log_url else ""
+    if build.flaky:
+        return f" (flaky: {build.first_result}{first}, then SUCCESS on a fresh node)"
+    return f" (the first run, on another node: {build.first_result}{first})"
+
+
 def job_lines(item: QueueItem) -> list[str]:
     lines = []
     for build in item.buildset.ordered_builds():
         url = f" {build.log_url}" if build.log_url else ""
         took = f" in {format_duration(build.elapsed)}" if build.elapsed is not None else ""
-        lines.append(f"- {build.job}{url} : {build.result}{took}")
+        lines.append(f"- {build.job}{url} : {build.result}{took}{_rerun_note(build)}")
         if build.result != Result.SUCCESS and build.summary:
             lines.extend("    " + ln for ln in build.summary.splitlines()[:12])
     return lines

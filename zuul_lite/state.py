@@ -13,6 +13,7 @@ connections, the launcher, the web and the CLI all come here. The layout
 /zuul/builds/<uuid>/result              BuildResult, stored before WORK_COMPLETE
 /zuul/builds/<uuid>/early-failure       the build will fail (first failed task)
 /zuul/reports/<item uuid>               a report under way (exactly-once reporting)
+/zuul/flakes/<project>/<job>            a rerun-on-failure job's {"runs", "flips"}
 /zuul/connections/<name>/cursor         where a connection's event stream stands
 /zuul/connections/<name>/depends-on     change -> its Depends-On footers (Patchwork)
 /zuul/local/...                         the local inbox's review data
@@ -26,9 +27,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote, unquote
 
-from nodepool_lite.exceptions import NodeExistsError, NoNodeError
+from nodepool_lite.exceptions import BadVersionError, NodeExistsError, NoNodeError
 from nodepool_lite.zk import Lock, Transaction, ZooKeeper
 from zuul_lite.build_contract import BuildResult, ContractError
 
@@ -42,6 +45,23 @@ CONNECTIONS = f"{ROOT}/connections"
 LOCAL = f"{ROOT}/local"
 LOCKS = f"{ROOT}/locks"
 AUTOHOLDS = f"{ROOT}/autohold"
+FLAKES = f"{ROOT}/flakes"
+FLAKE_RECENT = 200  # build uuids a flake counter remembers, so a retried count is not doubled
+
+
+@dataclass(frozen=True, slots=True)
+class FlakeCount:
+    """How often a rerun-on-failure job of a project ended, and how often it
+    failed and then passed on a fresh node."""
+
+    project: str
+    job: str
+    runs: int
+    flips: int
+
+    @property
+    def rate(self) -> float:
+        return self.flips / self.runs if self.runs else 0.0
 
 
 class ZuulState:
@@ -329,6 +349,50 @@ class ZuulState:
 
     def delete_report(self, item_uuid: str) -> None:
         self.zk.delete(self.report_path(item_uuid))
+
+    # Flake counters --------------------------------------------------------
+
+    def flake_path(self, project: str, job: str) -> str:
+        # A project name may hold slashes ("linux/net"): one znode per name.
+        return f"{FLAKES}/{quote(project, safe='')}/{job}"
+
+    def count_flake(self, project: str, job: str, build_uuid: str, flipped: bool) -> None:
+        """Count one run of `job` (a flip if it failed, then passed) with a
+        compare-and-set; a build already counted is not counted again (the
+        scheduler may take the same result twice across a restart)."""
+        path = self.flake_path(project, job)
+        while True:
+            try:
+                data, version = self.zk.get(path)
+            except NoNodeError:
+                data, version = {"runs": 0, "flips": 0, "recent": []}, None
+            recent = list(data.get("recent", []))
+            if build_uuid in recent:
+                return
+            new = {
+                "runs": data.get("runs", 0) + 1,
+                "flips": data.get("flips", 0) + int(flipped),
+                "recent": [*recent, build_uuid][-FLAKE_RECENT:],
+            }
+            try:
+                if version is None:
+                    self.zk.create(path, new)
+                else:
+                    self.zk.set(path, new, version)
+                return
+            except (BadVersionError, NodeExistsError):
+                continue  # another writer came first: read again
+
+    def flake_counts(self) -> list[FlakeCount]:
+        """Every counter, by project and job."""
+        counts = []
+        for project in self.zk.get_children(FLAKES):
+            for job in self.zk.get_children(f"{FLAKES}/{project}"):
+                data = self.zk.get_or_none(f"{FLAKES}/{project}/{job}") or {}
+                counts.append(
+                    FlakeCount(unquote(project), job, data.get("runs", 0), data.get("flips", 0))
+                )
+        return counts
 
     # Connections -----------------------------------------------------------
 

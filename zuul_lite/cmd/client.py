@@ -22,7 +22,7 @@ from zuul_lite.connections.local import LocalConnection
 from zuul_lite.exceptions import ZuulLiteError
 from zuul_lite.layout import load_layout
 from zuul_lite.model import Change
-from zuul_lite.state import ZuulState
+from zuul_lite.state import FlakeCount, ZuulState
 
 log = logging.getLogger("zuul_lite.cmd")
 
@@ -178,6 +178,29 @@ def cmd_autohold_delete(args, cfg) -> int:
     return 0
 
 
+def format_flakes(counts: list[FlakeCount]) -> str:
+    """One line per rerun-on-failure job of a project: how often it ended and
+    how often it failed, then passed on a fresh node."""
+    if not counts:
+        return "No flake counts yet (no rerun-on-failure job has finished)."
+    rows = [("PROJECT", "JOB", "RUNS", "FLIPS", "RATE")] + [
+        (c.project, c.job, str(c.runs), str(c.flips), f"{c.rate:.1%}") for c in counts
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join(
+        "  ".join(
+            cell.ljust(w) if i < 2 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
+        for r in rows
+    )
+
+
+def cmd_flakes(args, cfg) -> int:
+    print(format_flakes(_with_state(cfg, lambda state: state.flake_counts())))
+    return 0
+
+
 def format_change(change: dict) -> str:
     lines = [
         f"Change {change['number']}: {change['subject']}",
@@ -324,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="show the pipelines' queues")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
+    s = sub.add_parser("flakes", help="how often each rerun-on-failure job flipped")
+    s.set_defaults(func=cmd_flakes)
     s = sub.add_parser("validate-config", help="check the layout and jobs")
     s.add_argument(
         "--nodepool-config",

@@ -896,6 +896,20 @@ class PipelineManager:
     def on_build_completed(self, item: QueueItem, build: Build, result: BuildResult) -> None:
         if build.state != BuildState.QUEUED:
             return
+        job = self.sched.layout.jobs.get(build.job)
+        rerun = job is not None and job.rerun_on_failure
+        if rerun and result.result == Result.FAILURE and build.first_result is None:
+            self._rerun(item, build, result)
+            return
+        if rerun and result.result in (Result.SUCCESS, Result.FAILURE):
+            # Counted before the result is taken: a count retried after an
+            # error or a restart finds this uuid counted already.
+            self.state.count_flake(
+                item.change.project,
+                build.job,
+                build.uuid,
+                flipped=build.first_result is not None and result.result == Result.SUCCESS,
+            )
         build.state = BuildState.COMPLETED
         build.result = result.result
         build.log_url = result.log_url
@@ -907,6 +921,36 @@ class PipelineManager:
         self.log.info("%s: %s", build.job, build.result, item=item, build=build)
         self.sched.metrics.build_finished(item.pipeline, build)
         self.save(item)
+
+    def _rerun(self, item: QueueItem, build: Build, result: BuildResult) -> None:
+        """A rerun-on-failure job failed for the first time: run it once more,
+        under a new uuid (so on a fresh node); the rerun's result is the
+        build's. Until then the build is not failing, so a gate queue is not
+        reset for it."""
+        old = build.uuid
+        build.first_result = result.result
+        build.first_log_url = result.log_url
+        build.rerun_of = old
+        build.result = result.result
+        build.elapsed = result.elapsed
+        self.sched.metrics.build_finished(item.pipeline, build)
+        build.uuid = new_uuid()
+        build.state = BuildState.WAITING
+        build.result = None
+        build.log_url = None
+        build.summary = ""
+        build.elapsed = None
+        build.early_failure = False
+        self.log.info(
+            "%s: %s; running it once more as %s before it counts",
+            build.job,
+            result.result,
+            build.uuid,
+            item=item,
+            build=Build(job=build.job, node_type=None, uuid=old),
+        )
+        self.save(item)
+        self.sched.delete_build_later(old)
 
     def on_build_lost(self, item: QueueItem, build: Build, why: str) -> None:
         """No launcher runs it and it has no result: run it again on a new node,
@@ -937,6 +981,14 @@ class PipelineManager:
 
     def on_early_failure(self, item: QueueItem, build: Build, reason: str) -> None:
         if build.state != BuildState.QUEUED or build.early_failure:
+            return
+        job = self.sched.layout.jobs.get(build.job)
+        if job is not None and job.rerun_on_failure and build.first_result is None:
+            # A failure is run again before it counts: the rerun decides.
+            self.log.info(
+                "%s will fail (%s); it is run once more first", build.job, reason,
+                item=item, build=build,
+            )  # fmt: skip
             return
         build.early_failure = True
         self.log.info("%s will fail: %s", build.job, reason, item=item, build=build)
