@@ -18,6 +18,7 @@ from tests.harness import (
     write_config,
 )
 from zuul_lite import config as zconfig
+from zuul_lite.cmd.client import format_status
 from zuul_lite.cmd.client import main as zuul_lite_cli
 from zuul_lite.connections.local import LocalConnection
 from zuul_lite.git import git
@@ -178,6 +179,8 @@ def test_scheduler_restart_between_the_failure_and_the_rerun(env: Flaky) -> None
     env.launcher.wait_for_builds(3)  # the rerun, held
     env.settle()
     env.stop_scheduler()
+    status = format_status(env.state.read_status())
+    assert "smoke: queued (run once more after FAILURE)" in status
     env.start({})
     env.launcher.hold = False
     env.launcher.release()  # results in ZooKeeper, for the new scheduler

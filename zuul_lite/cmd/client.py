@@ -249,6 +249,8 @@ def format_status(data: dict) -> str:
                 lines.append(f"    {labels[item['uuid']]} {what}")
                 for b in sorted(bs["builds"].values(), key=lambda b: b.get("index", 0)):
                     early = " (failing)" if b.get("early_failure") and not b["result"] else ""
+                    if b.get("first_result") and not b["result"]:
+                        early += f" (run once more after {b['first_result']})"
                     lines.append(f"      {b['job']}: {b['result'] or b['state']}{early}")
     return "\n".join(lines)
 
