@@ -83,7 +83,7 @@ def test_unknown_project_and_change(cli, capsys):
 def test_validate_config(cli, capsys, tmp_path):
     path, *_ = cli
     assert main(["-c", str(path), "validate-config"]) == 0
-    assert "OK (1 pipelines, 4 jobs, 1 projects)" in capsys.readouterr().out
+    assert "OK (1 pipelines, 5 jobs, 1 projects)" in capsys.readouterr().out
     text = path.read_text().replace("demo.yaml", "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
