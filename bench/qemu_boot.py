@@ -29,7 +29,7 @@ from nodepool_lite.zk import ZooKeeper  # noqa: E402
 from nodepool_lite.zkserver import ZooKeeperServer, free_port  # noqa: E402
 from tests.nodepool_env import release, request, take_nodes, wait_for  # noqa: E402
 from tests.qemu_env import PROVIDER, VM_LABEL, ready_vm_image, write_qemu_config  # noqa: E402
-from tests.test_nodepool_qemu import ssh  # noqa: E402
+from tests.test_nodepool_qemu import kill_vms_under, ssh  # noqa: E402
 
 
 def main() -> None:
@@ -69,6 +69,7 @@ def main() -> None:
         finally:
             pool.stop()
             pool.join()
+            kill_vms_under(root)  # a stopped launcher leaves its VMs running
             zk.disconnect()
             zk_server.stop()
     accel = pool.providers[PROVIDER].accel()

@@ -3,6 +3,7 @@ a real diskimage-builder image (tests/qemu_env.py), real ZooKeeper, real ssh."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -38,7 +39,7 @@ def ssh(nodepool: NodePool, node: Node, command: str) -> tuple[int, str]:
     client = node_client(node.interface_ip, node.connection_port, node.host_keys[0])
     client.connect(
         node.interface_ip, port=node.connection_port, username=node.username, pkey=key,
-        timeout=10, allow_agent=False, look_for_keys=False,
+        timeout=10, banner_timeout=60, auth_timeout=60, allow_agent=False, look_for_keys=False,
     )  # fmt: skip
     try:
         _, stdout, stderr = client.exec_command(command, timeout=60)
@@ -159,7 +160,8 @@ def kill_vms_under(directory: Path) -> None:
     """A failed test leaves no VM running."""
     for pids in qemu_pids_under(directory).values():
         for pid in pids:
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _uncommented(text: str, first: str) -> list:

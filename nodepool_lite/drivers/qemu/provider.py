@@ -40,7 +40,6 @@ from nodepool_lite.drivers import ensure_keypair, process_argvs
 from nodepool_lite.drivers.base import Provider, RequestHandler
 from nodepool_lite.drivers.qemu.config import QemuLabel, QemuPool, QemuProviderConfig
 from nodepool_lite.drivers.qemu.images import ImageStore, StoredImage
-from nodepool_lite.drivers.sshscan import node_client
 from nodepool_lite.exceptions import LaunchError
 from nodepool_lite.model import Node
 from nodepool_lite.zk import ZooKeeper
@@ -53,6 +52,11 @@ HOST = "127.0.0.1"  # where the host's end of a node's ssh port listens
 GUEST_SSH_PORT = 22
 FW_CFG = "opt/zuul-lite"  # where the vm-node element's zuul-lite-vm-setup reads
 KEEP_CONSOLES = 200
+# paramiko logs every failed ssh handshake with a traceback; while a guest
+# boots they are expected, and the last one is in the LaunchError if it never
+# answers.
+POLL_LOG = "nodepool_lite.drivers.qemu.sshpoll"
+logging.getLogger(POLL_LOG).setLevel(logging.CRITICAL)
 # The kernel command line: the root disk, the serial console, the interface
 # name the vm-node element configures, and none of the work a throwaway TCG
 # guest does not need at boot (fsck, crypto self-tests, the PS/2 controller
@@ -274,26 +278,39 @@ class QemuProvider(Provider):
                     f"Node {node.id}: QEMU exited ({proc.returncode}): "
                     f"{self._qemu_log(node).strip() or self._console_tail(node)}"
                 )
-            client = node_client(HOST, node.connection_port, node.host_keys[0])
-            # Long waits: sshd of a TCG guest on a busy host can take 10-20 s to
-            # send its banner, and a connection made before the guest's network
-            # is up only completes with QEMU's next SYN to it.
             try:
-                client.connect(
-                    node.interface_ip, port=node.connection_port, username=node.username,
-                    pkey=key, timeout=10, banner_timeout=20, auth_timeout=60,
-                    allow_agent=False, look_for_keys=False,
-                )  # fmt: skip
+                self._login(node, key)
                 return
             except (OSError, paramiko.SSHException, EOFError) as error:
                 last_error = error
-            finally:
-                client.close()
             time.sleep(0.5)  # sshd gives no readiness signal; poll its forwarded port
         raise LaunchError(
             f"Node {node.id}: no ssh login within {self.provider.boot_timeout:.0f}s "
             f"({last_error}); console: {self._console_tail(node)}"
         )
+
+    def _login(self, node: Node, key: paramiko.PKey) -> None:
+        """One ssh login as the node's user; raises while sshd is not up yet,
+        LaunchError when something else answers with another host key. Long
+        waits: sshd of a TCG guest on a busy host can take 10-20 s to send its
+        banner, and a connection made before the guest's network is up only
+        completes with QEMU's next SYN to it."""
+        sock = socket.create_connection((HOST, node.connection_port), timeout=10)
+        transport = paramiko.Transport(sock)
+        transport.set_log_channel(POLL_LOG)
+        transport.banner_timeout = 20
+        transport.auth_timeout = 60
+        try:
+            transport.start_client(timeout=60)
+            offered = transport.get_remote_server_key()
+            if f"{offered.get_name()} {offered.get_base64()}" != node.host_keys[0]:
+                raise LaunchError(
+                    f"Node {node.id}: {HOST}:{node.connection_port} answers with another "
+                    f"host key ({offered.get_name()} {offered.get_base64()})."
+                )
+            transport.auth_publickey(node.username, key)
+        finally:
+            transport.close()
 
     def _check_kvm(self, node: Node, booted: float) -> None:
         """Raise KvmFailed when QEMU reports that KVM cannot run the guest, or
