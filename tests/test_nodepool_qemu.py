@@ -32,14 +32,15 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="dib builds and VMs ne
 
 def ssh(nodepool: NodePool, node: Node, command: str) -> tuple[int, str]:
     """Run `command` on the node as its user, with the launcher's key, checking
-    the host key the node record gives."""
+    the host key the node record gives. Patient: a TCG guest on a busy host
+    may take tens of seconds for a key exchange (`timeout` bounds it too)."""
     key = paramiko.Ed25519Key.from_private_key_file(
         str(nodepool.config.state_dir / "keys/id_ed25519")
     )
     client = node_client(node.interface_ip, node.connection_port, node.host_keys[0])
     client.connect(
         node.interface_ip, port=node.connection_port, username=node.username, pkey=key,
-        timeout=10, banner_timeout=60, auth_timeout=60, allow_agent=False, look_for_keys=False,
+        timeout=60, banner_timeout=60, auth_timeout=60, allow_agent=False, look_for_keys=False,
     )  # fmt: skip
     try:
         _, stdout, stderr = client.exec_command(command, timeout=60)
