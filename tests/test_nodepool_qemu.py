@@ -105,7 +105,7 @@ def test_kill_9_launcher_mid_boot_adopts_running_vm_and_deletes_orphan(tmp_path,
     """A launcher killed while it boots a VM: on restart the VM of the in-use
     node runs on (same QEMU, ssh still works), the VM it was booting, whose
     request went with its requestor, is killed and its overlay deleted."""
-    conf = write_qemu_config(tmp_path, zk_hosts)
+    conf = write_qemu_config(tmp_path, zk_hosts, accel="tcg")  # the other test tries KVM
     ready_vm_image(zk, conf)
     daemon = subprocess.Popen(
         [sys.executable, "-m", "nodepool_lite.cmd.nodepoolcmd", "-c", str(conf), "launcher"],
