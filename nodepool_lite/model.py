@@ -155,6 +155,7 @@ class Node(_Stored):
     state_time: float = field(default_factory=time.time)
     hold_job: str | None = None
     comment: str | None = None
+    console_log: str | None = None  # where a driver saved the node's serial console
     lock: Any = _local(default=None)
 
 

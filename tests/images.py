@@ -3,10 +3,10 @@
 A real build takes minutes, so every test that needs nodes (builder, nodepool
 launcher, end to end) shares one: `ensure_node_image()` keeps builds under
 `<cache>/images/<image>-<key>/` (`<cache>` is /var/cache/zuul-lite or
-$ZUUL_LITE_CACHE), where `key` hashes the elements/ tree and the diskimage's
-config. A changed element means a new key, hence a new real build; an unchanged
-one means the cached rootfs is registered in the test's ZooKeeper as a `ready`
-build of its own and returned at once.
+$ZUUL_LITE_CACHE), where `key` hashes the image's elements in elements/ and
+the diskimage's config. A changed element of the image means a new key, hence
+a new real build; an unchanged one means the cached rootfs is registered in
+the test's ZooKeeper as a `ready` build of its own and returned at once.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ import json
 import shutil
 import time
 from pathlib import Path
+
+import diskimage_builder
+from diskimage_builder.element_dependencies import get_elements
 
 from nodepool_lite import config as nodepool_config
 from nodepool_lite.builder import (
@@ -49,10 +52,20 @@ def node_config(state_dir: Path) -> Config:
     )
 
 
+def own_elements(diskimage: DiskImage) -> list[Path]:
+    """The directories of elements/ the image is built from (its elements and
+    their dependencies): a change to another element is no reason to rebuild it."""
+    dib_elements = Path(diskimage_builder.__file__).parent / "elements"
+    extra = diskimage.env_vars.get("ELEMENTS_PATH")
+    paths = ":".join(filter(None, [str(REPO_ELEMENTS), extra, str(dib_elements)]))
+    expanded = get_elements(diskimage.elements, paths)
+    return sorted(Path(path) for _, path in expanded if Path(path).parent == REPO_ELEMENTS)
+
+
 def image_key(diskimage: DiskImage) -> str:
-    """Hash of what decides the image's content: every file of elements/ but the
-    docs (path, exec bit, bytes), the diskimage's config and the builder's dib
-    flags and env."""
+    """Hash of what decides the image's content: every file of its elements in
+    elements/ but the docs (path, exec bit, bytes), the diskimage's config and
+    the builder's dib flags and env."""
     digest = hashlib.sha256()
     settings = [
         diskimage.elements,
@@ -62,7 +75,7 @@ def image_key(diskimage: DiskImage) -> str:
         sorted(DEFAULT_DIB_ENV.items()),
     ]
     digest.update(json.dumps(settings).encode())
-    for path in sorted(REPO_ELEMENTS.rglob("*")):
+    for path in sorted(p for element in own_elements(diskimage) for p in element.rglob("*")):
         if path.is_file() and path.suffix != ".rst" and "__pycache__" not in path.parts:
             digest.update(str(path.relative_to(REPO_ELEMENTS)).encode())
             digest.update(b"x" if path.stat().st_mode & 0o111 else b"-")

@@ -44,8 +44,17 @@ def test_each_element_documents_itself():
 def test_kernel_ci_node_expands_to_a_partitionless_debian_node():
     paths = f"{REPO_ELEMENTS}:{DIB_ELEMENTS}"
     names = {name for name, _ in get_elements(["debian-minimal", "kernel-ci-node"], paths)}
-    assert set(OURS) <= names
+    assert set(OURS) - {"vm-node"} <= names
     assert not names & {"vm", "bootloader", "block-device-mbr", "block-device-gpt"}
+
+
+def test_vm_node_is_a_partitionless_image_with_a_kernel():
+    """The qemu driver's image: booted with -kernel/-initrd, so no bootloader
+    or partitions, and no container-node (its placeholder would keep the kernel out)."""
+    paths = f"{REPO_ELEMENTS}:{DIB_ELEMENTS}"
+    names = {name for name, _ in get_elements(["debian-minimal", "vm-node"], paths)}
+    assert {"vm-node", "node-sshd", "zuul-user"} <= names
+    assert not names & {"container-node", "vm", "bootloader", "block-device-mbr"}
 
 
 @pytest.mark.parametrize("script", scripts(), ids=lambda p: str(p.relative_to(REPO_ELEMENTS)))

@@ -54,8 +54,8 @@ def test_chroot_joins_hosts(tmp_path):
     [
         ("providers: [{name: p, driver: nspawn, pools: [{name: m, max-servers: two}]}]",
          "providers[0].pools[0].max-servers: expected int"),
-        ("providers: [{name: p, driver: qemu, pools: []}]",
-         "providers[0].driver: expected one of nspawn, openstack, static"),
+        ("providers: [{name: p, driver: vmware, pools: []}]",
+         "providers[0].driver: expected one of nspawn, openstack, qemu, static"),
         ("labels: [{name: a}]\ndiskimages: [{name: d, elements: [e]}]\nproviders: [{name: p, "
          "driver: nspawn, cloud: c, pools: []}]",
          "providers[0].cloud: not a key of the nspawn driver"),

@@ -14,6 +14,7 @@ DRIVERS = {
     "nspawn": "nodepool_lite.drivers.nspawn:NspawnDriver",
     "static": "nodepool_lite.drivers.static:StaticDriver",
     "openstack": "nodepool_lite.drivers.openstack:OpenStackDriver",
+    "qemu": "nodepool_lite.drivers.qemu:QemuDriver",
 }
 
 
