@@ -43,7 +43,11 @@ def test_jobs_load_with_the_layout_parser():
     assert set(jobs) == {
         "kernel-checkpatch",
         "kernel-build",
+        "kernel-build-defconfig",
+        "kernel-build-arm64",
+        "kernel-build-warnings",
         "kernel-build-trusted",
+        "kernel-kunit",
         "kernel-boot-qemu",
     }
     assert jobs["kernel-boot-qemu"].dependencies == ["kernel-build"]
@@ -53,6 +57,21 @@ def test_jobs_load_with_the_layout_parser():
     trusted = jobs.pop("kernel-build-trusted")
     assert trusted.trusted and trusted.node_type == "kernel-debian-trusted"
     assert (trusted.run, trusted.vars) == (jobs["kernel-build"].run, jobs["kernel-build"].vars)
+    # kernel-build's matrix: the same playbook, other variables.
+    assert {
+        name: (job.run, job.vars)
+        for name in ("kernel-build-defconfig", "kernel-build-arm64")
+        for job in [jobs.pop(name)]
+    } == {
+        "kernel-build-defconfig": (
+            ["playbooks/kernel-build.yaml"],
+            {"kernel_config": "defconfig"},
+        ),
+        "kernel-build-arm64": (
+            ["playbooks/kernel-build.yaml"],
+            {"kernel_arch": "arm64", "kernel_config": "defconfig"},
+        ),
+    }
     for job in jobs.values():
         assert job.node_type == "kernel-debian" and not job.trusted
         assert job.run == [f"playbooks/{job.name}.yaml"]

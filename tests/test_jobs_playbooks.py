@@ -115,8 +115,16 @@ class KernelNode:
             "pipeline": "check",
         }
         vars_file = self.work / "vars.yaml"
+        nodepool = {"image_build": self.node.image_build or ""}
         vars_file.write_text(
-            yaml.safe_dump({**job_vars, "zuul": zuul, "zuul_artifacts_dir": "~/artifacts"})
+            yaml.safe_dump(
+                {
+                    **job_vars,
+                    "zuul": zuul,
+                    "zuul_artifacts_dir": "~/artifacts",
+                    "nodepool": nodepool,
+                }
+            )
         )
         inventory = self.work / "inventory.yaml"
         host = {
@@ -276,3 +284,77 @@ def test_boot_times_out(node):
     )
     assert boot.returncode != 0
     assert "TIMED OUT: no boot marker after 15 s" in boot.stdout
+
+
+# W=1 warnings for tests/test_jobs_playbooks: one the base already has (a
+# function without a prototype), one the series adds (a variable set but
+# never used, inside a function).
+OLD_WARNING = "\nvoid zuul_w1_old(void)\n{\n}\n"
+NEW_WARNING = (
+    "\nint zuul_w1_new(int a);\nint zuul_w1_new(int a)\n{\n"
+    "\tint unused;\n\n\tunused = a;\n\treturn 0;\n}\n"
+)
+
+
+def test_build_warnings_counts_only_what_the_series_adds(node):
+    """The base has a W=1 warning; the series moves it down (lines added above
+    it) and adds one: only the new one is reported and fails the job."""
+    node.git("checkout", "--quiet", "--force", "-B", "w1", "master")
+    panic = node.src / "kernel" / "panic.c"
+    text = panic.read_text()
+    panic.write_text(text + OLD_WARNING)
+    node.git("commit", "--quiet", "--all", "-m", "panic: a helper without a prototype")
+    node.base_ref = node.git("rev-parse", "HEAD")
+    panic.write_text(
+        text
+        + "\n/*\n * Three lines that move\n * the old warning.\n */\n"
+        + OLD_WARNING
+        + NEW_WARNING
+    )
+    node.git("commit", "--quiet", "--all", "-m", "panic: add zuul_w1_new")
+    node.ssh("rm -rf artifacts console deps && mkdir artifacts console deps")
+    result = node.run("kernel-build-warnings")
+    assert result.returncode != 0
+    artifacts = node.home / "artifacts"
+    report = (artifacts / "warnings.txt").read_text()
+    added, _, rest = report.partition("already on base")
+    assert added.splitlines()[0] == (
+        f"1 warning(s) added by the series, compared with base {node.base_ref[:12]}"
+    )
+    assert added.splitlines()[1].startswith("kernel/panic.c:")
+    assert added.splitlines()[1].endswith(
+        ": warning: variable ‘unused’ set but not used [-Wunused-but-set-variable]"
+        " (in zuul_w1_new)"
+    )
+    assert "no previous prototype for ‘zuul_w1_old’" in rest
+    assert "variable ‘unused’ set but not used" in result.stdout
+    assert (artifacts / "warnings" / "files.txt").read_text() == "kernel/panic.c\n"
+    # reproduce.sh: the base, the series as applied, the config, the W=1 make.
+    reproduce = (artifacts / "reproduce.sh").read_text()
+    assert f"base={node.base_ref}" in reproduce
+    assert "Subject: [PATCH] panic: add zuul_w1_new" in reproduce
+    assert 'make "$@" tinyconfig' in reproduce
+    assert 'make -j"$(nproc)" ARCH=x86_64 CC=gcc W=1 kernel/panic.o\n' in reproduce
+    assert f"node image   {node.node.image_build}" in reproduce
+    assert subprocess.run(["sh", "-n", str(artifacts / "reproduce.sh")]).returncode == 0
+    assert (
+        f"reproduce: sh artifacts/reproduce.sh <your clone> (base {node.base_ref[:12]} + "
+        "1 patch(es), tiny-bootable, gcc (" in result.stdout
+    )
+
+
+def test_build_jobs_refuse_bad_input_in_one_sentence(node):
+    """An architecture without a compiler on the node, a config target the
+    tree lacks: the job fails before building anything, saying which."""
+    node.checkout("good")
+    result = node.run("kernel-build", kernel_arch="arm64")
+    assert result.returncode != 0
+    assert "This node has no compiler for arm64: aarch64-linux-gnu-gcc is not installed." in (
+        result.stdout
+    )
+    result = node.run("kernel-build-warnings", kernel_config="nosuch_defconfig")
+    assert result.returncode != 0
+    assert (
+        "The config target nosuch_defconfig does not exist in this tree for ARCH=x86_64."
+        in result.stdout
+    )
