@@ -48,9 +48,11 @@ def test_jobs_load_with_the_layout_parser():
         "kernel-build-warnings",
         "kernel-build-trusted",
         "kernel-kunit",
+        "kernel-kselftest",
         "kernel-boot-qemu",
     }
     assert jobs["kernel-boot-qemu"].dependencies == ["kernel-build"]
+    assert jobs["kernel-kselftest"].dependencies == ["kernel-build"]
     assert jobs["kernel-build"].vars == {"kernel_config": "tiny-bootable"}
     # The post pipeline's build: the same build of a merged tree, on the node
     # type whose compiler cache is writable.

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -247,6 +248,23 @@ def test_build_and_boot(node, series):
     assert "boot marker ZUUL-LITE-BOOT-OK found" in boot.stdout
 
 
+def test_kselftest_runs_in_the_guest(node):
+    """The size target, built on the node, runs in the QEMU guest; its KTAP
+    comes back from the serial console as per-test results."""
+    node.checkout("good")
+    assert node.run("kernel-build").returncode == 0
+    node.pass_artifacts("kernel-build")
+    result = node.run("kernel-kselftest")
+    assert result.returncode == 0
+    artifacts = node.home / "artifacts"
+    ktap = (artifacts / "ktap" / "kselftest.ktap").read_text()
+    assert "ok 1 selftests: size: get_size" in ktap
+    suite = ET.parse(artifacts / "junit.xml").getroot().find("testsuite")
+    assert suite.get("name") == "selftests: size: get_size"
+    assert suite.find("testcase").get("name") == "get runtime memory use"
+    assert "1 tests: 1 pass, 0 fail" in result.stdout
+
+
 def test_build_failure_shows_the_compiler_error(node):
     node.checkout("build-failure")
     result = node.run("kernel-build")
@@ -257,6 +275,13 @@ def test_build_failure_shows_the_compiler_error(node):
     assert error in (node.home / "artifacts" / "build.log").read_text()
     assert (node.home / "artifacts" / ".config").is_file()
     assert (node.home / "artifacts" / "ccache-stats.txt").is_file()
+    # What reproduces it: the line at the end of the failure, the script in the logs.
+    assert f"reproduce: sh artifacts/reproduce.sh <your clone> (base {node.base_ref[:12]} + " in (
+        result.stdout
+    )
+    reproduce = (node.home / "artifacts" / "reproduce.sh").read_text()
+    assert 'make -j"$(nproc)" ARCH=x86_64\n' in reproduce
+    assert "panic: use a proper ellipsis in the reboot message" in reproduce
 
 
 def test_boot_fails_when_init_cannot_run(node):

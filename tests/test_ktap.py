@@ -186,3 +186,9 @@ def test_tests_failing_on_base_too_do_not_fail(tmp_path, capsys):
     assert ktap.main(args) == 1
     out = capsys.readouterr().out.splitlines()
     assert "FAIL list-kunit-test.list_test_list_init" in out
+
+
+def test_absurd_nesting_is_text_not_a_crash():
+    text = "KTAP version 1\n" + "".join(f"{' ' * 4 * n}KTAP version 1\n" for n in range(1, 2000))
+    root = ktap.parse(text + "ok 1 deep\n")
+    assert root is not None and ktap.counts(root)["ERROR"] >= 1

@@ -33,6 +33,9 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
 PASS, FAIL, SKIP, TODO, ERROR = "PASS", "FAIL", "SKIP", "TODO", "ERROR"
+# Nesting deeper than this is read as text (hostile output could nest
+# until Python's recursion limit).
+MAX_DEPTH = 32
 FAILED = (FAIL, ERROR)
 
 _TIMESTAMP = re.compile(r"^\[\s*\d+\.\d+\]\s?")
@@ -122,7 +125,7 @@ class _Parser:
     def peek(self) -> _Line | None:
         return self.lines[self.pos] if self.pos < len(self.lines) else None
 
-    def parse(self, test: TestResult, indent: int) -> None:
+    def parse(self, test: TestResult, indent: int, depth: int = 0) -> None:
         """Read `test`'s header and subtests at `indent`, up to its own result line."""
         self._header(test, indent)
         pending: list[str] = []
@@ -130,10 +133,12 @@ class _Parser:
             ktap = _is_ktap(line.text)
             if ktap and line.indent < indent:
                 break
+            if ktap and line.indent > indent and depth >= MAX_DEPTH:
+                ktap = False  # deeper than any real test: text, not a stack overflow
             if ktap and line.indent > indent:
                 sub = TestResult(name="", log=pending)
                 pending = []
-                self.parse(sub, line.indent)
+                self.parse(sub, line.indent, depth + 1)
                 closing = self.peek()
                 match = closing and closing.indent == indent and _RESULT.match(closing.text)
                 if match:
