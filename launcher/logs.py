@@ -31,6 +31,8 @@ ERROR_LINE = re.compile(
     r"(\berror\b:|\bERROR\b:?|\*\*\* |Traceback|\bFAILED\b|\bfatal\b:|\bFAIL\b|not ok )",
     re.IGNORECASE,
 )
+# How a kernel job says how to redo the failed build (kernel-tools/reproduce.py).
+REPRODUCE = "reproduce: "
 PRIVATE_KEY = re.compile(r"(^id_|\.pem$|\.key$|private)", re.IGNORECASE)
 
 # Caps on what one node's log archive may unpack to: file bytes actually
@@ -82,7 +84,8 @@ def extract_summary(records: list[dict[str, Any]], limit: int = SUMMARY_LINES) -
 
     Lines that look like errors (`error:`, checkpatch `ERROR:`, make's `***`,
     ...) are preferred; when a task fails without any, its last output lines
-    are quoted instead. Returns "" when no task failed.
+    are quoted instead. A `reproduce: ...` line the task printed comes last,
+    whatever else is cut. Returns "" when no task failed.
     """
     for record in records:
         for play in record.get("plays", []):
@@ -98,11 +101,15 @@ def extract_summary(records: list[dict[str, Any]], limit: int = SUMMARY_LINES) -
                 lines: list[str] = []
                 for result in failed:
                     lines.extend(_lines(result))
+                # A job's "reproduce: ..." line always ends the summary.
+                reproduce = [line for line in lines if line.startswith(REPRODUCE)][-1:]
+                lines = [line for line in lines if not line.startswith(REPRODUCE)]
+                room = limit - 1 - len(reproduce)
                 # make repeats its last "***" line from each recursion level.
                 errors = list(dict.fromkeys(line for line in lines if ERROR_LINE.search(line)))
-                quoted = errors[: limit - 1] if errors else lines[-(limit - 1) :]
+                quoted = errors[:room] if errors else lines[-room:]
                 header = f"Task '{task.get('name', '?')}' failed in {record.get('playbook')}:"
-                return "\n".join([header, *(line[:300] for line in quoted)])
+                return "\n".join([header, *(line[:300] for line in quoted), *reproduce])
     return ""
 
 

@@ -41,6 +41,8 @@ class NodeAddress:
     port: int
     username: str
     host_keys: list[str]
+    # "<image>-<build id>" the node booted from, for the jobs' reproduce.sh.
+    image_build: str = ""
 
     @classmethod
     def of(cls, node) -> NodeAddress:
@@ -50,6 +52,7 @@ class NodeAddress:
             node.connection_port,
             node.username,
             list(node.host_keys),
+            node.image_build or "",
         )
 
 
@@ -296,6 +299,8 @@ def write_ansible_dir(
                         "ansible_port": node.port,
                         "ansible_user": node.username,
                         "ansible_ssh_private_key_file": str(private_key),
+                        # Zuul's `nodepool` host variable, what jobs record of the node.
+                        "nodepool": {"image_build": node.image_build},
                     }
                 }
             }

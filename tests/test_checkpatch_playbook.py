@@ -100,23 +100,25 @@ def node(ssh_host) -> SshHost:
     return ssh_host
 
 
-def run_checkpatch(tmp_path: Path, node: SshHost, repo: Path, base: str) -> tuple[Outcome, str]:
-    """Run setup and kernel-checkpatch for the change at the repository's HEAD;
+def run_job(
+    tmp_path: Path, node: SshHost, repo: Path, base: str, job: str, job_vars: dict
+) -> tuple[Outcome, str]:
+    """Run setup and `job`'s playbook for the change at the repository's HEAD;
     return how the last playbook ended and the build's output."""
     git(repo, "update-ref", "refs/zuul/master/1", "HEAD")
     git(repo, "checkout", "--quiet", base)
     request = BuildRequest(
         uuid="u1",
-        job="kernel-checkpatch",
+        job=job,
         node_type="kernel-debian",
-        log_path="1/1/check/kernel-checkpatch/u1",
+        log_path=f"1/1/check/{job}/u1",
         project="tiny",
         branch="master",
         git_url=str(repo),
         git_ref="refs/zuul/master/1",
         base_ref=base,
-        vars={"checkpatch_options": []},
-        playbooks={"run": ["playbooks/kernel-checkpatch.yaml"]},
+        vars=job_vars,
+        playbooks={"run": [f"playbooks/{job}.yaml"]},
         subject="{{ lookup('pipe', 'false') }}",
         owner="{% raw %}Dev{% endraw %} <dev@example.org>",
     )
@@ -145,6 +147,10 @@ def run_checkpatch(tmp_path: Path, node: SshHost, repo: Path, base: str) -> tupl
     print(text[-10000:])
     assert "PLAY RECAP" in text
     return outcome, text
+
+
+def run_checkpatch(tmp_path: Path, node: SshHost, repo: Path, base: str) -> tuple[Outcome, str]:
+    return run_job(tmp_path, node, repo, base, "kernel-checkpatch", {"checkpatch_options": []})
 
 
 def test_a_clean_series_passes(tmp_path, node, merger):

@@ -43,19 +43,40 @@ def test_jobs_load_with_the_layout_parser():
     assert set(jobs) == {
         "kernel-checkpatch",
         "kernel-build",
+        "kernel-build-defconfig",
+        "kernel-build-arm64",
+        "kernel-build-warnings",
         "kernel-build-trusted",
+        "kernel-kunit",
+        "kernel-kselftest",
         "kernel-boot-qemu",
     }
     assert jobs["kernel-boot-qemu"].dependencies == ["kernel-build"]
     # A boot may fail for a reason of the node (TCG under load): it is run
     # once more before it counts. A checkpatch or build failure is the change's.
     assert [name for name, job in jobs.items() if job.rerun_on_failure] == ["kernel-boot-qemu"]
+    assert jobs["kernel-kselftest"].dependencies == ["kernel-build"]
     assert jobs["kernel-build"].vars == {"kernel_config": "tiny-bootable"}
     # The post pipeline's build: the same build of a merged tree, on the node
     # type whose compiler cache is writable.
     trusted = jobs.pop("kernel-build-trusted")
     assert trusted.trusted and trusted.node_type == "kernel-debian-trusted"
     assert (trusted.run, trusted.vars) == (jobs["kernel-build"].run, jobs["kernel-build"].vars)
+    # kernel-build's matrix: the same playbook, other variables.
+    assert {
+        name: (job.run, job.vars)
+        for name in ("kernel-build-defconfig", "kernel-build-arm64")
+        for job in [jobs.pop(name)]
+    } == {
+        "kernel-build-defconfig": (
+            ["playbooks/kernel-build.yaml"],
+            {"kernel_config": "defconfig"},
+        ),
+        "kernel-build-arm64": (
+            ["playbooks/kernel-build.yaml"],
+            {"kernel_arch": "arm64", "kernel_config": "defconfig"},
+        ),
+    }
     for job in jobs.values():
         assert job.node_type == "kernel-debian" and not job.trusted
         assert job.run == [f"playbooks/{job.name}.yaml"]

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -115,8 +116,16 @@ class KernelNode:
             "pipeline": "check",
         }
         vars_file = self.work / "vars.yaml"
+        nodepool = {"image_build": self.node.image_build or ""}
         vars_file.write_text(
-            yaml.safe_dump({**job_vars, "zuul": zuul, "zuul_artifacts_dir": "~/artifacts"})
+            yaml.safe_dump(
+                {
+                    **job_vars,
+                    "zuul": zuul,
+                    "zuul_artifacts_dir": "~/artifacts",
+                    "nodepool": nodepool,
+                }
+            )
         )
         inventory = self.work / "inventory.yaml"
         host = {
@@ -239,6 +248,23 @@ def test_build_and_boot(node, series):
     assert "boot marker ZUUL-LITE-BOOT-OK found" in boot.stdout
 
 
+def test_kselftest_runs_in_the_guest(node):
+    """The size target, built on the node, runs in the QEMU guest; its KTAP
+    comes back from the serial console as per-test results."""
+    node.checkout("good")
+    assert node.run("kernel-build").returncode == 0
+    node.pass_artifacts("kernel-build")
+    result = node.run("kernel-kselftest")
+    assert result.returncode == 0
+    artifacts = node.home / "artifacts"
+    ktap = (artifacts / "ktap" / "kselftest.ktap").read_text()
+    assert "ok 1 selftests: size: get_size" in ktap
+    suite = ET.parse(artifacts / "junit.xml").getroot().find("testsuite")
+    assert suite.get("name") == "selftests: size: get_size"
+    assert suite.find("testcase").get("name") == "get runtime memory use"
+    assert "1 tests: 1 pass, 0 fail" in result.stdout
+
+
 def test_build_failure_shows_the_compiler_error(node):
     node.checkout("build-failure")
     result = node.run("kernel-build")
@@ -249,6 +275,13 @@ def test_build_failure_shows_the_compiler_error(node):
     assert error in (node.home / "artifacts" / "build.log").read_text()
     assert (node.home / "artifacts" / ".config").is_file()
     assert (node.home / "artifacts" / "ccache-stats.txt").is_file()
+    # What reproduces it: the line at the end of the failure, the script in the logs.
+    assert f"reproduce: sh artifacts/reproduce.sh <your clone> (base {node.base_ref[:12]} + " in (
+        result.stdout
+    )
+    reproduce = (node.home / "artifacts" / "reproduce.sh").read_text()
+    assert 'make -j"$(nproc)" ARCH=x86_64\n' in reproduce
+    assert "panic: use a proper ellipsis in the reboot message" in reproduce
 
 
 def test_boot_fails_when_init_cannot_run(node):
@@ -276,3 +309,77 @@ def test_boot_times_out(node):
     )
     assert boot.returncode != 0
     assert "TIMED OUT: no boot marker after 15 s" in boot.stdout
+
+
+# W=1 warnings for tests/test_jobs_playbooks: one the base already has (a
+# function without a prototype), one the series adds (a variable set but
+# never used, inside a function).
+OLD_WARNING = "\nvoid zuul_w1_old(void)\n{\n}\n"
+NEW_WARNING = (
+    "\nint zuul_w1_new(int a);\nint zuul_w1_new(int a)\n{\n"
+    "\tint unused;\n\n\tunused = a;\n\treturn 0;\n}\n"
+)
+
+
+def test_build_warnings_counts_only_what_the_series_adds(node):
+    """The base has a W=1 warning; the series moves it down (lines added above
+    it) and adds one: only the new one is reported and fails the job."""
+    node.git("checkout", "--quiet", "--force", "-B", "w1", "master")
+    panic = node.src / "kernel" / "panic.c"
+    text = panic.read_text()
+    panic.write_text(text + OLD_WARNING)
+    node.git("commit", "--quiet", "--all", "-m", "panic: a helper without a prototype")
+    node.base_ref = node.git("rev-parse", "HEAD")
+    panic.write_text(
+        text
+        + "\n/*\n * Three lines that move\n * the old warning.\n */\n"
+        + OLD_WARNING
+        + NEW_WARNING
+    )
+    node.git("commit", "--quiet", "--all", "-m", "panic: add zuul_w1_new")
+    node.ssh("rm -rf artifacts console deps && mkdir artifacts console deps")
+    result = node.run("kernel-build-warnings")
+    assert result.returncode != 0
+    artifacts = node.home / "artifacts"
+    report = (artifacts / "warnings.txt").read_text()
+    added, _, rest = report.partition("already on base")
+    assert added.splitlines()[0] == (
+        f"1 warning(s) added by the series, compared with base {node.base_ref[:12]}"
+    )
+    assert added.splitlines()[1].startswith("kernel/panic.c:")
+    assert added.splitlines()[1].endswith(
+        ": warning: variable ‘unused’ set but not used [-Wunused-but-set-variable]"
+        " (in zuul_w1_new)"
+    )
+    assert "no previous prototype for ‘zuul_w1_old’" in rest
+    assert "variable ‘unused’ set but not used" in result.stdout
+    assert (artifacts / "warnings" / "files.txt").read_text() == "kernel/panic.c\n"
+    # reproduce.sh: the base, the series as applied, the config, the W=1 make.
+    reproduce = (artifacts / "reproduce.sh").read_text()
+    assert f"base={node.base_ref}" in reproduce
+    assert "Subject: [PATCH] panic: add zuul_w1_new" in reproduce
+    assert 'make "$@" tinyconfig' in reproduce
+    assert 'make -j"$(nproc)" ARCH=x86_64 CC=gcc W=1 kernel/panic.o\n' in reproduce
+    assert f"node image   {node.node.image_build}" in reproduce
+    assert subprocess.run(["sh", "-n", str(artifacts / "reproduce.sh")]).returncode == 0
+    assert (
+        f"reproduce: sh artifacts/reproduce.sh <your clone> (base {node.base_ref[:12]} + "
+        "1 patch(es), tiny-bootable, gcc (" in result.stdout
+    )
+
+
+def test_build_jobs_refuse_bad_input_in_one_sentence(node):
+    """An architecture without a compiler on the node, a config target the
+    tree lacks: the job fails before building anything, saying which."""
+    node.checkout("good")
+    result = node.run("kernel-build", kernel_arch="arm64")
+    assert result.returncode != 0
+    assert "This node has no compiler for arm64: aarch64-linux-gnu-gcc is not installed." in (
+        result.stdout
+    )
+    result = node.run("kernel-build-warnings", kernel_config="nosuch_defconfig")
+    assert result.returncode != 0
+    assert (
+        "The config target nosuch_defconfig does not exist in this tree for ARCH=x86_64."
+        in result.stdout
+    )

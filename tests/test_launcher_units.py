@@ -108,6 +108,17 @@ def test_summary_without_error_lines_quotes_the_tail_and_loop_items():
     assert lines[-1] == "l19" and len(lines) == logs.SUMMARY_LINES
 
 
+def test_summary_ends_with_the_reproduce_line():
+    stdout = "\n".join(
+        [*(f"kernel/f{n}.c:1:1: error: e{n}" for n in range(20)), "reproduce: sh reproduce.sh"]
+    )
+    records = [record("run-0.yaml", [task("Build", status="failed", stdout=stdout)])]
+    lines = logs.extract_summary(records).splitlines()
+    assert len(lines) == logs.SUMMARY_LINES
+    assert lines[1] == "kernel/f0.c:1:1: error: e0"
+    assert lines[-1] == "reproduce: sh reproduce.sh"
+
+
 def test_summary_is_empty_when_nothing_failed_or_failure_was_ignored():
     records = [
         record(
@@ -153,7 +164,9 @@ def test_ansible_dir_layout(tmp_path):
         review_repo="{{ 4 }}",
         artifacts={"kernel-build": "/logs/{{ 5 }}"},
     )
-    node = NodeAddress("127.0.0.1", 2222, "zuul", ["ssh-ed25519 AAAA"])
+    node = NodeAddress(
+        "127.0.0.1", 2222, "zuul", ["ssh-ed25519 AAAA"], "kernel-ci-debian-0000000007"
+    )
     cache = GitCache(tmp_path / "git", 60)
     change = FetchedChange(cache.repo(req.project), "1" * 40)
     deps = {"kernel-build": tmp_path / "logs" / "5" / "artifacts"}
@@ -175,6 +188,7 @@ def test_ansible_dir_layout(tmp_path):
     inventory = yaml.safe_load(jobdir.inventory.read_text())["all"]["hosts"]["node"]
     assert inventory["ansible_port"] == 2222
     assert inventory["ansible_ssh_private_key_file"] == "/keys/id_ed25519"
+    assert inventory["nodepool"] == {"image_build": "kernel-ci-debian-0000000007"}
     cfg = jobdir.config.read_text()
     assert "pipelining = True" in cfg and "retry_files_enabled = False" in cfg
     assert f"UserKnownHostsFile={jobdir.known_hosts}" in cfg

@@ -1,0 +1,93 @@
+"""The kernel-kunit playbook on a tiny git repository, in seconds: a stand-in
+tools/testing/kunit/kunit.py prints the KTAP a UML kernel would (its tests
+listed in the tree's kunit-tests.txt, so a patch can break one), and the job
+turns it into per-test results, junit.xml and a vote that counts only what
+the series broke: a test that fails on the base commit too is named, not
+counted. Run as the launcher runs a build (see test_checkpatch_playbook)."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+from launcher.ansible import Outcome
+from tests import test_checkpatch_playbook as playbook_harness
+
+# The tiny repository, the host sshd standing in for the node, and running a job.
+commit, run_job = playbook_harness.commit, playbook_harness.run_job
+merger, node, ssh_host = playbook_harness.merger, playbook_harness.node, playbook_harness.ssh_host
+
+KUNIT = """\
+#!/usr/bin/env python3
+# Stand-in for kunit.py run: the tree's kunit-tests.txt lists "test ok|fail".
+import sys
+print("kunit.py", *sys.argv[1:])
+print("[00:00:01] Starting KUnit Kernel (1/1)...")
+tests = [line.split() for line in open("kunit-tests.txt") if line.strip()]
+print("KTAP version 1")
+print("1..1")
+print("    KTAP version 1")
+print("    # Subtest: tiny")
+print(f"    1..{len(tests)}")
+for n, (name, status) in enumerate(tests, 1):
+    if status == "fail":
+        print(f"    # {name}: EXPECTATION FAILED at lib/tiny_kunit.c:{10 + n}")
+        print("    Expected tiny_add(1, 1) == 2, but")
+        print(f"    not ok {n} {name}")
+    else:
+        print(f"    ok {n} {name}")
+failed = any(status == "fail" for _, status in tests)
+print(f"{'not ok' if failed else 'ok'} 1 tiny")
+"""
+
+
+def kunit(tmp_path, node, merger, base_tests: str, change: dict[str, str]):
+    """Run kernel-kunit on a base whose tests are `base_tests` and a change
+    writing `change`; return the outcome, the output and the base sha."""
+    repo, _ = merger
+    base = commit(
+        repo,
+        "Base with tests",
+        {"tools/testing/kunit/kunit.py": KUNIT, "kunit-tests.txt": base_tests},
+    )
+    commit(repo, "The change", change)
+    return (*run_job(tmp_path, node, repo, base, "kernel-kunit", {}), base)
+
+
+def test_a_patch_that_breaks_a_test_fails_naming_it(tmp_path, node, merger):
+    tests = "tiny_add_test ok\ntiny_sub_test ok\n"
+    broken = {"kunit-tests.txt": tests.replace("add_test ok", "add_test fail")}
+    outcome, output, _ = kunit(tmp_path, node, merger, tests, broken)
+    assert outcome == Outcome.FAILED
+    assert "FAIL tiny.tiny_add_test\n" in output
+    assert "    tiny_add_test: EXPECTATION FAILED at lib/tiny_kunit.c:11" in output
+    assert "Tests failed; running the same tests on base" in output
+    assert "reproduce: sh artifacts/reproduce.sh <your clone> (base " in output
+    artifacts = node.home / "artifacts"
+    suite = ET.parse(artifacts / "junit.xml").getroot().find("testsuite[@name='tiny']")
+    assert (suite.get("tests"), suite.get("failures")) == ("2", "1")
+    assert "EXPECTATION FAILED" in suite.find("testcase[@name='tiny_add_test']/failure").text
+    log = (artifacts / "kunit" / "kunit.log").read_text()
+    assert log.startswith("kunit.py run --arch=um --jobs=")
+    assert "--make_options=CC=ccache gcc" in log
+    assert (artifacts / "ktap" / "kunit.ktap").is_file()
+    assert (artifacts / "ktap" / "kunit-base.ktap").is_file()
+    reproduce = (artifacts / "reproduce.sh").read_text()
+    assert "python3 tools/testing/kunit/kunit.py run --arch=um --jobs=" in reproduce
+    assert "Subject: [PATCH] The change" in reproduce
+
+
+def test_a_test_failing_on_base_too_does_not_fail_the_job(tmp_path, node, merger):
+    tests = "tiny_add_test fail\ntiny_sub_test ok\n"
+    outcome, output, base = kunit(tmp_path, node, merger, tests, {"README": "tiny, documented\n"})
+    assert outcome == Outcome.OK
+    assert f"FAIL tiny.tiny_add_test (already failing on base {base[:12]})" in output
+
+
+def test_no_ktap_means_the_tests_did_not_run(tmp_path, node, merger):
+    build_error = {
+        "tools/testing/kunit/kunit.py": "print('lib/tiny.c:3:1: error: expected ‘;’')\n"
+    }
+    outcome, output, _ = kunit(tmp_path, node, merger, "tiny_add_test ok\n", build_error)
+    assert outcome == Outcome.FAILED
+    assert "No KTAP output in" in output
+    assert "lib/tiny.c:3:1: error: expected ‘;’" in output
