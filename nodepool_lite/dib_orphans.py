@@ -94,11 +94,11 @@ def kill_build(build_dir: Path, timeout: float = 30.0) -> set[int]:
             except ProcessLookupError:
                 pass
         killed |= pids
-        _wait_exited(pids, deadline)
+        wait_exited(pids, deadline)
     return killed
 
 
-def _wait_exited(pids: set[int], deadline: float) -> None:
+def wait_exited(pids: set[int], deadline: float) -> None:
     """Until each of `pids` has exited (its pidfd turns readable) or `deadline`."""
     for pid in pids:
         try:

@@ -36,6 +36,7 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from nodepool_lite.dib_orphans import wait_exited
 from nodepool_lite.drivers import ensure_keypair, process_argvs
 from nodepool_lite.drivers.base import Provider, RequestHandler
 from nodepool_lite.drivers.qemu.config import QemuLabel, QemuPool, QemuProviderConfig
@@ -362,11 +363,11 @@ class QemuProvider(Provider):
             proc = self._procs.pop(node_id, None)
         if proc is not None:
             proc.wait()
-        deadline = time.monotonic() + 10
-        while any(not process_gone(p) for p in self.qemu_pids().get(node_id, [])):
-            if time.monotonic() > deadline:
-                raise LaunchError(f"Node {node_id}: QEMU still runs after SIGKILL.")
-            time.sleep(0.02)  # a killed process we are not the parent of tells nobody
+        # A predecessor's QEMU is not our child: its pidfd says when it exits.
+        pids = self.qemu_pids().get(node_id, [])
+        wait_exited(set(pids), time.monotonic() + 10)
+        if any(not process_gone(p) for p in pids):
+            raise LaunchError(f"Node {node_id}: QEMU still runs after SIGKILL.")
         shutil.rmtree(self.node_dir(node_id), ignore_errors=True)
         self._prune_consoles()
         log.info("Node %s destroyed", node_id)
