@@ -40,74 +40,10 @@ from nodepool_lite.metrics import MetricsServer, StateCollector
 from nodepool_lite.min_ready import MinReadyWorker
 from nodepool_lite.model import Node, NodeRequest, NodeState, RequestState
 from nodepool_lite.worker import BaseWorker
-from nodepool_lite.zk import IMAGE_ROOT, LAUNCHER_ROOT, NODE_ROOT, REQUEST_ROOT, ZooKeeper
+from nodepool_lite.zk import IMAGE_ROOT, LAUNCHER_ROOT, ZooKeeper
+from nodepool_lite.zk_cache import StateCache
 
 log = logging.getLogger("nodepool_lite.launcher")
-
-
-class TreeWatcher:
-    """Calls `notify()` when a child of `root` appears or goes, or (with
-    `data=True`) when a child's data changes."""
-
-    def __init__(
-        self,
-        zk: ZooKeeper,
-        root: str,
-        notify: Callable[[], None],
-        data: bool = True,
-        notify_new: Callable[[], None] | None = None,
-    ):
-        """`notify_new` (with `data`), if given, is called instead of `notify`
-        when children only appeared: a new request concerns the pool workers
-        alone, and every other pass run beside theirs delays them."""
-        self.zk = zk
-        self.root = root
-        self.notify = notify
-        self.notify_new = notify_new
-        self.data = data
-        self.stopped = False
-        self._watched: set[str] = set()
-        self._watched_lock = threading.Lock()
-
-    def start(self) -> None:
-        self.zk.watch_children(self.root, self._on_children)
-
-    def _on_children(self, children: list[str]) -> bool | None:
-        if self.stopped:
-            return False
-        only_new = False
-        if self.data:
-            with self._watched_lock:
-                new = set(children) - self._watched
-                only_new = bool(new) and self._watched <= set(children)
-                self._watched |= new
-            for child in sorted(new):
-                threading.Thread(target=self._watch_child, args=(child,), daemon=True).start()
-        if only_new and self.notify_new is not None:
-            self.notify_new()
-        else:
-            self.notify()
-        return None
-
-    def _watch_child(self, child: str) -> None:
-        # Registered from a helper thread: a DataWatch does a synchronous read,
-        # which must not run on kazoo's callback thread.
-        def on_data(data: dict | None, version: int | None) -> bool | None:
-            if self.stopped:
-                return False
-            if version == 0:
-                return None  # as created: the children watch told of it
-            self.notify()
-            if data is None:
-                with self._watched_lock:
-                    self._watched.discard(child)
-                return False
-            return None
-
-        try:
-            self.zk.watch_data(f"{self.root}/{child}", on_data)
-        except exc.ZKError:
-            log.warning("Could not watch %s/%s", self.root, child)
 
 
 class NodeLauncher(threading.Thread):
@@ -250,14 +186,18 @@ class PoolWorker(BaseWorker):
         """`<provider>/<pool>`: how requests name this pool in their declines."""
         return f"{self.provider.provider.name}/{self.pool.name}"
 
-    def _pool_nodes(self) -> list[Node]:
+    def _pool_nodes(self, nodes: list[Node]) -> list[Node]:
         name = self.provider.provider.name
-        return [n for n in self.zk.nodes() if n.provider == name and n.pool == self.pool.name]
+        return [n for n in nodes if n.provider == name and n.pool == self.pool.name]
 
     def _process_requests(self) -> None:
+        # From the cache: each request and spare is locked and read again
+        # before it is changed, and capacity is counted from ZooKeeper itself.
         # "<priority>-<sequence>": jobs' requests before min-ready's, oldest first.
+        cache = self.nodepool.cache
+        assert cache is not None  # started before the workers
         pool_nodes = None
-        for req in self.zk.node_requests():
+        for req in cache.requests():
             if self.stop_event.is_set():
                 return
             if req.state == RequestState.PENDING:
@@ -275,7 +215,7 @@ class PoolWorker(BaseWorker):
                 self._decline(req, self.zk.get_launchers(), why_not)
                 continue
             if pool_nodes is None:
-                pool_nodes = self._pool_nodes()
+                pool_nodes = self._pool_nodes(cache.nodes())
             spares = [] if min_ready.is_min_ready(req) else self._spares(req, pool_nodes)
             rest = list(req.node_types)
             for node in spares:
@@ -283,10 +223,13 @@ class PoolWorker(BaseWorker):
             if rest and not self.handler.ready(rest):
                 self.log.debug("Request %s waits for an image of %s", req.id, rest)
                 continue
-            if rest and not self.handler.has_capacity(rest, len(pool_nodes)):
-                # First come, first served: later requests wait too.
-                self.log.debug("Request %s waits for capacity", req.id)
-                return
+            if rest:
+                # The cache may not hold a node launched a moment ago yet.
+                pool_nodes = self._pool_nodes(self.zk.nodes())
+                if not self.handler.has_capacity(rest, len(pool_nodes)):
+                    # First come, first served: later requests wait too.
+                    self.log.debug("Request %s waits for capacity", req.id)
+                    return
             self._accept(req, spares, rest)
             pool_nodes = None  # changed by this request
 
@@ -375,7 +318,6 @@ class PoolWorker(BaseWorker):
         else:
             for node in locked:
                 node.allocated_to = req.id
-                self.zk.store_node(node)
             return locked
         for node in locked:
             self.zk.unlock_node(node)
@@ -396,6 +338,8 @@ class PoolWorker(BaseWorker):
             self._fulfil_from_spares(req, nodes)
             return
         try:
+            for node in nodes:
+                self.zk.store_node(node)  # the spares' allocation
             req.state = RequestState.PENDING
             self.zk.store_node_request(req)
             for label in rest:
@@ -432,7 +376,7 @@ class PoolWorker(BaseWorker):
         try:
             req.nodes = [n.id for n in nodes if n.id]
             req.state = RequestState.FULFILLED
-            self.zk.store_node_request(req)
+            self.zk.fulfil_node_request(req, nodes)
             self.log.info("Request %s fulfilled with ready nodes %s", req.id, req.nodes)
         finally:
             # After the request, as for launched nodes: the requestor's lock waits.
@@ -464,7 +408,7 @@ class NodePool:
         self.pool_workers: list[PoolWorker] = []
         self.cleanup_worker: CleanupWorker | None = None
         self.min_ready_worker: MinReadyWorker | None = None
-        self.watchers: list[TreeWatcher] = []
+        self.cache: StateCache | None = None
         self._unwatch: list[Callable[[], None]] = []
         self._launching: set[str] = set()
         self._launching_lock = threading.Lock()
@@ -520,18 +464,14 @@ class NodePool:
         self.cleanup_worker.reconcile()
         for worker in self.pool_workers:
             worker.register()
-        self.watchers = [
-            TreeWatcher(self.zk, REQUEST_ROOT, self.wake, notify_new=self.wake_pools),
-            TreeWatcher(self.zk, NODE_ROOT, self.wake),
-        ]
+        self.cache = StateCache(self.zk, on_new_request=self.wake_pools, on_change=self.wake)
+        self.cache.start()
         # Builds and their uploads, at any depth: a new one may make a label ready.
-        self._unwatch = [
+        self._unwatch = [self.cache.close] + [
             self.zk.watch_tree(f"{IMAGE_ROOT}/{image.name}", self.wake)
             for image in self.config.diskimages
         ]
-        self.watchers.append(TreeWatcher(self.zk, LAUNCHER_ROOT, self.wake, data=False))
-        for watcher in self.watchers:
-            watcher.start()
+        self.zk.watch_children(LAUNCHER_ROOT, self._launchers_changed)
         for worker in self.pool_workers:
             worker.start()
         self.cleanup_worker.start()
@@ -544,6 +484,12 @@ class NodePool:
         )
         self.wake()
 
+    def _launchers_changed(self, children: list[str]) -> bool | None:
+        if self.stop_event.is_set():
+            return False
+        self.wake()
+        return None
+
     def _on_connection(self, state: str) -> None:
         if state == "CONNECTED":
             self.wake()
@@ -552,8 +498,6 @@ class NodePool:
         """Stop serving; running nodes stay up and are adopted on the next start."""
         log.info("Nodepool launcher stopping")
         self.stop_event.set()
-        for watcher in self.watchers:
-            watcher.stopped = True
         for unwatch in self._unwatch:
             unwatch()
         if self.metrics is not None:

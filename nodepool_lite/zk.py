@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from kazoo import exceptions as kze
 from kazoo.client import KazooClient, KazooState
 from kazoo.handlers.threading import KazooTimeoutError
-from kazoo.recipe.cache import TreeCache
+from kazoo.recipe.cache import TreeCache, TreeEvent
 from kazoo.recipe.lock import Lock as KazooLock
 from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 from kazoo.retry import KazooRetry
@@ -88,6 +88,83 @@ def _split_hosts(hosts: str) -> tuple[str, str]:
     return servers, ("/" + chroot.strip("/")) if sep and chroot.strip("/") else ""
 
 
+class _OneTripLock(KazooLock):
+    """kazoo's Lock, whose lock dir is made with one create instead of an
+    `exists` per missing level (ensure_path), or not at all when the caller
+    knows it is there (`dir_exists`; Lock.acquire makes it after all if the
+    contender's create finds it missing): a launcher takes two fresh locks on
+    the path of every node handout, where each round trip counts."""
+
+    def __init__(self, client: KazooClient, path: str, identifier: str, dir_exists: bool):
+        super().__init__(client, path, identifier)
+        self.assured_path = dir_exists
+
+    def _ensure_path(self) -> None:
+        try:
+            self.client.create(self.path, makepath=True)
+        except kze.NodeExistsError:
+            pass
+        self.assured_path = True
+
+
+class CachedTree:
+    """The znodes one level under `root`, kept in memory by kazoo's TreeCache:
+    reading them costs no round trip. `listener(kind, child)` hears each change
+    of a child (kind "added", "updated", "removed") once the cache holds it,
+    and ("reset", "") when the cache reconnected and may have missed some;
+    changes deeper down (lock contenders) are not reported."""
+
+    _KINDS = {
+        TreeEvent.NODE_ADDED: "added",
+        TreeEvent.NODE_UPDATED: "updated",
+        TreeEvent.NODE_REMOVED: "removed",
+    }
+
+    def __init__(self, client: KazooClient, root: str, listener: Callable[[str, str], None]):
+        self.root = root
+        self._listener = listener
+        self._cache = TreeCache(client, root)
+        self._cache.listen(self._on_event)
+
+    def start(self) -> None:
+        with _translated():
+            self._cache.start()
+
+    def close(self) -> None:
+        self._cache.close()
+
+    def children(self) -> list[str]:
+        return sorted(self._cache.get_children(self.root) or ())
+
+    def data(self, child: str) -> dict | None:
+        """The child's JSON as last seen; None if gone, empty or not JSON."""
+        node = self._cache.get_data(f"{self.root}/{child}")
+        if node is None or not node.data:
+            return None
+        try:
+            return _decode(node.data)
+        except ValueError:
+            return None
+
+    def _on_event(self, event: Any) -> None:
+        kind = self._KINDS.get(event.event_type)
+        if kind is None:
+            if event.event_type in (TreeEvent.CONNECTION_RECONNECTED, TreeEvent.INITIALIZED):
+                kind = "reset"
+            else:
+                return
+            child = ""
+        else:
+            relative = event.event_data.path[len(self.root) + 1 :]
+            if not relative or "/" in relative:
+                return
+            child = relative
+        try:
+            self._listener(kind, child)
+        except Exception:
+            log.exception("Listener of the cache of %s failed", self.root)
+
+
 class Lock:
     """A kazoo Lock recipe that raises LockError instead of returning False."""
 
@@ -100,7 +177,13 @@ class Lock:
     @translated
     def acquire(self) -> None:
         try:
-            ok = self._recipe.acquire(blocking=self.blocking, timeout=self.timeout)
+            try:
+                ok = self._recipe.acquire(blocking=self.blocking, timeout=self.timeout)
+            except kze.NoNodeError:
+                if not self._recipe.assured_path:
+                    raise
+                self._recipe.assured_path = False  # the lock dir was not there
+                ok = self._recipe.acquire(blocking=self.blocking, timeout=self.timeout)
         except kze.LockTimeout as error:
             raise exc.LockError(f"Timed out waiting for the lock {self.path}.") from error
         if not ok:
@@ -354,6 +437,10 @@ class ZooKeeper(NodepoolZK):
             cache.start()
         return cache.close
 
+    def cached_tree(self, root: str, listener: Callable[[str, str], None]) -> CachedTree:
+        """A not-yet-started CachedTree of `root` on this session."""
+        return CachedTree(self._zk, root, listener)
+
     def watch_data(self, path: str, callback: Callable[[dict | None, int | None], bool | None]):
         """Call `callback(data, version)` now and on every change (None, None when
         the znode does not exist); False stops."""
@@ -376,9 +463,12 @@ class ZooKeeper(NodepoolZK):
         identifier: str = "",
         blocking: bool = True,
         timeout: float | None = None,
+        dir_exists: bool = False,
     ) -> Lock:
-        """A not-yet-acquired lock; use `with zk.lock(p):` or acquire()/release()."""
-        return Lock(KazooLock(self._zk, path, identifier), path, blocking, timeout)
+        """A not-yet-acquired lock; use `with zk.lock(p):` or acquire()/release().
+        `dir_exists` when the lock's znode is most likely there (one round trip
+        fewer; made all the same if it is not)."""
+        return Lock(_OneTripLock(self._zk, path, identifier, dir_exists), path, blocking, timeout)
 
     def transaction(self) -> Transaction:
         return Transaction(self._zk)

@@ -95,6 +95,15 @@ class NodepoolZK:
         else:
             self.set(self._request_path(req.id), req.to_dict())
 
+    def fulfil_node_request(self, req: NodeRequest, nodes: list[Node]) -> None:
+        """Store the fulfilled `req` and its `nodes` (allocated to it) in one
+        transaction: one round trip, and never one without the other."""
+        txn = self.transaction()
+        for node in nodes:
+            txn.set(self._node_path(node.id or ""), node.to_dict())
+        txn.set(self._request_path(req.id or ""), req.to_dict())
+        txn.commit()
+
     def delete_node_request(self, req: NodeRequest) -> None:
         if req.id is not None:
             self.delete(self._request_path(req.id))
@@ -169,7 +178,8 @@ class NodepoolZK:
     def lock_node(self, node: Node, blocking: bool = True, timeout: float | None = None) -> None:
         """Lock and refresh `node`; NoNodeError if it was deleted meanwhile."""
         path = self._node_path(node.id or "")
-        lock = self.lock(f"{path}/lock", blocking=blocking, timeout=timeout)
+        # Its launcher locked a node as it created it, so the lock dir exists.
+        lock = self.lock(f"{path}/lock", blocking=blocking, timeout=timeout, dir_exists=True)
         lock.acquire()
         fresh = self.get_node(node.id or "")
         if fresh is None:
