@@ -9,8 +9,9 @@ the requestor's handshake as zuul-launcher does it (tests/nodepool_env.py):
   fulfilled. With `min-ready: 1` a ready spare waits before each request
   (the next one is awaited before the next request, as between two jobs);
   without, the node is launched for the request (static: a host lent out;
-  nspawn: a container booted to sshd).
-- reuse: one slot only (static: one host; nspawn: max-servers 1) in use,
+  nspawn: a container booted to sshd; qemu: a VM booted under TCG to sshd,
+  ~45 s each, so `--qemu-n` requests only).
+- reuse: one slot only (static: one host; nspawn, qemu: max-servers 1) in use,
   a second request waiting; from the first node marked `used` to the second
   request fulfilled (deletion, then launch on the freed slot).
 - idle: `nodepool launcher` as its own process with a static pool and
@@ -21,9 +22,14 @@ The peer is Nodepool 11.0 on this kind of machine: its static driver took
 Goal with ready nodes: p50 <= 30 ms.
 
 nspawn needs root and a node image (the cached dib build or the debootstrap
-dev rootfs of tests/nodepool_env.py); it is skipped otherwise.
+dev rootfs of tests/nodepool_env.py); it is skipped otherwise. qemu (opt-in)
+uses the VM image of tests/qemu_env.py (cached machine-wide; a cold build
+takes minutes). The openstack driver is not measured: its handout from a
+ready node is the same pool-worker code as any driver's, and its boot is a
+cloud's time, which no cloud here can give.
 
-    .venv/bin/python bench/nodepool.py [-n 30] [--idle 10] [--drivers static,nspawn]
+    .venv/bin/python bench/nodepool.py [-n 30] [--idle 10] [--drivers static,nspawn,qemu]
+                                       [--qemu-n 3]
 """
 
 from __future__ import annotations
@@ -38,12 +44,14 @@ import threading
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # tests/ holds the node image and nodepool helpers
     sys.path.insert(0, str(ROOT))
 
 from nodepool_lite import config as npconfig  # noqa: E402
-from nodepool_lite.drivers.nspawn.provider import NspawnProvider  # noqa: E402
+from nodepool_lite.drivers import registry  # noqa: E402
 from nodepool_lite.launcher import NodePool  # noqa: E402
 from nodepool_lite.min_ready import is_spare  # noqa: E402
 from nodepool_lite.model import NodeRequest, NodeState, RequestState  # noqa: E402
@@ -61,6 +69,7 @@ from tests.nodepool_env import (  # noqa: E402
     wait_for,
     write_config,
 )
+from tests.qemu_env import VM_LABEL, ready_vm_image, write_qemu_config  # noqa: E402
 
 PEER_P50 = "0.41-0.59 s"
 PEER_REUSE = 4.1
@@ -143,14 +152,20 @@ def driver_config(name: str, directory: Path, zk_hosts: str, slots: int, min_rea
         hosts = [static_host(f"127.0.0.{i + 1}", 22, [STATIC_LABEL]) for i in range(slots)]
         labels = [{"name": STATIC_LABEL, "min-ready": min_ready}]
         return static_config(directory, zk_hosts, {"static": hosts}, labels=labels)
+    if name == "qemu":
+        path = write_qemu_config(directory, zk_hosts, max_servers=slots)
+        data = yaml.safe_load(path.read_text())
+        data["labels"] = [{"name": VM_LABEL, "min-ready": min_ready}]
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
     return write_config(directory, zk_hosts, max_servers=slots, min_ready=min_ready)
 
 
 def run_driver(name: str, zk_hosts: str, work: Path, n: int) -> tuple[list[list[str]], float]:
     """The table's rows for driver `name`, and its p50 with a ready node."""
-    label = STATIC_LABEL if name == "static" else LABEL
+    label = {"static": STATIC_LABEL, "qemu": VM_LABEL}.get(name, LABEL)
     directory = work / name
-    directory.mkdir()
+    directory.mkdir(exist_ok=True)
     rows = []
     zk = ZooKeeper(zk_hosts)
     zk.connect()
@@ -227,16 +242,19 @@ def round_trip(zk_hosts: str) -> float:
     return p50(times)
 
 
-def destroy_leftovers(work: Path) -> None:
-    """Whatever a failed run left of nspawn nodes (containers, forwards,
-    mounts), by the driver's own leak cleanup: nothing outlives the bench."""
-    directory = work / "nspawn"
-    if not (directory / "state" / "nodes").is_dir():
-        return
-    cfg = npconfig.load(write_config(directory, "127.0.0.1:1"))
-    provider = NspawnProvider(cfg.providers[0], cfg.state_dir, None)  # type: ignore[arg-type]
-    for node_id in provider.leaked_node_ids():
-        provider.cleanup_node(node_id)
+def destroy_leftovers(work: Path, drivers: list[str]) -> None:
+    """Whatever a run left of nspawn or qemu nodes (containers, VMs, forwards,
+    mounts, overlays), by the driver's own leak cleanup: nothing outlives
+    the bench."""
+    for name in drivers:
+        path = work / name / "nodepool.yaml"
+        if name == "static" or not path.is_file():
+            continue
+        cfg = npconfig.load(path)
+        spec = cfg.providers[0]
+        provider = registry.get_driver(spec.driver).provider(spec, cfg.state_dir, None)
+        for node_id in provider.leaked_node_ids():
+            provider.cleanup_node(node_id)
 
 
 def cpu_ticks(pid: int) -> int:
@@ -256,6 +274,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=30, help="requests per measurement")
     parser.add_argument("--idle", type=float, default=10.0, help="seconds of idle measurement")
     parser.add_argument("--drivers", default="static,nspawn")
+    parser.add_argument("--qemu-n", type=int, default=3, help="requests per qemu measurement")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # A node's sshd not up yet is retried by the driver; kazoo's reconnects are noise.
@@ -276,15 +295,22 @@ def main() -> None:
                 zk.connect()
                 register_node_image(zk)
                 zk.disconnect()
+            if "qemu" in drivers:
+                zk = ZooKeeper(zk_hosts)
+                zk.connect()
+                (work / "qemu").mkdir()
+                ready_vm_image(zk, driver_config("qemu", work / "qemu", zk_hosts, 1, 0))
+                zk.disconnect()
             rtt = round_trip(zk_hosts)
             rows = []
             ready_p50 = {}
             for name in drivers:
-                driver_rows, ready_p50[name] = run_driver(name, zk_hosts, work, args.n)
+                n = args.qemu_n if name == "qemu" else args.n
+                driver_rows, ready_p50[name] = run_driver(name, zk_hosts, work, n)
                 rows += driver_rows
             rss, cpu = idle(zk_hosts, work, args.idle)
         finally:
-            destroy_leftovers(work)
+            destroy_leftovers(work, drivers)
             server.stop()
     headers = ["driver", "measure", "n", "p50", "max"]
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
