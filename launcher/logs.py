@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.jobdir import JobDir
+from zuul_lite.baseline import MAX_FINDINGS_BYTES, Findings, FindingsError
 
 log = logging.getLogger("launcher.logs")
 
@@ -33,6 +34,7 @@ ERROR_LINE = re.compile(
 )
 # How a kernel job says how to redo the failed build (kernel-tools/reproduce.py).
 REPRODUCE = "reproduce: "
+FINDINGS = "findings.json"  # in artifacts/: what the job found (zuul_lite/baseline.py)
 PRIVATE_KEY = re.compile(r"(^id_|\.pem$|\.key$|private)", re.IGNORECASE)
 
 # Caps on what one node's log archive may unpack to: file bytes actually
@@ -111,6 +113,24 @@ def extract_summary(records: list[dict[str, Any]], limit: int = SUMMARY_LINES) -
                 header = f"Task '{task.get('name', '?')}' failed in {record.get('playbook')}:"
                 return "\n".join([header, *(line[:300] for line in quoted), *reproduce])
     return ""
+
+
+def read_findings(
+    jobdir: JobDir, log_: logging.Logger | logging.LoggerAdapter = log
+) -> dict | None:
+    """What the job found (artifacts/findings.json, see zuul_lite/baseline.py),
+    checked, as a dict for the result; None if it wrote none or a bad one
+    (said in the launcher's log: the node is hostile, its build goes on)."""
+    path = jobdir.artifacts / FINDINGS
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        if path.stat().st_size > MAX_FINDINGS_BYTES:
+            raise FindingsError(f"{FINDINGS} is larger than {MAX_FINDINGS_BYTES} bytes.")
+        return Findings.from_json(path.read_bytes()).to_dict()
+    except (OSError, FindingsError) as error:
+        log_.warning("Ignoring the job's %s: %s", FINDINGS, error)
+        return None
 
 
 class _Truncated(Exception):

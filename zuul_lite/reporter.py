@@ -34,7 +34,8 @@ def job_lines(item: QueueItem) -> list[str]:
     for build in item.buildset.ordered_builds():
         url = f" {build.log_url}" if build.log_url else ""
         took = f" in {format_duration(build.elapsed)}" if build.elapsed is not None else ""
-        lines.append(f"- {build.job}{url} : {build.result}{took}{_rerun_note(build)}")
+        note = f" ({build.note})" if build.note else ""
+        lines.append(f"- {build.job}{url} : {build.result}{took}{_rerun_note(build)}{note}")
         if build.result != Result.SUCCESS and build.summary:
             lines.extend("    " + ln for ln in build.summary.splitlines()[:12])
     return lines
