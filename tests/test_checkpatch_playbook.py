@@ -101,10 +101,17 @@ def node(ssh_host) -> SshHost:
 
 
 def run_job(
-    tmp_path: Path, node: SshHost, repo: Path, base: str, job: str, job_vars: dict
+    tmp_path: Path,
+    node: SshHost,
+    repo: Path,
+    base: str,
+    job: str,
+    job_vars: dict,
+    baseline: dict | None = None,
 ) -> tuple[Outcome, str]:
-    """Run setup and `job`'s playbook for the change at the repository's HEAD;
-    return how the last playbook ended and the build's output."""
+    """Run setup and `job`'s playbook for the change at the repository's HEAD
+    (with `baseline` as the scheduler's zuul.baseline); return how the last
+    playbook ended and the build's output."""
     git(repo, "update-ref", "refs/zuul/master/1", "HEAD")
     git(repo, "checkout", "--quiet", base)
     request = BuildRequest(
@@ -118,6 +125,7 @@ def run_job(
         git_ref="refs/zuul/master/1",
         base_ref=base,
         vars=job_vars,
+        baseline=baseline,
         playbooks={"run": [f"playbooks/{job}.yaml"]},
         subject="{{ lookup('pipe', 'false') }}",
         owner="{% raw %}Dev{% endraw %} <dev@example.org>",
