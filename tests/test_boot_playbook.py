@@ -1,0 +1,48 @@
+"""kernel-boot-qemu's verdict against the base commit's boot, in seconds: no
+kernel image comes from kernel-build here, so the boot fails before QEMU
+starts, and the job is judged by what the post pipeline found on the base
+(zuul.baseline). The boot itself is tested in tests/test_jobs_playbooks.py.
+Run as the launcher runs a build (see test_checkpatch_playbook)."""
+
+from __future__ import annotations
+
+from launcher.ansible import Outcome
+from tests import test_checkpatch_playbook as playbook_harness
+from zuul_lite.baseline import Baseline, Findings
+
+commit, run_job = playbook_harness.commit, playbook_harness.run_job
+merger, node, ssh_host = playbook_harness.merger, playbook_harness.node, playbook_harness.ssh_host
+
+
+def boot(tmp_path, node, merger, on_base: str | None):
+    repo, _ = merger
+    base = commit(repo, "Base", {"BOOT": f"base, {on_base}\n"})
+    commit(repo, "The change", {"BOOT": f"changed, {on_base}\n"})
+    baseline = None
+    if on_base is not None:
+        findings = Findings(boot=on_base)
+        baseline = Baseline("tiny", base, "kernel-boot-qemu", "p1", "http://logs/p1/", findings)
+    outcome, output = run_job(
+        tmp_path, node, repo, base, "kernel-boot-qemu", {}, baseline and baseline.to_dict()
+    )
+    found = Findings.from_json((node.home / "artifacts" / "findings.json").read_bytes())
+    return outcome, output, found, base[:12]
+
+
+def test_a_boot_failing_on_base_too_is_not_counted(tmp_path, node, merger):
+    outcome, output, found, base = boot(tmp_path, node, merger, "failed")
+    assert outcome == Outcome.OK
+    assert "No kernel image from kernel-build in: ~/deps/kernel-build/artifacts/bzImage" in output
+    assert f"already failing on base {base}, not counted." in output
+    assert found == Findings(boot="failed", already_failing=["boot"], base=base)
+    assert found.note() == f"already failing on base {base}: boot"
+
+
+def test_a_boot_failure_counts_unless_the_base_fails_too(tmp_path, node, merger):
+    outcome, output, found, base = boot(tmp_path, node, merger, "ok")
+    assert outcome == Outcome.FAILED
+    assert f"The boot failed; base {base} booted in this job in the post pipeline." in output
+    assert found == Findings(boot="failed")
+    outcome, output, found, _ = boot(tmp_path / "again", node, merger, None)
+    assert outcome == Outcome.FAILED
+    assert "no boot of the base commit is recorded, so it counts." in output
