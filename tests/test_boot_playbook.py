@@ -6,12 +6,20 @@ Run as the launcher runs a build (see test_checkpatch_playbook)."""
 
 from __future__ import annotations
 
+import json
+
 from launcher.ansible import Outcome
+from launcher.logs import extract_summary
 from tests import test_checkpatch_playbook as playbook_harness
 from zuul_lite.baseline import Baseline, Findings
 
 commit, run_job = playbook_harness.commit, playbook_harness.run_job
 merger, node, ssh_host = playbook_harness.merger, playbook_harness.node, playbook_harness.ssh_host
+
+
+def read_results_of(tmp_path) -> list[dict]:
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
 
 
 def boot(tmp_path, node, merger, on_base: str | None):
@@ -39,10 +47,23 @@ def test_a_boot_failing_on_base_too_is_not_counted(tmp_path, node, merger):
 
 
 def test_a_boot_failure_counts_unless_the_base_fails_too(tmp_path, node, merger):
+    # A kernel image QEMU cannot load: it exits at once, the console says why.
+    image = node.home / "deps" / "kernel-build" / "artifacts" / "bzImage"
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b"not a kernel\n" * 64)
     outcome, output, found, base = boot(tmp_path, node, merger, "ok")
     assert outcome == Outcome.FAILED
     assert f"The boot failed; base {base} booted in this job in the post pipeline." in output
     assert found == Findings(boot="failed")
+    # What the vote quotes: the ERROR line and the console's last lines under it.
+    summary = extract_summary(read_results_of(tmp_path))
+    assert summary.splitlines() == [
+        "Task 'kernel-tools : Boot the kernel under QEMU (tcg, timeout 120 s)' failed in "
+        "run-0.yaml:",
+        "ERROR: the kernel did not boot: QEMU exited with 1 before ZUUL-LITE-BOOT-OK; "
+        "the console's last lines:",
+        "    qemu: linux kernel too old to load a ram disk",
+    ]
     outcome, output, found, _ = boot(tmp_path / "again", node, merger, None)
     assert outcome == Outcome.FAILED
     assert "no boot of the base commit is recorded, so it counts." in output

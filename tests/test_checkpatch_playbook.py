@@ -11,6 +11,7 @@ whose scratch HOME stands in for the node.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -150,6 +151,8 @@ def run_job(
                 break
     finally:
         runner.close_connections()
+        if jobdir.results.exists():  # what the vote's summary is made of
+            shutil.copyfile(jobdir.results, tmp_path / "results.jsonl")
         jobdir.cleanup()
     text = output.path.read_text()
     print(text[-10000:])

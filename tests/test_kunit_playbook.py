@@ -81,7 +81,7 @@ def test_a_patch_that_breaks_a_test_fails_naming_it(tmp_path, node, merger):
     assert outcome == Outcome.FAILED
     assert "FAIL tiny.tiny_add_test\n" in output
     assert "    tiny_add_test: EXPECTATION FAILED at lib/tiny_kunit.c:11" in output
-    assert "Tests failed; running the same tests on base" in output
+    assert "Comparing with base " in output and ": running the same tests there" in output
     assert "reproduce: sh artifacts/reproduce.sh <your clone> (base " in output
     artifacts = node.home / "artifacts"
     suite = ET.parse(artifacts / "junit.xml").getroot().find("testsuite[@name='tiny']")
@@ -124,8 +124,8 @@ def test_the_baseline_of_the_base_replaces_running_it_again(tmp_path, node, merg
     on_base = {"tiny.tiny_add_test": "FAIL", "tiny.tiny_sub_test": "PASS"}
     outcome, output, base = kunit(tmp_path, node, merger, tests, {"README": "x\n"}, on_base)
     assert outcome == Outcome.OK
-    assert f"comparing with what this job found on base {base[:12]}" in output
-    assert f"running the same tests on base {base[:12]}" not in output
+    assert f"Comparing with what this job found on base {base[:12]} in the post" in output
+    assert f"Comparing with base {base[:12]}: running" not in output
     assert f"FAIL tiny.tiny_add_test (already failing on base {base[:12]})" in output
     assert not (node.home / "artifacts" / "ktap" / "kunit-base.ktap").exists()
     found = findings_of(node)
@@ -140,5 +140,5 @@ def test_a_failure_the_baseline_does_not_have_fails_without_a_base_run(tmp_path,
     outcome, output, base = kunit(tmp_path, node, merger, tests, broken, on_base)
     assert outcome == Outcome.FAILED
     assert "FAIL tiny.tiny_sub_test\n" in output and "already failing" not in output
-    assert f"running the same tests on base {base[:12]}" not in output
+    assert f"Comparing with base {base[:12]}: running" not in output
     assert findings_of(node).failed_tests() == ["tiny.tiny_sub_test"]
