@@ -16,6 +16,8 @@ from tests.harness import make_series, settle, wait_for_votes, write_config
 from tests.test_post import Post
 from zuul_lite import config as zconfig
 from zuul_lite.baseline import Baseline, Findings, FindingsError
+from zuul_lite.connections import BuildReport
+from zuul_lite.connections.patchwork import PatchworkConnection
 from zuul_lite.history.db import ALEMBIC_DIR, HistoryDB
 from zuul_lite.model import Build, Result
 from zuul_lite.reporter import job_lines
@@ -171,3 +173,23 @@ def test_the_launcher_reads_the_findings_a_job_left(tmp_path, caplog) -> None:
     path.unlink()
     path.symlink_to("/etc/hostname")  # unpacking skips links; never followed anyway
     assert read_findings(jobdir) is None
+
+
+def test_a_patchwork_check_says_what_failed_or_was_not_counted() -> None:
+    """One line per job: the first error line, not the launcher's task header;
+    for a pass, the failures it did not count."""
+    summary = (
+        "Task 'kernel-tools : Boot the kernel under QEMU (tcg, timeout 120 s)' failed in "
+        "run-0.yaml:\nERROR: the kernel did not boot: QEMU exited with 0 before the marker\n"
+        "    [    1.5] Kernel panic - not syncing: No working init found."
+    )
+    failed = BuildReport("kernel-boot-qemu", "FAILURE", "http://l/1/", 41.0, summary)
+    assert PatchworkConnection._job_check(failed, "[tag]")["description"] == (
+        "FAILURE in 41s: ERROR: the kernel did not boot: QEMU exited with 0 before the marker "
+        "[tag]"
+    )
+    note = "already failing on base 1a2b3c4d5e6f: lib.sub"
+    passed = BuildReport("kernel-kunit", "SUCCESS", None, 30.0, "", note)
+    assert PatchworkConnection._job_check(passed, "[tag]")["description"] == (
+        f"SUCCESS in 30s: {note} [tag]"
+    )
