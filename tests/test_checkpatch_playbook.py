@@ -11,6 +11,7 @@ whose scratch HOME stands in for the node.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,6 +22,7 @@ from launcher.ansible import AnsibleRunner, Outcome, OutputLog
 from launcher.config import default_ansible_playbook
 from launcher.gitcache import GitCache
 from launcher.jobdir import JobDir
+from launcher.logs import extract_summary
 from launcher.playbooks import write_ansible_dir
 from tests.harness import SshHost
 from zuul_lite.build_contract import BuildRequest
@@ -38,7 +40,12 @@ errors=$(grep -c '^+.*[[:space:]]$' "$patch")
 if cat .checkpatch.conf .scripts/.checkpatch.conf 2>/dev/null | grep -q -- --ignore; then
   errors=0
 fi
-[ "$errors" -eq 0 ] || echo "ERROR: trailing whitespace"
+if [ "$errors" -ne 0 ]; then  # as checkpatch.pl: the rule, where, the line, a blank line
+  echo "ERROR: trailing whitespace"
+  echo "#7: FILE: x.c:1:"
+  grep -m 1 '^+.*[[:space:]]$' "$patch" | sed 's/$/$/'
+  echo
+fi
 echo "total: $errors errors, 0 warnings, $(wc -l < "$patch") lines checked"
 [ "$errors" -eq 0 ]
 """
@@ -194,6 +201,15 @@ def test_a_series_cannot_change_the_checkpatch_it_is_checked_with(tmp_path, node
     assert "=== 0001-Add-x-with-trailing-whitespace: FAILED (total: 1 errors" in output
     assert "ERROR: trailing whitespace" in output
     assert "=== 0002-Silence-checkpatch: ok (total: 0 errors" in output
+    # The vote quotes each ERROR with where it is and the offending line.
+    records = [json.loads(ln) for ln in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert extract_summary(records).splitlines()[1:] == [
+        "=== 0001-Add-x-with-trailing-whitespace: FAILED (total: 1 errors, 0 warnings, "
+        "20 lines checked)",
+        "ERROR: trailing whitespace",
+        "    #7: FILE: x.c:1:",
+        "    +int x; $",
+    ]
     copy = node.home / "checkpatch-base" / "scripts"
     assert (copy / "checkpatch.pl").read_text() == CHECKPATCH
     assert (copy / "spelling.txt").is_file() and (copy / "const_structs.checkpatch").is_file()
