@@ -108,7 +108,7 @@ def test_findings_are_checked_because_a_node_wrote_them() -> None:
     with pytest.raises(FindingsError, match="not JSON"):
         Findings.from_json(b"{")
     with pytest.raises(FindingsError, match="larger than"):
-        Findings.from_json(b" " * (3 << 20))
+        Findings.from_json(b" " * (513 << 10))
     assert Findings.from_json(b"{}").empty
 
 

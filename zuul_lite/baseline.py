@@ -25,7 +25,9 @@ from zuul_lite.exceptions import ZuulLiteError
 
 log = logging.getLogger("zuul_lite.baseline")
 
-MAX_FINDINGS_BYTES = 2 << 20
+# The findings travel in the build's result, which ZooKeeper stores (1 MiB a
+# znode at most): a whole kernel's KUnit results are ~200 KiB.
+MAX_FINDINGS_BYTES = 512 << 10
 MAX_ENTRIES = 50_000  # tests, warnings or files in one build's findings
 MAX_TEXT = 1000  # characters of one test path, warning identity or file name
 TEST_STATUSES = ("PASS", "FAIL", "SKIP", "ERROR", "TODO")
