@@ -188,6 +188,9 @@ class Build:
                 self.log_url,
                 round(time.monotonic() - start, 3),
                 attempt.summary,
+                logs.read_findings(self.jobdir, self.log)
+                if attempt.result in ("SUCCESS", "FAILURE")
+                else None,
             )
             self._publish()
             counted = self.state.store_build_result(self.uuid, result)

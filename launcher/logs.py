@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.jobdir import JobDir
+from zuul_lite.baseline import MAX_FINDINGS_BYTES, Findings, FindingsError
 
 log = logging.getLogger("launcher.logs")
 
@@ -31,8 +32,13 @@ ERROR_LINE = re.compile(
     r"(\berror\b:|\bERROR\b:?|\*\*\* |Traceback|\bFAILED\b|\bfatal\b:|\bFAIL\b|not ok )",
     re.IGNORECASE,
 )
+# Lines indented under an error line belong to it (at most this many are quoted).
+CONTEXT_INDENT = "    "
+CONTEXT_LINES = 6
+SOURCE_EXCERPT = re.compile(r"^\s*\d*\s*\|")
 # How a kernel job says how to redo the failed build (kernel-tools/reproduce.py).
 REPRODUCE = "reproduce: "
+FINDINGS = "findings.json"  # in artifacts/: what the job found (zuul_lite/baseline.py)
 PRIVATE_KEY = re.compile(r"(^id_|\.pem$|\.key$|private)", re.IGNORECASE)
 
 # Caps on what one node's log archive may unpack to: file bytes actually
@@ -79,12 +85,34 @@ def _lines(result: dict[str, Any]) -> list[str]:
     return [line.rstrip() for line in lines if line.strip()]
 
 
+def _error_lines(lines: list[str]) -> list[str]:
+    """The error lines, each with the lines indented under it (a failed
+    KTAP test's log, the console lines a failed boot quotes), but not gcc's
+    source excerpts (`  407 |   ...`), which the error's file:line names."""
+    out: list[str] = []
+    seen: set[str] = set()
+    context = 0
+    for line in lines:
+        if context and line.startswith(CONTEXT_INDENT) and not SOURCE_EXCERPT.match(line):
+            out.append(line)
+            context -= 1
+            continue
+        context = 0
+        # make repeats its last "***" line from each recursion level.
+        if ERROR_LINE.search(line) and line not in seen:
+            seen.add(line)
+            out.append(line)
+            context = CONTEXT_LINES
+    return out
+
+
 def extract_summary(records: list[dict[str, Any]], limit: int = SUMMARY_LINES) -> str:
     """Quote the first error lines of the first failed task, for the vote.
 
     Lines that look like errors (`error:`, checkpatch `ERROR:`, make's `***`,
-    ...) are preferred; when a task fails without any, its last output lines
-    are quoted instead. A `reproduce: ...` line the task printed comes last,
+    ...), each with up to CONTEXT_LINES lines indented under it, are
+    preferred; when a task fails without any, its last output lines are
+    quoted instead. A `reproduce: ...` line the task printed comes last,
     whatever else is cut. Returns "" when no task failed.
     """
     for record in records:
@@ -105,12 +133,29 @@ def extract_summary(records: list[dict[str, Any]], limit: int = SUMMARY_LINES) -
                 reproduce = [line for line in lines if line.startswith(REPRODUCE)][-1:]
                 lines = [line for line in lines if not line.startswith(REPRODUCE)]
                 room = limit - 1 - len(reproduce)
-                # make repeats its last "***" line from each recursion level.
-                errors = list(dict.fromkeys(line for line in lines if ERROR_LINE.search(line)))
+                errors = _error_lines(lines)
                 quoted = errors[:room] if errors else lines[-room:]
                 header = f"Task '{task.get('name', '?')}' failed in {record.get('playbook')}:"
                 return "\n".join([header, *(line[:300] for line in quoted), *reproduce])
     return ""
+
+
+def read_findings(
+    jobdir: JobDir, log_: logging.Logger | logging.LoggerAdapter = log
+) -> dict | None:
+    """What the job found (artifacts/findings.json, see zuul_lite/baseline.py),
+    checked, as a dict for the result; None if it wrote none or a bad one
+    (said in the launcher's log: the node is hostile, its build goes on)."""
+    path = jobdir.artifacts / FINDINGS
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        if path.stat().st_size > MAX_FINDINGS_BYTES:
+            raise FindingsError(f"{FINDINGS} is larger than {MAX_FINDINGS_BYTES} bytes.")
+        return Findings.from_json(path.read_bytes()).to_dict()
+    except (OSError, FindingsError) as error:
+        log_.warning("Ignoring the job's %s: %s", FINDINGS, error)
+        return None
 
 
 class _Truncated(Exception):

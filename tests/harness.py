@@ -237,7 +237,8 @@ class StandInLauncher(threading.Thread):
     then sends WORK_COMPLETE. It answers `launcher:stop:stand-in` like a real
     launcher. `hold` keeps builds until `release(pattern)`; `results` maps a
     job name, or "job:change", to its result (or a list: one per build, in
-    turn); `history` lists every build
+    turn); `findings` maps them to what the build found (baseline.Findings
+    as a dict); `history` lists every build
     with how it ended (Zuul's assertHistory). `tls` is its Gearman certificate."""
 
     STOP = "launcher:stop:stand-in"
@@ -253,6 +254,7 @@ class StandInLauncher(threading.Thread):
         self.state = ZuulState(zk)
         self.port = port
         self.results = results or {}
+        self.findings: dict[str, dict] = {}
         self.builds: list[dict] = []
         self.history: list[dict] = []
         self.held: list[tuple[gear.Job, dict]] = []
@@ -320,6 +322,9 @@ class StandInLauncher(threading.Thread):
             log_url=f"http://logs/{args['log_path']}/",
             elapsed=1.5,
             summary="" if result == "SUCCESS" else f"{args['job']}: error: something broke",
+            findings=self.findings.get(
+                f"{args['job']}:{args['change']}", self.findings.get(args["job"])
+            ),
         )
         self.history.append(
             {

@@ -3,7 +3,10 @@ function, message), so moved code is not a new warning and a new one is."""
 
 from __future__ import annotations
 
+import json
+
 from tests.kernel_tools import load
+from zuul_lite.baseline import Findings
 
 bw = load("buildwarnings")
 
@@ -120,3 +123,41 @@ def test_cli_reports_and_fails_only_on_added_warnings(tmp_path, capsys):
         "kernel/fork.c:5:1: warning: new one [-Wfoo]",
         "(3 already on base base, not counted; 0 removed: see warnings.txt)",
     ]
+
+
+def test_a_branch_head_records_its_warnings_and_a_series_compares_with_them(tmp_path, capsys):
+    """Post records what the head has (--record); a series' build is then
+    compared with that baseline, for the files it touched, without a base build."""
+    head_log = tmp_path / "head.log"
+    head_log.write_text(BASE)
+    findings = tmp_path / "findings.json"
+    assert bw.main(["--record", str(head_log), "--findings", str(findings)]) == 0
+    assert capsys.readouterr().out == "3 warning(s) in 2 compiled file(s)\n"
+    recorded = Findings.from_json(findings.read_bytes())
+    assert recorded.warning_files == ["kernel/panic.c", "kernel/exit.c"]
+    assert recorded.warnings[0] == (
+        "kernel/panic.c\tpanic\tvariable 'old_cpu' set but not used\t-Wunused-but-set-variable"
+    )
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps({"sha": "1a2b", "findings": recorded.to_dict()}))
+    files = tmp_path / "files.txt"
+    files.write_text("kernel/panic.c\nkernel/exit.c\n")
+    series = tmp_path / "series.log"
+    new = "kernel/panic.c:200:5: warning: unused variable ‘y’ [-Wunused-variable]\n"
+    series.write_text(
+        MOVED.replace("  CC      kernel/exit.o\n", new + "  CC      kernel/exit.o\n")
+    )
+    out = tmp_path / "warnings.txt"
+    args = ["--baseline", str(baseline), str(series), "--files", str(files), "--out", str(out)]
+    assert bw.main([*args, "--base-name", "1a2b"]) == 1
+    assert capsys.readouterr().out == (
+        "1 warning(s) added by the series, compared with base 1a2b\n"
+        "kernel/panic.c:200:5: warning: unused variable ‘y’ [-Wunused-variable]\n"
+        "(3 already on base 1a2b, not counted; 0 removed: see warnings.txt)\n"
+    )
+    series.write_text(MOVED)
+    assert bw.main(args) == 0
+    # A warning the series removes is named as the baseline knows it (no line).
+    series.write_text(MOVED.replace(":184:13: warning:", ":184:13: note:"))
+    assert bw.main(args) == 0
+    assert "  kernel/panic.c: warning: variable 'old_cpu' set but not used" in out.read_text()

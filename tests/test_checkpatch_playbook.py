@@ -11,6 +11,8 @@ whose scratch HOME stands in for the node.
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from launcher.ansible import AnsibleRunner, Outcome, OutputLog
 from launcher.config import default_ansible_playbook
 from launcher.gitcache import GitCache
 from launcher.jobdir import JobDir
+from launcher.logs import extract_summary
 from launcher.playbooks import write_ansible_dir
 from tests.harness import SshHost
 from zuul_lite.build_contract import BuildRequest
@@ -37,7 +40,12 @@ errors=$(grep -c '^+.*[[:space:]]$' "$patch")
 if cat .checkpatch.conf .scripts/.checkpatch.conf 2>/dev/null | grep -q -- --ignore; then
   errors=0
 fi
-[ "$errors" -eq 0 ] || echo "ERROR: trailing whitespace"
+if [ "$errors" -ne 0 ]; then  # as checkpatch.pl: the rule, where, the line, a blank line
+  echo "ERROR: trailing whitespace"
+  echo "#7: FILE: x.c:1:"
+  grep -m 1 '^+.*[[:space:]]$' "$patch" | sed 's/$/$/'
+  echo
+fi
 echo "total: $errors errors, 0 warnings, $(wc -l < "$patch") lines checked"
 [ "$errors" -eq 0 ]
 """
@@ -101,10 +109,17 @@ def node(ssh_host) -> SshHost:
 
 
 def run_job(
-    tmp_path: Path, node: SshHost, repo: Path, base: str, job: str, job_vars: dict
+    tmp_path: Path,
+    node: SshHost,
+    repo: Path,
+    base: str,
+    job: str,
+    job_vars: dict,
+    baseline: dict | None = None,
 ) -> tuple[Outcome, str]:
-    """Run setup and `job`'s playbook for the change at the repository's HEAD;
-    return how the last playbook ended and the build's output."""
+    """Run setup and `job`'s playbook for the change at the repository's HEAD
+    (with `baseline` as the scheduler's zuul.baseline); return how the last
+    playbook ended and the build's output."""
     git(repo, "update-ref", "refs/zuul/master/1", "HEAD")
     git(repo, "checkout", "--quiet", base)
     request = BuildRequest(
@@ -118,6 +133,7 @@ def run_job(
         git_ref="refs/zuul/master/1",
         base_ref=base,
         vars=job_vars,
+        baseline=baseline,
         playbooks={"run": [f"playbooks/{job}.yaml"]},
         subject="{{ lookup('pipe', 'false') }}",
         owner="{% raw %}Dev{% endraw %} <dev@example.org>",
@@ -142,6 +158,8 @@ def run_job(
                 break
     finally:
         runner.close_connections()
+        if jobdir.results.exists():  # what the vote's summary is made of
+            shutil.copyfile(jobdir.results, tmp_path / "results.jsonl")
         jobdir.cleanup()
     text = output.path.read_text()
     print(text[-10000:])
@@ -183,6 +201,15 @@ def test_a_series_cannot_change_the_checkpatch_it_is_checked_with(tmp_path, node
     assert "=== 0001-Add-x-with-trailing-whitespace: FAILED (total: 1 errors" in output
     assert "ERROR: trailing whitespace" in output
     assert "=== 0002-Silence-checkpatch: ok (total: 0 errors" in output
+    # The vote quotes each ERROR with where it is and the offending line.
+    records = [json.loads(ln) for ln in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert extract_summary(records).splitlines()[1:] == [
+        "=== 0001-Add-x-with-trailing-whitespace: FAILED (total: 1 errors, 0 warnings, "
+        "20 lines checked)",
+        "ERROR: trailing whitespace",
+        "    #7: FILE: x.c:1:",
+        "    +int x; $",
+    ]
     copy = node.home / "checkpatch-base" / "scripts"
     assert (copy / "checkpatch.pl").read_text() == CHECKPATCH
     assert (copy / "spelling.txt").is_file() and (copy / "const_structs.checkpatch").is_file()

@@ -107,7 +107,7 @@ def test_migration_of_an_empty_and_an_existing_database(tmp_path):
     again = db_at(tmp_path, "old.sqlite")  # a restart: nothing to migrate, nothing lost
     assert [s["change"] for s in again.buildsets(Filters())] == [3]
     with again.engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0002"
         assert conn.execute(sa.text("SELECT x FROM other")).scalar() == 7
 
 

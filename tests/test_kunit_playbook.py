@@ -11,6 +11,7 @@ import xml.etree.ElementTree as ET
 
 from launcher.ansible import Outcome
 from tests import test_checkpatch_playbook as playbook_harness
+from zuul_lite.baseline import Baseline, Findings
 
 # The tiny repository, the host sshd standing in for the node, and running a job.
 commit, run_job = playbook_harness.commit, playbook_harness.run_job
@@ -40,9 +41,10 @@ print(f"{'not ok' if failed else 'ok'} 1 tiny")
 """
 
 
-def kunit(tmp_path, node, merger, base_tests: str, change: dict[str, str]):
+def kunit(tmp_path, node, merger, base_tests: str, change: dict[str, str], on_base=None):
     """Run kernel-kunit on a base whose tests are `base_tests` and a change
-    writing `change`; return the outcome, the output and the base sha."""
+    writing `change` (with the baseline of the base saying `on_base`: test
+    statuses); return the outcome, the output and the base sha."""
     repo, _ = merger
     base = commit(
         repo,
@@ -50,7 +52,26 @@ def kunit(tmp_path, node, merger, base_tests: str, change: dict[str, str]):
         {"tools/testing/kunit/kunit.py": KUNIT, "kunit-tests.txt": base_tests},
     )
     commit(repo, "The change", change)
-    return (*run_job(tmp_path, node, repo, base, "kernel-kunit", {}), base)
+    baseline = None
+    if on_base is not None:
+        findings = Findings(tests=on_base)
+        baseline = Baseline("tiny", base, "kernel-kunit", "p1", "http://logs/p1/", findings)
+    return (
+        *run_job(
+            tmp_path,
+            node,
+            repo,
+            base,
+            "kernel-kunit",
+            {},
+            baseline.to_dict() if baseline else None,
+        ),
+        base,
+    )
+
+
+def findings_of(node) -> Findings:
+    return Findings.from_json((node.home / "artifacts" / "findings.json").read_bytes())
 
 
 def test_a_patch_that_breaks_a_test_fails_naming_it(tmp_path, node, merger):
@@ -60,7 +81,7 @@ def test_a_patch_that_breaks_a_test_fails_naming_it(tmp_path, node, merger):
     assert outcome == Outcome.FAILED
     assert "FAIL tiny.tiny_add_test\n" in output
     assert "    tiny_add_test: EXPECTATION FAILED at lib/tiny_kunit.c:11" in output
-    assert "Tests failed; running the same tests on base" in output
+    assert "Comparing with base " in output and ": running the same tests there" in output
     assert "reproduce: sh artifacts/reproduce.sh <your clone> (base " in output
     artifacts = node.home / "artifacts"
     suite = ET.parse(artifacts / "junit.xml").getroot().find("testsuite[@name='tiny']")
@@ -74,6 +95,9 @@ def test_a_patch_that_breaks_a_test_fails_naming_it(tmp_path, node, merger):
     reproduce = (artifacts / "reproduce.sh").read_text()
     assert "python3 tools/testing/kunit/kunit.py run --arch=um --jobs=" in reproduce
     assert "Subject: [PATCH] The change" in reproduce
+    assert findings_of(node) == Findings(
+        tests={"tiny.tiny_add_test": "FAIL", "tiny.tiny_sub_test": "PASS"}
+    )
 
 
 def test_a_test_failing_on_base_too_does_not_fail_the_job(tmp_path, node, merger):
@@ -91,3 +115,30 @@ def test_no_ktap_means_the_tests_did_not_run(tmp_path, node, merger):
     assert outcome == Outcome.FAILED
     assert "No KTAP output in" in output
     assert "lib/tiny.c:3:1: error: expected ‘;’" in output
+
+
+def test_the_baseline_of_the_base_replaces_running_it_again(tmp_path, node, merger):
+    """A failure the post pipeline saw on the base too is not counted, and
+    the base is not run here; one it did not see fails the job."""
+    tests = "tiny_add_test fail\ntiny_sub_test ok\n"
+    on_base = {"tiny.tiny_add_test": "FAIL", "tiny.tiny_sub_test": "PASS"}
+    outcome, output, base = kunit(tmp_path, node, merger, tests, {"README": "x\n"}, on_base)
+    assert outcome == Outcome.OK
+    assert f"Comparing with what this job found on base {base[:12]} in the post" in output
+    assert f"Comparing with base {base[:12]}: running" not in output
+    assert f"FAIL tiny.tiny_add_test (already failing on base {base[:12]})" in output
+    assert not (node.home / "artifacts" / "ktap" / "kunit-base.ktap").exists()
+    found = findings_of(node)
+    assert (found.already_failing, found.base) == (["tiny.tiny_add_test"], base[:12])
+    assert found.note() == f"already failing on base {base[:12]}: tiny.tiny_add_test"
+
+
+def test_a_failure_the_baseline_does_not_have_fails_without_a_base_run(tmp_path, node, merger):
+    tests = "tiny_add_test ok\ntiny_sub_test ok\n"
+    broken = {"kunit-tests.txt": tests.replace("sub_test ok", "sub_test fail")}
+    on_base = {"tiny.tiny_add_test": "PASS", "tiny.tiny_sub_test": "PASS"}
+    outcome, output, base = kunit(tmp_path, node, merger, tests, broken, on_base)
+    assert outcome == Outcome.FAILED
+    assert "FAIL tiny.tiny_sub_test\n" in output and "already failing" not in output
+    assert f"Comparing with base {base[:12]}: running" not in output
+    assert findings_of(node).failed_tests() == ["tiny.tiny_sub_test"]

@@ -119,6 +119,31 @@ def test_summary_ends_with_the_reproduce_line():
     assert lines[-1] == "reproduce: sh reproduce.sh"
 
 
+def test_summary_quotes_the_lines_indented_under_an_error():
+    """A failed KTAP test's log lines and a failed boot's last console lines
+    come with them; gcc's source excerpts do not (file:line says where)."""
+    gcc = "kernel/panic.c:407:58: error: 'panic_timout' undeclared"
+    excerpt = ["  407 |   pr_emerg(panic_timout);", "      |            ^~~~~~~~~~~~"]
+    ktap = [
+        "FAIL tiny.tiny_add_test",
+        "    # tiny_add_test: EXPECTATION FAILED at lib/tiny_kunit.c:11",
+        "    Expected tiny_add(1, 1) == 2, but",
+        "2 tests: 1 pass, 1 fail",
+    ]
+    boot = "ERROR: the kernel did not boot; the console's last lines:"
+    console = [f"    [    1.{n}] line {n}" for n in range(9)]
+    reproduce = "reproduce: sh artifacts/reproduce.sh <your clone> (base 1a2b)"
+    stdout = "\n".join([gcc, *excerpt, *ktap, boot, *console, reproduce])
+    records = [record("run-0.yaml", [task("Test", status="failed", stdout=stdout)])]
+    assert logs.extract_summary(records, limit=20).splitlines()[1:] == [
+        gcc,
+        *ktap,
+        boot,
+        *console[: logs.CONTEXT_LINES],
+        reproduce,
+    ]
+
+
 def test_summary_is_empty_when_nothing_failed_or_failure_was_ignored():
     records = [
         record(

@@ -74,3 +74,41 @@ def test_reproduce_sh_replays_the_series_config_and_build(tmp_path, capsys):
     result = subprocess.run(["sh", str(out), str(missing)], capture_output=True, text=True)
     assert result.returncode == 1
     assert f"This clone does not have the base commit {base}" in result.stderr
+
+
+def test_a_job_extends_the_reproduce_sh_of_the_job_it_depends_on(tmp_path, capsys):
+    """kernel-boot-qemu: kernel-build's script, then the boot, in one command."""
+    repo = tmp_path / "ci"
+    repo.mkdir()
+    git(repo, "init", "--quiet", "--initial-branch", "master")
+    (repo / "Makefile").write_text(MAKEFILE)
+    git(repo, "add", "-A")
+    git(repo, "commit", "--quiet", "-m", "base")
+    base = git(repo, "rev-parse", "HEAD")
+    (tmp_path / "series.mbox").write_text("")
+    build = tmp_path / "build-reproduce.sh"
+    reproduce.main(
+        ["--out", str(build), "--job", "kernel-build", "--base", base, "--series",
+         str(tmp_path / "series.mbox"), "--config-name", "tiny-bootable", "--make-arg",
+         "ARCH=x86_64", "--build", "make ARCH=x86_64 bzImage", "--toolchain", "gcc: gcc 12.2.0",
+         "--toolchain", "make: GNU Make 4.3", "--image", "kernel-ci-debian-0000000007"]
+    )  # fmt: skip
+    capsys.readouterr()
+    fragment = tmp_path / "boot.sh"
+    fragment.write_text('echo "boot $(cat made.txt | tail -n 1)" >> booted.txt\n')
+    out = tmp_path / "reproduce.sh"
+    args = ["--out", str(out), "--job", "kernel-boot-qemu", "--extend", str(build)]
+    assert reproduce.main([*args, "--append", str(fragment)]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"reproduce: sh artifacts/reproduce.sh <your clone> (base {base[:12]} + 0 patch(es), "
+        "tiny-bootable, gcc 12.2.0; GNU Make 4.3, image kernel-ci-debian-0000000007; "
+        "then kernel-boot-qemu)"
+    )
+    assert out.read_text().splitlines()[2] == (
+        "# ... then kernel-boot-qemu, as the CI node ran it (at the end)."
+    )
+    dev = tmp_path / "dev"
+    git(tmp_path, "clone", "--quiet", str(repo), str(dev))
+    result = subprocess.run(["sh", str(out), str(dev)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (dev / "booted.txt").read_text() == "boot make bzImage x86_64 \n"

@@ -50,6 +50,9 @@ class BuildRequest:
     # ("refs/heads/<branch>") and the commit it moved to, which base_ref names too.
     ref: str = ""
     newrev: str = ""
+    # What a trusted build of this job found on base_ref (baseline.Baseline as
+    # a dict), for the job to compare with; None: none is recorded.
+    baseline: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,13 +78,15 @@ _REQUIRED = ("uuid", "job", "node_type", "log_path")
 class BuildResult:
     """What a launcher stores in ZooKeeper (and sends with WORK_COMPLETE).
 
-    `result` is one of model.Result; `summary` quotes the first error lines.
+    `result` is one of model.Result; `summary` quotes the first error lines;
+    `findings` is what the job found (baseline.Findings as a dict), if it says.
     """
 
     result: str
     log_url: str | None = None
     elapsed: float | None = None
     summary: str = ""
+    findings: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -209,6 +209,9 @@ class Build:
     first_result: str | None = None
     first_log_url: str | None = None
     rerun_of: str | None = None
+    # Failures the job did not count because the base commit has them too
+    # (baseline.Findings.note), said on the job's line of the report.
+    note: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 from zuul_lite.model import Build, Pipeline, QueueItem, Result
+
+# The line a launcher's summary starts with (launcher/logs.py extract_summary).
+_TASK_HEADER = re.compile(r"^Task '.*' failed in \S+:$")
 
 
 def format_duration(seconds: float | None) -> str:
@@ -16,6 +21,17 @@ def format_duration(seconds: float | None) -> str:
         return f"{minutes}m {seconds:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m {seconds:02d}s"
+
+
+def headline(summary: str) -> str:
+    """The first line of a build's summary that says what went wrong, for a
+    review system that shows one line per job (Patchwork's checks): not the
+    launcher's "Task '...' failed in ...:" before it."""
+    for line in summary.splitlines():
+        line = line.strip()
+        if line and not _TASK_HEADER.match(line):
+            return line
+    return ""
 
 
 def _rerun_note(build: Build) -> str:
@@ -34,7 +50,8 @@ def job_lines(item: QueueItem) -> list[str]:
     for build in item.buildset.ordered_builds():
         url = f" {build.log_url}" if build.log_url else ""
         took = f" in {format_duration(build.elapsed)}" if build.elapsed is not None else ""
-        lines.append(f"- {build.job}{url} : {build.result}{took}{_rerun_note(build)}")
+        note = f" ({build.note})" if build.note else ""
+        lines.append(f"- {build.job}{url} : {build.result}{took}{_rerun_note(build)}{note}")
         if build.result != Result.SUCCESS and build.summary:
             lines.extend("    " + ln for ln in build.summary.splitlines()[:12])
     return lines

@@ -21,6 +21,7 @@ import gear
 from nodepool_lite.exceptions import NodeExistsError, NoNodeError, ZKError
 from nodepool_lite.tls import gear_args
 from nodepool_lite.zk import ZooKeeper
+from zuul_lite.baseline_store import BaselineStore
 from zuul_lite.build_contract import BuildRequest, BuildResult
 from zuul_lite.config import ZuulConfig
 from zuul_lite.connections import make_connections
@@ -119,6 +120,7 @@ class Scheduler(threading.Thread):
         self.gearman = BuildClient(self._on_gear_failed)
         # Every reported item's build set and builds (zuul_lite/history/).
         self.history = HistoryDB(config.dburi)
+        self.baselines = BaselineStore(self.history)
         self.metrics = SchedulerMetrics()
         self.metrics_server = (
             config.metrics.server(self.metrics.registry) if config.metrics else None

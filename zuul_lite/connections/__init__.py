@@ -42,6 +42,7 @@ class BuildReport:
     log_url: str | None = None
     elapsed: float | None = None
     summary: str = ""
+    note: str = ""  # failures not counted: "already failing on base 1a2b3c4d5e6f: ..."
 
 
 @dataclass(frozen=True, slots=True)

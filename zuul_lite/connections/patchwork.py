@@ -32,7 +32,7 @@ from zuul_lite.connections.patchwork_api import PatchworkClient, PatchworkError
 from zuul_lite.connections.patchwork_events import EventPoller
 from zuul_lite.exceptions import ConfigError, ZuulLiteError
 from zuul_lite.model import Change, Result
-from zuul_lite.reporter import format_duration
+from zuul_lite.reporter import format_duration, headline
 from zuul_lite.series import depends_on, split_mbox
 from zuul_lite.state import ZuulState
 
@@ -323,7 +323,8 @@ class PatchworkConnection(Connection):
     @staticmethod
     def _job_check(build: BuildReport, tag: str) -> dict:
         took = f" in {format_duration(build.elapsed)}" if build.elapsed is not None else ""
-        why = f": {_one_line(build.summary, 120)}" if build.summary else ""
+        text = headline(build.summary) or build.note
+        why = f": {_one_line(text, 120)}" if text else ""
         check = {
             "state": CHECK_STATES.get(build.result, "fail"),
             "context": build.job,

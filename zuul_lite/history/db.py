@@ -8,7 +8,9 @@ restart and the second write replaces the first instead of adding a row.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,10 @@ from alembic.config import Config
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from zuul_lite.baseline import Baseline, Findings
 from zuul_lite.exceptions import ZuulLiteError
 from zuul_lite.history.records import BuildsetRecord
-from zuul_lite.history.schema import build_table, buildset_table
+from zuul_lite.history.schema import baseline_table, build_table, buildset_table
 
 log = logging.getLogger("zuul_lite.history")
 
@@ -102,7 +105,48 @@ class HistoryDB:
                 f"Cannot record build set {record.uuid} in {redact(self.dburi)}: {_brief(error)}"
             ) from None
 
+    def record_baseline(self, baseline: Baseline) -> None:
+        """Keep `baseline` as the one of its project, commit and job (the
+        newest trusted build of them replaces an older one)."""
+        t = baseline_table
+        key = (t.c.project == baseline.project, t.c.sha == baseline.sha,
+               t.c.job_name == baseline.job)  # fmt: skip
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(t.delete().where(*key))
+                conn.execute(
+                    t.insert().values(
+                        project=baseline.project,
+                        sha=baseline.sha,
+                        job_name=baseline.job,
+                        build_uuid=baseline.build_uuid,
+                        log_url=baseline.log_url,
+                        findings=json.dumps(baseline.findings.to_dict()),
+                        record_time=time.time(),
+                    )
+                )
+        except SQLAlchemyError as error:
+            raise HistoryError(
+                f"Cannot record the baseline of {baseline.job} on {baseline.sha[:12]} "
+                f"in {redact(self.dburi)}: {_brief(error)}"
+            ) from None
+
     # Reads -----------------------------------------------------------------
+
+    def baseline(self, project: str, sha: str, job: str) -> Baseline | None:
+        t = baseline_table
+        rows = self._read(
+            sa.select(t).where(t.c.project == project, t.c.sha == sha, t.c.job_name == job)
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        try:
+            findings = Findings.from_dict(json.loads(row.findings))
+        except ValueError as error:
+            log.warning("The baseline of %s on %s is unreadable: %s", job, sha[:12], error)
+            return None
+        return Baseline(project, sha, job, row.build_uuid, row.log_url or "", findings)
 
     def builds(self, filters: Filters, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
         """Builds, newest first, each with its build set's change and pipeline."""

@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 
 metadata = MetaData()
@@ -72,4 +73,20 @@ build_table = Table(
     Column("summary", Text),
     Column("attempts", Integer, nullable=False, default=0),
     Column("position", Integer, nullable=False, default=0),  # the job's place in the layout
+)
+
+# What a trusted build of a job found on a branch head (zuul_lite/baseline.py):
+# one row per project, commit and job, the newest build's.
+baseline_table = Table(
+    "zuul_baseline",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("project", String(255), nullable=False),
+    Column("sha", String(40), nullable=False),
+    Column("job_name", String(255), nullable=False),
+    Column("build_uuid", String(36), nullable=False),
+    Column("log_url", Text),
+    Column("findings", Text, nullable=False),  # Findings.to_dict() as JSON
+    Column("record_time", Float, nullable=False),
+    UniqueConstraint("project", "sha", "job_name", name="zuul_baseline_key"),
 )

@@ -891,6 +891,7 @@ class PipelineManager:
             ref=c.ref,
             newrev=c.newrev,
             review_repo=self.sched.connections[c.connection].branch_repo(c.project),
+            baseline=self.sched.baselines.for_build(item, build),
         )
 
     def on_build_completed(self, item: QueueItem, build: Build, result: BuildResult) -> None:
@@ -914,6 +915,7 @@ class PipelineManager:
         build.result = result.result
         build.log_url = result.log_url
         build.summary = result.summary or ""
+        build.note = self.sched.baselines.on_result(self.pipeline, item, build, result)
         build.end_time = time.time()
         build.elapsed = result.elapsed
         if build.elapsed is None and build.start_time:

@@ -249,7 +249,7 @@ class ItemReporter:
             verified=verified,
             merged_sha=(record.get("sha") or item.buildset.head_sha) if record["merged"] else None,
             builds=tuple(
-                BuildReport(b.job, b.result, b.log_url, b.elapsed, b.summary)
+                BuildReport(b.job, b.result, b.log_url, b.elapsed, b.summary, b.note)
                 for b in item.buildset.ordered_builds()
             ),
             reason=self.reason(item, record),

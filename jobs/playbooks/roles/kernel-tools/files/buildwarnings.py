@@ -12,13 +12,20 @@ same function does count as added.
 
 Command line (what kernel-build-warnings runs):
     buildwarnings.py BASE_LOG SERIES_LOG --out warnings.txt [--base-name SHA]
+        [--findings findings.json]
 writes the added warnings (and what the series fixed or kept) to
 warnings.txt, prints the added ones and exits 1 when the series adds any.
+With --baseline, BASE_LOG is instead `zuul.baseline` as JSON (what the job
+found on the base commit in the post pipeline: warning identities of the
+files it compiled), and only its warnings in the files of --files count.
+--record SERIES_LOG writes only the findings of a branch head: its
+warnings' identities and the files it compiled (zuul_lite/baseline.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections import Counter
@@ -34,6 +41,8 @@ _TOP_LEVEL = re.compile(r"^(?P<file>[^\s:][^:]*): At top level:")
 # file:line[:column] references inside a message ("declared at foo.h:12").
 _LOCATION = re.compile(r"(?P<path>[\w./+-]+\.[chS]):\d+(?::\d+)?")
 _LINE_WORD = re.compile(r"\bline \d+")
+# kbuild's quiet line for each object it compiles.
+_COMPILED = re.compile(r"^\s+CC\s+(?P<object>\S+)\.o\s*$")
 
 
 @dataclass(frozen=True)
@@ -52,9 +61,9 @@ class CompilerWarning:
         return (self.file, self.function, normalise(self.message), self.option)
 
     def __str__(self) -> str:
-        where = (
-            f"{self.file}:{self.line}:{self.column}" if self.column else f"{self.file}:{self.line}"
-        )
+        where = f"{self.file}:{self.line}" if self.line else self.file  # 0: from a baseline
+        if self.column:
+            where += f":{self.column}"
         option = f" [{self.option}]" if self.option else ""
         inside = f" (in {self.function})" if self.function else ""
         return f"{where}: warning: {self.message}{option}{inside}"
@@ -105,6 +114,40 @@ def parse(log: str, strip: str = "") -> list[CompilerWarning]:
             )
             seen.setdefault(warning, None)
     return list(seen)
+
+
+def identity_text(warning: CompilerWarning) -> str:
+    """The identity as one string (a baseline's `warnings`)."""
+    file, function, message, option = warning.identity
+    return "\t".join((file, function or "", message, option))
+
+
+def from_identity(text: str) -> CompilerWarning:
+    file, function, message, option = (text.split("\t") + ["", "", ""])[:4]
+    return CompilerWarning(file, 0, 0, function or None, message, option)
+
+
+def compiled_files(log: str, strip: str = "") -> list[str]:
+    """The .c files a build log says kbuild compiled, in order."""
+    found = (_COMPILED.match(line) for line in log.splitlines())
+    return list(dict.fromkeys(_clean_path(m["object"], strip) + ".c" for m in found if m))
+
+
+def baseline_warnings(path: str, files: list[str]) -> list[CompilerWarning]:
+    """The warnings of `files` in a baseline (zuul.baseline as JSON), and of
+    every header: the touched files may include any of them."""
+    with open(path, encoding="utf-8") as stream:
+        findings = (json.load(stream) or {}).get("findings") or {}
+    wanted = set(files)
+    warnings = [from_identity(text) for text in findings.get("warnings", [])]
+    return [w for w in warnings if w.file in wanted or not w.file.endswith(".c")]
+
+
+def write_findings(path: str, warnings: list[CompilerWarning], files: list[str]) -> None:
+    with open(path, "w", encoding="utf-8") as stream:
+        json.dump(
+            {"warnings": [identity_text(w) for w in warnings], "warning_files": files}, stream
+        )
 
 
 def raw_message(raw: str, match: re.Match) -> str:
@@ -160,17 +203,34 @@ def report(result: Diff, base_name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("base_log", help="the build log of the base commit")
-    parser.add_argument("series_log", help="the build log of the series")
-    parser.add_argument("--out", required=True, help="write the report here")
+    parser.add_argument("logs", nargs="+", help="BASE_LOG SERIES_LOG, or SERIES_LOG (--record)")
+    parser.add_argument("--out", help="write the report here")
     parser.add_argument("--base-name", default="base", help="how the report names the base")
     parser.add_argument("--strip", default="", help="a path prefix to drop from file names")
+    parser.add_argument("--findings", help="write what zuul-lite keeps of the series' build")
+    parser.add_argument("--baseline", action="store_true", help="BASE_LOG is a baseline")
+    parser.add_argument("--files", help="the files compared (one a line), with --baseline")
+    parser.add_argument("--record", action="store_true", help="SERIES_LOG only: its findings")
     args = parser.parse_args(argv)
-    logs = []
-    for path in (args.base_log, args.series_log):
-        with open(path, encoding="utf-8", errors="replace") as stream:
-            logs.append(parse(stream.read(), args.strip))
-    result = diff(*logs)
+    with open(args.logs[-1], encoding="utf-8", errors="replace") as stream:
+        series_log = stream.read()
+    series = parse(series_log, args.strip)
+    if args.findings:
+        write_findings(args.findings, series, compiled_files(series_log, args.strip))
+    if args.record:
+        print(f"{len(series)} warning(s) in {len(compiled_files(series_log))} compiled file(s)")
+        return 0
+    if args.baseline:
+        with open(args.files, encoding="utf-8") as stream:
+            files = [line.strip() for line in stream if line.strip()]
+        base = baseline_warnings(args.logs[0], files)
+    else:
+        with open(args.logs[0], encoding="utf-8", errors="replace") as stream:
+            base = parse(stream.read(), args.strip)
+    result = diff(base, series)
+    if args.baseline:
+        # A header warning the series' few objects did not trigger was not removed.
+        result.fixed = [w for w in result.fixed if w.file in files]
     text = report(result, args.base_name)
     with open(args.out, "w", encoding="utf-8") as stream:
         stream.write(text)

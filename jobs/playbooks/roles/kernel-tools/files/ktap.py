@@ -15,12 +15,16 @@ complete. What it handles beyond well-formed KTAP:
 - kernel log noise and `[   1.234]` timestamps between KTAP lines.
 
 Command line (what kernel-kunit runs):
-    ktap.py LOG [--junit junit.xml] [--json results.json]
+    ktap.py LOG [--junit junit.xml] [--json results.json] [--findings findings.json]
                 [--base-results base.json --base-name SHA]
 prints one line per failed test with its log lines and a total, and exits
 1 when a test failed or crashed, 2 when LOG holds no KTAP at all. With the
---json of the same job's run on the base commit, a test that failed there
-too is reported as already failing on base and does not make it exit 1.
+results of the same job on the base commit (the --json of a run there, or
+the job's baseline, `zuul.baseline`, whose findings name each test's
+status), a test that failed there too is reported as already failing on
+base and does not make it exit 1. --findings writes what the job found for
+zuul-lite (zuul_lite/baseline.py): each test's status and the failures not
+counted.
 """
 
 from __future__ import annotations
@@ -333,10 +337,26 @@ def report(
 
 
 def failed_paths(results_json: str) -> set[str]:
-    """The failed tests named in a --json file of an earlier run."""
+    """The failed tests named in a --json file of an earlier run, or in a
+    baseline (`{"findings": {"tests": {path: status}}}`)."""
     with open(results_json, encoding="utf-8") as stream:
-        tests = json.load(stream).get("failed", [])
-    return set(tests)
+        data = json.load(stream)
+    if "failed" in data:
+        return set(data["failed"])
+    tests = data.get("findings", data).get("tests", {})
+    return {path for path, status in tests.items() if status in FAILED}
+
+
+def findings(root: TestResult, base_failures: set[str], base_name: str) -> dict:
+    """What zuul-lite keeps of this run (zuul_lite/baseline.py, Findings)."""
+    tests = {path: test.status for path, test in _tests(root, "leaves")}
+    failed = failures(root)
+    tests.update((path, test.status) for path, test in failed)
+    return {
+        "tests": tests,
+        "already_failing": [path for path, _ in failed if path in base_failures],
+        "base": base_name if base_failures else "",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -344,7 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("log", help="a file holding KTAP output (with noise around it)")
     parser.add_argument("--junit", help="write a JUnit XML here")
     parser.add_argument("--json", help="write the per-test results as JSON here")
-    parser.add_argument("--base-results", help="the --json of the run on the base commit")
+    parser.add_argument("--findings", help="write what zuul-lite keeps of the run here")
+    parser.add_argument(
+        "--base-results", help="the --json of the run on the base commit, or its baseline"
+    )
     parser.add_argument("--base-name", default="base", help="how the report names the base")
     args = parser.parse_args(argv)
     with open(args.log, encoding="utf-8", errors="replace") as stream:
@@ -367,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
                 indent=1,
             )
     base_failures = failed_paths(args.base_results) if args.base_results else set()
+    if args.findings:
+        with open(args.findings, "w", encoding="utf-8") as stream:
+            json.dump(findings(root, base_failures, args.base_name), stream, indent=1)
     print(report(root, base_failures, args.base_name))
     return 1 if any(path not in base_failures for path, _ in failures(root)) else 0
 

@@ -15,6 +15,9 @@ Command line (what kernel-tools/tasks/reproduce.yaml runs):
         [--configure SCRIPT] --make-arg ARG... --build CMD... --toolchain LINE...
         --image BUILD --config-name NAME
 prints the one-line `reproduce: ...` that a failed build's summary quotes.
+A job that runs what another job built (kernel-boot-qemu) extends that
+job's script with its own steps, a shell fragment:
+    reproduce.py --out reproduce.sh --job JOB --extend ITS_REPRODUCE_SH --append FRAGMENT
 """
 
 from __future__ import annotations
@@ -106,7 +109,52 @@ def render(args: argparse.Namespace, series: str, configure: str) -> str:
     )
 
 
+# The header lines render() writes, which an extended script's line is made of.
+HEADER = re.compile(
+    r"^#   (?P<key>base commit|series|config|toolchain|node image) +(?P<value>.*)$", re.MULTILINE
+)
+
+
+def extend(script: str, job: str, fragment: str) -> tuple[str, str]:
+    """`script` (another job's reproduce.sh) with `fragment` run after it, and
+    the `reproduce: ...` line naming what its header says."""
+    found: dict[str, list[str]] = {}
+    for match in HEADER.finditer(script):
+        found.setdefault(match["key"], []).append(match["value"].strip())
+    shebang, title, rest = script.split("\n", 2)  # under the "# Reproduce <job>" line
+    script = f"{shebang}\n{title}\n# ... then {job}, as the CI node ran it (at the end).\n{rest}"
+    script = f"{script.rstrip()}\n\n# {job}.\n{fragment.rstrip()}\n"
+    base = found.get("base commit", ["?"])[0][:12]
+    patches = found.get("series", ["0"])[0].split()[0]
+    tools = "; ".join(line.partition(": ")[2] for line in found.get("toolchain", []))
+    config = found.get("config", ["?"])[0]
+    image = found.get("node image", ["unknown"])[0]
+    line = (
+        f"reproduce: sh artifacts/reproduce.sh <your clone> (base {base} + {patches} patch(es), "
+        f"{config}, {tools}, image {image}; then {job})"
+    )
+    return script, line
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--extend" in argv:
+        parser = argparse.ArgumentParser(description="extend another job's reproduce.sh")
+        parser.add_argument("--out", required=True)
+        parser.add_argument("--job", required=True)
+        parser.add_argument("--extend", required=True, help="the other job's reproduce.sh")
+        parser.add_argument("--append", required=True, help="a shell fragment to run after it")
+        args = parser.parse_args(argv)
+        with open(args.extend, encoding="utf-8", errors="surrogateescape") as stream:
+            script = stream.read()
+        with open(args.append, encoding="utf-8", errors="surrogateescape") as stream:
+            fragment = stream.read()
+        script, line = extend(script, args.job, fragment)
+        with open(args.out, "w", encoding="utf-8", errors="surrogateescape") as stream:
+            stream.write(script)
+        print(line)
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--job", required=True)
