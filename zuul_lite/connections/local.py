@@ -380,7 +380,9 @@ class LocalConnection(Connection):
         written meanwhile (a comment), the transaction fails and is redone.
         A gate merge (pushed by `merge` before this) marks the change merged
         and announces the branch's new head in the same transaction: once,
-        even when the merge is retried after a crash."""
+        even when the merge is retried after a crash. The changes of a gate
+        run reported in one transaction move the branch once, to the last
+        one's commit: one ref-updated, as for one push."""
         path = self.change_path(change.number)
         data, version = self.zk.get(path)
         if not any(v.get("report_id") == report.id for v in data["votes"]):
@@ -393,7 +395,11 @@ class LocalConnection(Connection):
                 change.branch,
                 report.merged_sha[:12],
             )
-            self._announce_head(change.project, change.branch, report.merged_sha, txn)
+            sha = report.merged_sha
+            txn.add_last(
+                (self.name, change.project, change.branch),
+                lambda last: self._announce_head(change.project, change.branch, sha, last),
+            )
         txn.set(path, data, version)
 
     def has_report(self, change: Change, report: Report) -> bool:
@@ -401,15 +407,40 @@ class LocalConnection(Connection):
         return any(v.get("report_id") == report.id for v in votes)
 
     def merge(self, change: Change, sha: str, merger: Merger) -> str | None:
-        data = self.get_change_data(change.number)
+        refused = self._merge_refused(change, self.get_change_data(change.number), sha)
+        if refused is not None:
+            return refused or None
+        # The change is marked merged by the vote's write (report_ops), in the
+        # transaction that removes the item: a push that lands twice is a no-op.
+        return merger.push(change.project, sha, self.repo_path(change.project), change.branch)
+
+    def merge_many(self, changes: list[Change], sha: str, merger: Merger) -> list[str | None]:
+        """One push of `sha` lands every change of the run: the first is
+        merged (pushed), the others only checked to be still open, all read
+        in one round trip."""
+        results = [self.merge(changes[0], sha, merger)]
+        if results[0] or len(changes) == 1:
+            return results
+        stored = self.zk.get_many([self.change_path(c.number) for c in changes[1:]])
+        for change, data in zip(changes[1:], stored, strict=True):
+            if not isinstance(data, dict):
+                results.append(f"There is no change {change.number}.")
+                break
+            results.append(self._merge_refused(change, data, sha) or None)
+            if results[-1]:
+                break
+        return results
+
+    @staticmethod
+    def _merge_refused(change: Change, data: dict, sha: str) -> str | None:
+        """Why the change cannot merge now; "" if it merged at `sha` already
+        (a retry), None if it is open."""
         if data["status"] == "MERGED":
             return (
-                None
+                ""
                 if data.get("merged_sha") == sha
                 else f"Change {change.number} is merged already."
             )
         if data["status"] != "NEW":
             return f"Change {change.number} was {data['status'].lower()} meanwhile."
-        # The change is marked merged by the vote's write (report_ops), in the
-        # transaction that removes the item: a push that lands twice is a no-op.
-        return merger.push(change.project, sha, self.repo_path(change.project), change.branch)
+        return None
