@@ -132,6 +132,11 @@ class Connection(abc.ABC):
     def get_series(self, change: Change) -> bytes:
         """The patch series of that patchset, byte for byte as submitted."""
 
+    def get_series_many(self, changes: list[Change]) -> list[bytes]:
+        """The series of several changes (a gate pass asks for many at once);
+        a review system that can read them together overrides it."""
+        return [self.get_series(change) for change in changes]
+
     @abc.abstractmethod
     def branch_repo(self, project: str) -> str:
         """Where the merger fetches the project's branches from (a path or URL)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from nodepool_lite.exceptions import BadVersionError
@@ -80,7 +81,8 @@ class PipelineManager:
         self._dirty: dict[str, QueueItem] = {}  # saved in memory, not yet in ZooKeeper
         self._new_builds: list[str] = []  # build znodes the next flush creates
         self._launched: list[tuple[QueueItem, Build]] = []  # to submit after this pass
-        self._merge_batch: list[MergeRequest] = []  # to submit after this pass
+        # Merges to submit after this pass: the item, the changes it applies, the request.
+        self._merge_batch: list[tuple[QueueItem, list[Change], MergeRequest]] = []
         self._landing: set[str] = set()  # items whose merge runs off the scheduler thread
         self.reporter = ItemReporter(self)
 
@@ -768,31 +770,69 @@ class PipelineManager:
             base, changes, apply = item.change.newrev, [], []
         bs.changes = [c.label for c in changes]
         self._merges_requested[item.uuid] = bs.uuid
-        self._merge_batch.append(  # submitted together at the end of the pass
-            MergeRequest(
-                item_uuid=item.uuid,
-                project=item.change.project,
-                branch=item.change.branch,
-                ref=self.ref_for(item),
-                changes=[
-                    MergeChange(c.label, self.sched.connections[c.connection].get_series(c))
-                    for c in apply
-                ],
-                base=base,
-                base_changes=[i.change.label for i in ahead[: len(ahead) - len(rest)]],
-                review_repo=self.sched.connections[item.change.connection].branch_repo(
-                    item.change.project
+        # Submitted together at the end of the pass, with their series read then.
+        self._merge_batch.append(
+            (
+                item,
+                apply,
+                MergeRequest(
+                    item_uuid=item.uuid,
+                    project=item.change.project,
+                    branch=item.change.branch,
+                    ref=self.ref_for(item),
+                    changes=[],
+                    base=base,
+                    base_changes=[i.change.label for i in ahead[: len(ahead) - len(rest)]],
+                    review_repo=self.sched.connections[item.change.connection].branch_repo(
+                        item.change.project
+                    ),
+                    event_id=item.event_id,
                 ),
-                event_id=item.event_id,
             )
         )
 
     def _submit_merges(self) -> None:
         """The merges a pass asked for, in queue order, at once: the merger
-        then applies a queue's chained series in one run."""
-        if self._merge_batch:
-            batch, self._merge_batch = self._merge_batch, []
-            self.sched.merger.submit_many(batch)
+        then applies a queue's chained series in one run. Their series are
+        read together (one git process for the local inbox); an item whose
+        series cannot be read is reported with one sentence."""
+        if not self._merge_batch:
+            return
+        batch, self._merge_batch = self._merge_batch, []
+        series = self._read_series([c for _, apply, _ in batch for c in apply])
+        requests = []
+        for item, apply, request in batch:
+            try:
+                changes = [
+                    MergeChange(
+                        c.label,
+                        series.get((c.connection, c.label))
+                        or self.sched.connections[c.connection].get_series(c),
+                    )
+                    for c in apply
+                ]
+            except Exception as error:
+                self.log.exception("Reading the series of %s raised", item.label, item=item)
+                self._fail_item(item, error)
+                continue
+            requests.append(replace(request, changes=changes))
+        self.sched.merger.submit_many(requests)
+
+    def _read_series(self, changes: list[Change]) -> dict[tuple[str, str], bytes]:
+        """(connection, label) -> series, read per connection at once; what
+        could not be read so is read one at a time (which says whose it is)."""
+        found: dict[tuple[str, str], bytes] = {}
+        by_conn: dict[str, dict[str, Change]] = {}
+        for change in changes:
+            by_conn.setdefault(change.connection, {})[change.label] = change
+        for name, group in by_conn.items():
+            try:
+                read = self.sched.connections[name].get_series_many(list(group.values()))
+            except Exception as error:
+                self.log.warning("Reading %d series at once failed: %s", len(group), error)
+                continue
+            found.update(((name, label), blob) for label, blob in zip(group, read, strict=True))
+        return found
 
     def merges_pending(self) -> int:
         return len(self._merges_requested)
