@@ -232,6 +232,20 @@ class _Busy(Exception):
     """A shared ref stayed locked by another git process: retry later, not a damaged workspace."""
 
 
+def _detached_head(tree: Path) -> str:
+    """The commit a checkout with a detached HEAD (as every merge leaves it)
+    is at, read from its HEAD file: one git process less per change applied.
+    Anything else there is asked of git."""
+    gitdir = tree / ".git"
+    if gitdir.is_file():  # a worktree: "gitdir: <its directory in the workspace>"
+        gitdir = tree / gitdir.read_text().split(":", 1)[1].strip()  # absolute, or relative
+    try:
+        head = (gitdir / "HEAD").read_text().strip()
+    except OSError:
+        head = ""
+    return head if re.fullmatch(r"[0-9a-f]{40}([0-9a-f]{24})?", head) else rev_parse(tree, "HEAD")
+
+
 def _log_published(reqs: Sequence[MergeRequest], results: list[MergeResult], how: str) -> None:
     for req, result in zip(reqs, results, strict=True):
         if result.error is None:
@@ -629,7 +643,7 @@ class Merger:
                 return MergeResult(
                     req.item_uuid, base, None, req.ref, error, change.label, commits=commits
                 )
-            head = commits[change.label] = rev_parse(tree.path, "HEAD")
+            head = commits[change.label] = _detached_head(tree.path)
             if head == before:
                 error = _conflict(
                     req.changes, index, "the series holds no patch", [], req.base_changes
