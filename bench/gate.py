@@ -18,6 +18,16 @@ that passed lands with one push and is reported in one transaction, and the
 trigger events of a wake-up are stored in one (doc/architecture.md), so these
 grow by much less than one per series.
 
+Measured 2026-12-03 on the shared 2-core machine, load average 0.4-3.8,
+three runs each, alternating with the code before runs were batched: (b)
+0.90-1.01 s against 1.10-1.30 s, b/a 3.9-4.7x (before: 4.8-5.7x), 2.2-2.7
+transactions and 2.4-2.8 git processes per series (before: 3.7-4.1 and
+4.8-4.9); (c) c/a 4.8-7.0x (before: 5.6-7.1x). The goals (1.3x, 2.3x) are not
+met: what is left is mostly one push and one report transaction per landed
+run (a run is what has passed behind the head when it merges, so 10 items
+that finish at different times land in 2-4 runs) and the merges of items
+approved a little apart (each wake-up's events go in one chained `git am`).
+
     .venv/bin/python bench/gate.py [--reps 3]
 """
 
