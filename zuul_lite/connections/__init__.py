@@ -132,10 +132,18 @@ class Connection(abc.ABC):
     def get_series(self, change: Change) -> bytes:
         """The patch series of that patchset, byte for byte as submitted."""
 
-    def get_series_many(self, changes: list[Change]) -> list[bytes]:
-        """The series of several changes (a gate pass asks for many at once);
-        a review system that can read them together overrides it."""
-        return [self.get_series(change) for change in changes]
+    def get_series_many(self, changes: list[Change]) -> list[bytes | Exception]:
+        """The series of several changes (a gate pass asks for many at once),
+        each or the error reading it raised, so one unreadable series fails
+        only its change; a review system that can read them together
+        overrides it."""
+        found: list[bytes | Exception] = []
+        for change in changes:
+            try:
+                found.append(self.get_series(change))
+            except Exception as error:
+                found.append(error)
+        return found
 
     @abc.abstractmethod
     def branch_repo(self, project: str) -> str:

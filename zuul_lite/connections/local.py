@@ -349,22 +349,21 @@ class LocalConnection(Connection):
                 continue
 
     def get_series(self, change: Change) -> bytes:
-        return self.get_series_many([change])[0]
+        series = self.get_series_many([change])[0]
+        if isinstance(series, Exception):
+            raise series
+        return series
 
-    def get_series_many(self, changes: list[Change]) -> list[bytes]:
+    def get_series_many(self, changes: list[Change]) -> list[bytes | Exception]:
         """Byte for byte, one git process per project."""
-        found: dict[str, bytes] = {}
+        found: dict[str, bytes | Exception] = {}
         for project in {c.project for c in changes}:
-            labels = [c.label for c in changes if c.project == project]
-            refs = [
-                f"refs/changes/{c.number % 100:02d}/{c.number}/{c.patchset}"
-                for c in changes
-                if c.project == project
-            ]
-            for label, blob in zip(labels, cat_blobs(self.repo_path(project), refs), strict=True):
-                if blob is None:
-                    raise InboxError(f"The series of change {label} is missing from {project}.")
-                found[label] = blob
+            ours = [c for c in changes if c.project == project]
+            refs = [f"refs/changes/{c.number % 100:02d}/{c.number}/{c.patchset}" for c in ours]
+            for change, blob in zip(ours, cat_blobs(self.repo_path(project), refs), strict=True):
+                found[change.label] = blob or InboxError(
+                    f"The series of change {change.label} is missing from {project}."
+                )
         return [found[c.label] for c in changes]
 
     def latest_patchset(self, change: int) -> int:

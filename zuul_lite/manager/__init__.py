@@ -794,43 +794,36 @@ class PipelineManager:
     def _submit_merges(self) -> None:
         """The merges a pass asked for, in queue order, at once: the merger
         then applies a queue's chained series in one run. Their series are
-        read together (one git process for the local inbox); an item whose
-        series cannot be read is reported with one sentence."""
+        read together (one git process for the local inbox), each once; an
+        item whose series cannot be read is reported with one sentence."""
         if not self._merge_batch:
             return
         batch, self._merge_batch = self._merge_batch, []
         series = self._read_series([c for _, apply, _ in batch for c in apply])
         requests = []
         for item, apply, request in batch:
-            try:
-                changes = [
-                    MergeChange(
-                        c.label,
-                        series.get((c.connection, c.label))
-                        or self.sched.connections[c.connection].get_series(c),
-                    )
-                    for c in apply
-                ]
-            except Exception as error:
-                self.log.exception("Reading the series of %s raised", item.label, item=item)
+            read = [series[(c.connection, c.label)] for c in apply]
+            error = next((r for r in read if isinstance(r, Exception)), None)
+            if error is not None:
+                self.log.error("Reading the series of %s failed: %s", item.label, error, item=item)
                 self._fail_item(item, error)
                 continue
+            changes = [MergeChange(c.label, r) for c, r in zip(apply, read, strict=True)]
             requests.append(replace(request, changes=changes))
         self.sched.merger.submit_many(requests)
 
-    def _read_series(self, changes: list[Change]) -> dict[tuple[str, str], bytes]:
-        """(connection, label) -> series, read per connection at once; what
-        could not be read so is read one at a time (which says whose it is)."""
-        found: dict[tuple[str, str], bytes] = {}
+    def _read_series(self, changes: list[Change]) -> dict[tuple[str, str], bytes | Exception]:
+        """(connection, label) -> the series, or the error reading it raised;
+        read per connection at once."""
+        found: dict[tuple[str, str], bytes | Exception] = {}
         by_conn: dict[str, dict[str, Change]] = {}
         for change in changes:
             by_conn.setdefault(change.connection, {})[change.label] = change
         for name, group in by_conn.items():
             try:
                 read = self.sched.connections[name].get_series_many(list(group.values()))
-            except Exception as error:
-                self.log.warning("Reading %d series at once failed: %s", len(group), error)
-                continue
+            except Exception as error:  # each item says it
+                read = [error] * len(group)
             found.update(((name, label), blob) for label, blob in zip(group, read, strict=True))
         return found
 
