@@ -15,6 +15,7 @@ import json
 import logging
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -28,7 +29,7 @@ if str(ROOT) not in sys.path:
 
 import yaml  # noqa: E402
 
-from nodepool_lite.zk import ZooKeeper  # noqa: E402
+from nodepool_lite.zk import Transaction, ZooKeeper  # noqa: E402
 from nodepool_lite.zkserver import ZooKeeperServer, free_port  # noqa: E402
 from tests.harness import FIXTURES, StandInLauncher, make_project, run_git  # noqa: E402
 from zuul_lite import config as zconfig  # noqa: E402
@@ -45,6 +46,40 @@ def quiet_logs() -> None:
     # kazoo warns "Connection dropped" when nodepool_lite.zk closes the client
     # it uses to create the chroot: expected, not worth a line.
     logging.getLogger("kazoo").setLevel(logging.ERROR)
+
+
+class WorkCounter:
+    """Counts, in this process, the ZooKeeper transactions committed and the
+    git processes started: what a phase costs, which the load of a shared
+    machine does not change (its time it does)."""
+
+    def __init__(self) -> None:
+        self.transactions = self.git = 0
+        counter = self
+        commit = Transaction.commit
+        popen_init = subprocess.Popen.__init__
+
+        def counted_commit(txn: Transaction) -> list:
+            counter.transactions += 1
+            return commit(txn)
+
+        def counted_init(proc: subprocess.Popen, args, *rest, **kwargs) -> None:
+            if isinstance(args, (list, tuple)) and args and args[0] == "git":
+                counter.git += 1
+            popen_init(proc, args, *rest, **kwargs)
+
+        Transaction.commit = counted_commit  # type: ignore[method-assign]
+        subprocess.Popen.__init__ = counted_init  # type: ignore[method-assign]
+
+    def snapshot(self) -> tuple[int, int]:
+        return self.transactions, self.git
+
+    def since(self, before: tuple[int, int], items: int) -> str:
+        txns, gits = (now - then for now, then in zip(self.snapshot(), before, strict=True))
+        return (
+            f"{txns} ZooKeeper transactions, {gits} git processes "
+            f"({txns / items:.1f} and {gits / items:.1f} per item)"
+        )
 
 
 def percentile(values: list[float], pct: float) -> float:

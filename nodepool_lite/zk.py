@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from kazoo import exceptions as kze
-from kazoo.client import KazooClient, KazooState
+from kazoo.client import KazooClient, KazooState, TransactionRequest
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.recipe.cache import TreeCache, TreeEvent
 from kazoo.recipe.lock import Lock as KazooLock
@@ -210,26 +210,51 @@ class Lock:
 
 
 class Transaction:
-    """All-or-nothing batch of JSON writes."""
+    """All-or-nothing batch of JSON writes, sent at `commit`."""
 
     def __init__(self, client: KazooClient):
-        self._tx = client.transaction()
+        self._client = client
+        self._ops: list[Callable[[TransactionRequest], None]] = []
+        self._last: dict[object, Callable[[Transaction], None]] = {}
+
+    def add_last(self, key: object, add: Callable[[Transaction], None]) -> None:
+        """`add(self)` adds its writes just before the commit; of several
+        under one `key`, only the last is kept. Writers that each move the
+        same znode (a branch head announced once per change reported) then
+        move it once, to where the last one says."""
+        self._last[key] = add
+
+    def extend(self, other: Transaction) -> None:
+        """Take in the writes of `other` (which is not committed then): a
+        caller collects each part's writes apart and keeps only the parts
+        that went through whole."""
+        self._ops.extend(other._ops)
+        for key, add in other._last.items():
+            self._last[key] = add
 
     def create(self, path: str, data: dict | None = None, sequence: bool = False) -> None:
-        self._tx.create(path, _encode(data), sequence=sequence)
+        raw = _encode(data)
+        self._ops.append(lambda tx: tx.create(path, raw, sequence=sequence))
 
     def set(self, path: str, data: dict, version: int = -1) -> None:
-        self._tx.set_data(path, _encode(data), version)
+        raw = _encode(data)
+        self._ops.append(lambda tx: tx.set_data(path, raw, version))
 
     def delete(self, path: str, version: int = -1) -> None:
-        self._tx.delete(path, version)
+        self._ops.append(lambda tx: tx.delete(path, version))
 
     def check(self, path: str, version: int) -> None:
-        self._tx.check(path, version)
+        self._ops.append(lambda tx: tx.check(path, version))
 
     def commit(self) -> list[Any]:
+        last, self._last = self._last, {}
+        for add in last.values():
+            add(self)
+        tx = self._client.transaction()
+        for op in self._ops:
+            op(tx)
         with _translated():
-            results = self._tx.commit()
+            results = tx.commit()
         failed = [r for r in results if isinstance(r, Exception)]
         errors = [r for r in failed if not isinstance(r, kze.RolledBackError)]
         if errors:

@@ -5,6 +5,7 @@ stand-in launcher answers builds (tests/harness.py)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
@@ -16,6 +17,7 @@ from tests.harness import (
     make_series,
     settle,
     wait_for_votes,
+    wait_until,
     write_config,
 )
 from zuul_lite import config as zconfig
@@ -87,17 +89,16 @@ class Gate:
         return [v["value"] for v in votes if v["pipeline"] == "gate"]
 
 
+# The builds of changes 1, 2 and 3 approved in that order, each on the ones ahead.
+ABC_BUILDS = [
+    (job, changes) for job in ("build", "lint") for changes in ("1,1", "1,1 2,1", "1,1 2,1 3,1")
+]
+
+
 def test_all_pass_merge_in_order(gate: Gate) -> None:
     a, b, c = (gate.change(n) for n in "abc")
     gate.approve(a, b, c)
-    assert gate.running() == [
-        ("build", "1,1"),
-        ("build", "1,1 2,1"),
-        ("build", "1,1 2,1 3,1"),
-        ("lint", "1,1"),
-        ("lint", "1,1 2,1"),
-        ("lint", "1,1 2,1 3,1"),
-    ]
+    assert gate.running() == ABC_BUILDS
     # C finishes first but merges only after A and B.
     gate.release(change=c)
     assert gate.branch_log()[0] == "Initial commit"
@@ -315,3 +316,98 @@ def test_merges_run_off_the_scheduler_thread(gate: Gate) -> None:
     gate.release()
     wait_for_votes(gate.zk, c, count=2)
     assert gate.branch_log()[0] == "c: add"
+
+
+def test_a_run_that_passed_lands_with_one_push_and_one_transaction(gate: Gate, caplog) -> None:
+    """The items that passed behind the head when it merges land with it:
+    one push of the last one's state, their votes, MERGED and removal in one
+    ZooKeeper transaction, and the branch announced moved once."""
+    caplog.set_level(logging.DEBUG, logger="zuul_lite.scheduler")
+    a, b, c = (gate.change(n) for n in "abc")
+    gate.approve(a, b, c)
+    merger, manager = gate.sched.merger.merger, gate.sched.managers["gate"]
+    push, remove_items = merger.push, manager.remove_items
+    pushes, removed = [], []
+
+    def counted_push(*args, **kwargs):
+        pushes.append(args[1])
+        return push(*args, **kwargs)
+
+    def counted_remove(items, *args, **kwargs):
+        removed.append([i.change.number for i in items])
+        return remove_items(items, *args, **kwargs)
+
+    merger.push, manager.remove_items = counted_push, counted_remove
+    gate.release(change=c)
+    gate.release(change=b)
+    gate.release(change=a)
+    wait_for_votes(gate.zk, c, count=2)
+    settle(gate.sched, gate.launcher)
+    head = git(gate.local.repo_path("demo"), "rev-parse", "master").strip()
+    assert pushes == [head]
+    assert removed == [[a, b, c]]
+    for n in (a, b, c):
+        data = gate.local.get_change_data(n)
+        assert (data["status"], data["merged_sha"]) == ("MERGED", head)
+        assert gate.gate_votes(n) == [1]
+    moved = [
+        r.getMessage() for r in caplog.records if "ref-updated on refs/heads" in r.getMessage()
+    ]
+    assert len(moved) == 1 and head[:12] in moved[0], moved
+
+
+def test_a_push_that_fails_fails_the_head_and_retests_the_run(gate: Gate) -> None:
+    """A run whose push is refused: the head is reported with the reason,
+    the items behind it, not merged, are tested again without it and land."""
+    a, b = gate.change("a"), gate.change("b")
+    gate.approve(a, b)
+    merger = gate.sched.merger.merger
+    push = merger.push
+    refusals = ["Not merged: the review system said no."]
+
+    def refused_once(*args, **kwargs):
+        return refusals.pop() if refusals else push(*args, **kwargs)
+
+    merger.push = refused_once
+    gate.release()
+    assert gate.gate_votes(a) == [-1]
+    assert "the review system said no" in gate.local.get_change_data(a)["votes"][-1]["message"]
+    assert gate.local.get_change_data(b)["status"] == "NEW"
+    assert gate.running() == [("build", "2,1"), ("lint", "2,1")]
+    gate.release()
+    wait_for_votes(gate.zk, b, count=2)
+    assert gate.gate_votes(b) == [1]
+    assert gate.branch_log() == ["b: add", "Initial commit"]
+
+
+def test_events_of_one_wake_up_are_stored_together_in_order(gate: Gate, monkeypatch) -> None:
+    """Trigger events queued while the loop is busy are planned one behind
+    the other and stored in one transaction; a malformed one among them is
+    dropped alone."""
+    a, b, c = (gate.change(n) for n in "abc")
+    settle(gate.sched, gate.launcher)
+    sched = gate.sched
+    batches = []
+    commit = sched._commit_triggers
+
+    def recorded(batch):
+        if batch.events:
+            batches.append([event.change for _, _, event, _ in batch.events])
+        commit(batch)
+
+    monkeypatch.setattr(sched, "_commit_triggers", recorded)
+    busy, go = threading.Event(), threading.Event()
+    sched.post_callback(lambda: (busy.set(), go.wait(30)))
+    assert busy.wait(30)
+    gate.local.approve(a)
+    sched.state.put_trigger_event({"hello": "world"})
+    gate.local.approve(b)
+    gate.local.approve(c)
+    wait_until(
+        lambda: len(sched._queued.get(id(sched._triggers), [])) == 4,
+        what="the scheduler's watch to see the four events",
+    )
+    go.set()
+    assert gate.running() == ABC_BUILDS
+    assert batches == [[a, b, c]]
+    assert sched.state.trigger_events() == []

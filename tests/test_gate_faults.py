@@ -202,14 +202,17 @@ def test_item_that_raises_is_reported_without_a_vote(env, monkeypatch):
     a, b, c = (env.change(n) for n in "abc")
     env.checked(a, b, c)
     conn = env.sched.connections["local"]
-    real = conn.get_series
+    real_many = conn.get_series_many
 
-    def get_series(change):
-        if change.number == b:
-            raise RuntimeError("the series of change 2 is unreadable")
-        return real(change)
+    def get_series_many(changes):
+        # The series of a pass are read together, each or its error.
+        read = real_many(changes)
+        return [
+            RuntimeError("the series of change 2 is unreadable") if change.number == b else series
+            for change, series in zip(changes, read, strict=True)
+        ]
 
-    monkeypatch.setattr(conn, "get_series", get_series)
+    monkeypatch.setattr(conn, "get_series_many", get_series_many)
     env.approve(a, b, c)
     # B is reported at once, with no vote, and leaves the queue; C goes on top of A.
     assert env.gate_votes(b) == [None]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import make_series, run_git
-from tests.test_merger import Env
+from tests.test_merger import Env, assert_not_published
 from zuul_lite import merger as merger_mod
 from zuul_lite.git import git, rev_parse
 from zuul_lite.merger import Merger, MergeRequest, MergeResult, _SharedLock
@@ -425,3 +425,45 @@ def test_a_batch_that_does_not_apply_is_merged_one_at_a_time(env, monkeypatch):
     fourth = results[chain[3].ref]
     assert fourth.failed_change == "3,1" and fourth.head_sha is None
     assert git(env.ws, "rev-parse", "--verify", "--quiet", chain[2].ref, check=False) == ""
+
+
+def test_requests_on_the_branch_head_are_merged_in_one_run(env, caplog):
+    """Independent requests queued together (a burst of check items) are
+    served in one run of a worker, each on the branch head alone; one that
+    does not apply fails alone, with its conflict."""
+    caplog.set_level(logging.INFO, logger="zuul_lite.merger")
+    assert env.merger.merge(env.independent("warm")).error is None  # the clone
+    pool = MergerPool(env.merger, env.results.put, workers=1)
+    reqs = [env.independent(name) for name in ("a", "b", "c")]
+    v1, v2 = env.patches(
+        ("README", "demo v1\n", "README: version 1"), ("README", "demo v2\n", "README: version 2")
+    )
+    (other,) = env.patches(("README", "something else\n", "README: other"))
+    # Applies only on top of version 1: does not apply on the branch head.
+    reqs.insert(1, env.request(("v2,1", v2), ref="refs/zuul/check/v2"))
+    # Applies on the branch head; it would not on top of a request before
+    # it that changed README: each is applied onto the branch head alone.
+    reqs.insert(2, env.request(("v1,1", v1), ref="refs/zuul/check/v1"))
+    reqs.append(env.request(("other,1", other), ref="refs/zuul/check/other"))
+    pool.submit_many(reqs)
+    pool.start()
+    try:
+        results = env.wait(len(reqs))
+    finally:
+        pool.stop()
+        pool.join(TIMEOUT)
+    failed = results.pop("refs/zuul/check/v2")
+    assert failed.failed_change == "v2,1" and not failed.internal
+    assert "does not apply to the branch head: conflict in README" in failed.error
+    assert_not_published(env, "refs/zuul/check/v2")
+    for ref, result in results.items():
+        assert result.error is None, result.error
+        assert result.base_sha == env.base and rev_parse(env.ws, f"{result.head_sha}^") == env.base
+        assert rev_parse(env.ws, ref) == result.head_sha
+    assert env.show(results["refs/zuul/check/other"].head_sha, "README") == "something else\n"
+    at_once = [
+        r.getMessage() for r in caplog.records if "on the branch head at once" in r.getMessage()
+    ]
+    assert len(at_once) == len(results) and all(
+        "(6 on the branch head at once)" in m for m in at_once
+    )

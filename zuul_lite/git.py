@@ -48,3 +48,30 @@ def git(
 
 def rev_parse(repo: Path, rev: str) -> str:
     return git(repo, "rev-parse", "--verify", "--quiet", rev).strip()
+
+
+def cat_blobs(repo: Path, revs: list[str]) -> list[bytes | None]:
+    """The bytes of several blobs, exactly as stored, from one git process
+    (`cat-file --batch`); None for a rev that names no object."""
+    proc = subprocess.run(
+        ["git", "-C", str(repo), "cat-file", "--batch"],
+        input="".join(f"{rev}\n" for rev in revs).encode(),
+        capture_output=True,
+        env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
+    )
+    if proc.returncode != 0:
+        raise GitError(
+            ["cat-file", "--batch"], proc.returncode, proc.stderr.decode("utf-8", "replace")
+        )
+    out, pos, blobs = proc.stdout, 0, []
+    for _ in revs:
+        end = out.index(b"\n", pos)
+        header = out[pos:end].split()
+        pos = end + 1
+        if len(header) != 3:  # "<rev> missing" (or ambiguous)
+            blobs.append(None)
+            continue
+        size = int(header[2])
+        blobs.append(out[pos : pos + size])
+        pos += size + 1
+    return blobs

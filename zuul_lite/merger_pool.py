@@ -6,7 +6,8 @@ behind it, so the ref is there when it runs (and the worktree is still at that
 state, which spares the checkout); so does a `forget` of a ref, and a request
 publishing a ref whose merge is still queued. Anything else goes to the worker
 with the fewest requests waiting. A worker takes the chained requests queued
-right behind the one it starts as one batch (Merger.merge_chain).
+right behind the one it starts as one batch (Merger.merge_chain), and the
+refs to drop queued right behind one as one `update-ref`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ _REMEMBERED = 4096
 # At most this many chained requests are merged in one `git am`.
 MAX_CHAIN = 50
 _NOTHING = object()  # no request carried over from the last look at the queue
+
+
+def _on_head(req: MergeRequest) -> bool:
+    """Series to apply onto the branch head as it is (an item tested alone)."""
+    return req.base is None and bool(req.changes)
+
+
+def _same_branch(a: MergeRequest, b: MergeRequest) -> bool:
+    return (a.branch, str(a.review_repo)) == (b.branch, str(b.review_repo))
 
 
 class MergerPool:
@@ -136,45 +146,66 @@ class MergerPool:
             if item is None:
                 return
             if not isinstance(item, MergeRequest):
+                # The refs to drop queued right behind it go with it.
+                forgets = [item]
+                with self._lock:
+                    while True:
+                        try:
+                            nxt = requests.get_nowait()
+                        except queue.Empty:
+                            break
+                        if isinstance(nxt, tuple) and nxt[0] == item[0]:
+                            forgets.append(nxt)
+                        else:
+                            carried = nxt
+                            break
                 try:
-                    self._forget(*item)
+                    self._forget(item[0], [ref for _, ref in forgets])
                 finally:
-                    self._finished(worker, item)
+                    for forget in forgets:
+                        self._finished(worker, forget)
                 continue
             # The requests queued right behind it, each chained on the one
-            # before (a gate queue filling up), are merged together.
+            # before (a gate queue filling up), are merged together; so are
+            # requests each on the branch head (check items of a burst).
             chain = [item]
+            on_head = False
             with self._lock:  # a submit_many under way finishes queuing first
                 while len(chain) < MAX_CHAIN:
                     try:
                         nxt = requests.get_nowait()
                     except queue.Empty:
                         break
-                    if (
-                        isinstance(nxt, MergeRequest)
-                        and nxt.project == item.project
-                        and nxt.base == chain[-1].ref
-                    ):
-                        chain.append(nxt)
-                    else:
+                    if not isinstance(nxt, MergeRequest) or nxt.project != item.project:
                         carried = nxt
                         break
+                    chained = nxt.base == chain[-1].ref
+                    beside = _on_head(item) and _on_head(nxt) and _same_branch(item, nxt)
+                    if len(chain) == 1:
+                        on_head = beside and not chained
+                    if not (beside if on_head else chained):
+                        carried = nxt
+                        break
+                    chain.append(nxt)
             try:
-                self._serve(chain)
+                self._serve(chain, on_head)
             finally:
                 for req in chain:
                     self._finished(worker, req)
 
-    def _forget(self, project: str, ref: str) -> None:
+    def _forget(self, project: str, refs: list[str]) -> None:
         try:
-            self.merger.forget(project, ref)
+            self.merger.forget(project, *refs)
         except Exception:
-            log.exception("Could not drop %s of %s", ref, project)
+            log.exception("Could not drop %s of %s", " ".join(refs), project)
 
-    def _serve(self, chain: list[MergeRequest]) -> None:
+    def _serve(self, chain: list[MergeRequest], on_head: bool = False) -> None:
         try:
-            results = self.merger.merge_chain(chain)
-        except Exception as e:  # merge_chain() catches everything; this is the last net
+            if on_head:
+                results = self.merger.merge_on_head(chain)
+            else:
+                results = self.merger.merge_chain(chain)
+        except Exception as e:  # the merger catches everything; this is the last net
             log.exception("[e: %s] Merger error for %s", chain[0].event_id, chain[0].ref)
             error = _internal_error(e)
             results = [

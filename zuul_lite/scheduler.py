@@ -14,13 +14,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import gear
 
 from nodepool_lite.exceptions import NodeExistsError, NoNodeError, ZKError
 from nodepool_lite.tls import gear_args
-from nodepool_lite.zk import ZooKeeper
+from nodepool_lite.zk import Transaction, ZooKeeper
 from zuul_lite.baseline_store import BaselineStore
 from zuul_lite.build_contract import BuildRequest, BuildResult
 from zuul_lite.config import ZuulConfig
@@ -81,6 +81,16 @@ class Reconfigure:
 @dataclass(frozen=True)
 class Callback:
     func: Callable[[], None]
+
+
+@dataclass
+class _TriggerBatch:
+    """Trigger events planned into one transaction, not committed yet."""
+
+    txn: Transaction
+    # (znode name, data as read, the event, whether it enqueued anything)
+    events: list[tuple[str, dict, TriggerEvent, bool]] = field(default_factory=list)
+    planned: list[tuple[PipelineManager, list[QueueItem]]] = field(default_factory=list)
 
 
 def _ref_change(event: TriggerEvent) -> Change:
@@ -423,43 +433,70 @@ class Scheduler(threading.Thread):
             raise
 
     def _process_trigger_events(self) -> None:
+        """Every queued trigger event at once: their items and the events'
+        deletions go to ZooKeeper in one transaction (a burst of events
+        costs about one write), planned one behind the other as if each
+        had been handled alone."""
         waiting: set[str] = set()  # connections whose review system did not answer
-        for name, data in self._pending(self._triggers, self.state.trigger_event_path):
-            path = self.state.trigger_event_path(name)
-            event_id = name
-            try:
-                if data is None:
-                    continue
-                if isinstance(data, ValueError):
-                    raise data
-                if not isinstance(data, dict):
-                    raise ValueError("not a JSON object")
-                event_id = data.get("id", name)
-                event = TriggerEvent.from_dict(data)
-                _, not_before = self._event_retries.get(name, (0, 0.0))
-                if event.connection in waiting or time.monotonic() < not_before:
-                    waiting.add(event.connection)  # its events stay in order
-                    continue
-                self._handle_trigger(path, event)
-                self.metrics.events.labels(event.connection, event.type).inc()
-                self._event_retries.pop(name, None)
-            except ZKError:
-                self._triggers.set()  # ZooKeeper away: the event stays queued
-                raise
-            except ReviewSystemError as error:
-                # Not the event's fault: it stays queued, and so do the ones
-                # after it from the same review system, until it answers.
-                waiting.add(event.connection)
-                self._retry_event_later(name, event_id, error)
-            except (TypeError, KeyError, ValueError) as error:
-                log.error("Dropped malformed trigger event %s: %s", name, error)
-                self.zk.delete(path)
-            except ZuulLiteError as error:
-                log.warning("[e: %s] dropped: %s", event_id, error)
-                self.zk.delete(path)
-            except Exception as error:  # one bad event never stops the others
-                log.exception("[e: %s] dropped: it raised %r", event_id, error)
-                self.zk.delete(path)
+        batch = _TriggerBatch(self.state.transaction())
+        try:
+            for name, data in self._pending(self._triggers, self.state.trigger_event_path):
+                batch = self._take_trigger(name, data, batch, waiting)
+            self._commit_triggers(batch)
+        except BaseException:
+            self._discard_triggers(batch)
+            self._triggers.set()  # what was not committed stays queued
+            raise
+
+    def _take_trigger(
+        self, name: str, data: object, batch: _TriggerBatch, waiting: set[str]
+    ) -> _TriggerBatch:
+        """Plan one event into `batch`; returns the batch to go on with (a new
+        one when this event had to wait for the last to be committed)."""
+        path = self.state.trigger_event_path(name)
+        event_id = name
+        event = None
+        try:
+            if data is None:
+                return batch
+            if isinstance(data, ValueError):
+                raise data
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            event_id = data.get("id", name)
+            event = TriggerEvent.from_dict(data)
+            _, not_before = self._event_retries.get(name, (0, 0.0))
+            if event.connection in waiting or time.monotonic() < not_before:
+                waiting.add(event.connection)  # its events stay in order
+                return batch
+            if event.change and any(
+                m.has_planned(event.change) or m.find_items(event.change)
+                for m in self.managers.values()
+            ):
+                # What it does to items of its change (drop an older patchset,
+                # refuse a second approval) needs the items before it stored.
+                self._commit_triggers(batch)
+                batch = _TriggerBatch(self.state.transaction())
+            self._plan_trigger(name, path, event, data, batch)
+        except ZKError:
+            self._triggers.set()  # ZooKeeper away: the event stays queued
+            raise
+        except ReviewSystemError as error:
+            # Not the event's fault: it stays queued, and so do the ones
+            # after it from the same review system, until it answers.
+            assert event is not None
+            waiting.add(event.connection)
+            self._retry_event_later(name, event_id, error)
+        except (TypeError, KeyError, ValueError) as error:
+            log.error("Dropped malformed trigger event %s: %s", name, error)
+            self.zk.delete(path)
+        except ZuulLiteError as error:
+            log.warning("[e: %s] dropped: %s", event_id, error)
+            self.zk.delete(path)
+        except Exception as error:  # one bad event never stops the others
+            log.exception("[e: %s] dropped: it raised %r", event_id, error)
+            self.zk.delete(path)
+        return batch
 
     def _retry_event_later(self, name: str, event_id: str, error: ReviewSystemError) -> None:
         attempts = self._event_retries.get(name, (0, 0.0))[0] + 1
@@ -476,7 +513,11 @@ class Scheduler(threading.Thread):
 
         self.call_later(delay, again)
 
-    def _handle_trigger(self, path: str, event: TriggerEvent) -> None:
+    def _plan_trigger(
+        self, name: str, path: str, event: TriggerEvent, data: dict, batch: _TriggerBatch
+    ) -> None:
+        """Plan the items the event enqueues, in a transaction of its own that
+        joins the batch only whole: an event that raises adds nothing."""
         conn = self.connections.get(event.connection)
         if conn is None:
             raise ZuulLiteError(f"no connection named {event.connection}")
@@ -486,37 +527,75 @@ class Scheduler(threading.Thread):
             raise ZuulLiteError(f"{event.ref} of {event.project} was deleted: nothing to build")
         wanted = [m for m in self.managers.values() if m.event_matches(event)]
         txn = self.state.transaction()
-        planned = []
-        if wanted:
-            change = (
-                _ref_change(event)
-                if event.type == "ref-updated"
-                else conn.get_change(event.change, event.patchset)
-            )
-            for manager in wanted:
-                try:
-                    planned.append((manager, manager.plan(change, event.id, txn)))
-                except EnqueueRefused as refused:
-                    log.info(
-                        "[e: %s] not enqueued in %s: %s", event.id, manager.pipeline.name, refused
-                    )
-                    if refused.report:
-                        manager.reporter.report_refusal(change, str(refused), event.id)
-        txn.delete(path)
+        planned: list[tuple[PipelineManager, list[QueueItem]]] = []
         try:
-            txn.commit()
-        except (NodeExistsError, NoNodeError):
-            log.warning("[e: %s] event already handled", event.id)
+            if wanted:
+                change = (
+                    _ref_change(event)
+                    if event.type == "ref-updated"
+                    else conn.get_change(event.change, event.patchset)
+                )
+                for manager in wanted:
+                    try:
+                        planned.append((manager, manager.plan(change, event.id, txn)))
+                    except EnqueueRefused as refused:
+                        log.info(
+                            "[e: %s] not enqueued in %s: %s",
+                            event.id,
+                            manager.pipeline.name,
+                            refused,
+                        )
+                        if refused.report:
+                            manager.reporter.report_refusal(change, str(refused), event.id)
+        except BaseException:
+            for manager, items in planned:
+                manager.unplan(items)
+            raise
+        txn.delete(path)
+        batch.txn.extend(txn)
+        batch.events.append((name, data, event, bool(planned)))
+        batch.planned.extend(planned)
+
+    def _discard_triggers(self, batch: _TriggerBatch) -> None:
+        for manager, items in batch.planned:
+            manager.unplan(items)
+        batch.planned.clear()
+        batch.events.clear()
+
+    def _commit_triggers(self, batch: _TriggerBatch) -> None:
+        """Store the batch's items and delete its events; then enqueue them."""
+        if not batch.events:
             return
+        try:
+            batch.txn.commit()
+        except (NodeExistsError, NoNodeError):
+            events = list(batch.events)
+            self._discard_triggers(batch)
+            if len(events) == 1:
+                log.warning("[e: %s] event already handled", events[0][2].id)
+                return
+            # One of them was (an event handled already): each on its own.
+            for name, data, _, _ in events:
+                self._commit_triggers(
+                    self._take_trigger(name, data, _TriggerBatch(self.state.transaction()), set())
+                )
+            return
+        planned, batch.planned = batch.planned, []
         for manager, items in planned:
-            manager.enqueue(items)
-        if not planned:
-            what = (
-                f"{event.ref} at {event.newrev[:12]}"
-                if event.type == "ref-updated"
-                else f"{event.change},{event.patchset}"
-            )
-            log.debug("[e: %s] %s on %s: enqueued nowhere", event.id, event.type, what)
+            manager.enqueue(items, hooks=False)
+        for manager, items in planned:
+            manager.on_enqueued(items[-1])
+        for name, _, event, enqueued in batch.events:
+            self.metrics.events.labels(event.connection, event.type).inc()
+            self._event_retries.pop(name, None)
+            if not enqueued:
+                what = (
+                    f"{event.ref} at {event.newrev[:12]}"
+                    if event.type == "ref-updated"
+                    else f"{event.change},{event.patchset}"
+                )
+                log.debug("[e: %s] %s on %s: enqueued nowhere", event.id, event.type, what)
+        batch.events.clear()
 
     def _drop_outdated(self, event: TriggerEvent) -> None:
         """A new patchset or an abandoned change: older items of it go."""

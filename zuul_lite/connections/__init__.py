@@ -133,6 +133,19 @@ class Connection(abc.ABC):
     def get_series(self, change: Change) -> bytes:
         """The patch series of that patchset, byte for byte as submitted."""
 
+    def get_series_many(self, changes: list[Change]) -> list[bytes | Exception]:
+        """The series of several changes (a gate pass asks for many at once),
+        each or the error reading it raised, so one unreadable series fails
+        only its change; a review system that can read them together
+        overrides it."""
+        found: list[bytes | Exception] = []
+        for change in changes:
+            try:
+                found.append(self.get_series(change))
+            except Exception as error:
+                found.append(error)
+        return found
+
     @abc.abstractmethod
     def branch_repo(self, project: str) -> str:
         """Where the merger fetches the project's branches from (a path or URL)."""
@@ -154,6 +167,18 @@ class Connection(abc.ABC):
         """Merge the change as tested (commit `sha` of the merger's workspace); None on
         success, or one sentence saying why it did not merge. Must succeed
         again when the change already merged at `sha` (a retry)."""
+
+    def merge_many(self, changes: list[Change], sha: str, merger: Merger) -> list[str | None]:
+        """Merge changes of one branch in order, each as tested in the state
+        `sha` (the last one's, which holds them all): like `merge` for each,
+        up to the first that does not merge (its sentence ends the list). A
+        review system that can land them all at once (one push) overrides it."""
+        results: list[str | None] = []
+        for change in changes:
+            results.append(self.merge(change, sha, merger))
+            if results[-1]:
+                break
+        return results
 
 
 def _drivers() -> dict[str, type[Connection]]:

@@ -24,7 +24,7 @@ from nodepool_lite.exceptions import BadVersionError, NodeExistsError, NoNodeErr
 from zuul_lite.connections import Connection, PostEvent, Report
 from zuul_lite.connections.depends_index import DependsOnIndex
 from zuul_lite.exceptions import InboxError
-from zuul_lite.git import git
+from zuul_lite.git import cat_blobs, git
 from zuul_lite.model import Change, TriggerEvent
 from zuul_lite.series import Series, read_series
 from zuul_lite.state import ZuulState
@@ -349,8 +349,22 @@ class LocalConnection(Connection):
                 continue
 
     def get_series(self, change: Change) -> bytes:
-        ref = f"refs/changes/{change.number % 100:02d}/{change.number}/{change.patchset}"
-        return git(self.repo_path(change.project), "cat-file", "blob", ref).encode()
+        series = self.get_series_many([change])[0]
+        if isinstance(series, Exception):
+            raise series
+        return series
+
+    def get_series_many(self, changes: list[Change]) -> list[bytes | Exception]:
+        """Byte for byte, one git process per project."""
+        found: dict[str, bytes | Exception] = {}
+        for project in {c.project for c in changes}:
+            ours = [c for c in changes if c.project == project]
+            refs = [f"refs/changes/{c.number % 100:02d}/{c.number}/{c.patchset}" for c in ours]
+            for change, blob in zip(ours, cat_blobs(self.repo_path(project), refs), strict=True):
+                found[change.label] = blob or InboxError(
+                    f"The series of change {change.label} is missing from {project}."
+                )
+        return [found[c.label] for c in changes]
 
     def latest_patchset(self, change: int) -> int:
         return len(self.get_change_data(change)["patchsets"])
@@ -380,7 +394,9 @@ class LocalConnection(Connection):
         written meanwhile (a comment), the transaction fails and is redone.
         A gate merge (pushed by `merge` before this) marks the change merged
         and announces the branch's new head in the same transaction: once,
-        even when the merge is retried after a crash."""
+        even when the merge is retried after a crash. The changes of a gate
+        run reported in one transaction move the branch once, to the last
+        one's commit: one ref-updated, as for one push."""
         path = self.change_path(change.number)
         data, version = self.zk.get(path)
         if not any(v.get("report_id") == report.id for v in data["votes"]):
@@ -393,7 +409,11 @@ class LocalConnection(Connection):
                 change.branch,
                 report.merged_sha[:12],
             )
-            self._announce_head(change.project, change.branch, report.merged_sha, txn)
+            sha = report.merged_sha
+            txn.add_last(
+                (self.name, change.project, change.branch),
+                lambda last: self._announce_head(change.project, change.branch, sha, last),
+            )
         txn.set(path, data, version)
 
     def has_report(self, change: Change, report: Report) -> bool:
@@ -401,15 +421,40 @@ class LocalConnection(Connection):
         return any(v.get("report_id") == report.id for v in votes)
 
     def merge(self, change: Change, sha: str, merger: Merger) -> str | None:
-        data = self.get_change_data(change.number)
+        refused = self._merge_refused(change, self.get_change_data(change.number), sha)
+        if refused is not None:
+            return refused or None
+        # The change is marked merged by the vote's write (report_ops), in the
+        # transaction that removes the item: a push that lands twice is a no-op.
+        return merger.push(change.project, sha, self.repo_path(change.project), change.branch)
+
+    def merge_many(self, changes: list[Change], sha: str, merger: Merger) -> list[str | None]:
+        """One push of `sha` lands every change of the run: the first is
+        merged (pushed), the others only checked to be still open, all read
+        in one round trip."""
+        results = [self.merge(changes[0], sha, merger)]
+        if results[0] or len(changes) == 1:
+            return results
+        stored = self.zk.get_many([self.change_path(c.number) for c in changes[1:]])
+        for change, data in zip(changes[1:], stored, strict=True):
+            if not isinstance(data, dict):
+                results.append(f"There is no change {change.number}.")
+                break
+            results.append(self._merge_refused(change, data, sha) or None)
+            if results[-1]:
+                break
+        return results
+
+    @staticmethod
+    def _merge_refused(change: Change, data: dict, sha: str) -> str | None:
+        """Why the change cannot merge now; "" if it merged at `sha` already
+        (a retry), None if it is open."""
         if data["status"] == "MERGED":
             return (
-                None
+                ""
                 if data.get("merged_sha") == sha
                 else f"Change {change.number} is merged already."
             )
         if data["status"] != "NEW":
             return f"Change {change.number} was {data['status'].lower()} meanwhile."
-        # The change is marked merged by the vote's write (report_ops), in the
-        # transaction that removes the item: a push that lands twice is a no-op.
-        return merger.push(change.project, sha, self.repo_path(change.project), change.branch)
+        return None

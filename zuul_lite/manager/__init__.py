@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from nodepool_lite.exceptions import BadVersionError
@@ -74,10 +75,14 @@ class PipelineManager:
         # Items whose report the review system did not take: (attempts, not before).
         self._report_retries: dict[str, tuple[int, float]] = {}
         self._new_queues: dict[str, ChangeQueue] = {}  # planned, not yet committed
+        # Items planned into a transaction not yet committed, by queue: the
+        # trigger events of a wake-up are stored in one (see `plan`).
+        self._planned: dict[str, list[QueueItem]] = {}
         self._dirty: dict[str, QueueItem] = {}  # saved in memory, not yet in ZooKeeper
         self._new_builds: list[str] = []  # build znodes the next flush creates
         self._launched: list[tuple[QueueItem, Build]] = []  # to submit after this pass
-        self._merge_batch: list[MergeRequest] = []  # to submit after this pass
+        # Merges to submit after this pass: the item, the changes it applies, the request.
+        self._merge_batch: list[tuple[QueueItem, list[Change], MergeRequest]] = []
         self._landing: set[str] = set()  # items whose merge runs off the scheduler thread
         self.reporter = ItemReporter(self)
 
@@ -115,13 +120,29 @@ class PipelineManager:
     def find_items(self, number: int) -> list[QueueItem]:
         return [i for i in self.pipeline.all_items() if i.change.number == number]
 
+    def known_items(self) -> list[QueueItem]:
+        """The items in the queues and those planned but not committed yet."""
+        return [*self.pipeline.all_items(), *(i for p in self._planned.values() for i in p)]
+
+    def has_planned(self, number: int) -> bool:
+        return any(i.change.number == number for p in self._planned.values() for i in p)
+
+    def unplan(self, items: list[QueueItem] | None = None) -> None:
+        """Forget planned items (all of them by default) whose transaction
+        is not committed; the queues they alone would have created too."""
+        for name, planned in list(self._planned.items()):
+            planned[:] = [i for i in planned if items is not None and i not in items]
+            if not planned:
+                del self._planned[name]
+                self._new_queues.pop(name, None)
+
     def why_not_enqueue(self, change: Change) -> str | None:
         """None if the change (or branch head) may be enqueued, else one sentence why not."""
         if not change.is_ref and change.status != "NEW":
             return f"Change {change.number} is {change.status.lower()}."
         if not self.sched.layout.jobs_for(change.project, self.pipeline.name):
             return f"Project {change.project} runs no jobs in {self.pipeline.name}."
-        for item in self.pipeline.all_items():
+        for item in self.known_items():
             other = item.change
             if not item.live or other.is_ref != change.is_ref:
                 continue
@@ -172,7 +193,9 @@ class PipelineManager:
     def plan(self, change: Change, event_id: str, txn: Transaction) -> list[QueueItem]:
         """Add the writes that enqueue `change` (and the changes it needs, as
         the manager's kind wants them) to `txn`; the caller commits, then
-        calls `enqueue`. Raises EnqueueRefused."""
+        calls `enqueue` (or `unplan` if the commit failed). Several changes
+        may be planned into one transaction: each is planned behind the
+        ones before. Raises EnqueueRefused."""
         why = self.why_not_enqueue(change)
         if why:
             raise EnqueueRefused(why)
@@ -186,8 +209,10 @@ class PipelineManager:
         self, changes: list[tuple[Change, bool]], event_id: str, txn: Transaction
     ) -> list[QueueItem]:
         queue = self.get_change_queue(changes[-1][0])
+        planned = self._planned.get(queue.name, [])
+        before = [*queue.items, *planned]
         items = []
-        ahead = queue.items[-1].uuid if queue.items else None
+        ahead = before[-1].uuid if before else None
         for change, live in changes:
             item = QueueItem(
                 pipeline=self.pipeline.name,
@@ -198,7 +223,7 @@ class PipelineManager:
             )
             if live:
                 item.buildset = self._new_buildset(item, attempt=1)
-            position = len(queue.items) + len(items)
+            position = len(before) + len(items)
             item.active = not queue.window or position < queue.window
             data = item.to_dict()
             data["item_ahead"] = ahead
@@ -207,23 +232,29 @@ class PipelineManager:
             items.append(item)
         stored = {
             **queue.to_dict(),
-            "items": [*(i.uuid for i in queue.items), *(i.uuid for i in items)],
+            "items": [*(i.uuid for i in before), *(i.uuid for i in items)],
         }
-        if queue.stored:
+        if queue.stored or planned:
             txn.set(self.state.queue_path(self.pipeline.name, queue.name), stored)
         else:
             txn.create(self.state.queue_path(self.pipeline.name, queue.name), stored)
         if queue not in self.pipeline.queues:
             self._new_queues[queue.name] = queue
+        self._planned.setdefault(queue.name, []).extend(items)
         return items
 
-    def enqueue(self, items: list[QueueItem]) -> None:
+    def enqueue(self, items: list[QueueItem], hooks: bool = True) -> None:
+        """Put planned items, committed now, into their queue; `hooks`
+        False: the caller calls `on_enqueued` once all its items are in."""
         queue = self.pipeline.get_queue(items[0].queue)
         if queue is None:
             queue = self._new_queues.pop(items[0].queue)
             self.pipeline.queues.append(queue)
         queue.stored = True
+        planned = self._planned.get(queue.name, [])
         for item in items:
+            if item in planned:
+                planned.remove(item)
             queue.enqueue(item)
             self.log.info(
                 "Enqueued %s as %s item %s in queue %s",
@@ -233,7 +264,10 @@ class PipelineManager:
                 queue.name,
                 item=item,
             )
-        self.on_enqueued(items[-1])
+        if not planned:
+            self._planned.pop(queue.name, None)
+        if hooks:
+            self.on_enqueued(items[-1])
 
     def _new_buildset(self, item: QueueItem, attempt: int) -> BuildSet:
         bs = BuildSet(attempt=attempt)
@@ -455,35 +489,77 @@ class PipelineManager:
         removes the item; if the change was written meanwhile, do it again.
         While a review system that refused the report waits for its retry,
         the item stays (and the items behind it in a gate queue wait). A
-        change to merge is merged off this thread first (see `_land`)."""
-        _, not_before = self._report_retries.get(item.uuid, (0, 0.0))
-        if time.monotonic() < not_before or item.uuid in self._landing:
+        change to merge is merged off this thread first (see `_land`); the
+        items merged with it behind it are reported and removed in the same
+        transaction (see `_merged_behind`)."""
+        if not self._may_report(item):
             return
         record = self.reporter.prepare(item)
         if record is not None and self.reporter.must_merge(record):
             self._land(item)
             return
-        if not self._record_history(item, record):
+        batch = []
+        for other, other_record in [(item, record), *self._merged_behind(item, record)]:
+            if not self._record_history(other, other_record):
+                break
+            batch.append((other, other_record))
+        if not batch:
             return
-        action = record["action"] if record is not None else self.reporter.action(item)
         while True:
             txn = self.state.transaction()
-            try:
-                merged = self.reporter.report(item, record, txn)
-            except ReviewSystemError as error:
-                self._report_later(item, error)
+            reported = []
+            for other, other_record in batch:
+                try:
+                    reported.append((other, self.reporter.report(other, other_record, txn)))
+                except ReviewSystemError as error:
+                    self._report_later(other, error)
+                    break
+            if not reported:
                 return
             window = queue.window
+            merged = all(m for _, m in reported)
             if self.changes_merge and not item.error:
-                queue.increase_window() if merged else queue.decrease_window()
+                for _, m in reported:
+                    queue.increase_window() if m else queue.decrease_window()
             try:
-                self.remove_item(
-                    item, reset_behind or (self.changes_merge and not merged), txn=txn
+                self.remove_items(
+                    [other for other, _ in reported],
+                    reset_behind or (self.changes_merge and not merged),
+                    txn=txn,
                 )
-                self.sched.metrics.item_reported(item, action, time.time())
-                return
             except BadVersionError:
                 queue.window = window
+                continue
+            now = time.time()
+            for (other, _), (_, other_record) in zip(reported, batch, strict=False):
+                action = (
+                    other_record["action"]
+                    if other_record is not None
+                    else self.reporter.action(other)
+                )
+                self.sched.metrics.item_reported(other, action, now)
+            return
+
+    def _may_report(self, item: QueueItem) -> bool:
+        """Not while its merge runs, nor before a refused report's retry is due."""
+        _, not_before = self._report_retries.get(item.uuid, (0, 0.0))
+        return time.monotonic() >= not_before and item.uuid not in self._landing
+
+    def _merged_behind(self, item: QueueItem, record: dict | None) -> list[tuple[QueueItem, dict]]:
+        """The items right behind a merged item that were merged with it (one
+        push of the last one's state landed them all, see `_land`): each has
+        a merged record for its current build set, so it passed on top of
+        the one ahead of it. Reported with it in one transaction."""
+        if not self.changes_merge or record is None or not record["merged"]:
+            return []
+        queue = self.pipeline.get_queue(item.queue)
+        found = []
+        for other in queue.items[queue.items.index(item) + 1 :]:
+            merged = self.reporter.merged_record(other)
+            if merged is None or not self._may_report(other):
+                break
+            found.append((other, merged))
+        return found
 
     def _record_history(self, item: QueueItem, record: dict | None) -> bool:
         """Write the item's build set and builds to SQL as they are reported,
@@ -504,10 +580,10 @@ class PipelineManager:
     def _land(self, item: QueueItem) -> None:
         """Merge the item, and the items that passed behind it on top of it,
         off the scheduler thread: a push or a submit takes tens of
-        milliseconds, in which builds of other items can be launched. The
-        first merge lands the state of the last, so the others find their
-        commits landed already; their reports then follow in the same pass.
-        Items being merged are neither dequeued nor moved meanwhile."""
+        milliseconds, in which builds of other items can be launched. One
+        merge of the last one's state lands them all (one push to the local
+        inbox); their reports then follow in one transaction, in the pass
+        after. Items being merged are neither dequeued nor moved meanwhile."""
         run = []
         for other in self.reporter.run(item):
             record = self.reporter.prepare(other)
@@ -519,19 +595,21 @@ class PipelineManager:
 
         def merge_all() -> None:
             refused: ReviewSystemError | None = None
-            for other, record in run:
-                try:
-                    self.reporter.merge(other, record)
-                except ReviewSystemError as error:
-                    refused = error
-                except Exception as error:  # a bug must not leave the items stuck
-                    self.log.exception("Merging %s raised", other.label, item=other)
-                    record.update(
-                        merge_error=f"Merging failed ({type(error).__name__}: {error}).",
-                        action="failure",
-                    )
-                if refused is not None or record["merge_error"] is not None:
-                    break  # the items behind it are not merged: they are re-tested
+            try:
+                self.reporter.merge_run(run)
+            except ReviewSystemError as error:
+                refused = error
+            except Exception as error:  # a bug must not leave the items stuck
+                self.log.exception("Merging %s raised", item.label, item=item)
+                for _, record in run:
+                    if not record["merged"]:
+                        record.update(
+                            merge_error=f"Merging failed ({type(error).__name__}: {error}).",
+                            action="failure",
+                        )
+                        break
+            # The items behind the first that did not merge are not merged:
+            # they are re-tested.
             self.sched.post_callback(lambda: self._landed(run, refused))
 
         self.sched.landing.post(merge_all)
@@ -547,30 +625,44 @@ class PipelineManager:
     def remove_item(
         self, item: QueueItem, reset_behind: bool = False, txn: Transaction | None = None
     ) -> None:
-        """Take the item out of its queue and ZooKeeper (in `txn`, with what the
-        caller put there); then cancel what it runs."""
-        queue = self.pipeline.get_queue(item.queue)
+        self.remove_items([item], reset_behind, txn)
+
+    def remove_items(
+        self, items: list[QueueItem], reset_behind: bool = False, txn: Transaction | None = None
+    ) -> None:
+        """Take items of one queue out of it and ZooKeeper (in `txn`, with what
+        the caller put there); then cancel what they run. The items behind
+        them that stay are reset (`reset_behind`) or saved re-based."""
+        queue = self.pipeline.get_queue(items[0].queue)
         txn = txn or self.state.transaction()
-        txn.delete(self.state.item_path(self.pipeline.name, item.uuid))
-        rest = [i for i in queue.items if i is not item] if queue is not None else []
+        gone = {item.uuid for item in items}
+        for item in items:
+            txn.delete(self.state.item_path(self.pipeline.name, item.uuid))
+            if self.reporter.recorded(item):
+                txn.delete(self.state.report_path(item.uuid))
+        rest = [i for i in queue.items if i.uuid not in gone] if queue is not None else []
         if rest:
             stored = {**queue.to_dict(), "items": [i.uuid for i in rest]}
             txn.set(self.state.queue_path(self.pipeline.name, queue.name), stored)
         elif queue is not None:
             txn.delete(self.state.queue_path(self.pipeline.name, queue.name))
-        if self.reporter.recorded(item):
-            txn.delete(self.state.report_path(item.uuid))
         txn.commit()
         # ZooKeeper has it: now the memory, and then what runs.
-        self._dirty.pop(item.uuid, None)
-        behind = queue.dequeue(item) if queue is not None and item in queue.items else []
+        behind: dict[str, QueueItem] = {}
+        for item in items:
+            self._dirty.pop(item.uuid, None)
+            if queue is not None and item in queue.items:
+                behind.update((other.uuid, other) for other in queue.dequeue(item))
         if queue is not None and not queue.items:
             self.pipeline.queues.remove(queue)
-        self.cancel_builds(item)
-        self.reporter.forget(item)
-        for other in behind:
-            self.reset_item(other) if reset_behind else self.save(other)
-        self._forget(item)
+        for item in items:
+            self.cancel_builds(item)
+            self.reporter.forget(item)
+        for other in behind.values():
+            if other.uuid not in gone:
+                self.reset_item(other) if reset_behind else self.save(other)
+        for item in items:
+            self._forget(item)
 
     def dequeue(self, item: QueueItem, why: str) -> None:
         """Drop an item without a report (superseded, abandoned, an operator);
@@ -678,31 +770,62 @@ class PipelineManager:
             base, changes, apply = item.change.newrev, [], []
         bs.changes = [c.label for c in changes]
         self._merges_requested[item.uuid] = bs.uuid
-        self._merge_batch.append(  # submitted together at the end of the pass
-            MergeRequest(
-                item_uuid=item.uuid,
-                project=item.change.project,
-                branch=item.change.branch,
-                ref=self.ref_for(item),
-                changes=[
-                    MergeChange(c.label, self.sched.connections[c.connection].get_series(c))
-                    for c in apply
-                ],
-                base=base,
-                base_changes=[i.change.label for i in ahead[: len(ahead) - len(rest)]],
-                review_repo=self.sched.connections[item.change.connection].branch_repo(
-                    item.change.project
+        # Submitted together at the end of the pass, with their series read then.
+        self._merge_batch.append(
+            (
+                item,
+                apply,
+                MergeRequest(
+                    item_uuid=item.uuid,
+                    project=item.change.project,
+                    branch=item.change.branch,
+                    ref=self.ref_for(item),
+                    changes=[],
+                    base=base,
+                    base_changes=[i.change.label for i in ahead[: len(ahead) - len(rest)]],
+                    review_repo=self.sched.connections[item.change.connection].branch_repo(
+                        item.change.project
+                    ),
+                    event_id=item.event_id,
                 ),
-                event_id=item.event_id,
             )
         )
 
     def _submit_merges(self) -> None:
         """The merges a pass asked for, in queue order, at once: the merger
-        then applies a queue's chained series in one run."""
-        if self._merge_batch:
-            batch, self._merge_batch = self._merge_batch, []
-            self.sched.merger.submit_many(batch)
+        then applies a queue's chained series in one run. Their series are
+        read together (one git process for the local inbox), each once; an
+        item whose series cannot be read is reported with one sentence."""
+        if not self._merge_batch:
+            return
+        batch, self._merge_batch = self._merge_batch, []
+        series = self._read_series([c for _, apply, _ in batch for c in apply])
+        requests = []
+        for item, apply, request in batch:
+            read = [series[(c.connection, c.label)] for c in apply]
+            error = next((r for r in read if isinstance(r, Exception)), None)
+            if error is not None:
+                self.log.error("Reading the series of %s failed: %s", item.label, error, item=item)
+                self._fail_item(item, error)
+                continue
+            changes = [MergeChange(c.label, r) for c, r in zip(apply, read, strict=True)]
+            requests.append(replace(request, changes=changes))
+        self.sched.merger.submit_many(requests)
+
+    def _read_series(self, changes: list[Change]) -> dict[tuple[str, str], bytes | Exception]:
+        """(connection, label) -> the series, or the error reading it raised;
+        read per connection at once."""
+        found: dict[tuple[str, str], bytes | Exception] = {}
+        by_conn: dict[str, dict[str, Change]] = {}
+        for change in changes:
+            by_conn.setdefault(change.connection, {})[change.label] = change
+        for name, group in by_conn.items():
+            try:
+                read = self.sched.connections[name].get_series_many(list(group.values()))
+            except Exception as error:  # each item says it
+                read = [error] * len(group)
+            found.update(((name, label), blob) for label, blob in zip(group, read, strict=True))
+        return found
 
     def merges_pending(self) -> int:
         return len(self._merges_requested)

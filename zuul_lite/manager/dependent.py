@@ -21,12 +21,12 @@ class DependentPipelineManager(PipelineManager):
 
     def get_change_queue(self, change: Change) -> ChangeQueue:
         name = change.project
-        return self.pipeline.get_queue(name) or self.new_queue(name)
+        return self.pipeline.get_queue(name) or self._new_queues.get(name) or self.new_queue(name)
 
     def changes_to_enqueue(self, change: Change) -> list[tuple[Change, bool]]:
         """The changes it needs enter the gate ahead of it if they are
         approved; otherwise it waits, and enters behind them when they do."""
-        queued = {i.change.number for i in self.pipeline.all_items()}
+        queued = {i.change.number for i in self.known_items()}
         out = []
         for dep in self.dependencies(change):
             if dep.number in queued:

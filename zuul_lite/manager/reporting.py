@@ -7,7 +7,9 @@ scheduler killed in between finds the record on restart, merges only if the
 record says the merge has not happened (and the connection's merge is
 idempotent for the same commit), and asks the connection whether the report
 is already there before making it again. The merge itself runs off the
-scheduler thread (the manager's `_land`), between `prepare` and `report`.
+scheduler thread (the manager's `_land`), between `prepare` and `report`:
+the items of a gate run (see `run`) are merged by one push and reported in
+one transaction.
 An item reported nowhere (a branch
 head, which has no change to vote on; an item of a pipeline with no reporter
 for how it ended, as post) gets no record: one log line gives each job's result.
@@ -199,23 +201,52 @@ class ItemReporter:
     def must_merge(record: dict) -> bool:
         return bool(record["submit"]) and not record["merged"] and record["merge_error"] is None
 
-    def merge(self, item: QueueItem, record: dict) -> None:
-        """Merge the change as the record says and note how it went in the
-        record. Safe off the scheduler thread: the scheduler does not touch an
-        item while its merge is under way. Raises ReviewSystemError when the
-        review system could not be asked (the merge is tried again later)."""
+    def merged_record(self, item: QueueItem) -> dict | None:
+        """The record of the item's current build set if its change merged
+        already (landed by the merge of a run ahead of it), else None."""
+        record = self._records.get(item.uuid)
+        if record is None or not record["merged"]:
+            return None
+        return record if record["report_id"] == f"{item.uuid}-{item.buildset.uuid}" else None
+
+    def merge_run(self, run: list[tuple[QueueItem, dict]]) -> None:
+        """Merge the items of a run in order as their records say, noting
+        how each went in its record, up to the first that does not merge.
+        The items whose records name the same state (the last one's, see
+        `_new_record`) go to their connection's `merge_many` together: one
+        push lands them all. Safe off the scheduler thread: the scheduler
+        does not touch items while their merge is under way. Raises
+        ReviewSystemError when the review system could not be asked (the
+        merge is tried again later)."""
         state = self.manager.state
         sched = self.manager.sched
-        change = item.change
-        conn = sched.connections[change.connection]
-        sha = record.get("sha") or item.buildset.head_sha or ""
-        error = conn.merge(change, sha, sched.merger.merger)
-        if error:
-            record.update(merge_error=error, action="failure")
-        else:
-            record["merged"] = True
-        if not conn.reports_in_transaction:
-            state.zk.set(state.report_path(item.uuid), record)
+        start = 0
+        while start < len(run):
+            item, record = run[start]
+            conn = sched.connections[item.change.connection]
+            group = [(item, record)]
+            for other, other_record in run[start + 1 :]:
+                if (
+                    other.change.connection != item.change.connection
+                    or not record.get("sha")
+                    or other_record.get("sha") != record["sha"]
+                ):
+                    break
+                group.append((other, other_record))
+            sha = record.get("sha") or item.buildset.head_sha or ""
+            errors = conn.merge_many(
+                [other.change for other, _ in group], sha, sched.merger.merger
+            )
+            for (other, other_record), error in zip(group, errors, strict=False):
+                if error:
+                    other_record.update(merge_error=error, action="failure")
+                else:
+                    other_record["merged"] = True
+                if not conn.reports_in_transaction:
+                    state.zk.set(state.report_path(other.uuid), other_record)
+                if error:
+                    return
+            start += len(group)
 
     def report(self, item: QueueItem, record: dict | None, txn: Transaction) -> bool:
         """Report the item as its record (from `prepare`, merged already if the
