@@ -103,6 +103,28 @@ def zuul_variable(request: BuildRequest) -> dict[str, Any]:
 RECEIVE_PACK = "git -c receive.denyCurrentBranch=updateInstead -c checkout.workers=0 receive-pack"
 
 
+# The node's repository of the project: a clean checkout of the branch under
+# test (the image's kernel-tree-cache, built at a recent base; a static
+# host's last build) stays, so the push sends only the objects it lacks,
+# updateInstead rewrites only the files the change moves, and make rebuilds
+# only what they affect. Anything else (none, another branch, changed files)
+# makes way for an empty repository, which the push fills with the whole tree.
+KEEP_OR_INIT = """\
+repo=src/{{ zuul.project | quote }}
+branch={{ zuul.branch | quote }}
+if [ -d "$repo/.git" ] \\
+    && [ "$(git -C "$repo" symbolic-ref -q HEAD)" = "refs/heads/$branch" ] \\
+    && git -C "$repo" update-index -q --refresh \\
+    && git -C "$repo" diff-index --quiet HEAD --; then
+  echo "checkout kept: $repo at $(git -C "$repo" rev-parse HEAD) (the push moves it)"
+else
+  rm -rf "$repo"
+  git init --quiet --initial-branch "$branch" "$repo"
+  echo "empty repository: $repo (the push brings the whole tree)"
+fi
+"""
+
+
 def _push_url(node: NodeAddress) -> str:
     """ssh://user@host:port/~/src/<project>: the node user's home, as git expands `~`."""
     host = f"[{node.host}]" if ":" in node.host else node.host
@@ -118,9 +140,10 @@ def _setup_playbook(
 ) -> list[dict]:
     """Wait for ssh, push the change under test to the node, copy dependency artifacts.
 
-    The change goes from the launcher's cache (gitcache.py) into a repository
-    the node made empty, over the node's own ssh: the node never reaches the
-    merger nor reads a path of the launcher's or the scheduler's host.
+    The change goes from the launcher's cache (gitcache.py) into the node's
+    checkout of the branch (KEEP_OR_INIT) over the node's own ssh: the node
+    never reaches the merger nor reads a path of the launcher's or the
+    scheduler's host.
     """
     return [
         {
@@ -141,18 +164,14 @@ def _setup_playbook(
                     },
                 },
                 {
-                    "name": "Make an empty repository on the branch under test",
-                    "ansible.builtin.command": {
-                        "argv": [
-                            "git",
-                            "init",
-                            "--quiet",
-                            "--initial-branch",
-                            "{{ zuul.branch }}",
-                            "src/{{ zuul.project }}",
-                        ],
+                    "name": "Keep the node's checkout of the branch, or make an empty repository",
+                    "ansible.builtin.shell": {
+                        "executable": "/bin/bash",
                         "chdir": "~",
+                        "cmd": KEEP_OR_INIT,
                     },
+                    "register": "zuul_workspace",
+                    "changed_when": "'empty repository' in zuul_workspace.stdout",
                 },
                 {
                     "name": "Push the change under test to the node, which checks it out",

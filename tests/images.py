@@ -7,6 +7,11 @@ $ZUUL_LITE_CACHE), where `key` hashes the image's elements in elements/ and
 the diskimage's config. A changed element of the image means a new key, hence
 a new real build; an unchanged one means the cached rootfs is registered in
 the test's ZooKeeper as a `ready` build of its own and returned at once.
+
+An image with the kernel-tree-cache element holds the tree
+`kerneltree.ensure_kernel_repo()` imports, built (the one cold kernel build
+of a test run, reading the machine's shared compiler cache): its base sha is
+part of the key, so a new Debian kernel package means a new build.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import fcntl
 import hashlib
 import json
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -35,10 +41,14 @@ from nodepool_lite.builder import (
 from nodepool_lite.config import Config, DiskImage
 from nodepool_lite.model import BuildState, ImageBuild
 from nodepool_lite.zk import ZooKeeper
+from zuul_lite import kerneltree
 
 MARKER = "ready.json"
 KEY_LENGTH = 16
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "etc" / "nodepool.yaml"
+TREE_ELEMENT = "kernel-tree-cache"
+# Where the test image's build reads compiler objects: the cache the e2e nodes use.
+TREE_CCACHE = "ccache-nodes"
 
 
 def node_config(state_dir: Path) -> Config:
@@ -62,15 +72,48 @@ def own_elements(diskimage: DiskImage) -> list[Path]:
     return sorted(Path(path) for _, path in expanded if Path(path).parent == REPO_ELEMENTS)
 
 
+def with_kernel_tree(diskimage: DiskImage) -> DiskImage:
+    """`diskimage` pointed at the tests' kernel tree (the project `linux` of the
+    quick start and the e2e tests) if it has the kernel-tree-cache element."""
+    if not any(path.name == TREE_ELEMENT for path in own_elements(diskimage)):
+        return diskimage
+    env = {
+        **diskimage.env_vars,
+        "DIB_KERNEL_TREE_REPO": str(kerneltree.ensure_kernel_repo()),
+        "DIB_KERNEL_TREE_REF": kerneltree.BRANCH,
+        "DIB_KERNEL_TREE_PROJECT": "linux",
+        "DIB_KERNEL_TREE_CCACHE": str(cache_root() / TREE_CCACHE),
+    }
+    return dataclasses.replace(diskimage, env_vars=env)
+
+
+def _tree_base(diskimage: DiskImage) -> str:
+    """The commit the image's kernel tree is built at, or "" without one."""
+    repo = diskimage.env_vars.get("DIB_KERNEL_TREE_REPO")
+    if not repo:
+        return ""
+    ref = diskimage.env_vars.get("DIB_KERNEL_TREE_REF", kerneltree.BRANCH)
+    return subprocess.run(
+        ["git", "-C", repo, "rev-parse", "--verify", f"{ref}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
 def image_key(diskimage: DiskImage) -> str:
     """Hash of what decides the image's content: every file of its elements in
-    elements/ but the docs (path, exec bit, bytes), the diskimage's config and
-    the builder's dib flags and env."""
+    elements/ but the docs (path, exec bit, bytes), the diskimage's config, the
+    builder's dib flags and env, and the base commit of its kernel tree (not
+    the compiler cache it reads: that only saves time)."""
+    diskimage = with_kernel_tree(diskimage)
+    env = {k: v for k, v in diskimage.env_vars.items() if k != "DIB_KERNEL_TREE_CCACHE"}
     digest = hashlib.sha256()
     settings = [
         diskimage.elements,
         diskimage.release,
-        sorted(diskimage.env_vars.items()),
+        sorted(env.items()),
+        _tree_base(diskimage),
         dib_command(diskimage, Path("OUT"))[1:],
         sorted(DEFAULT_DIB_ENV.items()),
     ]
@@ -116,6 +159,11 @@ def ensure_node_image(
         if not marker.exists():
             shutil.rmtree(slot, ignore_errors=True)  # a build that died half-way
             slot.mkdir()
+            tree = with_kernel_tree(diskimage)
+            config = dataclasses.replace(
+                config,
+                diskimages=[tree if d is diskimage else d for d in config.diskimages],
+            )
             build = build_image(config, zk, image_name, progress, output_dir=slot)
             if build.state != BuildState.READY:
                 raise RuntimeError(f"The test image build failed; see {build.log_path}.")

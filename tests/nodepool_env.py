@@ -110,6 +110,13 @@ def register_node_image(zk: ZooKeeper, image: str = IMAGE) -> ImageBuild:
     return build
 
 
+def example_diskimage() -> dict:
+    """etc/nodepool.yaml's entry for IMAGE: the same image key (tests/images.py),
+    so these tests boot the one test image the e2e tests build."""
+    example = yaml.safe_load((REPO / "etc" / "nodepool.yaml").read_text())
+    return next(d for d in example["diskimages"] if d["name"] == IMAGE)
+
+
 def write_config(
     directory: Path,
     zk_hosts: str,
@@ -134,7 +141,7 @@ def write_config(
         "labels": [
             {"name": label, "min-ready": min_ready if label == LABEL else 0} for label in labels
         ],  # fmt: skip
-        "diskimages": [{"name": IMAGE, "elements": ["debian-minimal", "kernel-ci-node"]}],
+        "diskimages": [example_diskimage()],
         "providers": [
             {
                 "name": "local",

@@ -284,7 +284,9 @@ def test_kill_9_builder_mid_build_then_restart(zk, zk_hosts, tmp_path, fake_dib)
 # (root-owned, read-only) repo, find its tools.
 NODE_CHECK = (
     "sudo -n id -un && python3 -c 'print(42)' && echo $HOME && "
-    "git clone -q --shared /srv/merger/linux ~/src/linux && "
+    "git clone -q --shared /srv/merger/linux ~/probe && "
+    # kernel-tree-cache: a clean checkout, which git reads without rehashing
+    'test -z "$(git -C ~/src/linux status --porcelain)" && '
     "qemu-system-x86_64 --version >/dev/null && busybox true && ccache -V >/dev/null"
 )
 
@@ -312,6 +314,14 @@ def test_real_image_build(node_image, zk):
     assert (root / "etc/ssh/ssh_host_ed25519_key").exists()
     assert not list((root / "etc/ssh").glob("ssh_host_rsa_key*"))
     assert not list((root / "boot").glob("vmlinuz*")), "container images carry no kernel"
+    # kernel-tree-cache: the tests' kernel tree at its base, built, owned by zuul.
+    tree = root / "home/zuul/src/linux"
+    assert (tree / "arch/x86/boot/bzImage").is_file() and (tree / "kernel/panic.o").is_file()
+    assert tree.stat().st_uid == host_id(2000)
+    config = (tree / ".git/config").read_text()
+    assert "checkStat = minimal" in config and "trustctime = false" in config
+    assert "[remote" not in config
+    assert "gcc-aarch64-linux-gnu" in (root / "var/lib/dpkg/status").read_text()
 
 
 def test_real_image_accepts_zuul_over_ssh(node_image, tmp_path):

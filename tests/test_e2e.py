@@ -127,8 +127,8 @@ def test_quickstart_votes_on_the_samples(tmp_path):
         )
         with urllib.request.urlopen(boot + "console/serial.log") as r:
             assert b"ZUUL-LITE-BOOT-OK" in r.read()
-        # The compiler cache: the post pipeline's trusted build of the branch
-        # head filled it; the patch's build only read it, and hit.
+        # The post pipeline's trusted build of the branch head may write the
+        # shared compiler cache; the patch's build only reads it.
         [post_stats] = (state_dir / "logs").glob(
             "*/*/post/kernel-build-trusted/*/artifacts/ccache-stats.txt"
         )
@@ -140,8 +140,17 @@ def test_quickstart_votes_on_the_samples(tmp_path):
             first = r.read().decode().splitlines()[0]
         print(first)
         assert first.endswith("(shared cache read-only)"), first
-        hits, total = map(int, first.split()[3].split("/"))
-        assert hits >= 0.95 * total, first
+        # The node image holds the branch head built (kernel-tree-cache): the
+        # push moved that checkout to the series and make compiled what the
+        # two patches touch (and the boot code that embeds the kernel's
+        # size), not the ~700 objects of a full build.
+        with urllib.request.urlopen(build + "job-output.txt") as r:
+            assert "checkout kept: src/linux at " in r.read().decode()
+        with urllib.request.urlopen(build + "artifacts/build.log") as r:
+            compiled = [
+                ln.split()[1] for ln in r.read().decode().splitlines() if ln.split()[:1] == ["CC"]
+            ]
+        assert "kernel/panic.o" in compiled and len(compiled) < 10, compiled
         # Every node was used once and destroyed.
         gone = threading.Event()
         zk.watch_children("/nodepool/nodes", lambda c: gone.set() if not c else None)

@@ -73,7 +73,7 @@ def test_node_gets_what_jobs_need():
     wanted = {
         "openssh-server", "sudo", "python3", "build-essential", "bc", "bison", "flex",
         "libelf-dev", "libssl-dev", "cpio", "ccache", "git", "perl", "rsync", "kmod",
-        "qemu-system-x86", "busybox-static",
+        "qemu-system-x86", "busybox-static", "gcc-aarch64-linux-gnu",
     }  # fmt: skip
     assert wanted <= packages()
 
@@ -90,3 +90,19 @@ def test_dib_lint_is_clean():
         capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_kernel_tree_cache_builds_as_kernel_build_does():
+    """The image's tree is built with kernel-build's tiny-bootable options, make
+    arguments and pinned environment, or a node's make would rebuild it all."""
+    jobs = REPO_ELEMENTS.parent / "jobs" / "playbooks"
+    element = REPO_ELEMENTS / "kernel-tree-cache"
+    defaults = yaml.safe_load((jobs / "roles/kernel-tools/defaults/main.yaml").read_text())
+    options = (element / "kernel-tree-cache" / "tiny-bootable-options").read_text().split()
+    assert options == defaults["kernel_tiny_options"]
+    play = yaml.safe_load((jobs / "kernel-build.yaml").read_text())[0]
+    script = (element / "install.d" / "80-kernel-tree-cache").read_text()
+    for name, value in play["vars"]["kbuild_env"].items():
+        assert f'{name}="{value}"' in script or f"{name}={value} " in script, name
+    assert 'args=(ARCH=x86_64 "CC=ccache gcc")' in script
+    assert "LANG=C.UTF-8" in script

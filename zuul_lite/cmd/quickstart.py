@@ -258,20 +258,23 @@ def run(args) -> int:
     for sub in ("logs", "ccache", "merger"):
         (state / sub).mkdir(parents=True, exist_ok=True)
 
-    for service in services.services(zcfg.path, npconf, run_dir):
-        pid, new = services.start(service, run_dir)
-        say(f"{service.name}: {'started' if new else 'reused'} (pid {pid}).")
-
     zk = ZooKeeper(zcfg.zk_hosts, tls=zcfg.zk_tls)
     zk.connect()
     try:
-        for image in [d.name for d in ncfg.diskimages]:
-            ensure_image(zk, image)
+        # Before the daemons: the builder's first image build checks out and
+        # builds the project's branch head (elements/kernel-tree-cache,
+        # DIB_KERNEL_TREE_REPO in nodepool.yaml); the scheduler finds the
+        # import's ref-updated event in ZooKeeper when it starts.
         say("Kernel tree: importing Debian's linux-source-6.1 (once; reused afterwards).")
         tree = ensure_kernel_repo(progress=lambda m: say(f"  {m}"))
         local = LocalConnection("local", {"driver": "local"}, ZuulState(zk), state)
         local.import_project("linux", tree)
         say(f"Project linux: served from {local.repo_path('linux')}.")
+        for service in services.services(zcfg.path, npconf, run_dir):
+            pid, new = services.start(service, run_dir)
+            say(f"{service.name}: {'started' if new else 'reused'} (pid {pid}).")
+        for image in [d.name for d in ncfg.diskimages]:
+            ensure_image(zk, image)
         say(f"Changes under test: fetched by launchers from {zcfg.git_url}linux.")
         for service in services.services(zcfg.path, npconf, run_dir):
             problem = services.check_alive(service, run_dir)
