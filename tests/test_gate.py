@@ -384,6 +384,39 @@ def test_a_push_that_fails_fails_the_head_and_retests_the_run(gate: Gate) -> Non
     assert gate.branch_log() == ["b: add", "Initial commit"]
 
 
+def test_a_change_closed_as_its_run_lands_stays_off_the_branch(gate: Gate) -> None:
+    """b is abandoned after a, b and c passed but before their one push: a
+    lands alone (its own state, not the run's), b and c do not; c is tested
+    again without b and lands (its merge is of its new build set, not of the
+    state it passed in behind b)."""
+    a, b, c = (gate.change(n) for n in "abc")
+    gate.approve(a, b, c)
+    conn = gate.sched.connections["local"]
+    merge_many, pushes = conn.merge_many, []
+    push = gate.sched.merger.merger.push
+
+    def abandon_first(changes, shas, merger):
+        if b in [ch.number for ch in changes] and not pushes:
+            gate.local.abandon(b)
+        return merge_many(changes, shas, merger)
+
+    def counted_push(*args, **kwargs):
+        pushes.append(args[1])
+        return push(*args, **kwargs)
+
+    conn.merge_many, gate.sched.merger.merger.push = abandon_first, counted_push
+    gate.release(change=c)
+    gate.release(change=b)
+    gate.release(change=a)
+    assert gate.branch_log() == ["a: add", "Initial commit"]
+    assert gate.local.get_change_data(a)["merged_sha"] == pushes[0]
+    assert gate.local.get_change_data(b)["status"] == "ABANDONED"
+    assert gate.running() == [("build", "3,1"), ("lint", "3,1")]  # on the branch, with a
+    gate.release()
+    wait_for_votes(gate.zk, c, count=2)
+    assert gate.branch_log() == ["c: add", "a: add", "Initial commit"]
+
+
 def test_events_of_one_wake_up_are_stored_together_in_order(gate: Gate, monkeypatch) -> None:
     """Trigger events queued while the loop is busy are planned one behind
     the other and stored in one transaction; a malformed one among them is

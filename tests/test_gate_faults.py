@@ -541,14 +541,14 @@ def test_report_interrupted_by_a_crash_is_made_once(env, monkeypatch, crash, in_
 
     conn = sched1.connections["local"]
     monkeypatch.setattr(conn, "reports_in_transaction", in_txn)
-    real_merge, real_report = conn.merge, conn.report
+    real_merge, real_report = conn.merge_many, conn.report
     real_report_ops = conn.report_ops
 
-    def merge(change, sha, merger):
-        error = real_merge(change, sha, merger)
+    def merge_many(changes, shas, merger):
+        errors = real_merge(changes, shas, merger)
         if crash == "after-merge":
             freeze()
-        return error
+        return errors
 
     def report(change, report):
         if report.pipeline == "gate" and crash == "before-report":
@@ -564,7 +564,7 @@ def test_report_interrupted_by_a_crash_is_made_once(env, monkeypatch, crash, in_
         if report.pipeline == "gate" and crash == "after-report":
             freeze()  # before the transaction is committed
 
-    monkeypatch.setattr(conn, "merge", merge)
+    monkeypatch.setattr(conn, "merge_many", merge_many)
     monkeypatch.setattr(conn, "report", report)
     monkeypatch.setattr(conn, "report_ops", report_ops)
     a = env.change("a")

@@ -168,13 +168,15 @@ class Connection(abc.ABC):
         success, or one sentence saying why it did not merge. Must succeed
         again when the change already merged at `sha` (a retry)."""
 
-    def merge_many(self, changes: list[Change], sha: str, merger: Merger) -> list[str | None]:
-        """Merge changes of one branch in order, each as tested in the state
-        `sha` (the last one's, which holds them all): like `merge` for each,
-        up to the first that does not merge (its sentence ends the list). A
-        review system that can land them all at once (one push) overrides it."""
+    def merge_many(
+        self, changes: list[Change], shas: list[str], merger: Merger
+    ) -> list[str | None]:
+        """Merge changes of one branch in order, each as tested (`shas[i]`,
+        the state that holds changes[:i+1]): like `merge` for each, up to the
+        first that does not merge (its sentence ends the list). A review
+        system that can land them all at once (one push) overrides it."""
         results: list[str | None] = []
-        for change in changes:
+        for change, sha in zip(changes, shas, strict=True):
             results.append(self.merge(change, sha, merger))
             if results[-1]:
                 break

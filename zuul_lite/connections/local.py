@@ -421,28 +421,35 @@ class LocalConnection(Connection):
         return any(v.get("report_id") == report.id for v in votes)
 
     def merge(self, change: Change, sha: str, merger: Merger) -> str | None:
-        refused = self._merge_refused(change, self.get_change_data(change.number), sha)
-        if refused is not None:
-            return refused or None
-        # The change is marked merged by the vote's write (report_ops), in the
-        # transaction that removes the item: a push that lands twice is a no-op.
-        return merger.push(change.project, sha, self.repo_path(change.project), change.branch)
+        return self.merge_many([change], [sha], merger)[0]
 
-    def merge_many(self, changes: list[Change], sha: str, merger: Merger) -> list[str | None]:
-        """One push of `sha` lands every change of the run: the first is
-        merged (pushed), the others only checked to be still open, all read
-        in one round trip."""
-        results = [self.merge(changes[0], sha, merger)]
-        if results[0] or len(changes) == 1:
-            return results
-        stored = self.zk.get_many([self.change_path(c.number) for c in changes[1:]])
-        for change, data in zip(changes[1:], stored, strict=True):
+    def merge_many(
+        self, changes: list[Change], shas: list[str], merger: Merger
+    ) -> list[str | None]:
+        """Every change is checked first (one round trip), then one push of
+        the state of the last one still open lands them all: a change closed
+        meanwhile, and those behind it, stay off the branch. The changes are
+        marked merged by the vote's write (report_ops), in the transaction
+        that removes the item: a push that lands twice is a no-op."""
+        stored = self.zk.get_many([self.change_path(c.number) for c in changes])
+        results: list[str | None] = []
+        for change, sha, data in zip(changes, shas, stored, strict=True):
             if not isinstance(data, dict):
-                results.append(f"There is no change {change.number}.")
+                refused: str | None = f"There is no change {change.number}."
+            else:
+                refused = self._merge_refused(change, data, sha)
+            if refused:
+                results.append(refused)
                 break
-            results.append(self._merge_refused(change, data, sha) or None)
-            if results[-1]:
-                break
+            results.append(None)
+        landed = len(results) - (1 if results[-1] else 0)
+        if landed:
+            head = changes[landed - 1]
+            error = merger.push(
+                head.project, shas[landed - 1], self.repo_path(head.project), head.branch
+            )
+            if error:
+                return [error]
         return results
 
     @staticmethod

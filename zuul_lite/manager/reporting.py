@@ -161,9 +161,11 @@ class ItemReporter:
         (said in the log). A record left for an earlier build set of the item
         (it was reset before it was reported) is replaced."""
         report_id = f"{item.uuid}-{item.buildset.uuid}"
-        record = self._records.get(item.uuid)
-        if record is not None and record["report_id"] == report_id:
-            return record
+        cached = self._records.get(item.uuid)
+        if cached is not None and cached["report_id"] == report_id:
+            return cached
+        # Any other record is of an earlier build set: not this one's state.
+        record = None
         state = self.manager.state
         conn = self.manager.sched.connections[item.change.connection]
         if item.uuid in self._left | self._recorded:  # a report under way
@@ -233,15 +235,20 @@ class ItemReporter:
                 ):
                     break
                 group.append((other, other_record))
-            sha = record.get("sha") or item.buildset.head_sha or ""
+            # Each change as tested: its own state, an ancestor of the group's.
+            shas = [other.buildset.head_sha or "" for other, _ in group[:-1]]
+            shas.append(record.get("sha") or group[-1][0].buildset.head_sha or "")
             errors = conn.merge_many(
-                [other.change for other, _ in group], sha, sched.merger.merger
+                [other.change for other, _ in group], shas, sched.merger.merger
             )
+            landed = shas[len(errors) - 2] if errors[-1] and len(errors) > 1 else None
             for (other, other_record), error in zip(group, errors, strict=False):
                 if error:
                     other_record.update(merge_error=error, action="failure")
                 else:
                     other_record["merged"] = True
+                    if landed is not None:  # the group's state did not land, this one's did
+                        other_record["sha"] = landed
                 if not conn.reports_in_transaction:
                     state.zk.set(state.report_path(other.uuid), other_record)
                 if error:
