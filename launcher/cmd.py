@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import logging.config
-import signal
 import sys
-import threading
 from pathlib import Path
 
 import yaml
@@ -15,6 +13,7 @@ import yaml
 from launcher.config import ConfigError, load
 from launcher.server import LauncherServer
 from nodepool_lite.exceptions import TLSError
+from nodepool_lite.signals import Signals
 
 log = logging.getLogger("launcher.cmd")
 
@@ -63,17 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     except TLSError as error:
         print(error, file=sys.stderr)
         return 2
+    signals = Signals()
     server = LauncherServer(config)
-    stopped = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        log.info("Signal %s received", signum)
-        stopped.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     server.start()
-    stopped.wait()
+    log.info("Signal %s received", signals.wait())
     server.stop()
     server.join()
     return 0

@@ -14,7 +14,6 @@ import logging.config
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import yaml
 from nodepool_lite import config as npconfig
 from nodepool_lite.exceptions import LockError, NodepoolError
 from nodepool_lite.model import BuildState, NodeState
+from nodepool_lite.signals import Signals
 from nodepool_lite.zk import ZooKeeper
 
 log = logging.getLogger("nodepool_lite.cmd")
@@ -65,25 +65,6 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
              for row in cells]  # fmt: skip
     return "\n".join(lines)
-
-
-class Signals:
-    """SIGTERM/SIGINT stop a daemon; SIGHUP asks it to reload its config."""
-
-    def __init__(self, reload: bool = False):
-        self.event = threading.Event()
-        self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT) + ((signal.SIGHUP,) if reload else ()):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum: int, frame: object) -> None:
-        self.received = signum
-        self.event.set()
-
-    def wait(self) -> int:
-        self.event.wait()
-        self.event.clear()
-        return self.received or signal.SIGTERM
 
 
 class Commands:

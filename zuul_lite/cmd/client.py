@@ -11,10 +11,10 @@ import logging
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 
 from nodepool_lite.exceptions import NodepoolError
+from nodepool_lite.signals import Signals
 from nodepool_lite.zk import ZooKeeper
 from zuul_lite import autohold, management
 from zuul_lite import config as zconfig
@@ -57,14 +57,7 @@ def _local(cfg: zconfig.ZuulConfig, zk: ZooKeeper) -> LocalConnection:
 
 
 def _wait_for_signal(stop) -> None:
-    done = threading.Event()
-
-    def handler(signum, frame):
-        done.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    done.wait()
+    Signals().wait()
     stop()
 
 
@@ -72,12 +65,13 @@ def cmd_scheduler(args, cfg) -> int:
     from zuul_lite.scheduler import Scheduler
 
     zk = _connect(cfg)
+    signals = Signals(reload=True)
     sched = Scheduler(cfg, zk)
     sched.start()
-    # The handler only posts: the scheduler's loop reloads the layout.
-    signal.signal(signal.SIGHUP, lambda s, f: sched.reconfigure())
     log.info("Scheduler running (gearman port %s)", sched.gearman_port)
-    _wait_for_signal(sched.stop)
+    while signals.wait() == signal.SIGHUP:
+        sched.reconfigure()  # posted: the scheduler's loop reloads the layout
+    sched.stop()
     zk.disconnect()
     return 0
 
