@@ -203,13 +203,30 @@ def test_a_series_cannot_change_the_checkpatch_it_is_checked_with(tmp_path, node
     assert "=== 0002-Silence-checkpatch: ok (total: 0 errors" in output
     # The vote quotes each ERROR with where it is and the offending line.
     records = [json.loads(ln) for ln in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert extract_summary(records).splitlines()[1:] == [
+    summary = extract_summary(records).splitlines()
+    assert summary[1:-1] == [
         "=== 0001-Add-x-with-trailing-whitespace: FAILED (total: 1 errors, 0 warnings, "
         "20 lines checked)",
         "ERROR: trailing whitespace",
         "    #7: FILE: x.c:1:",
         "    +int x; $",
     ]
+    # ...and ends with how to check the same at home, where it fails the same way.
+    assert summary[-1] == (
+        f"reproduce: sh artifacts/reproduce.sh <your clone> (base {base[:12]} + 2 patch(es), "
+        "none (the base commit's checkpatch.pl on each patch), image unknown)"
+    )
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "--quiet", str(repo), str(clone))
+    again = subprocess.run(
+        ["sh", str(node.home / "artifacts" / "reproduce.sh"), str(clone)],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "GIT_COMMITTER_NAME": "me",
+             "GIT_COMMITTER_EMAIL": "me@example.invalid"},
+    )  # fmt: skip
+    assert again.returncode == 1, again.stderr
+    assert again.stdout.count("ERROR: trailing whitespace") == 1, again.stdout
     copy = node.home / "checkpatch-base" / "scripts"
     assert (copy / "checkpatch.pl").read_text() == CHECKPATCH
     assert (copy / "spelling.txt").is_file() and (copy / "const_structs.checkpatch").is_file()

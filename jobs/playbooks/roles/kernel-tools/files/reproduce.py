@@ -94,7 +94,7 @@ def render(args: argparse.Namespace, series: str, configure: str) -> str:
         base=args.base,
         patches=patches,
         config_name=args.config_name,
-        make_args=make_args,
+        make_args=make_args or "-",
         image=args.image or "unknown",
         toolchain_comments="\n".join(f"#   toolchain    {line}" for line in args.toolchain),
         toolchain_checks="\n".join(_toolchain_check(line) for line in args.toolchain),
@@ -179,10 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         stream.write(render(args, series, configure))
     patches = len(PATCH_START.findall(series))
     tools = "; ".join(line.partition(": ")[2] for line in args.toolchain)
-    print(
-        f"reproduce: sh artifacts/reproduce.sh <your clone> (base {args.base[:12]} + "
-        f"{patches} patch(es), {args.config_name}, {tools}, image {args.image or 'unknown'})"
-    )
+    said = [f"base {args.base[:12]} + {patches} patch(es)", args.config_name, tools]
+    said.append(f"image {args.image or 'unknown'}")
+    print(f"reproduce: sh artifacts/reproduce.sh <your clone> ({', '.join(p for p in said if p)})")
     return 0
 
 
