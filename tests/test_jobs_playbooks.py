@@ -263,6 +263,19 @@ def test_kselftest_runs_in_the_guest(node):
     assert suite.get("name") == "selftests: size: get_size"
     assert suite.find("testcase").get("name") == "get runtime memory use"
     assert "1 tests: 1 pass, 0 fail" in result.stdout
+    # reproduce.sh: kernel-build's, then the target into the initramfs and the boot.
+    reproduce = (artifacts / "reproduce.sh").read_text()
+    build = (node.home / "deps/kernel-build/artifacts/reproduce.sh").read_text()
+    assert reproduce.splitlines()[:2] == build.splitlines()[:2]
+    assert (
+        reproduce.splitlines()[2]
+        == "# ... then kernel-kselftest, as the CI node ran it (at the end)."
+    )
+    assert build.split("# The build.")[1].strip() in reproduce
+    assert "make -C tools/testing/selftests TARGETS=size" in reproduce
+    assert 'INSTALL_PATH="$boot/initramfs/kselftest"' in reproduce
+    assert "/kselftest/run_kselftest.sh" in reproduce
+    assert subprocess.run(["sh", "-n", str(artifacts / "reproduce.sh")]).returncode == 0
 
 
 def test_build_failure_shows_the_compiler_error(node):
