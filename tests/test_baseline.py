@@ -16,6 +16,7 @@ from tests.harness import make_series, settle, wait_for_votes, write_config
 from tests.test_post import Post
 from zuul_lite import config as zconfig
 from zuul_lite.baseline import Baseline, Findings, FindingsError
+from zuul_lite.cmd.client import main as zuul_lite_cli
 from zuul_lite.connections import BuildReport
 from zuul_lite.connections.patchwork import PatchworkConnection
 from zuul_lite.history.db import ALEMBIC_DIR, HistoryDB
@@ -193,3 +194,25 @@ def test_a_patchwork_check_says_what_failed_or_was_not_counted() -> None:
     assert PatchworkConnection._job_check(passed, "[tag]")["description"] == (
         f"SUCCESS in 30s: {note} [tag]"
     )
+
+
+def test_the_cli_lists_the_baselines_a_change_compares_with(tmp_path, zk_hosts, capsys) -> None:
+    conf = write_config(tmp_path, zk_hosts)
+    cfg = zconfig.load(conf)
+    db = HistoryDB(cfg.dburi)
+    db.upgrade()
+    failing = Findings(tests={"s.a": "PASS", "s.b": "FAIL"}, boot="ok")
+    url = "http://logs/1/"
+    db.record_baseline(Baseline("linux", "a" * 40, "kernel-kunit", "u1", url, failing))
+    warned = Findings(warnings=["kernel/panic.c|f|w1"], warning_files=["kernel/panic.c"])
+    db.record_baseline(Baseline("linux", "b" * 40, "kernel-build", "u2", "", warned))
+    assert zuul_lite_cli(["-c", str(conf), "baselines", "--commit", "AAAA"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"linux {'a' * 12} kernel-kunit (recorded ")
+    assert out[0].endswith("UTC): 2 tests, 1 failing (s.b); boot ok")
+    assert out[1:] == ["    http://logs/1/"]
+    assert zuul_lite_cli(["-c", str(conf), "baselines", "--job", "kernel-build"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith(": 1 warnings in 1 compiled files") and out[1] == "    build u2"
+    assert zuul_lite_cli(["-c", str(conf), "baselines", "--project", "other"]) == 0
+    assert capsys.readouterr().out.startswith("No baselines recorded")

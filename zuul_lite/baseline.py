@@ -114,6 +114,22 @@ class Findings:
             raise FindingsError(f"The findings are not JSON: {error}.") from None
         return cls.from_dict(data)
 
+    def summary(self) -> str:
+        """What was found, in a few words (`zuul-lite baselines`)."""
+        said = []
+        if self.tests:
+            failed = self.failed_tests()
+            said.append(f"{len(self.tests)} tests, {len(failed)} failing")
+            if failed:
+                said[-1] += f" ({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''})"
+        if self.boot:
+            said.append(f"boot {self.boot}")
+        if self.warning_files:
+            said.append(
+                f"{len(self.warnings)} warnings in {len(self.warning_files)} compiled files"
+            )
+        return "; ".join(said) or "nothing recorded"
+
     def note(self) -> str:
         """One line for the report of a build that passed although the base's
         failures showed up in it too; "" when there were none."""

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from nodepool_lite.exceptions import NodepoolError
@@ -18,6 +19,7 @@ from nodepool_lite.signals import Signals
 from nodepool_lite.zk import ZooKeeper
 from zuul_lite import autohold, management
 from zuul_lite import config as zconfig
+from zuul_lite.baseline import Baseline
 from zuul_lite.connections.local import LocalConnection
 from zuul_lite.exceptions import ZuulLiteError
 from zuul_lite.layout import load_layout
@@ -195,6 +197,34 @@ def cmd_flakes(args, cfg) -> int:
     return 0
 
 
+def format_baselines(found: list[tuple[Baseline, float]]) -> str:
+    """One line per recorded baseline, newest first: what a change's build on
+    that commit compares with, and the trusted build it came from."""
+    if not found:
+        return "No baselines recorded (a job listed in the post pipeline records them)."
+    lines = []
+    for baseline, recorded in found:
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(recorded))
+        lines.append(
+            f"{baseline.project} {baseline.sha[:12]} {baseline.job} (recorded {when} UTC): "
+            f"{baseline.findings.summary()}"
+        )
+        lines.append(f"    {baseline.log_url or 'build ' + baseline.build_uuid}")
+    return "\n".join(lines)
+
+
+def cmd_baselines(args, cfg) -> int:
+    from zuul_lite.history.db import HistoryDB
+
+    db = HistoryDB(cfg.dburi)
+    try:
+        found = db.baselines(args.project, args.job, args.commit, args.limit)
+    finally:
+        db.dispose()
+    print(format_baselines(found))
+    return 0
+
+
 def format_change(change: dict) -> str:
     lines = [
         f"Change {change['number']}: {change['subject']}",
@@ -345,6 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_status)
     s = sub.add_parser("flakes", help="how often each rerun-on-failure job flipped")
     s.set_defaults(func=cmd_flakes)
+    s = sub.add_parser(
+        "baselines", help="what trusted builds found on branch heads, which changes compare with"
+    )
+    s.add_argument("--project")
+    s.add_argument("--job")
+    s.add_argument("--commit", help="a commit sha or its prefix")
+    s.add_argument("--limit", type=int, default=50)
+    s.set_defaults(func=cmd_baselines)
     s = sub.add_parser("validate-config", help="check the layout and jobs")
     s.add_argument(
         "--nodepool-config",

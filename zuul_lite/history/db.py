@@ -148,6 +148,36 @@ class HistoryDB:
             return None
         return Baseline(project, sha, job, row.build_uuid, row.log_url or "", findings)
 
+    def baselines(
+        self,
+        project: str | None = None,
+        job: str | None = None,
+        sha: str | None = None,
+        limit: int = 50,
+    ) -> list[tuple[Baseline, float]]:
+        """Recorded baselines, newest first, with when each was recorded;
+        `sha` may be a prefix of the commit. An unreadable one is left out."""
+        t = baseline_table
+        conditions = [t.c.project == project] if project else []
+        conditions += [t.c.job_name == job] if job else []
+        conditions += [t.c.sha.startswith(sha.lower(), autoescape=True)] if sha else []
+        rows = self._read(
+            sa.select(t).where(*conditions).order_by(t.c.record_time.desc()).limit(_clamp(limit))
+        )
+        found = []
+        for row in rows:
+            try:
+                findings = Findings.from_dict(json.loads(row.findings))
+            except ValueError as error:
+                log.warning("The baseline of %s on %s is unreadable: %s", row.job_name,
+                            row.sha[:12], error)  # fmt: skip
+                continue
+            baseline = Baseline(
+                row.project, row.sha, row.job_name, row.build_uuid, row.log_url or "", findings
+            )
+            found.append((baseline, row.record_time))
+        return found
+
     def builds(self, filters: Filters, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
         """Builds, newest first, each with its build set's change and pipeline."""
         b, bs = build_table, buildset_table
