@@ -254,7 +254,7 @@ class StandInLauncher(threading.Thread):
         self.state = ZuulState(zk)
         self.port = port
         self.results = results or {}
-        self.findings: dict[str, dict] = {}
+        self.findings: dict[str, dict | list[dict]] = {}  # a list: successive builds
         self.builds: list[dict] = []
         self.history: list[dict] = []
         self.held: list[tuple[gear.Job, dict]] = []
@@ -317,6 +317,14 @@ class StandInLauncher(threading.Thread):
             return result.pop(0) if len(result) > 1 else result[0]
         return result
 
+    def findings_for(self, args: dict) -> dict | None:
+        found = self.findings.get(
+            f"{args['job']}:{args['change']}", self.findings.get(args["job"])
+        )
+        if isinstance(found, list):
+            return found.pop(0) if len(found) > 1 else found[0]
+        return found
+
     def finish(self, job: gear.Job, args: dict, result: str | None = None) -> None:
         result = result or self.result_for(args)
         data = BuildResult(
@@ -324,9 +332,7 @@ class StandInLauncher(threading.Thread):
             log_url=f"http://logs/{args['log_path']}/",
             elapsed=1.5,
             summary="" if result == "SUCCESS" else f"{args['job']}: error: something broke",
-            findings=self.findings.get(
-                f"{args['job']}:{args['change']}", self.findings.get(args["job"])
-            ),
+            findings=self.findings_for(args),
         )
         self.history.append(
             {

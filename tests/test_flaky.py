@@ -112,6 +112,29 @@ def test_flip_is_flaky_and_passes(env: Flaky) -> None:
     ]
 
 
+def test_a_test_that_flips_is_named_and_counted_per_test(env: Flaky, capsys) -> None:
+    """The first run fails suite.a and suite.b (its findings say so), the
+    rerun fails only suite.b... and passes as a whole (suite.b already fails
+    on base): suite.a flipped, and only it is named and counted."""
+    env.start({"smoke": ["FAILURE", "SUCCESS"]})
+    env.launcher.findings["smoke"] = [
+        {"tests": {"suite.a": "FAIL", "suite.b": "FAIL", "suite.c": "PASS"}},
+        {"tests": {"suite.a": "PASS", "suite.b": "FAIL", "suite.c": "PASS"}},
+    ]
+    a = env.change("a")
+    (vote,) = wait_for_votes(env.zk, a)
+    env.settle()
+    assert vote["value"] == 1
+    assert "then SUCCESS on a fresh node; flaky tests: suite.a)" in vote["message"]
+    [count] = env.state.flake_counts()
+    assert count.tests == {"suite.a": 1}
+    assert zuul_lite_cli(["-c", str(env.tmp / "zuul.yaml"), "flakes"]) == 0
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "Flaky tests (failed, then passed on a fresh node):",
+        "  demo smoke suite.a: flipped in 1 of 1 runs (100.0%)",
+    ]
+
+
 def test_second_failure_fails_and_other_jobs_are_not_rerun(env: Flaky, capsys) -> None:
     env.start({"smoke": "FAILURE", "lint": "FAILURE"})
     a = env.change("a")

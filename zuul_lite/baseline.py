@@ -167,3 +167,14 @@ class Baseline:
             log_url=data.get("log_url") or "",
             findings=Findings.from_dict(data["findings"]),
         )
+
+
+def failed_tests_of(findings: Any) -> list[str]:
+    """The failing tests a build's findings name; none when it has no
+    findings or bad ones (BaselineStore logs those)."""
+    if findings is None:
+        return []
+    try:
+        return Findings.from_dict(findings).failed_tests()
+    except FindingsError:
+        return []

@@ -209,6 +209,8 @@ class Build:
     first_result: str | None = None
     first_log_url: str | None = None
     rerun_of: str | None = None
+    first_failed_tests: list[str] = field(default_factory=list)  # its findings' failures
+    flaky_tests: list[str] = field(default_factory=list)  # of those, the ones that then passed
     # Failures the job did not count because the base commit has them too
     # (baseline.Findings.note), said on the job's line of the report.
     note: str = ""

@@ -41,7 +41,11 @@ def _rerun_note(build: Build) -> str:
         return ""
     first = f" {build.first_log_url}" if build.first_log_url else ""
     if build.flaky:
-        return f" (flaky: {build.first_result}{first}, then SUCCESS on a fresh node)"
+        tests = ", ".join(build.flaky_tests[:5])
+        more = len(build.flaky_tests) - 5
+        tests += f" and {more} more" if more > 0 else ""
+        flipped = f"; flaky tests: {tests}" if tests else ""
+        return f" (flaky: {build.first_result}{first}, then SUCCESS on a fresh node{flipped})"
     return f" (the first run, on another node: {build.first_result}{first})"
 
 

@@ -26,8 +26,8 @@ Values are JSON objects; kazoo stays behind `nodepool_lite.zk`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -58,10 +58,15 @@ class FlakeCount:
     job: str
     runs: int
     flips: int
+    # Per test (KTAP path) of the job: how many of its flips that test made.
+    tests: dict[str, int] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
         return self.flips / self.runs if self.runs else 0.0
+
+    def test_rate(self, test: str) -> float:
+        return self.tests.get(test, 0) / self.runs if self.runs else 0.0
 
 
 class ZuulState:
@@ -356,10 +361,13 @@ class ZuulState:
         # A project name may hold slashes ("linux/net"): one znode per name.
         return f"{FLAKES}/{quote(project, safe='')}/{job}"
 
-    def count_flake(self, project: str, job: str, build_uuid: str, flipped: bool) -> None:
-        """Count one run of `job` (a flip if it failed, then passed) with a
-        compare-and-set; a build already counted is not counted again (the
-        scheduler may take the same result twice across a restart)."""
+    def count_flake(
+        self, project: str, job: str, build_uuid: str, flipped: bool, tests: Sequence[str] = ()
+    ) -> None:
+        """Count one run of `job` (a flip if it failed, then passed; `tests`
+        the tests that flipped) with a compare-and-set; a build already
+        counted is not counted again (the scheduler may take the same result
+        twice across a restart)."""
         path = self.flake_path(project, job)
         while True:
             try:
@@ -369,10 +377,14 @@ class ZuulState:
             recent = list(data.get("recent", []))
             if build_uuid in recent:
                 return
+            per_test = dict(data.get("tests", {}))
+            for test in tests if flipped else ():
+                per_test[test] = per_test.get(test, 0) + 1
             new = {
                 "runs": data.get("runs", 0) + 1,
                 "flips": data.get("flips", 0) + int(flipped),
                 "recent": [*recent, build_uuid][-FLAKE_RECENT:],
+                "tests": per_test,
             }
             try:
                 if version is None:
@@ -390,7 +402,13 @@ class ZuulState:
             for job in self.zk.get_children(f"{FLAKES}/{project}"):
                 data = self.zk.get_or_none(f"{FLAKES}/{project}/{job}") or {}
                 counts.append(
-                    FlakeCount(unquote(project), job, data.get("runs", 0), data.get("flips", 0))
+                    FlakeCount(
+                        unquote(project),
+                        job,
+                        data.get("runs", 0),
+                        data.get("flips", 0),
+                        dict(data.get("tests", {})),
+                    )
                 )
         return counts
 

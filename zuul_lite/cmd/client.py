@@ -183,13 +183,21 @@ def format_flakes(counts: list[FlakeCount]) -> str:
         (c.project, c.job, str(c.runs), str(c.flips), f"{c.rate:.1%}") for c in counts
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return "\n".join(
+    lines = [
         "  ".join(
             cell.ljust(w) if i < 2 else cell.rjust(w)
             for i, (cell, w) in enumerate(zip(r, widths, strict=True))
         ).rstrip()
         for r in rows
-    )
+    ]
+    tests = [
+        f"  {c.project} {c.job} {test}: flipped in {n} of {c.runs} runs ({c.test_rate(test):.1%})"
+        for c in counts
+        for test, n in sorted(c.tests.items(), key=lambda t: (-t[1], t[0]))
+    ]
+    if tests:
+        lines += ["Flaky tests (failed, then passed on a fresh node):", *tests]
+    return "\n".join(lines)
 
 
 def cmd_flakes(args, cfg) -> int:

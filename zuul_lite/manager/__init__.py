@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from nodepool_lite.exceptions import BadVersionError
 from nodepool_lite.zk import Transaction
+from zuul_lite.baseline import failed_tests_of
 from zuul_lite.build_contract import BuildRequest, BuildResult
 from zuul_lite.exceptions import EnqueueRefused, ReviewSystemError, ZuulLiteError
 from zuul_lite.history.db import HistoryError
@@ -1028,11 +1029,12 @@ class PipelineManager:
         if rerun and result.result in (Result.SUCCESS, Result.FAILURE):
             # Counted before the result is taken: a count retried after an
             # error or a restart finds this uuid counted already.
+            flipped = build.first_result is not None and result.result == Result.SUCCESS
+            if flipped:
+                failing = set(failed_tests_of(result.findings))
+                build.flaky_tests = [t for t in build.first_failed_tests if t not in failing]
             self.state.count_flake(
-                item.change.project,
-                build.job,
-                build.uuid,
-                flipped=build.first_result is not None and result.result == Result.SUCCESS,
+                item.change.project, build.job, build.uuid, flipped, build.flaky_tests
             )
         build.state = BuildState.COMPLETED
         build.result = result.result
@@ -1055,6 +1057,7 @@ class PipelineManager:
         old = build.uuid
         build.first_result = result.result
         build.first_log_url = result.log_url
+        build.first_failed_tests = failed_tests_of(result.findings)
         build.rerun_of = old
         build.result = result.result
         build.elapsed = result.elapsed
