@@ -54,7 +54,11 @@ def test_jobs_load_with_the_layout_parser():
     assert jobs["kernel-boot-qemu"].dependencies == ["kernel-build"]
     # A boot may fail for a reason of the node (TCG under load): it is run
     # once more before it counts. A checkpatch or build failure is the change's.
-    assert [name for name, job in jobs.items() if job.rerun_on_failure] == ["kernel-boot-qemu"]
+    assert [name for name, job in jobs.items() if job.rerun_on_failure] == [
+        "kernel-boot-qemu",
+        "kernel-kunit",
+        "kernel-kselftest",
+    ]
     assert jobs["kernel-kselftest"].dependencies == ["kernel-build"]
     assert jobs["kernel-build"].vars == {"kernel_config": "tiny-bootable"}
     # The post pipeline's build: the same build of a merged tree, on the node

@@ -15,6 +15,7 @@ Marked e2e: a tinyconfig build takes 1-4 minutes (ccache warm/cold).
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -263,6 +264,8 @@ def test_kselftest_runs_in_the_guest(node):
     assert suite.get("name") == "selftests: size: get_size"
     assert suite.find("testcase").get("name") == "get runtime memory use"
     assert "1 tests: 1 pass, 0 fail" in result.stdout
+    tests = json.loads((artifacts / "findings.json").read_text())["tests"]
+    assert list(tests.values()) == ["PASS"], tests  # what flakes and baselines read
     # reproduce.sh: kernel-build's, then the target into the initramfs and the boot.
     reproduce = (artifacts / "reproduce.sh").read_text()
     build = (node.home / "deps/kernel-build/artifacts/reproduce.sh").read_text()
