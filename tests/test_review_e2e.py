@@ -60,7 +60,15 @@ def use_real_jobs(cfg_path: Path, layout_name: str) -> zconfig.ZuulConfig:
 class RealCI:
     """The nodepool launcher (static driver, one host) and one zuul-launcher."""
 
-    def __init__(self, tmp: Path, zk_hosts: str, host: SshHost, gearman_port: int) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        zk_hosts: str,
+        host: SshHost,
+        gearman_port: int,
+        label: str = "small",
+        jobs_dir: Path = JOBS,
+    ) -> None:
         servers, _, chroot = zk_hosts.partition("/")
         address, port = servers.split(":")
         nodepool_yaml = tmp / "nodepool.yaml"
@@ -69,7 +77,7 @@ class RealCI:
                 {
                     "zookeeper-servers": [{"host": address, "port": int(port), "chroot": chroot}],
                     "state-dir": str(tmp / "nodepool"),
-                    "labels": [{"name": "small"}],
+                    "labels": [{"name": label}],
                     "providers": [
                         {
                             "name": "static",
@@ -81,7 +89,7 @@ class RealCI:
                                     "nodes": [
                                         {
                                             "name": "127.0.0.1",
-                                            "labels": ["small"],
+                                            "labels": [label],
                                             "username": getpass.getuser(),
                                             "connection-port": host.port,
                                             "host-key": host.host_key,
@@ -104,7 +112,7 @@ class RealCI:
             work_root=tmp / "launcher" / "work",
             log_root=self.log_root,
             log_url="http://logs.example/logs",
-            jobs_dir=JOBS,
+            jobs_dir=jobs_dir,
             private_key=host.client_key,
             name="e2e-launcher",
             max_builds=1,
