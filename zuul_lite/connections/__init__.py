@@ -82,6 +82,10 @@ class Connection(abc.ABC):
         self.state = state
         self.state_dir = Path(state_dir)
         self.post_event = post_event
+        self.setup()
+
+    def setup(self) -> None:  # noqa: B027 (a hook: a driver with nothing more to set up)
+        """The driver's own attributes, from `self.config` (validated)."""
 
     @classmethod
     def validate_config(cls, name: str, config: dict[str, Any]) -> dict[str, Any]:

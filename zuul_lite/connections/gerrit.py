@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import voluptuous as v
 
-from zuul_lite.connections import Connection, PostEvent, Report
+from zuul_lite.connections import Connection, Report
 from zuul_lite.connections.gerrit_git import GitMirror, ssh_command
 from zuul_lite.connections.gerrit_rest import GerritRest
 from zuul_lite.connections.gerrit_ssh import (
@@ -40,7 +40,6 @@ from zuul_lite.connections.gerrit_ssh import (
 from zuul_lite.exceptions import ConfigError, ZuulLiteError
 from zuul_lite.model import Change, TriggerEvent
 from zuul_lite.series import depends_on
-from zuul_lite.state import ZuulState
 
 if TYPE_CHECKING:
     from zuul_lite.merger import Merger
@@ -139,15 +138,7 @@ class GerritConnection(Connection):
     def validate_config(cls, name: str, config: dict[str, Any]) -> dict[str, Any]:
         return _validated(name, config)
 
-    def __init__(
-        self,
-        name: str,
-        config: dict[str, Any],
-        state: ZuulState,
-        state_dir: Path,
-        post_event: PostEvent | None = None,
-    ) -> None:
-        super().__init__(name, config, state, state_dir, post_event)
+    def setup(self) -> None:
         config = self.config
         self.user = config["user"]
         self.server = config["server"]
@@ -163,7 +154,7 @@ class GerritConnection(Connection):
         )
         self.ssh = GerritSsh(self.target)
         self.mirror = GitMirror(
-            self.state_dir / "gerrit" / name,
+            self.state_dir / "gerrit" / self.name,
             config.get("git-url", f"ssh://{self.user}@{self.server}:{port}/"),
             ssh_command(self.target.key, known_hosts),
         )
@@ -179,9 +170,11 @@ class GerritConnection(Connection):
         self._events: queue.Queue[tuple[float, Any]] = queue.Queue()
         self._stop = threading.Event()
         self._series: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
-        self.watcher = StreamWatcher(self.target, self._queue, lambda: self._queue(RESYNC), name)
+        self.watcher = StreamWatcher(
+            self.target, self._queue, lambda: self._queue(RESYNC), self.name
+        )
         self._connector = threading.Thread(
-            target=self._run_connector, name=f"gerrit-events-{name}", daemon=True
+            target=self._run_connector, name=f"gerrit-events-{self.name}", daemon=True
         )
 
     # Events ---------------------------------------------------------------

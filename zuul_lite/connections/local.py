@@ -18,16 +18,15 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from nodepool_lite.exceptions import BadVersionError, NodeExistsError, NoNodeError
-from zuul_lite.connections import Connection, PostEvent, Report
+from zuul_lite.connections import Connection, Report
 from zuul_lite.connections.depends_index import DependsOnIndex
 from zuul_lite.exceptions import InboxError
 from zuul_lite.git import cat_blobs, git
 from zuul_lite.model import Change, TriggerEvent
 from zuul_lite.series import Series, read_series
-from zuul_lite.state import ZuulState
 
 if TYPE_CHECKING:
     from nodepool_lite.zk import Transaction
@@ -40,21 +39,13 @@ class LocalConnection(Connection):
     driver = "local"
     reports_in_transaction = True
 
-    def __init__(
-        self,
-        name: str,
-        config: dict[str, Any],
-        state: ZuulState,
-        state_dir: Path,
-        post_event: PostEvent | None = None,
-    ) -> None:
-        super().__init__(name, config, state, state_dir, post_event)
-        self.zk = state.zk
+    def setup(self) -> None:
+        self.zk = self.state.zk
         self.git_root = self.state_dir / "git"
-        self.depends_index = DependsOnIndex(self.zk, state.local_path("depends-on"))
+        self.depends_index = DependsOnIndex(self.zk, self.state.local_path("depends-on"))
         if self.post_event is None:
             # A CLI process: events go straight to the scheduler's queue.
-            self.post_event = lambda event: state.put_trigger_event(event.to_dict())
+            self.post_event = lambda event: self.state.put_trigger_event(event.to_dict())
 
     # Projects -----------------------------------------------------------
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import voluptuous as v
 
-from zuul_lite.connections import BuildReport, Connection, PostEvent, Report
+from zuul_lite.connections import BuildReport, Connection, Report
 from zuul_lite.connections.depends_index import DependsOnIndex
 from zuul_lite.connections.patchwork_api import PatchworkClient, PatchworkError
 from zuul_lite.connections.patchwork_events import EventPoller
@@ -34,7 +34,6 @@ from zuul_lite.exceptions import ConfigError, ZuulLiteError
 from zuul_lite.model import Change, Result
 from zuul_lite.reporter import format_duration, headline
 from zuul_lite.series import depends_on, split_mbox
-from zuul_lite.state import ZuulState
 
 if TYPE_CHECKING:
     from zuul_lite.merger import Merger
@@ -93,15 +92,7 @@ class PatchworkConnection(Connection):
     def validate_config(cls, name: str, config: dict[str, Any]) -> dict[str, Any]:
         return _validate(name, config)
 
-    def __init__(
-        self,
-        name: str,
-        config: dict[str, Any],
-        state: ZuulState,
-        state_dir: Path,
-        post_event: PostEvent | None = None,
-    ) -> None:
-        super().__init__(name, config, state, state_dir, post_event)
+    def setup(self) -> None:
         cfg = self.config
         self.project = cfg["project"]
         self.repo = Path(cfg["git"])
@@ -113,7 +104,9 @@ class PatchworkConnection(Connection):
         self.client = PatchworkClient(cfg["url"], cfg.get("token", ""), cfg.get("timeout", 30.0))
         self._patches: dict[int, list[int]] = {}  # series id -> patch ids (fixed once complete)
         self._mboxes: dict[tuple[int, int], bytes] = {}  # (series, version) -> mbox, oldest first
-        self.depends_index = DependsOnIndex(state.zk, state.connection_path(name, "depends-on"))
+        self.depends_index = DependsOnIndex(
+            self.state.zk, self.state.connection_path(self.name, "depends-on")
+        )
         self._sender = _PendingChecks(self)
         self.poller = EventPoller(self)
 
