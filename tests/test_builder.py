@@ -191,10 +191,9 @@ def test_daemon_builds_on_request_and_stops_a_running_build(zk, tmp_path, fake_d
             assert time.time() < deadline, "slow build did not start"
             time.sleep(0.1)
     finally:
-        started = time.time()
         daemon.stop()
-        daemon.join(10)
-    assert time.time() - started < 10, "stop did not cancel the running build"
+        daemon.join(120)  # the slow dib runs until killed: only a cancel ends its build
+    assert not daemon.build_worker.is_alive(), "stop did not cancel the running build"
     assert "small" not in zk.get_image_build_requests()
     slow = zk.get_image_builds("slow")[-1]
     assert slow.state == BuildState.FAILED
