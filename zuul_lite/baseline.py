@@ -135,11 +135,7 @@ class Findings:
         failures showed up in it too; "" when there were none."""
         if not self.already_failing:
             return ""
-        shown = ", ".join(self.already_failing[:5])
-        more = len(self.already_failing) - 5
-        if more > 0:
-            shown += f" and {more} more"
-        return f"already failing on base {self.base[:12]}: {shown}"
+        return f"already failing on base {self.base[:12]}: {named(self.already_failing)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,3 +174,9 @@ def failed_tests_of(findings: Any) -> list[str]:
         return Findings.from_dict(findings).failed_tests()
     except FindingsError:
         return []
+
+
+def named(names: list[str], limit: int = 5) -> str:
+    """The first `limit` names, then how many more: one line of a report."""
+    more = len(names) - limit
+    return ", ".join(names[:limit]) + (f" and {more} more" if more > 0 else "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from zuul_lite.baseline import named
 from zuul_lite.model import Build, Pipeline, QueueItem, Result
 
 # The line a launcher's summary starts with (launcher/logs.py extract_summary).
@@ -41,10 +42,7 @@ def _rerun_note(build: Build) -> str:
         return ""
     first = f" {build.first_log_url}" if build.first_log_url else ""
     if build.flaky:
-        tests = ", ".join(build.flaky_tests[:5])
-        more = len(build.flaky_tests) - 5
-        tests += f" and {more} more" if more > 0 else ""
-        flipped = f"; flaky tests: {tests}" if tests else ""
+        flipped = f"; flaky tests: {named(build.flaky_tests)}" if build.flaky_tests else ""
         return f" (flaky: {build.first_result}{first}, then SUCCESS on a fresh node{flipped})"
     return f" (the first run, on another node: {build.first_result}{first})"
 

@@ -138,15 +138,7 @@ class HistoryDB:
         rows = self._read(
             sa.select(t).where(t.c.project == project, t.c.sha == sha, t.c.job_name == job)
         )
-        if not rows:
-            return None
-        row = rows[0]
-        try:
-            findings = Findings.from_dict(json.loads(row.findings))
-        except ValueError as error:
-            log.warning("The baseline of %s on %s is unreadable: %s", job, sha[:12], error)
-            return None
-        return Baseline(project, sha, job, row.build_uuid, row.log_url or "", findings)
+        return _baseline_of(rows[0]) if rows else None
 
     def baselines(
         self,
@@ -164,19 +156,8 @@ class HistoryDB:
         rows = self._read(
             sa.select(t).where(*conditions).order_by(t.c.record_time.desc()).limit(_clamp(limit))
         )
-        found = []
-        for row in rows:
-            try:
-                findings = Findings.from_dict(json.loads(row.findings))
-            except ValueError as error:
-                log.warning("The baseline of %s on %s is unreadable: %s", row.job_name,
-                            row.sha[:12], error)  # fmt: skip
-                continue
-            baseline = Baseline(
-                row.project, row.sha, row.job_name, row.build_uuid, row.log_url or "", findings
-            )
-            found.append((baseline, row.record_time))
-        return found
+        found = [(_baseline_of(row), row.record_time) for row in rows]
+        return [(baseline, when) for baseline, when in found if baseline is not None]
 
     def builds(self, filters: Filters, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
         """Builds, newest first, each with its build set's change and pipeline."""
@@ -277,6 +258,20 @@ def _upsert(conn: Connection, table: sa.Table, row: dict, keep: tuple[str, ...] 
     update = {k: v for k, v in row.items() if k not in keep}
     conn.execute(table.update().where(table.c.id == found.id).values(**update))
     return found.id
+
+
+def _baseline_of(row: Any) -> Baseline | None:
+    """A zuul_baseline row as a Baseline; None (logged) if its findings are unreadable."""
+    try:
+        findings = Findings.from_dict(json.loads(row.findings))
+    except ValueError as error:
+        log.warning(
+            "The baseline of %s on %s is unreadable: %s", row.job_name, row.sha[:12], error
+        )
+        return None
+    return Baseline(
+        row.project, row.sha, row.job_name, row.build_uuid, row.log_url or "", findings
+    )
 
 
 def _clamp(limit: int) -> int:
