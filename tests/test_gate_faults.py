@@ -590,3 +590,34 @@ def test_report_interrupted_by_a_crash_is_made_once(env, monkeypatch, crash, in_
     assert env.local.get_change_data(a)["status"] == "MERGED"
     assert "Build succeeded; merged." in env.vote_messages(a)[0]
     assert env.launcher.builds == []
+
+
+def test_check_items_finishing_together_are_voted_even_if_one_report_raises(env, monkeypatch):
+    """Items of independent queues that finish in one pass are reported
+    together (one history write, one transaction); one whose report raises
+    is then reported on its own, with no vote and one sentence, and the
+    others still get theirs."""
+    env.start("demo.yaml")
+    a, b, c = (env.change(n) for n in "abc")
+    env.launcher.wait_for_builds(6, held=True)  # lint and build; boot waits for build
+    conn = env.sched.connections["local"]
+    real = conn.report_ops
+
+    def report_ops(change, report, txn):
+        if change.number == b and report.verified is not None:
+            raise RuntimeError("the report of change 2 is broken")
+        return real(change, report, txn)
+
+    monkeypatch.setattr(conn, "report_ops", report_ops)
+    env.launcher.hold = False
+    env.launcher.release()
+    for number in (a, b, c):
+        wait_for_votes(env.zk, number, 1)
+    env.settle()
+    assert votes_in(env.zk, a, "check") == [1] and votes_in(env.zk, c, "check") == [1]
+    assert votes_in(env.zk, b, "check") == [None]
+    assert (
+        "zuul-lite hit an internal error on this change "
+        "(RuntimeError: the report of change 2 is broken)." in env.vote_messages(b, "check")[0]
+    )
+    assert pipeline_status(env.zk, "check") == []

@@ -162,14 +162,14 @@ def test_a_scheduler_killed_between_the_sql_write_and_zookeeper(tmp_path, zk_hos
     cfg, zk, local, src = local_project(tmp_path, zk_hosts, "noop.yaml")
     first = Scheduler(cfg, zk)
     written = threading.Event()
-    record = first.history.record
+    record = first.history.record_many
 
     def record_then_die(rows):
         record(rows)
         written.set()
         raise Killed
 
-    first.history.record = record_then_die
+    first.history.record_many = record_then_die
     first.start()
     change = submit(local, src, tmp_path)
     assert written.wait(30)
@@ -195,16 +195,16 @@ def test_a_database_that_refuses_keeps_the_item_until_it_takes_it(tmp_path, zk_h
     write is tried again (after 2 s), like a report a review system refused."""
     cfg, zk, local, src = local_project(tmp_path, zk_hosts, "noop.yaml")
     sched = Scheduler(cfg, zk)
-    record = sched.history.record
+    record = sched.history.record_many
     refused = []
 
     def refuse_once(rows):
         if not refused:
-            refused.append(rows.uuid)
+            refused.append(rows[0].uuid)
             raise HistoryError("The database is away.")
         record(rows)
 
-    sched.history.record = refuse_once
+    sched.history.record_many = refuse_once
     sched.start()
     try:
         change = submit(local, src, tmp_path)

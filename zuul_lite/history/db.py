@@ -95,14 +95,29 @@ class HistoryDB:
 
     def record(self, record: BuildsetRecord) -> None:
         """Insert or replace the build set and its builds, in one transaction."""
+        self.record_many([record])
+
+    def record_many(self, records: list[BuildsetRecord]) -> None:
+        """Insert or replace build sets and their builds, all in one
+        transaction: the items a scheduler pass reports together cost one
+        commit and a few statements, not a commit and four statements each."""
+        if not records:
+            return
         try:
             with self.engine.begin() as conn:
-                bs_id = _upsert(conn, buildset_table, record.to_row(), keep=("report_time",))
-                for build in record.builds:
-                    _upsert(conn, build_table, {**build.to_row(), "buildset_id": bs_id})
+                ids = _upsert_many(
+                    conn, buildset_table, [r.to_row() for r in records], keep=("report_time",)
+                )
+                rows = [
+                    {**build.to_row(), "buildset_id": bs_id}
+                    for record, bs_id in zip(records, ids, strict=True)
+                    for build in record.builds
+                ]
+                _upsert_many(conn, build_table, rows)
         except SQLAlchemyError as error:
+            which = ", ".join(r.uuid for r in records[:3]) + (" ..." if len(records) > 3 else "")
             raise HistoryError(
-                f"Cannot record build set {record.uuid} in {redact(self.dburi)}: {_brief(error)}"
+                f"Cannot record build set {which} in {redact(self.dburi)}: {_brief(error)}"
             ) from None
 
     def record_baseline(self, baseline: Baseline) -> None:
@@ -248,16 +263,35 @@ def _brief(error: SQLAlchemyError) -> str:
     return text.strip().splitlines()[0] if text.strip() else type(error).__name__
 
 
-def _upsert(conn: Connection, table: sa.Table, row: dict, keep: tuple[str, ...] = ()) -> int:
-    """Insert `row`, or update the row with its uuid (but not the `keep`
-    columns); the row's id. Portable across SQLite and PostgreSQL; only the
-    scheduler writes, so no two writers race on a uuid."""
-    found = conn.execute(sa.select(table.c.id).where(table.c.uuid == row["uuid"])).first()
-    if found is None:
-        return conn.execute(table.insert().values(**row)).inserted_primary_key[0]
-    update = {k: v for k, v in row.items() if k not in keep}
-    conn.execute(table.update().where(table.c.id == found.id).values(**update))
-    return found.id
+def _upsert_many(
+    conn: Connection, table: sa.Table, rows: list[dict], keep: tuple[str, ...] = ()
+) -> list[int]:
+    """Insert `rows`, or update the row with each one's uuid (but not the
+    `keep` columns); the ids, in the order of `rows`. One SELECT finds the
+    rows there already (a scheduler restarted between recording and
+    reporting records an item again) and one multi-row INSERT adds the
+    rest. Portable across SQLite and PostgreSQL; only the scheduler writes,
+    so no two writers race on a uuid."""
+    if not rows:
+        return []
+    found = {
+        row.uuid: row.id
+        for row in conn.execute(
+            sa.select(table.c.uuid, table.c.id).where(table.c.uuid.in_([r["uuid"] for r in rows]))
+        )
+    }
+    for row in rows:
+        if row["uuid"] in found:
+            update = {k: v for k, v in row.items() if k not in keep}
+            conn.execute(table.update().where(table.c.id == found[row["uuid"]]).values(**update))
+    new = [row for row in rows if row["uuid"] not in found]
+    if new:
+        inserted = conn.execute(
+            table.insert().returning(table.c.uuid, table.c.id, sort_by_parameter_order=True),
+            new,
+        )
+        found.update((row.uuid, row.id) for row in inserted)
+    return [found[row["uuid"]] for row in rows]
 
 
 def _baseline_of(row: Any) -> Baseline | None:

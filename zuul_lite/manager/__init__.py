@@ -85,6 +85,7 @@ class PipelineManager:
         # Merges to submit after this pass: the item, the changes it applies, the request.
         self._merge_batch: list[tuple[QueueItem, list[Change], MergeRequest]] = []
         self._landing: set[str] = set()  # items whose merge runs off the scheduler thread
+        self._finished: list[QueueItem] = []  # to report at the end of this pass
         self.reporter = ItemReporter(self)
 
     # Hooks ----------------------------------------------------------------
@@ -420,6 +421,7 @@ class PipelineManager:
                     self._fail_item(item, error)
                     item_changed = True
                 changed = changed or item_changed
+        changed = self._report_finished() or changed
         self._submit_merges()
         self._submit_launched()
         return changed
@@ -492,19 +494,69 @@ class PipelineManager:
         the item stays (and the items behind it in a gate queue wait). A
         change to merge is merged off this thread first (see `_land`); the
         items merged with it behind it are reported and removed in the same
-        transaction (see `_merged_behind`)."""
+        transaction (see `_merged_behind`). An item alone in its queue (an
+        independent pipeline's) waits for the end of the pass, to be
+        reported with every other one finished in it (see `_report_finished`)."""
+        if not self.changes_merge and not item.items_behind:
+            if self._may_report(item):
+                self._finished.append(item)
+            return
+        self._report_now(item, queue, reset_behind)
+
+    def _report_now(self, item: QueueItem, queue: ChangeQueue, reset_behind: bool) -> None:
         if not self._may_report(item):
             return
         record = self.reporter.prepare(item)
         if record is not None and self.reporter.must_merge(record):
             self._land(item)
             return
+        self._report_batch(
+            [(item, record), *self._merged_behind(item, record)], queue, reset_behind
+        )
+
+    def _report_finished(self) -> bool:
+        """Report the items of independent queues finished in this pass: one
+        history transaction and one ZooKeeper transaction for all of them
+        (a burst of changes gets its votes in a few, not one each)."""
+        finished, self._finished = self._finished, []
         batch = []
-        for other, other_record in [(item, record), *self._merged_behind(item, record)]:
-            if not self._record_history(other, other_record):
-                break
-            batch.append((other, other_record))
+        for item in finished:
+            if self._queued(item) and self._may_report(item):
+                try:
+                    batch.append((item, self.reporter.prepare(item)))
+                except Exception as error:  # one item must never stop the others' reports
+                    self.log.exception("Item %s raised", item.uuid, item=item)
+                    self._fail_item(item, error)
+        try:
+            self._report_batch(batch, None, reset_behind=False)
+        except Exception:
+            labels = ", ".join(item.label for item, _ in batch)
+            self.log.exception("Reporting %s raised; each alone now", labels)
+            for item, _ in batch:
+                if self._queued(item):
+                    try:
+                        self._report_now(item, self.pipeline.get_queue(item.queue), False)
+                    except Exception as error:
+                        self._fail_item(item, error)
+        return bool(finished)
+
+    def _queued(self, item: QueueItem) -> bool:
+        queue = self.pipeline.get_queue(item.queue)
+        return queue is not None and item in queue.items
+
+    def _report_batch(
+        self,
+        batch: list[tuple[QueueItem, dict | None]],
+        queue: ChangeQueue | None,
+        reset_behind: bool,
+    ) -> None:
+        """Record the items in the history, report them and remove them, in
+        one transaction. `queue`: the gate queue of an ordered run (the
+        first item, then the items merged behind it), where a report the
+        review system refuses stops the run; None: items of queues of their own."""
         if not batch:
+            return
+        if not self._record_history(batch):
             return
         while True:
             txn = self.state.transaction()
@@ -514,12 +566,13 @@ class PipelineManager:
                     reported.append((other, self.reporter.report(other, other_record, txn)))
                 except ReviewSystemError as error:
                     self._report_later(other, error)
-                    break
+                    if queue is not None:
+                        break
             if not reported:
                 return
-            window = queue.window
+            window = queue.window if queue is not None else None
             merged = all(m for _, m in reported)
-            if self.changes_merge and not item.error:
+            if queue is not None and self.changes_merge and not batch[0][0].error:
                 for _, m in reported:
                     queue.increase_window() if m else queue.decrease_window()
             try:
@@ -529,15 +582,14 @@ class PipelineManager:
                     txn=txn,
                 )
             except BadVersionError:
-                queue.window = window
+                if queue is not None:
+                    queue.window = window
                 continue
             now = time.time()
-            for (other, _), (_, other_record) in zip(reported, batch, strict=False):
-                action = (
-                    other_record["action"]
-                    if other_record is not None
-                    else self.reporter.action(other)
-                )
+            records = dict((other.uuid, r) for other, r in batch)
+            for other, _ in reported:
+                record = records[other.uuid]
+                action = record["action"] if record is not None else self.reporter.action(other)
                 self.sched.metrics.item_reported(other, action, now)
             return
 
@@ -562,19 +614,23 @@ class PipelineManager:
             found.append((other, merged))
         return found
 
-    def _record_history(self, item: QueueItem, record: dict | None) -> bool:
-        """Write the item's build set and builds to SQL as they are reported,
-        before the transaction that removes the item from ZooKeeper: a
-        scheduler killed in between finds the item again and writes the same
-        rows again (keyed by uuid), so nothing is lost or doubled. A database
-        that refuses is retried like a review system that does (the item waits)."""
-        action = record["action"] if record is not None else self.reporter.action(item)
-        merged = bool(record and record["merged"])
-        reason = self.reporter.reason(item, record)
+    def _record_history(self, batch: list[tuple[QueueItem, dict | None]]) -> bool:
+        """Write the items' build sets and builds to SQL as they are reported,
+        before the transaction that removes them from ZooKeeper: a scheduler
+        killed in between finds them again and writes the same rows again
+        (keyed by uuid), so nothing is lost or doubled. A database that
+        refuses is retried like a review system that does (the items wait)."""
+        records = []
+        for item, record in batch:
+            action = record["action"] if record is not None else self.reporter.action(item)
+            merged = bool(record and record["merged"])
+            reason = self.reporter.reason(item, record)
+            records.append(item_record(item, ACTION_RESULTS[action], merged, reason))
         try:
-            self.sched.history.record(item_record(item, ACTION_RESULTS[action], merged, reason))
+            self.sched.history.record_many(records)
         except HistoryError as error:
-            self._report_later(item, error)
+            for item, _ in batch:
+                self._report_later(item, error)
             return False
         return True
 
@@ -631,31 +687,37 @@ class PipelineManager:
     def remove_items(
         self, items: list[QueueItem], reset_behind: bool = False, txn: Transaction | None = None
     ) -> None:
-        """Take items of one queue out of it and ZooKeeper (in `txn`, with what
+        """Take items out of their queues and ZooKeeper (in `txn`, with what
         the caller put there); then cancel what they run. The items behind
         them that stay are reset (`reset_behind`) or saved re-based."""
-        queue = self.pipeline.get_queue(items[0].queue)
         txn = txn or self.state.transaction()
         gone = {item.uuid for item in items}
+        queues: list[ChangeQueue] = []
         for item in items:
             txn.delete(self.state.item_path(self.pipeline.name, item.uuid))
             if self.reporter.recorded(item):
                 txn.delete(self.state.report_path(item.uuid))
-        rest = [i for i in queue.items if i.uuid not in gone] if queue is not None else []
-        if rest:
-            stored = {**queue.to_dict(), "items": [i.uuid for i in rest]}
-            txn.set(self.state.queue_path(self.pipeline.name, queue.name), stored)
-        elif queue is not None:
-            txn.delete(self.state.queue_path(self.pipeline.name, queue.name))
+            queue = self.pipeline.get_queue(item.queue)
+            if queue is not None and queue not in queues:
+                queues.append(queue)
+        for queue in queues:
+            rest = [i for i in queue.items if i.uuid not in gone]
+            if rest:
+                stored = {**queue.to_dict(), "items": [i.uuid for i in rest]}
+                txn.set(self.state.queue_path(self.pipeline.name, queue.name), stored)
+            else:
+                txn.delete(self.state.queue_path(self.pipeline.name, queue.name))
         txn.commit()
         # ZooKeeper has it: now the memory, and then what runs.
         behind: dict[str, QueueItem] = {}
         for item in items:
             self._dirty.pop(item.uuid, None)
+            queue = self.pipeline.get_queue(item.queue)
             if queue is not None and item in queue.items:
                 behind.update((other.uuid, other) for other in queue.dequeue(item))
-        if queue is not None and not queue.items:
-            self.pipeline.queues.remove(queue)
+        for queue in queues:
+            if not queue.items:
+                self.pipeline.queues.remove(queue)
         for item in items:
             self.cancel_builds(item)
             self.reporter.forget(item)
@@ -707,7 +769,7 @@ class PipelineManager:
         )
         try:
             queue = self.pipeline.get_queue(item.queue)
-            self._report_and_dequeue(item, queue, reset_behind=True)
+            self._report_now(item, queue, reset_behind=True)
         except Exception:
             self.log.exception("Could not report item %s; dropping it", item.uuid, item=item)
             try:

@@ -160,9 +160,8 @@ class ItemReporter:
         review system outside ZooKeeper; None if the item is reported nowhere
         (said in the log). A record left for an earlier build set of the item
         (it was reset before it was reported) is replaced."""
-        report_id = f"{item.uuid}-{item.buildset.uuid}"
         cached = self._records.get(item.uuid)
-        if cached is not None and cached["report_id"] == report_id:
+        if cached is not None and self._current(item, cached):
             return cached
         # Any other record is of an earlier build set: not this one's state.
         record = None
@@ -170,7 +169,7 @@ class ItemReporter:
         conn = self.manager.sched.connections[item.change.connection]
         if item.uuid in self._left | self._recorded:  # a report under way
             record = state.get_report(item.uuid)
-            if record is not None and record.get("report_id") != report_id:
+            if record is not None and not self._current(item, record):
                 record = None
         if record is None:
             action = self.action(item)
@@ -185,13 +184,22 @@ class ItemReporter:
                     state.zk.create(path, record)
                 except NodeExistsError:
                     stored = state.get_report(item.uuid)
-                    if stored is not None and stored.get("report_id") == report_id:
+                    if stored is not None and self._current(item, stored):
                         record = stored
                     else:
                         state.zk.set(path, record)
                 self._recorded.add(item.uuid)
         self._records[item.uuid] = record
         return record
+
+    @staticmethod
+    def _current(item: QueueItem, record: dict) -> bool:
+        """Whether `record` is the report of the item as it is: of its build
+        set, and saying the error the item hit since (it raised while being
+        reported) unless its change merged already."""
+        if record.get("report_id") != f"{item.uuid}-{item.buildset.uuid}":
+            return False
+        return item.error is None or record["action"] == "error" or record["merged"]
 
     @staticmethod
     def reason(item: QueueItem, record: dict | None) -> str:
