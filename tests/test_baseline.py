@@ -16,11 +16,13 @@ from tests.harness import make_series, settle, wait_for_votes, write_config
 from tests.test_post import Post
 from zuul_lite import config as zconfig
 from zuul_lite.baseline import Baseline, Findings, FindingsError
+from zuul_lite.baseline_store import BaselineStore
+from zuul_lite.build_contract import BuildResult
 from zuul_lite.cmd.client import main as zuul_lite_cli
 from zuul_lite.connections import BuildReport
 from zuul_lite.connections.patchwork import PatchworkConnection
 from zuul_lite.history.db import ALEMBIC_DIR, HistoryDB
-from zuul_lite.model import Build, Result
+from zuul_lite.model import Build, BuildSet, Change, EventFilter, Pipeline, QueueItem, Result
 from zuul_lite.reporter import job_lines
 
 ON_HEAD = {"tests": {"lib.add": "PASS", "lib.sub": "FAIL"}, "boot": "failed"}
@@ -216,3 +218,25 @@ def test_the_cli_lists_the_baselines_a_change_compares_with(tmp_path, zk_hosts, 
     assert out[0].endswith(": 1 warnings in 1 compiled files") and out[1] == "    build u2"
     assert zuul_lite_cli(["-c", str(conf), "baselines", "--project", "other"]) == 0
     assert capsys.readouterr().out.startswith("No baselines recorded")
+
+
+def test_a_baseline_recorded_after_a_lookup_on_its_commit_is_seen(tmp_path) -> None:
+    """The store keeps what it read of a commit (a burst of check items on one
+    branch head reads it once); a trusted build recording on that commit
+    replaces it, so the next change's build gets the new baseline."""
+    db = HistoryDB(f"sqlite:///{tmp_path}/history.db")
+    db.upgrade()
+    store = BaselineStore(db)
+    sha = "c" * 40
+    change = QueueItem("check", "q", Change("local", "demo", "master", 7, 1))
+    change.buildset = BuildSet(base_sha=sha)
+    build = Build("kernel-kunit", "n")
+    assert store.for_build(change, build) is None
+    post = Pipeline("post", "independent", "local", {"local": [EventFilter("ref-updated")]})
+    head = QueueItem("post", "q", Change("local", "demo", "master", 0, 0, newrev=sha))
+    findings = {"tests": {"s.t": "FAIL"}}
+    store.on_result(
+        post, head, Build("kernel-kunit", "n"), BuildResult("FAILURE", None, 1.0, "", findings)
+    )
+    found = store.for_build(change, build)
+    assert found is not None and found["findings"]["tests"] == {"s.t": "FAIL"}

@@ -371,3 +371,19 @@ def test_push_does_not_wait_for_a_merge(env, monkeypatch):
     finally:
         done.set()
         thread.join(60)
+
+
+def test_push_links_loose_objects_or_pushes_packed_ones(env):
+    """A landing hard-links the merge's loose objects into the local review
+    repository and moves the branch by compare-and-set; objects a gc packed
+    go by `git push`. Either way the review repository is whole."""
+    changes = three_changes(env)
+    first = env.merger.merge(env.request(changes[0], ref="refs/zuul/gate/a"))
+    assert env.merger.push("demo", first.head_sha, env.review, "master") is None
+    tree = run_git(env.review, "rev-parse", f"{first.head_sha}^{{tree}}").strip()
+    assert (env.review / "objects" / tree[:2] / tree[2:]).stat().st_nlink == 2  # linked
+    nxt = env.merger.merge(env.request(changes[1], ref="refs/zuul/gate/b"))
+    run_git(env.ws, "gc", "--quiet", "--prune=now")  # its objects are packed now
+    assert env.merger.push("demo", nxt.head_sha, env.review, "master") is None
+    assert run_git(env.review, "rev-parse", "master").strip() == nxt.head_sha
+    run_git(env.review, "fsck", "--strict", "--no-dangling")

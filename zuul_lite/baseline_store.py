@@ -5,6 +5,7 @@ of its base commit."""
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Any
 
 from zuul_lite.baseline import Baseline, Findings, FindingsError
@@ -15,9 +16,18 @@ from zuul_lite.model import Build, Pipeline, QueueItem, Result
 log = logging.getLogger("zuul_lite.baseline")
 
 
+# Commits whose baselines are kept in memory: every check item of a burst is
+# on the same branch head, and each gate item on the state of the one ahead.
+CACHED_COMMITS = 256
+
+
 class BaselineStore:
+    """Only the scheduler records baselines (here), so what it read of a
+    commit stays true until it records one on that commit itself."""
+
     def __init__(self, history: HistoryDB) -> None:
         self.history = history
+        self._known: OrderedDict[tuple[str, str], dict[str, Baseline]] = OrderedDict()
 
     def on_result(
         self, pipeline: Pipeline, item: QueueItem, build: Build, result: BuildResult
@@ -38,6 +48,7 @@ class BaselineStore:
             baseline = Baseline(
                 c.project, c.newrev, build.job, build.uuid, result.log_url or "", findings
             )
+            self._known.pop((c.project, c.newrev), None)
             try:
                 self.history.record_baseline(baseline)
                 log.info(
@@ -56,9 +67,18 @@ class BaselineStore:
         base = item.buildset.base_sha
         if item.change.is_ref or not base:
             return None
-        try:
-            found = self.history.baseline(item.change.project, base, build.job)
-        except HistoryError as error:
-            log.warning("[build: %s] no baseline: %s", build.uuid, error)
-            return None
+        key = (item.change.project, base)
+        known = self._known.get(key)
+        if known is None:
+            try:
+                known = self.history.commit_baselines(*key)
+            except HistoryError as error:
+                log.warning("[build: %s] no baseline: %s", build.uuid, error)
+                return None
+            self._known[key] = known
+            if len(self._known) > CACHED_COMMITS:
+                self._known.popitem(last=False)
+        else:
+            self._known.move_to_end(key)
+        found = known.get(build.job)
         return found.to_dict() if found is not None else None

@@ -34,6 +34,7 @@ import email.parser
 import email.utils
 import io
 import logging
+import os
 import re
 import shutil
 import threading
@@ -211,6 +212,16 @@ def _patch_marks(series: bytes) -> list[tuple[int, str]] | None:
     return marks
 
 
+# Not `git maintenance run --auto` after every am (a process each): the
+# merger collects garbage itself (GC_EVERY). Set for workspaces made before
+# `_configure` said so too.
+_NO_AUTO_MAINTENANCE = {
+    "GIT_CONFIG_COUNT": "1",
+    "GIT_CONFIG_KEY_0": "maintenance.auto",
+    "GIT_CONFIG_VALUE_0": "false",
+}
+
+
 def _am(tree: Path, mbox: bytes) -> None:
     """Apply an mbox onto the checked-out commit of `tree`, one commit a patch."""
     # The committer date is the author's, so the same series on the same base
@@ -225,6 +236,7 @@ def _am(tree: Path, mbox: bytes) -> None:
         "--committer-date-is-author-date",
         "--empty=drop",  # a cover letter ("[PATCH 0/N]") is not a commit
         input=mbox,
+        env=_NO_AUTO_MAINTENANCE,
     )
 
 
@@ -456,6 +468,7 @@ class Merger:
     def _configure(ws: Path) -> None:
         git(ws, "config", "gc.autoDetach", "false")  # no gc left running behind our back
         git(ws, "config", "gc.auto", "0")  # see GC_EVERY
+        git(ws, "config", "maintenance.auto", "false")  # nor after each fetch or commit
         git(ws, "worktree", "prune")  # forget worktrees whose directory is gone
 
     def _reclone(self, req: MergeRequest, proj: _Project, elog: logging.LoggerAdapter) -> None:
@@ -835,6 +848,40 @@ class Merger:
         except GitError:
             return False
 
+    @staticmethod
+    def _link_objects(ws: Path, sha: str, head: str, review_repo: Path) -> bool:
+        """Put the objects `sha` adds to `head` into the (local) review
+        repository as `git clone --local` does: hard links to the loose
+        objects the merge wrote. A local `git push` starts seven processes
+        (receive-pack, pack-objects, unpack-objects, connectivity checks, a
+        gc --auto) in ~50 ms on a quiet machine, most of the landing of a
+        gate run; this takes a merge-base and a rev-list, and the caller's
+        compare-and-set update-ref. False (a push then) when `sha` is not a
+        fast-forward of `head`, an object is not loose here (packed by a
+        gc), the review repository is not a plain one, or a link cannot be
+        made (another file system); objects linked before that are harmless."""
+        src, dst = ws / ".git" / "objects", Path(review_repo) / "objects"
+        if not src.is_dir() or not dst.is_dir():
+            return False
+        if not Merger._landed(ws, sha, head):
+            return False  # not a fast-forward (update-ref would take it; push says why not)
+        listed = git(ws, "rev-list", "--objects", sha, "--not", head, check=False)
+        oids = [line[:64].split(" ", 1)[0] for line in listed.splitlines()]
+        if not oids or not all(re.fullmatch(r"[0-9a-f]{40}([0-9a-f]{24})?", o) for o in oids):
+            return False  # an error message, or nothing to add (an odd request: push says)
+        for oid in oids:
+            target = dst / oid[:2] / oid[2:]
+            if target.exists():
+                continue
+            try:
+                target.parent.mkdir(exist_ok=True)
+                os.link(src / oid[:2] / oid[2:], target)
+            except FileExistsError:
+                continue
+            except OSError:
+                return False
+        return True
+
     def push(self, project: str, sha: str, review_repo: Path, branch: str) -> str | None:
         """Fast-forward `branch` of the (bare, local) review repo to the tested `sha`.
 
@@ -860,7 +907,11 @@ class Merger:
         if not re.fullmatch(r"[0-9a-f]{40,64}", head):
             return f"Branch '{branch}' does not exist in project {project}."
         try:
-            git(self.workspace(project), "push", "--quiet", str(review_repo), f"{sha}:{ref}")
+            if self._link_objects(self.workspace(project), sha, head, review_repo):
+                # Compare-and-set: refused if the branch moved since `head`.
+                git(review_repo, "update-ref", ref, sha, head)
+            else:
+                git(self.workspace(project), "push", "--quiet", str(review_repo), f"{sha}:{ref}")
         except GitError as e:
             now = rev_parse(review_repo, ref)
             if self._landed(review_repo, now, sha):

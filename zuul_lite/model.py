@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import time
 import uuid as uuidlib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -51,8 +51,34 @@ def new_uuid() -> str:
 
 
 def _from_dict(cls: type, data: dict) -> Any:
-    names = {f.name for f in fields(cls)}
+    names = _field_names(cls)
     return cls(**{k: v for k, v in data.items() if k in names})
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(f.name for f in fields(cls))
+    return names
+
+
+def _to_dict(obj: Any) -> dict:
+    """The fields of a flat dataclass (values: scalars, lists and dicts of
+    scalars), lists and dicts copied one level: what `asdict` gives them,
+    without its recursive deep copy, which cost most of a scheduler pass's
+    CPU in a burst of items (each stored several times)."""
+    out = {}
+    for name in _field_names(type(obj)):
+        value = getattr(obj, name)
+        if isinstance(value, list):
+            value = list(value)
+        elif isinstance(value, dict):
+            value = dict(value)
+        out[name] = value
+    return out
 
 
 @dataclass(slots=True)
@@ -74,7 +100,7 @@ class TriggerEvent:
     time: float = field(default_factory=time.time)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return _to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> TriggerEvent:
@@ -93,7 +119,7 @@ class ManagementEvent:
     time: float = field(default_factory=time.time)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return _to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> ManagementEvent:
@@ -154,7 +180,7 @@ class Change:
         return not self.latest_patchset or self.patchset == self.latest_patchset
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return _to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> Change:
@@ -216,7 +242,7 @@ class Build:
     note: str = ""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return _to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> Build:
@@ -251,7 +277,7 @@ class BuildSet:
     builds: dict[str, Build] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        data = asdict(self)
+        data = _to_dict(self)
         data["builds"] = {name: b.to_dict() for name, b in self.builds.items()}
         return data
 

@@ -149,11 +149,15 @@ class HistoryDB:
     # Reads -----------------------------------------------------------------
 
     def baseline(self, project: str, sha: str, job: str) -> Baseline | None:
+        return self.commit_baselines(project, sha).get(job)
+
+    def commit_baselines(self, project: str, sha: str) -> dict[str, Baseline]:
+        """The baseline of each job recorded on commit `sha`, by job: one read
+        for all the builds of an item (an unreadable one is left out)."""
         t = baseline_table
-        rows = self._read(
-            sa.select(t).where(t.c.project == project, t.c.sha == sha, t.c.job_name == job)
-        )
-        return _baseline_of(rows[0]) if rows else None
+        rows = self._read(sa.select(t).where(t.c.project == project, t.c.sha == sha))
+        found = (_baseline_of(row) for row in rows)
+        return {b.job: b for b in found if b is not None}
 
     def baselines(
         self,
