@@ -377,23 +377,26 @@ class ZooKeeper(NodepoolZK):
         raw, stat = self._zk.get(path)
         return _decode(raw), stat.version
 
-    def get_many(self, paths: list[str]) -> list[Any]:
+    def get_many(self, paths: list[str], versions: bool = False) -> list[Any]:
         """The values of several znodes, read in about one round trip (kazoo's
         asynchronous gets, pipelined on the session): None for a missing
-        znode, the ValueError for one that does not hold JSON."""
+        znode, the ValueError for one that does not hold JSON; with
+        `versions`, each value found as (value, version), as `get` gives it."""
         values: list[Any] = []
         with _translated():
             pending = [self._zk.get_async(path) for path in paths]
             for request in pending:
                 try:
-                    raw, _ = request.get(timeout=self.timeout)
+                    raw, stat = request.get(timeout=self.timeout)
                 except kze.NoNodeError:
                     values.append(None)
                     continue
                 try:
-                    values.append(_decode(raw))
+                    value = _decode(raw)
                 except ValueError as error:
                     values.append(error)
+                    continue
+                values.append((value, stat.version) if versions else value)
         return values
 
     def get_or_none(self, path: str) -> dict | None:

@@ -19,6 +19,7 @@ import time
 import gear
 import pytest
 
+from nodepool_lite.exceptions import BadVersionError
 from nodepool_lite.zk import ZooKeeper
 from tests.harness import (
     REPO_ROOT,
@@ -35,6 +36,7 @@ from tests.harness import (
     write_config,
 )
 from zuul_lite import config as zconfig
+from zuul_lite.connections import Report
 from zuul_lite.connections.local import LocalConnection
 from zuul_lite.gearman import EXECUTE
 from zuul_lite.git import git
@@ -621,3 +623,29 @@ def test_check_items_finishing_together_are_voted_even_if_one_report_raises(env,
         "(RuntimeError: the report of change 2 is broken)." in env.vote_messages(b, "check")[0]
     )
     assert pipeline_status(env.zk, "check") == []
+
+
+def test_a_change_written_after_it_was_read_ahead_is_voted_on_its_new_state(env):
+    """Reports read their changes ahead in one round trip (`preloaded`); a
+    change written after that read (a comment) makes the vote's versioned
+    write fail, and the retry reads it again: both the comment and the vote
+    are kept, and nothing read ahead outlives the block."""
+    env.configure()
+    a, b = env.change("a"), env.change("b")
+    change = env.local.get_change(a)
+    report = Report(id="r1", pipeline="check", message="ok", verified=1)
+    cli = LocalConnection("local", {"driver": "local"}, env.state, env.cfg.state_dir)
+    with env.local.preloaded([a, b]):
+        cli.comment(a, "looks good")  # as `zuul-lite comment` would, from another process
+        txn = env.state.transaction()
+        env.local.report_ops(change, report, txn)
+        with pytest.raises(BadVersionError):
+            txn.commit()
+        txn = env.state.transaction()
+        env.local.report_ops(change, report, txn)
+        txn.commit()
+    data = env.local.get_change_data(a)
+    assert [c["message"] for c in data["comments"]] == ["looks good"]
+    assert [v["value"] for v in data["votes"]] == [1]
+    cli.comment(b, "after the block")  # b was read ahead but not used: not served stale
+    assert [c["message"] for c in env.local.get_change_data(b)["comments"]] == ["after the block"]

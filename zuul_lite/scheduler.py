@@ -13,7 +13,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import gear
@@ -440,13 +441,34 @@ class Scheduler(threading.Thread):
         waiting: set[str] = set()  # connections whose review system did not answer
         batch = _TriggerBatch(self.state.transaction())
         try:
-            for name, data in self._pending(self._triggers, self.state.trigger_event_path):
-                batch = self._take_trigger(name, data, batch, waiting)
+            pending = self._pending(self._triggers, self.state.trigger_event_path)
+            wanted = [
+                (data.get("connection"), data.get("change"))
+                for _, data in pending
+                if isinstance(data, dict)
+            ]
+            with self.preloaded_changes(wanted):
+                for name, data in pending:
+                    batch = self._take_trigger(name, data, batch, waiting)
             self._commit_triggers(batch)
         except BaseException:
             self._discard_triggers(batch)
             self._triggers.set()  # what was not committed stays queued
             raise
+
+    @contextmanager
+    def preloaded_changes(self, changes: Iterable[tuple[object, object]]) -> Iterator[None]:
+        """Each connection reads its changes of (connection, number) ahead,
+        together (Connection.preloaded); anything malformed is left to the
+        one-by-one read, which says what is wrong with it."""
+        by_connection: dict[str, set[int]] = {}
+        for name, number in changes:
+            if isinstance(name, str) and name in self.connections and type(number) is int:
+                by_connection.setdefault(name, set()).add(number)
+        with ExitStack() as stack:
+            for name, numbers in by_connection.items():
+                stack.enter_context(self.connections[name].preloaded(numbers))
+            yield
 
     def _take_trigger(
         self, name: str, data: object, batch: _TriggerBatch, waiting: set[str]

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -99,6 +100,14 @@ class Connection(abc.ABC):
 
     def stop(self) -> None:  # noqa: B027
         """Stop watching."""
+
+    @contextmanager
+    def preloaded(self, numbers: Iterable[int]) -> Iterator[None]:
+        """Within: the scheduler is about to read these changes one by one (a
+        wake-up's trigger events, a pass's reports). A review system that can
+        read several at once does so on entry and serves each first read
+        from that; by default nothing is read ahead."""
+        yield
 
     def on_build_started(self, change: Change, pipeline: str, job: str, log_url: str) -> None:  # noqa: B027
         """A build of the change was submitted (a review system may show it as pending)."""

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zuul_lite.connections.local")
 
+NOT_PRELOADED = object()
+
 
 class LocalConnection(Connection):
     driver = "local"
@@ -41,6 +45,9 @@ class LocalConnection(Connection):
 
     def setup(self) -> None:
         self.zk = self.state.zk
+        # Changes read ahead by `preloaded`: number -> (data, version), None
+        # (no such change) or the ValueError of a znode that is not JSON.
+        self._preloaded: dict[int, tuple[dict, int] | ValueError | None] = {}
         self.git_root = self.state_dir / "git"
         self.depends_index = DependsOnIndex(self.zk, self.state.local_path("depends-on"))
         if self.post_event is None:
@@ -145,12 +152,37 @@ class LocalConnection(Connection):
     def change_path(self, number: int) -> str:
         return self.state.local_path("changes", number)
 
+    @contextmanager
+    def preloaded(self, numbers: Iterable[int]) -> Iterator[None]:
+        """The changes in one pipelined read on entry; each is served once from
+        it (a second read, e.g. after a refused versioned write, goes to
+        ZooKeeper) and whatever is left is dropped on exit."""
+        wanted = sorted(set(numbers))
+        if len(wanted) < 2:
+            yield
+            return
+        read = self.zk.get_many([self.change_path(n) for n in wanted], versions=True)
+        self._preloaded = {n: found for n, found in zip(wanted, read, strict=True)}
+        try:
+            yield
+        finally:
+            self._preloaded = {}
+
+    def _read_change(self, number: int) -> tuple[dict, int]:
+        """(data, version) of a stored change; NoNodeError if there is none."""
+        found = self._preloaded.pop(number, NOT_PRELOADED)
+        if isinstance(found, tuple):
+            return found
+        if found is None:
+            raise NoNodeError(self.change_path(number))
+        return self.zk.get(self.change_path(number))  # not read ahead, or not JSON: say so
+
     def get_change_data(self, number: int) -> dict:
         """The stored change: patchsets, comments, votes (what `show` prints)."""
-        data = self.zk.get_or_none(self.change_path(number))
-        if data is None:
-            raise InboxError(f"There is no change {number}.")
-        return data
+        try:
+            return self._read_change(number)[0]
+        except NoNodeError:
+            raise InboxError(f"There is no change {number}.") from None
 
     def get_change(self, number: int, patchset: int | None = None) -> Change:
         data = self.get_change_data(number)
@@ -389,7 +421,7 @@ class LocalConnection(Connection):
         run reported in one transaction move the branch once, to the last
         one's commit: one ref-updated, as for one push."""
         path = self.change_path(change.number)
-        data, version = self.zk.get(path)
+        data, version = self._read_change(change.number)
         if not any(v.get("report_id") == report.id for v in data["votes"]):
             data["votes"].append(self._vote(change, report))
         if report.merged_sha and data["status"] == "NEW":

@@ -561,13 +561,15 @@ class PipelineManager:
         while True:
             txn = self.state.transaction()
             reported = []
-            for other, other_record in batch:
-                try:
-                    reported.append((other, self.reporter.report(other, other_record, txn)))
-                except ReviewSystemError as error:
-                    self._report_later(other, error)
-                    if queue is not None:
-                        break
+            changes = [(other.change.connection, other.change.number) for other, _ in batch]
+            with self.sched.preloaded_changes(changes):
+                for other, other_record in batch:
+                    try:
+                        reported.append((other, self.reporter.report(other, other_record, txn)))
+                    except ReviewSystemError as error:
+                        self._report_later(other, error)
+                        if queue is not None:
+                            break
             if not reported:
                 return
             window = queue.window if queue is not None else None
