@@ -23,8 +23,21 @@ Measured 2026-12-03 on the shared 2-core machine, one run each, load
 average 2.5 (after) and 4.6 (before the batching): (a) p50 68 ms (59 ms
 before); (b) 24.5 items/s median (21.3), 1.1 transactions and 3.4 git
 processes per item (2.0 and 6.7); (c) p50 85 ms, p99 193 ms (106, 146; one
-p99 of 20 samples). The burst goal (40 items/s) is not met: each item still
-costs a checkout and a `git am` in the merger, and its own report.
+p99 of 20 samples).
+
+Measured 2026-12-03 (later), after the items of independent queues finished
+in one pass are reported together (one history write, one ZooKeeper
+transaction), the changes of a wake-up are read ahead in one pipelined
+read, baselines are read once per commit and `git am` runs no auto
+maintenance; load average 2.8 at the start of (b), 4.5 at the end of (c),
+another session's tests beside it: (a) p50 44.5 ms, p95 55.9 ms; (b) 40.1,
+44.4, 57.8 items/s, median 44.4 (goal 40: met on a quiet machine; at load
+2.4-3 beside the other session's tests, 13-18 items/s against 9-15 for the
+code before, alternated), 0.5 transactions and 3.0-3.2 git processes per
+item; (c) p50 92 ms, p99 377 ms behind 500 items. CPU per burst item
+(this process and its git children, `os.times`), alternating old and new
+code at load 4-7: 32-42 ms (git 19-22 of it) against 42-61 ms; ZooKeeper's
+own ~10 ms per item is unchanged.
 
     .venv/bin/python bench/scheduler.py [--serial 50] [--burst 20] [--queue 500]
 """
