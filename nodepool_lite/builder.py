@@ -462,7 +462,10 @@ class BuildWorker(threading.Thread):
             if self.stop_event.is_set():
                 return
             if name in requested or build_due(self.config, self.zk, name, time.time()):
-                self._build(name, requested=name in requested)
+                try:
+                    self._build(name, requested=name in requested)
+                except exc.ConfigError as error:  # this image only: the others still build
+                    log.error("Not building %s: %s", name, error)
 
     def _build(self, name: str, requested: bool) -> None:
         """Build under the image's ZK lock, so two builders never build one image."""
@@ -553,7 +556,11 @@ class NodePoolBuilder:
 
     def reconfigure(self, config: Config) -> None:
         """`config` for the next passes (SIGHUP); a running build goes on.
-        ZooKeeper and metrics settings take a restart."""
+        ZooKeeper and metrics settings take a restart. A config naming an
+        element that does not exist raises ConfigError (one sentence) and
+        changes nothing: the daemon keeps building with the one it has."""
+        for diskimage in config.diskimages:
+            check_elements(config, diskimage)
         self.config = config
         self.build_worker.config = self.cleanup_worker.config = config
         self.upload_worker.targets = uploaders(config)

@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 
 from nodepool_lite import builder
-from nodepool_lite.builder import NodePoolBuilder, build_image, cleanup, reconcile, rootfs_path
+from nodepool_lite.builder import (
+    BuildWorker,
+    NodePoolBuilder,
+    build_image,
+    cleanup,
+    reconcile,
+    rootfs_path,
+)
 from nodepool_lite.config import Config, load
 from nodepool_lite.drivers.nspawn.limits import is_mounted
 from nodepool_lite.drivers.userns import NODE_UID_BASE, NODE_UID_COUNT, host_id
@@ -413,3 +420,26 @@ def test_cleanup_never_deletes_dirs_outside_the_state_dir(zk, tmp_path, fake_dib
     cleanup(config, zk)
     assert len(zk.get_image_builds("small")) == 2  # the shared one was the oldest
     assert (shared / "rootfs").is_dir()
+
+
+def test_an_image_that_cannot_be_built_does_not_stop_the_others(
+    zk, tmp_path, fake_dib, caplog, monkeypatch
+):
+    """A pass of the build worker says why it skips one image (an element
+    gone since the config was loaded) and builds the next one."""
+    path = tmp_path / "nodepool-two.yaml"
+    path.write_text(
+        f"state-dir: {tmp_path / 'state'}\n"
+        "diskimages:\n  - {name: bad, elements: [base]}\n  - {name: good, elements: [base]}\n"
+    )
+    config = load(path)
+
+    def check_elements(config, diskimage):
+        if diskimage.name == "bad":
+            raise ConfigError("diskimages[0].elements[0]: unknown element 'base'.")
+
+    monkeypatch.setattr(builder, "check_elements", check_elements)
+    BuildWorker(config, zk)._work()
+    assert zk.get_image_builds("bad") == []
+    assert [b.state for b in zk.get_image_builds("good")] == [BuildState.READY]
+    assert "Not building bad: diskimages[0].elements[0]: unknown element 'base'." in caplog.text

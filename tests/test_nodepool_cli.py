@@ -130,6 +130,12 @@ def test_builder_daemon_reloads_on_sighup_and_keeps_a_good_config(conf, zk, tmp_
         wait_for(lambda: "Keeping the running config" in log.read_text(), 30, "refused")
         assert "max-servers: expected int" in log.read_text() and daemon.poll() is None
         data = yaml.safe_load(good)
+        unknown = {**data, "diskimages": [{**data["diskimages"][0], "elements": ["nope"]}]}
+        Path(conf).write_text(yaml.safe_dump(unknown))
+        daemon.send_signal(signal.SIGHUP)
+        wait_for(lambda: "unknown element 'nope'" in log.read_text(), 30, "refused element")
+        assert log.read_text().count("Keeping the running config") == 2
+        assert daemon.poll() is None
         data["diskimages"].append({"name": "second", "elements": ["debian-minimal"]})
         Path(conf).write_text(yaml.safe_dump(data))
         zk.store_image_build("second", ImageBuild(state=BuildState.READY))  # not due
