@@ -54,6 +54,21 @@ def upload_pass(zk: ZooKeeper, targets: dict[str, tuple[ProviderConfig, ImageUpl
             for old in zk.get_image_uploads(image, build.id or ""):
                 if old.provider in targets:
                     delete_upload(zk, old, targets[old.provider][1])
+                else:
+                    _forget_upload(zk, old)
+
+
+def _forget_upload(zk: ZooKeeper, record: ImageUpload) -> None:
+    """An upload to a provider no longer configured cannot be deleted from
+    it (no credentials, no driver): say what is left there and drop the
+    record, so its build can go instead of staying `deleting` forever."""
+    log.warning(
+        "Upload %s of %s-%s is in provider %s, which is no longer configured: its copy "
+        "%s is left there (delete it by hand); forgetting the record",
+        record.id, record.image, record.build_id, record.provider,
+        record.external_id or record.external_name,
+    )  # fmt: skip
+    zk.delete_image_upload(record)
 
 
 def _upload_due(zk: ZooKeeper, build: ImageBuild, provider: str) -> bool:

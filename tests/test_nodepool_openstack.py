@@ -297,6 +297,45 @@ def test_retention_deletes_uploads_before_their_build(cloud, zk, zk_hosts, tmp_p
     assert len(cloud.images) == 2  # the cloud image and the newest upload
 
 
+def test_image_delete_deletes_the_uploads_then_the_build(cloud, zk, zk_hosts, tmp_path, capsys):
+    """`nodepool image-delete` of an uploaded build leaves no copy in the
+    cloud: the build is marked deleting, the builder deletes its upload from
+    Glance, then the build (as retention does)."""
+    path = write_config(tmp_path, zk_hosts, 22, label={"cloud-image": None, "diskimage": IMAGE})
+    cfg = config.load(path)
+    build = ready_build(zk, tmp_path)
+    upload_pass(zk, uploaders(cfg))
+    [record] = zk.get_image_uploads(IMAGE, build.id)
+    assert main(["-c", str(path), "image-delete", f"{IMAGE}-{build.id}"]) == 0
+    assert "marked for deletion: the builder deletes its 1 upload(s) (cloud)" in (
+        capsys.readouterr().out
+    )
+    assert zk.get_image_build(IMAGE, build.id).state == BuildState.DELETING
+    upload_pass(zk, uploaders(cfg))
+    assert record.external_id not in cloud.images
+    cleanup(cfg, zk)
+    assert zk.get_image_build(IMAGE, build.id) is None
+
+
+def test_uploads_to_a_provider_no_longer_configured_do_not_keep_their_build(
+    cloud, zk, zk_hosts, tmp_path, caplog
+):
+    """A provider taken out of the config cannot be asked to delete its copy:
+    the builder says which copy is left there and forgets the record, so the
+    build is deleted instead of staying `deleting` forever."""
+    path = write_config(tmp_path, zk_hosts, 22, label={"cloud-image": None, "diskimage": IMAGE})
+    build = ready_build(zk, tmp_path)
+    upload_pass(zk, uploaders(config.load(path)))
+    [record] = zk.get_image_uploads(IMAGE, build.id)
+    build.state = BuildState.DELETING
+    zk.store_image_build(IMAGE, build)
+    upload_pass(zk, {})  # the provider is gone from the config
+    assert "which is no longer configured" in caplog.text and record.external_id in caplog.text
+    assert zk.get_image_uploads(IMAGE, build.id) == []
+    cleanup(config.load(path), zk)
+    assert zk.get_image_build(IMAGE, build.id) is None
+
+
 @pytest.mark.parametrize(
     "provider, message",
     [

@@ -196,6 +196,18 @@ class Commands:
         users = [n.id for n in self.zk.nodes() if n.image_build == self.args.build]
         if users:
             raise NodepoolError(f"Image build {self.args.build} is in use by nodes {users}.")
+        uploads = self.zk.get_image_uploads(image, build_id)
+        if uploads:
+            # Its copies in the providers go first, as retention does it
+            # (uploader.py): the builder deletes them, then the build.
+            build.state = BuildState.DELETING
+            self.zk.store_image_build(image, build)
+            where = ", ".join(sorted({u.provider for u in uploads}))
+            print(
+                f"Image build {self.args.build} is marked for deletion: the builder deletes "
+                f"its {len(uploads)} upload(s) ({where}) first, then the build."
+            )
+            return 0
         remove_build(self.config, self.zk, build)
         print(f"Deleted image build {self.args.build}.")
         return 0
