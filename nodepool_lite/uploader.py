@@ -116,9 +116,15 @@ def delete_upload(zk: ZooKeeper, record: ImageUpload, uploader: ImageUploader) -
     log.info("Deleted upload %s of %s-%s", record.id, record.image, record.build_id)
 
 
-def reconcile_uploads(zk: ZooKeeper) -> None:
+def reconcile_uploads(
+    zk: ZooKeeper, targets: dict[str, tuple[ProviderConfig, ImageUploader]]
+) -> None:
     """On start: an upload left `uploading` died with its builder (one builder
-    uploads for all); it becomes `failed`, and is retried."""
+    uploads for all); it becomes `failed`, and is retried. What such uploads
+    left in each provider (a Glance image created before its id was
+    recorded, a half copy) is deleted: every copy of ours whose upload is
+    not ready or being deleted."""
+    kept: dict[str, set[tuple[str, str]]] = {}
     for image in zk.get_image_names():
         for build in zk.get_image_builds(image):
             for record in zk.get_image_uploads(image, build.id or ""):
@@ -126,6 +132,13 @@ def reconcile_uploads(zk: ZooKeeper) -> None:
                     record.state = UploadState.FAILED
                     record.reason = "the builder stopped during the upload"
                     zk.store_image_upload(record)
+                if record.state in (UploadState.READY, UploadState.DELETING) and record.id:
+                    kept.setdefault(record.provider, set()).add((record.build_id, record.id))
+    for name, (_, uploader) in targets.items():
+        try:
+            uploader.sweep(kept.get(name, set()))
+        except exc.NodepoolError as error:  # the next start looks again
+            log.warning("%s", error)
 
 
 class UploadWorker(threading.Thread):
@@ -144,7 +157,10 @@ class UploadWorker(threading.Thread):
         self.wake.set()
 
     def run(self) -> None:
-        reconcile_uploads(self.zk)
+        try:
+            reconcile_uploads(self.zk, self.targets)
+        except exc.NodepoolError:
+            log.exception("Reconciling uploads failed")
         while not self.stop_event.is_set():
             self.wake.clear()
             try:

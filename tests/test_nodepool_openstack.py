@@ -19,8 +19,15 @@ from nodepool_lite.cmd.nodepoolcmd import main
 from nodepool_lite.drivers.openstack.provider import OpenStackProvider
 from nodepool_lite.exceptions import ConfigError, LaunchError
 from nodepool_lite.launcher import NodePool
-from nodepool_lite.model import BuildState, ImageBuild, NodeState, RequestState, UploadState
-from nodepool_lite.uploader import upload_pass, uploaders
+from nodepool_lite.model import (
+    BuildState,
+    ImageBuild,
+    ImageUpload,
+    NodeState,
+    RequestState,
+    UploadState,
+)
+from nodepool_lite.uploader import reconcile_uploads, upload_pass, uploaders
 from tests.fake_openstack import FakeCloud, clouds_yaml, image_json
 from tests.nodepool_env import launchers, release, request, take_nodes, wait_for
 
@@ -334,6 +341,37 @@ def test_uploads_to_a_provider_no_longer_configured_do_not_keep_their_build(
     assert zk.get_image_uploads(IMAGE, build.id) == []
     cleanup(config.load(path), zk)
     assert zk.get_image_build(IMAGE, build.id) is None
+
+
+def test_what_a_builder_stopped_mid_upload_left_in_glance_is_deleted_on_start(
+    cloud, zk, zk_hosts, tmp_path
+):
+    """The builder died after Glance made the image and before the record got
+    its id: on start the record is failed (to be retried) and the image,
+    known only by its `nodepool_upload_id`, is deleted; a ready upload's
+    image and an image that is not ours stay."""
+    path = write_config(tmp_path, zk_hosts, 22, label={"cloud-image": None, "diskimage": IMAGE})
+    targets = uploaders(config.load(path))
+    kept = ready_build(zk, tmp_path)
+    upload_pass(zk, targets)
+    [ready] = zk.get_image_uploads(IMAGE, kept.id)
+    build = ready_build(zk, tmp_path)
+    dying = ImageUpload(image=IMAGE, build_id=build.id, provider="cloud")
+    zk.store_image_upload(dying)  # `uploading`, as `upload` stores it first
+    meta = {
+        "nodepool_build_id": build.id,
+        "nodepool_upload_id": dying.id,  # numbered per build: the ready one's number too
+        "nodepool_provider_name": "cloud",
+    }
+    leaked = targets["cloud"][1].upload(
+        f"{IMAGE}-{build.id}", Path(build.path, f"{IMAGE}.qcow2"), meta
+    )
+    foreign = next(iter(cloud.images))  # the cloud's own image
+    reconcile_uploads(zk, targets)
+    assert leaked not in cloud.images
+    assert ready.external_id in cloud.images and foreign in cloud.images
+    [failed] = zk.get_image_uploads(IMAGE, build.id)
+    assert failed.state == UploadState.FAILED
 
 
 @pytest.mark.parametrize(

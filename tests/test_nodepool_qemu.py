@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from nodepool_lite import config as nodepool_config
+from nodepool_lite.drivers.qemu.images import ImageStore
 from nodepool_lite.drivers.qemu.provider import qemu_pids
 from nodepool_lite.drivers.sshscan import node_client
 from nodepool_lite.exceptions import ConfigError
@@ -219,3 +220,25 @@ def test_bad_config_is_one_sentence(tmp_path, change, message):
     with pytest.raises(ConfigError) as error:
         nodepool_config.load(path)
     assert str(error.value) == f"{path}: {message}"
+
+
+def test_image_store_sweeps_what_unfinished_uploads_left(tmp_path):
+    """On the builder's start: a half copy and a whole one whose upload is
+    not kept go; a kept one and one that says nothing of its upload stay."""
+    build = tmp_path / "build"
+    (build / "rootfs" / "boot").mkdir(parents=True)
+    (build / "rootfs" / "boot" / "vmlinuz-6.1").write_bytes(b"kernel")
+    (build / "rootfs" / "boot" / "initrd.img-6.1").write_bytes(b"initrd")
+    (build / "img.qcow2").write_bytes(b"QFI\xfb")
+    store = ImageStore(tmp_path / "images")
+
+    def meta(build_id: str) -> dict[str, str]:
+        return {"nodepool_build_id": build_id, "nodepool_upload_id": "0000000000"}
+
+    store.upload("img-1", build / "img.qcow2", meta("1"))
+    store.upload("img-2", build / "img.qcow2", meta("2"))
+    (tmp_path / "images" / ".img-3.4242").mkdir()  # its builder died while copying
+    (tmp_path / "images" / "img-0").mkdir()  # stored before uploads said whose they are
+    assert store.sweep({("1", "0000000000")}) == [".img-3.4242", "img-2"]
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["img-0", "img-1"]
+    assert store.image("img-1") is not None

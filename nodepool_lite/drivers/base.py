@@ -117,6 +117,14 @@ class ImageUploader(ABC):
     def delete(self, external_id: str) -> None:
         """Delete an uploaded image; fine if it is already gone."""
 
+    def sweep(self, kept: set[tuple[str, str]]) -> list[str]:
+        """Delete what uploads that died with their builder left in the
+        provider: our copies whose (build id, upload id), from the metadata
+        `nodepool_build_id` and `nodepool_upload_id` each upload was given,
+        is not in `kept`; what it deleted. Called when the builder starts,
+        before any upload of its own runs."""
+        return []
+
 
 class Provider(ABC):
     """One configured provider. Methods are called from several threads."""

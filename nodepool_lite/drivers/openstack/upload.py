@@ -47,3 +47,27 @@ class GlanceUploader(ImageUploader):
             raise NodepoolError(
                 f"Deleting image {external_id} from {self.provider.name} failed: {error}"
             ) from None
+
+    def sweep(self, kept: set[tuple[str, str]]) -> list[str]:
+        """Glance images carrying this provider's name in their metadata."""
+        conn = connect(self.provider)
+        swept = []
+        try:
+            for image in conn.image.images():
+                props = getattr(image, "properties", None) or {}
+                key = (props.get("nodepool_build_id"), props.get("nodepool_upload_id"))
+                if props.get("nodepool_provider_name") != self.provider.name or None in key:
+                    continue
+                if key not in kept:
+                    log.warning(
+                        "Deleting image %s (%s) from %s: upload %s of build %s is not a kept "
+                        "one (its builder stopped during the upload)",
+                        image.id, image.name, self.provider.name, key[1], key[0],
+                    )  # fmt: skip
+                    conn.image.delete_image(image.id, ignore_missing=True)
+                    swept.append(image.id)
+        except CLOUD_ERRORS as error:
+            raise NodepoolError(
+                f"Looking for leaked images in {self.provider.name} failed: {error}"
+            ) from None
+        return swept

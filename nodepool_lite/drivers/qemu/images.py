@@ -10,6 +10,7 @@ expires (and the builder keeps builds that nodes still boot from)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -23,6 +24,7 @@ from nodepool_lite.exceptions import NodepoolError
 log = logging.getLogger("nodepool_lite.drivers.qemu.images")
 
 DISK = "disk.qcow2"
+META = "upload.json"  # the upload's metadata: nodepool_upload_id, build and provider
 KERNEL = "vmlinuz"
 INITRD = "initrd.img"
 
@@ -73,6 +75,7 @@ class ImageStore(ImageUploader):
             for source, target in ((path, DISK), (kernel, KERNEL), (initrd, INITRD)):
                 shutil.copyfile(source, tmp / target)
             (tmp / DISK).chmod(0o444)  # a base image: nodes write only to overlays
+            (tmp / META).write_text(json.dumps(meta))  # which upload made it (see sweep)
             shutil.rmtree(self.images_dir / name, ignore_errors=True)  # a retried upload
             tmp.rename(self.images_dir / name)
         except OSError as error:
@@ -83,3 +86,27 @@ class ImageStore(ImageUploader):
 
     def delete(self, external_id: str) -> None:
         shutil.rmtree(self.images_dir / external_id, ignore_errors=True)
+
+    def sweep(self, kept: set[tuple[str, str]]) -> list[str]:
+        """Copies half made (`.<name>.<pid>`, never renamed into place) and
+        whole ones whose upload is not kept (the builder stopped before it
+        recorded them); a copy without META (stored before it was written)
+        is left alone: nothing says whose it is."""
+        if not self.images_dir.is_dir():
+            return []
+        swept = []
+        for path in sorted(self.images_dir.iterdir()):
+            if not path.is_dir():
+                continue
+            if not path.name.startswith("."):
+                try:
+                    meta = json.loads((path / META).read_text())
+                    key = (meta["nodepool_build_id"], meta["nodepool_upload_id"])
+                except (OSError, ValueError, TypeError, KeyError):
+                    continue
+                if key in kept:
+                    continue
+            log.warning("Deleting %s: left by an upload that did not finish", path)
+            shutil.rmtree(path, ignore_errors=True)
+            swept.append(path.name)
+        return swept
