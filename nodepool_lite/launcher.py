@@ -400,8 +400,10 @@ def _decline_reason(req: NodeRequest, launchers: dict[str, list[str]]) -> str:
 class NodePool:
     """The daemon: `start()`, `stop()`, `join()`; owns its ZooKeeper session."""
 
-    def __init__(self, config_path: str | Path, zk_hosts: str | None = None):
-        self.config = npconfig.load(config_path)
+    def __init__(self, config: str | Path | npconfig.Config, zk_hosts: str | None = None):
+        # A Config as loaded (a reload hands over the one it checked, so a
+        # file changed in between cannot stop the daemon), or its path.
+        self.config = config if isinstance(config, npconfig.Config) else npconfig.load(config)
         self.zk = ZooKeeper(zk_hosts or self.config.zookeeper_hosts, tls=self.config.zookeeper_tls)
         self.stop_event = threading.Event()
         self.providers: dict[str, Provider] = {}

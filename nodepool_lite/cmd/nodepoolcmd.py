@@ -99,14 +99,14 @@ class Commands:
         while signals.wait() == signal.SIGHUP:
             # Restarting is cheap and safe: the new instance adopts the nodes.
             try:
-                npconfig.load(self.args.config)
+                new = npconfig.load(self.args.config)
             except NodepoolError as error:
                 log.error("Keeping the running config: %s", error)
                 continue
             log.info("Reloading %s", self.args.config)
             nodepool.stop()
             nodepool.join()
-            nodepool = NodePool(self.args.config)
+            nodepool = NodePool(new)  # the config just checked, not the file read again
             nodepool.start()
         nodepool.stop()
         nodepool.join()
