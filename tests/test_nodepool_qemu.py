@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from nodepool_lite import config as nodepool_config
+from nodepool_lite.drivers.qemu import provider as qemu_provider
 from nodepool_lite.drivers.qemu.images import ImageStore
 from nodepool_lite.drivers.qemu.provider import qemu_pids
 from nodepool_lite.drivers.sshscan import node_client
@@ -242,3 +243,16 @@ def test_image_store_sweeps_what_unfinished_uploads_left(tmp_path):
     assert store.sweep({("1", "0000000000")}) == [".img-3.4242", "img-2"]
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["img-0", "img-1"]
     assert store.image("img-1") is not None
+
+
+def test_kvm_failure_is_remembered_until_the_host_reboots(tmp_path, monkeypatch):
+    """A launcher restarted or reloaded does not probe KVM again (20 s of a
+    silent guest) on a host where it failed; after a reboot it does."""
+    boot_id = tmp_path / "boot_id"
+    boot_id.write_text("boot-1\n")
+    monkeypatch.setattr(qemu_provider, "BOOT_ID", boot_id)
+    assert not qemu_provider.kvm_failed_here(tmp_path)
+    qemu_provider.record_kvm_failure(tmp_path, "no console output 20s after QEMU started")
+    assert qemu_provider.kvm_failed_here(tmp_path)
+    boot_id.write_text("boot-2\n")
+    assert not qemu_provider.kvm_failed_here(tmp_path)

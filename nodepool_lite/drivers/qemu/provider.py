@@ -79,6 +79,33 @@ class KvmFailed(Exception):
     """KVM does not run guests here: boot again with TCG."""
 
 
+# Where a provider keeps "KVM failed at run time on this host", for this
+# boot of the host only: a restarted or reloaded launcher does not pay the
+# KVM_SILENCE probe again, and a host rebooted (a kvm module loaded, a
+# hypervisor changed) is tried afresh.
+KVM_VERDICT = "kvm-failed"
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def _boot_id() -> str:
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:
+        return ""
+
+
+def kvm_failed_here(base: Path) -> bool:
+    """Whether KVM was found not to run guests since this host booted."""
+    try:
+        return (base / KVM_VERDICT).read_text().split("\n", 1)[0] == _boot_id()
+    except OSError:
+        return False
+
+
+def record_kvm_failure(base: Path, reason: str) -> None:
+    (base / KVM_VERDICT).write_text(f"{_boot_id()}\n{reason}\n")
+
+
 def kvm_usable() -> bool:
     """/dev/kvm opens for read and write (it may still fail at run time)."""
     try:
@@ -147,7 +174,7 @@ class QemuProvider(Provider):
         self.public_key = Path(f"{self.private_key}.pub").read_text()
         self._procs: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
-        self._kvm_failed = False
+        self._kvm_failed = kvm_failed_here(self.base)
 
     def request_handler(self, pool: QemuPool) -> RequestHandler:  # type: ignore[override]
         return QemuRequestHandler(self, pool)
@@ -192,6 +219,8 @@ class QemuProvider(Provider):
                     ) from None
                 log.warning("KVM cannot run guests here (%s); using TCG from now on", error)
                 self._kvm_failed = True
+                record_kvm_failure(self.base, str(error))
+                start = time.monotonic()  # the TCG boot gets the whole boot-timeout
             except Exception:
                 self.cleanup_node(node.id)
                 raise
