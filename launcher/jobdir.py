@@ -10,7 +10,8 @@ short form):
         ansible.cfg            ssh + pipelining, our known_hosts, local temp below
         known_hosts            the node's host keys, so ssh never prompts
         vars.yaml              `zuul` (the gearman arguments), `zuul_log_dir`, job vars
-        setup.yaml             wait for ssh, push the change and check it out, copy artifacts
+        setup.yaml             wait for ssh, push the change (checked out unless the
+                               job has checkout: false), copy dependency artifacts
         pre-<n>.yaml run-<n>.yaml post-<n>.yaml   the job's playbooks as run
         collect-logs.yaml      pull ~/artifacts and ~/console into logs/
         results.jsonl          one JSON line per playbook, written by our callback

@@ -102,6 +102,13 @@ def zuul_variable(request: BuildRequest) -> dict[str, Any]:
 # tree here 8.5 s instead of 11 s on one.
 RECEIVE_PACK = "git -c receive.denyCurrentBranch=updateInstead -c checkout.workers=0 receive-pack"
 
+# Where the change's commit is in the node's repository, whether the job
+# checks it out or not (doc/jobs.md, "checkout").
+CHANGE_REF = "refs/zuul/change"
+
+# The workspace directories, made by the same task as the repository (each
+# task is an ssh round trip and a module run).
+WORKSPACE_DIRS = "mkdir -p src artifacts console deps\n"
 
 # The node's repository of the project: a clean checkout of the branch under
 # test (the image's kernel-tree-cache, built at a recent base; a static
@@ -124,11 +131,85 @@ else
 fi
 """
 
+# A job with `checkout: false`: any repository of the project on the node
+# stays as it is, work tree and all (nothing on it is read or rewritten, so
+# no file of the tree is even looked at); the push only adds the objects of
+# the change it lacks under CHANGE_REF. Without one, an empty repository.
+KEEP_REPOSITORY = """\
+repo=src/{{ zuul.project | quote }}
+if [ -d "$repo/.git" ]; then
+  echo "repository kept: $repo, its work tree not moved (the push adds the change)"
+else
+  rm -rf "$repo"
+  git init --quiet "$repo"
+  echo "empty repository: $repo (the push brings the change's history, no work tree)"
+fi
+"""
+
 
 def _push_url(node: NodeAddress) -> str:
     """ssh://user@host:port/~/src/<project>: the node user's home, as git expands `~`."""
     host = f"[{node.host}]" if ":" in node.host else node.host
     return f"ssh://{node.username}@{host}:{node.port}/~/src/{{{{ zuul.project }}}}"
+
+
+def _push_task(node: NodeAddress, change: FetchedChange, ssh_command: str, checkout: bool) -> dict:
+    """The launcher pushes the change from its cache over the node's own ssh.
+
+    With `checkout`, into the checked-out branch, which updateInstead moves
+    to it; always to CHANGE_REF. Forced: a static host keeps the repository
+    of its last build.
+    """
+    refspecs = [f"+{change.sha}:{CHANGE_REF}"]
+    if checkout:
+        refspecs.insert(0, f"+{change.sha}:refs/heads/{{{{ zuul.branch }}}}")
+    return {
+        "name": (
+            "Push the change under test to the node, which checks it out"
+            if checkout
+            else "Push the change's commits to the node, without checking them out"
+        ),
+        "delegate_to": "localhost",
+        "environment": {"GIT_SSH_COMMAND": Unsafe(ssh_command)},
+        "ansible.builtin.command": {
+            "argv": [
+                "git",
+                "-C",
+                Unsafe(change.repo),
+                "push",
+                "--quiet",
+                f"--receive-pack={RECEIVE_PACK if checkout else 'git receive-pack'}",
+                _push_url(node),
+                *refspecs,
+            ],
+        },
+    }
+
+
+def _dependency_tasks(dependencies: dict[str, Path]) -> list[dict]:
+    """Copy the artifacts of the builds this job depends on to ~/deps/<job>/artifacts/."""
+    if not dependencies:
+        return []
+    return [
+        {
+            # copy expands `~` from passwd, commands from $HOME: use the latter,
+            # which is where the job's commands look.
+            "name": "Find the workspace home",
+            "ansible.builtin.command": "printenv HOME",
+            "register": "zuul_node_home",
+            "changed_when": False,
+        },
+        {
+            "name": "Copy the artifacts of the builds this job depends on",
+            "ansible.builtin.copy": {
+                "src": "{{ item.src }}/",
+                "dest": "{{ zuul_node_home.stdout }}/deps/{{ item.job }}/artifacts/",
+            },
+            "loop": [
+                {"job": Unsafe(job), "src": Unsafe(path)} for job, path in dependencies.items()
+            ],
+        },
+    ]
 
 
 def _setup_playbook(
@@ -137,13 +218,15 @@ def _setup_playbook(
     change: FetchedChange,
     dependencies: dict[str, Path],
     ssh_command: str,
+    checkout: bool,
 ) -> list[dict]:
     """Wait for ssh, push the change under test to the node, copy dependency artifacts.
 
     The change goes from the launcher's cache (gitcache.py) into the node's
-    checkout of the branch (KEEP_OR_INIT) over the node's own ssh: the node
-    never reaches the merger nor reads a path of the launcher's or the
-    scheduler's host.
+    repository over the node's own ssh: the node never reaches the merger
+    nor reads a path of the launcher's or the scheduler's host. With
+    `checkout`, the node's checkout of the branch (KEEP_OR_INIT) is moved to
+    the change; without, its work tree is left alone (KEEP_REPOSITORY).
     """
     return [
         {
@@ -156,60 +239,21 @@ def _setup_playbook(
                     "ansible.builtin.wait_for_connection": {"timeout": connect_timeout},
                 },
                 {
-                    # One command, not a file-module loop: each item is an ssh round trip.
-                    "name": "Create the workspace directories",
-                    "ansible.builtin.command": {
-                        "argv": ["mkdir", "-p", "src", "artifacts", "console", "deps"],
-                        "chdir": "~",
-                    },
-                },
-                {
-                    "name": "Keep the node's checkout of the branch, or make an empty repository",
+                    "name": (
+                        "Keep the node's checkout of the branch, or make an empty repository"
+                        if checkout
+                        else "Keep the node's repository as it is, or make an empty one"
+                    ),
                     "ansible.builtin.shell": {
                         "executable": "/bin/bash",
                         "chdir": "~",
-                        "cmd": KEEP_OR_INIT,
+                        "cmd": WORKSPACE_DIRS + (KEEP_OR_INIT if checkout else KEEP_REPOSITORY),
                     },
                     "register": "zuul_workspace",
                     "changed_when": "'empty repository' in zuul_workspace.stdout",
                 },
-                {
-                    "name": "Push the change under test to the node, which checks it out",
-                    "delegate_to": "localhost",
-                    "environment": {"GIT_SSH_COMMAND": Unsafe(ssh_command)},
-                    "ansible.builtin.command": {
-                        "argv": [
-                            "git",
-                            "-C",
-                            Unsafe(change.repo),
-                            "push",
-                            "--quiet",
-                            f"--receive-pack={RECEIVE_PACK}",
-                            _push_url(node),
-                            # Forced: a static host keeps the workspace of its last build.
-                            f"+{change.sha}:refs/heads/{{{{ zuul.branch }}}}",
-                        ],
-                    },
-                },
-                {
-                    # copy expands `~` from passwd, commands from $HOME: use the latter,
-                    # which is where the job's commands look.
-                    "name": "Find the workspace home",
-                    "ansible.builtin.command": "printenv HOME",
-                    "register": "zuul_node_home",
-                    "changed_when": False,
-                },
-                {
-                    "name": "Copy the artifacts of the builds this job depends on",
-                    "ansible.builtin.copy": {
-                        "src": "{{ item.src }}/",
-                        "dest": "{{ zuul_node_home.stdout }}/deps/{{ item.job }}/artifacts/",
-                    },
-                    "loop": [
-                        {"job": Unsafe(job), "src": Unsafe(path)}
-                        for job, path in dependencies.items()
-                    ],
-                },
+                _push_task(node, change, ssh_command, checkout),
+                *_dependency_tasks(dependencies),
             ],
         }
     ]
@@ -376,7 +420,9 @@ def write_ansible_dir(
     )
     _dump(
         jobdir.setup_playbook,
-        _setup_playbook(node, connect_timeout, change, dependencies, ssh_command),
+        _setup_playbook(
+            node, connect_timeout, change, dependencies, ssh_command, request.checkout
+        ),
     )
     _dump(jobdir.collect_playbook, _collect_playbook(jobdir.node_logs_archive))
     phases: dict[str, list[Path]] = {"setup": [jobdir.setup_playbook]}

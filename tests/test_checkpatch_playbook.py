@@ -4,9 +4,9 @@ rule) and the base commit's configuration, whatever the series does to them.
 
 It runs as the launcher runs a build: the change fetched from the "merger"
 repository into the launcher's cache, write_ansible_dir's files (`zuul` all
-`!unsafe`), its setup playbook (which pushes the change to the node) and the
-job's playbook, run by the launcher's AnsibleRunner over ssh to a host sshd
-whose scratch HOME stands in for the node.
+`!unsafe`, the job definition's `checkout`), its setup playbook (which pushes
+the change to the node) and the job's playbook, run by the launcher's
+AnsibleRunner over ssh to a host sshd whose scratch HOME stands in for the node.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from launcher.logs import extract_summary
 from launcher.playbooks import write_ansible_dir
 from tests.harness import SshHost
 from zuul_lite.build_contract import BuildRequest
+from zuul_lite.layout import load_jobs
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
@@ -135,6 +136,7 @@ def run_job(
         vars=job_vars,
         baseline=baseline,
         playbooks={"run": [f"playbooks/{job}.yaml"]},
+        checkout=load_jobs(JOBS)[job].checkout,  # as the scheduler sends it
         subject="{{ lookup('pipe', 'false') }}",
         owner="{% raw %}Dev{% endraw %} <dev@example.org>",
     )
@@ -230,3 +232,10 @@ def test_a_series_cannot_change_the_checkpatch_it_is_checked_with(tmp_path, node
     copy = node.home / "checkpatch-base" / "scripts"
     assert (copy / "checkpatch.pl").read_text() == CHECKPATCH
     assert (copy / "spelling.txt").is_file() and (copy / "const_structs.checkpatch").is_file()
+    # The job takes no checkout of the change: the node has its commits, and
+    # the tree checkpatch.pl ran in is the base commit's.
+    tree = node.home / "src" / "tiny"
+    change = git(repo, "rev-parse", "refs/zuul/master/1")
+    assert git(tree, "rev-parse", "HEAD", "refs/zuul/change").split() == [base, change]
+    assert (tree / "scripts" / "checkpatch.pl").read_text() == CHECKPATCH
+    assert not (tree / "x.c").exists() and git(tree, "status", "--porcelain") == ""

@@ -60,6 +60,8 @@ def test_jobs_load_with_the_layout_parser():
         "kernel-kselftest",
     ]
     assert jobs["kernel-kselftest"].dependencies == ["kernel-build"]
+    # checkpatch reads the series' commits, not its tree: no checkout of the change.
+    assert [name for name, job in jobs.items() if not job.checkout] == ["kernel-checkpatch"]
     assert jobs["kernel-build"].vars == {"kernel_config": "tiny-bootable"}
     # The post pipeline's build: the same build of a merged tree, on the node
     # type whose compiler cache is writable.

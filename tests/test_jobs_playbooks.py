@@ -5,7 +5,8 @@ A nodepool launcher boots one node of the untrusted label from the test image
 node's ssh, as the launcher runs them, on Debian's kernel tree with our sample
 series from doc/examples/patches/ applied: the kernel's make and scripts run
 only in the node. The series are applied in a clone on this host (git alone)
-and pushed to the node before each playbook, as the launcher pushes a change.
+and pushed to the node before each playbook, as the launcher pushes a change
+(checked out or not, as the job's `checkout` says).
 The node reads the machine's shared compiler cache (the one test_e2e's post
 build fills), read-only as every untrusted build does; the test reads what the
 playbooks leave through the node's root on this host.
@@ -28,6 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from launcher.playbooks import CHANGE_REF, RECEIVE_PACK
 from nodepool_lite import config as npconfig
 from nodepool_lite.builder import cache_root
 from nodepool_lite.launcher import NodePool
@@ -36,11 +38,12 @@ from nodepool_lite.zk import ZooKeeper
 from tests.images import ensure_node_image
 from tests.nodepool_env import LABEL, release, request, take_nodes, wait_for, write_config
 from zuul_lite import kerneltree
+from zuul_lite.layout import load_jobs
 
 REPO = Path(__file__).resolve().parents[1]
 PATCHES = REPO / "doc" / "examples" / "patches"
 ANSIBLE_PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
-RECEIVE_PACK = "git -c receive.denyCurrentBranch=updateInstead -c checkout.workers=0 receive-pack"
+JOBS = load_jobs(REPO / "jobs")
 
 pytestmark = [
     pytest.mark.e2e,
@@ -94,19 +97,21 @@ class KernelNode:
         self.base_ref = self.git("rev-parse", "master")
         self.ssh("rm -rf artifacts console deps && mkdir artifacts console deps")
 
-    def push(self) -> None:
-        """The tested commit onto the node's checked-out branch, as the launcher's setup does."""
+    def push(self, checkout: bool) -> None:
+        """The tested commit to the node as the launcher's setup pushes it: to
+        CHANGE_REF and, with `checkout`, onto the checked-out branch."""
+        refspecs = ["HEAD:refs/heads/master"] if checkout else []
         subprocess.run(
             ["git", "-C", str(self.src), "push", "--quiet", "--force",
-             f"--receive-pack={RECEIVE_PACK}",
+             f"--receive-pack={RECEIVE_PACK if checkout else 'git receive-pack'}",
              f"ssh://zuul@127.0.0.1:{self.node.connection_port}/~/src/linux",
-             "HEAD:refs/heads/master"],
+             *refspecs, f"HEAD:{CHANGE_REF}"],
             check=True, capture_output=True, text=True, timeout=600,
             env={"GIT_SSH_COMMAND": shlex.join(["ssh", *self.ssh_opts]), "PATH": "/usr/bin:/bin"},
         )  # fmt: skip
 
     def run(self, job: str, **job_vars) -> subprocess.CompletedProcess:
-        self.push()
+        self.push(JOBS[job].checkout)
         zuul = {
             "project": "linux",
             "branch": "master",
@@ -201,6 +206,9 @@ def test_checkpatch_passes_good_series(node):
         "0002-exit-fix-a-typo-in-a-comment.txt",
         "summary.txt",
     ]
+    # No checkout of the change: checkpatch ran in the tree at the base commit.
+    heads = node.ssh(f"git -C src/linux rev-parse HEAD {CHANGE_REF}").split()
+    assert heads == [node.base_ref, node.git("rev-parse", "HEAD")]
 
 
 def test_checkpatch_fails_with_the_error_lines(node):

@@ -238,9 +238,10 @@ def test_ansible_dir_layout(tmp_path):
     push = next(t for t in tasks if t.get("delegate_to") == "localhost")
     argv = push["ansible.builtin.command"]["argv"]
     assert argv[:3] == ["git", "-C", str(tmp_path / "git" / "linux%7B%7B%201%20%7D%7D.git")]
-    assert argv[-2:] == [
+    assert argv[-3:] == [
         "ssh://zuul@127.0.0.1:2222/~/src/{{ zuul.project }}",
         "+1111111111111111111111111111111111111111:refs/heads/{{ zuul.branch }}",
+        "+1111111111111111111111111111111111111111:refs/zuul/change",
     ]
     ssh = push["environment"]["GIT_SSH_COMMAND"]
     assert "-i /keys/id_ed25519" in ssh and f"UserKnownHostsFile={jobdir.known_hosts}" in ssh
@@ -248,6 +249,25 @@ def test_ansible_dir_layout(tmp_path):
     assert "git_url" not in jobdir.setup_playbook.read_text()
     copy = next(t for t in tasks if "ansible.builtin.copy" in t)
     assert copy["loop"] == [{"job": "kernel-build", "src": str(deps["kernel-build"])}]
+    # A job without a checkout and without dependencies: the change's commits go
+    # to refs/zuul/change only, and no task copies artifacts.
+    req.checkout = False
+    write_ansible_dir(
+        jobdir, req, node, jobs_dir=jobs, private_key=Path("/keys/id_ed25519"),
+        connect_timeout=5, change=change, dependencies={},
+    )  # fmt: skip
+    tasks = yaml.load(jobdir.setup_playbook.read_text(), Loader=VarsLoader)[0]["tasks"]
+    assert [t["name"] for t in tasks] == [
+        "Wait for the node to answer over ssh",
+        "Keep the node's repository as it is, or make an empty one",
+        "Push the change's commits to the node, without checking them out",
+    ]
+    argv = tasks[-1]["ansible.builtin.command"]["argv"]
+    assert argv[-3:] == [
+        "--receive-pack=git receive-pack",
+        "ssh://zuul@127.0.0.1:2222/~/src/{{ zuul.project }}",
+        "+1111111111111111111111111111111111111111:refs/zuul/change",
+    ]
 
 
 def test_publish_leaves_out_tmp_and_keys(tmp_path):

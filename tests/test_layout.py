@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from zuul_lite.exceptions import ConfigError
-from zuul_lite.layout import load_layout
+from zuul_lite.layout import load_jobs, load_layout
 
 FIXTURES = Path(__file__).parent / "fixtures"
 JOBS = FIXTURES / "jobs"
@@ -64,6 +64,19 @@ def test_job_dependency_cycle(tmp_path: Path) -> None:
     path = write(tmp_path, PIPELINE.format(manager="independent", comment="recheck"))
     with pytest.raises(ConfigError, match="job dependencies form a cycle: a -> b -> a"):
         load_layout(path, jobs, {"local"})
+
+
+def test_checkout_is_a_job_flag(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs"
+    (jobs / "playbooks").mkdir(parents=True)
+    (jobs / "playbooks" / "x.yaml").write_text("[]\n")
+    job = "- job: {name: a, node-type: small, run: playbooks/x.yaml, checkout: %s}\n"
+    (jobs / "jobs.yaml").write_text(job % "no-thanks")
+    with pytest.raises(ConfigError, match=r"jobs.yaml: \[0\]\.job\.checkout: expected bool"):
+        load_jobs(jobs)
+    (jobs / "jobs.yaml").write_text(job % "false")
+    assert load_jobs(jobs)["a"].checkout is False
+    assert load_jobs(JOBS)["build"].checkout is True  # the default: the change checked out
 
 
 def test_gate_window_settings(tmp_path: Path) -> None:

@@ -90,6 +90,8 @@ def test_good_series_gets_plus_one(env, scheduler):
         "timeout",
     ):
         assert key in args["build"]
+    # The job definition says how the launcher prepares the node.
+    assert (args["lint"]["checkout"], args["build"]["checkout"]) == (False, True)
     # Paths relative to the log root: each launcher joins them with its own.
     assert args["boot"]["artifacts"] == {"build": args["build"]["log_path"]}
     # The merger's repository is served over git at the URL the builds name.

@@ -53,6 +53,8 @@ class BuildRequest:
     # What a trusted build of this job found on base_ref (baseline.Baseline as
     # a dict), for the job to compare with; None: none is recorded.
     baseline: dict[str, Any] | None = None
+    # The job's `checkout`: False, the node's work tree is not moved to the change.
+    checkout: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

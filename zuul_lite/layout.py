@@ -92,6 +92,8 @@ JOB = v.Schema(
             "trusted": bool,
             # A FAILURE is run once more on a fresh node before it counts.
             "rerun-on-failure": bool,
+            # false: the node gets the change's commits, its work tree is not moved.
+            "checkout": bool,
         }
     }
 )
@@ -173,6 +175,7 @@ def load_jobs(jobs_dir: Path) -> dict[str, Job]:
                 description=d.get("description", ""),
                 trusted=d.get("trusted", False),
                 rerun_on_failure=d.get("rerun-on-failure", False),
+                checkout=d.get("checkout", True),
             )
     for job in jobs.values():
         for dep in job.dependencies:

@@ -206,6 +206,9 @@ class Job:
     trusted: bool = False
     # A FAILURE is run once more on a fresh node before it counts (a flaky test).
     rerun_on_failure: bool = False
+    # False: the launcher gives the node the change's commits (refs/zuul/change)
+    # but leaves its work tree as the image has it (doc/jobs.md, "checkout").
+    checkout: bool = True
 
     @property
     def noop(self) -> bool:
