@@ -365,10 +365,6 @@ class Scheduler(threading.Thread):
 
     def submit_build(self, request: BuildRequest) -> None:
         """Hand the build to gearman off this thread (see zuul_lite/dispatcher.py)."""
-        job = self.layout.jobs.get(request.job) if self.layout is not None else None
-        if job is not None:
-            # How the launcher prepares the node: the job definition's `checkout`.
-            request.checkout = job.checkout
         self.dispatcher.post(lambda: self._submit(request))
 
     def _submit(self, request: BuildRequest) -> None:

@@ -1074,6 +1074,7 @@ class PipelineManager:
                 if d in bs.builds and bs.builds[d].log_path
             },
             failure_output=job.failure_output,
+            checkout=job.checkout,
             subject=c.subject,
             owner=c.owner,
             ref=c.ref,
