@@ -24,7 +24,7 @@ from nodepool_lite.exceptions import ConfigError
 from nodepool_lite.launcher import NodePool
 from nodepool_lite.model import Node, NodeState, RequestState
 from tests.nodepool_env import release, request, take_nodes, wait_for
-from tests.qemu_env import PROVIDER, VM_LABEL, ready_vm_image, write_qemu_config
+from tests.qemu_env import MEMORY, PROVIDER, VM_LABEL, ready_vm_image, write_qemu_config
 
 REPO = Path(__file__).resolve().parent.parent
 BOOT = 300  # seconds a request may take: one TCG boot on a loaded host
@@ -89,6 +89,15 @@ def test_request_boots_a_vm_ssh_works_and_delete_leaves_nothing(tmp_path, zk, zk
         rc, out = ssh(nodepool, node, "id -un; cat /proc/cmdline; findmnt -n -o SOURCE /")
         assert rc == 0 and out.split()[0] == "zuul", out
         assert "root=/dev/vda" in out
+        # The label's CPUs and memory; an ed25519 host key only (no RSA made at boot).
+        rc, out = ssh(nodepool, node, "nproc; grep MemTotal /proc/meminfo; ls /etc/ssh")
+        lines = out.split("\n")
+        assert rc == 0 and lines[0] == "1", out
+        assert 0.7 * MEMORY * 1024 < int(lines[1].split()[1]) <= MEMORY * 1024, out
+        assert sorted(f for f in lines[2:] if f.startswith("ssh_host_")) == [
+            "ssh_host_ed25519_key",
+            "ssh_host_ed25519_key.pub",
+        ], out
         assert_guest_reaches_no_host_port(nodepool, node)
         console = Path(node.console_log)
         assert "Linux version" in console.read_text(errors="replace")
