@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import statistics
 import subprocess
@@ -80,6 +81,26 @@ class WorkCounter:
             f"{txns} ZooKeeper transactions, {gits} git processes "
             f"({txns / items:.1f} and {gits / items:.1f} per item)"
         )
+
+
+class CpuCounter:
+    """CPU seconds spent by this process (scheduler, merger, stand-in
+    launchers, the bench), by the git processes it waited for, and by the
+    ZooKeeper server: the work a phase took, which a busy machine stretches
+    in time but does not change much. Two cores give at most 2 s of it per
+    second of wall time."""
+
+    def __init__(self, zk_pid: int) -> None:
+        self.zk_stat = Path(f"/proc/{zk_pid}/stat")
+
+    def snapshot(self) -> tuple[float, float, float]:
+        t = os.times()
+        fields = self.zk_stat.read_text().rsplit(")", 1)[1].split()
+        zk = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return t.user + t.system, t.children_user + t.children_system, zk
+
+    def since(self, before: tuple[float, float, float]) -> tuple[float, float, float]:
+        return tuple(now - then for now, then in zip(self.snapshot(), before, strict=True))
 
 
 def percentile(values: list[float], pct: float) -> float:

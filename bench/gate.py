@@ -5,7 +5,8 @@ Goal: 10 approved series merge in <= 1.3x the time of one series, and in
 a time (approve, wait for the merge, approve the next).
 
 A real ZooKeeper (fsync off), the scheduler in this process with its gear
-server, the real merger (git am) and the local inbox's gate merge (git push);
+server, the real merger (git am) and the local inbox's gate merge (the
+merge's objects linked in, the branch moved by compare-and-set);
 a StandInLauncher (tests/harness.py) answers `lint` and `build` at once.
 Each series is one patch adding its own file, so none conflict. Waits are
 DataWatches on the changes (a gate vote, status MERGED), never sleeps.
@@ -13,7 +14,8 @@ DataWatches on the changes (a gate vote, status MERGED), never sleeps.
 Where the time goes is printed with each figure: the merges and the runs of
 the merger they took, the pushes, the builds, and the ZooKeeper
 transactions and git processes started in this process (per series), which
-the load of a shared machine does not change, unlike the times. A gate run
+the load of a shared machine does not change, unlike the times; and the CPU
+each phase took (this process, its git children, ZooKeeper). A gate run
 that passed lands with one push and is reported in one transaction, and the
 trigger events of a wake-up are stored in one (doc/architecture.md), so these
 grow by much less than one per series.
@@ -22,11 +24,25 @@ Measured 2026-12-03 on the shared 2-core machine, load average 0.4-3.8,
 three runs each, alternating with the code before runs were batched: (b)
 0.90-1.01 s against 1.10-1.30 s, b/a 3.9-4.7x (before: 4.8-5.7x), 2.2-2.7
 transactions and 2.4-2.8 git processes per series (before: 3.7-4.1 and
-4.8-4.9); (c) c/a 4.8-7.0x (before: 5.6-7.1x). The goals (1.3x, 2.3x) are not
-met: what is left is mostly one push and one report transaction per landed
-run (a run is what has passed behind the head when it merges, so 10 items
-that finish at different times land in 2-4 runs) and the merges of items
-approved a little apart (each wake-up's events go in one chained `git am`).
+4.8-4.9); (c) c/a 4.8-7.0x (before: 5.6-7.1x).
+
+Measured 2026-12-03 (later), after a landing hard-links the merge's objects
+into the local review repository and moves the branch by compare-and-set
+instead of a `git push` (seven processes, ~50 ms quiet), at load 1.1-1.9
+beside another session: (a) 0.148-0.214 s (0.237-0.294 s for the code
+before, alternated at load 3), pushes 17-27 ms each (60-80); (b)
+0.82-0.97 s; (c) 1.13-1.45 s; b/a 4.5-5.5x, c/a 6.9-7.7x. A faster single
+series makes the ratios no better: (b) is bound by its work. The CPU line
+says so: (b) takes ~5x the CPU of (a) (1.3 s against 0.26 s: this process
+0.5, git 0.2-0.3, ZooKeeper 0.5), so two cores cannot finish it in under
+~3.1x the time of (a) even with nothing else running. What it costs per
+series is mostly per build: the builds' znodes, watches and results in
+ZooKeeper (392 requests for (b) against 64 for (a), counted at the kazoo
+client), the launchers' gear round trips, and one `git am` patch each. The
+goals (1.3x, 2.3x) would need a gate run's ten series to cost about what
+one costs, i.e. batching the builds themselves (one gear job and one
+result for a run's job), which the build contract (one job per build, its
+own result and logs) does not allow.
 
     .venv/bin/python bench/gate.py [--reps 3]
 """
@@ -38,7 +54,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from _zuul_env import WorkCounter, ZuulEnv, median, quiet_logs
+from _zuul_env import CpuCounter, WorkCounter, ZuulEnv, median, quiet_logs
 
 from tests.harness import settle
 
@@ -95,6 +111,8 @@ class Counters:
         merger.merge_chain, merger.push = timed_merge, timed_push
         self.launchers = env.launchers
         self.work = WorkCounter()
+        self.cpu = CpuCounter(env.zk_server.proc.pid)
+        self.last_cpu = 0.0  # CPU seconds of the last phase measured by `since`
 
     def snapshot(self) -> tuple:
         return (
@@ -105,17 +123,22 @@ class Counters:
             self.push_time,
             sum(len(launcher.history) for launcher in self.launchers),
             self.work.snapshot(),
+            self.cpu.snapshot(),
         )
 
     def since(self, before: tuple, series: int) -> str:
         m, mb, mt, p, pt, b = (
-            now - then for now, then in zip(self.snapshot()[:-1], before[:-1], strict=True)
+            now - then for now, then in zip(self.snapshot()[:-2], before[:-2], strict=True)
         )
+        own, git, zk = self.cpu.since(before[-1])
+        self.last_cpu = own + git + zk
         return (
             f"{m:3d} merges in {mb:2d} runs of the merger ({mt:5.2f} s, "
             f"{1000 * mt / max(mb, 1):5.1f} ms a run), "
             f"{p:2d} pushes ({pt:4.2f} s), {b:3d} builds\n"
-            f"      {self.work.since(before[-1], series).replace('per item', 'per series')}"
+            f"      {self.work.since(before[-2], series).replace('per item', 'per series')}\n"
+            f"      CPU {self.last_cpu:5.2f} s: this process {own:4.2f} (scheduler, merger, "
+            f"stand-in launchers), git {git:4.2f}, ZooKeeper {zk:4.2f}"
         )
 
 
@@ -203,6 +226,7 @@ def main() -> None:
             f"{len(one)}: {', '.join(f'{t:.3f}' for t in one)})"
         )
         print(f"      {counters.since(before, len(one))} in {len(one)} runs")
+        cpu_a = counters.last_cpu / len(one)
 
         before = counters.snapshot()
         b = run_together(env, together)
@@ -211,6 +235,7 @@ def main() -> None:
             f"expected {SERIES} merged]"
         )
         print(f"      {counters.since(before, SERIES)}")
+        cpu_b = counters.last_cpu
         surprises(env, together)
 
         set_results(env, {f"build:{failing[FAILING]}": "FAILURE"})
@@ -236,6 +261,10 @@ def main() -> None:
         print()
         print(f"b/a  10 at once / 1 series      : {b / a:5.2f}x   (goal <= 1.3x)")
         print(f"c/a  10 with 3rd failing / 1    : {c / a:5.2f}x   (goal <= 2.3x)")
+        print(
+            f"CPU  10 at once / 1 series      : {cpu_b / cpu_a:5.2f}x   (the work; with 2 cores "
+            f"(b) takes at least {cpu_b / 2:.3f} s of it: b/a >= {cpu_b / 2 / a:.2f}x)"
+        )
         print(f"d/b  serial / at once           : {d / b:5.2f}x   (gain of gating together)")
         print(f"per series: at once {1000 * b / SERIES:.0f} ms, serial {1000 * d / SERIES:.0f} ms")
         print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
