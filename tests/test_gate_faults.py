@@ -41,6 +41,7 @@ from zuul_lite.connections.local import LocalConnection
 from zuul_lite.gearman import EXECUTE
 from zuul_lite.git import git
 from zuul_lite.merger import MergeResult
+from zuul_lite.model import ManagementEvent
 from zuul_lite.scheduler import Scheduler
 from zuul_lite.state import ZuulState
 
@@ -649,3 +650,30 @@ def test_a_change_written_after_it_was_read_ahead_is_voted_on_its_new_state(env)
     assert [v["value"] for v in data["votes"]] == [1]
     cli.comment(b, "after the block")  # b was read ahead but not used: not served stale
     assert [c["message"] for c in env.local.get_change_data(b)["comments"]] == ["after the block"]
+
+
+def test_two_patchsets_of_a_change_finishing_together_both_get_their_vote(env):
+    """An operator enqueued patchset 1 again beside patchset 2, and both
+    finish in one pass: both votes go to the one change, whose write is
+    versioned, so they are made in two transactions (in one, the second
+    write would refuse the first forever)."""
+    env.start("flaky.yaml")
+    a = env.change("a")
+    out = make_series(env.src, env.tmp / "series-a2", [("a.txt", "a2", "a: v2")])
+    env.local.submit(out, "demo", change=a)  # patchset 1 is superseded: dequeued
+    env.settle()
+    env.state.put_management_event(
+        ManagementEvent(type="enqueue", pipeline="check", change=a, patchset=1).to_dict()
+    )
+    env.settle()
+    assert len(pipeline_status(env.zk, "check")) == 2
+    # Every result is stored before the scheduler reads any: one wake-up, one pass.
+    blocked = threading.Event()
+    env.sched.post_callback(lambda: blocked.wait(60))
+    env.launcher.hold = False
+    env.launcher.release()
+    blocked.set()
+    wait_for_votes(env.zk, a, 2)
+    env.settle()
+    assert sorted(v["patchset"] for v in env.local.get_change_data(a)["votes"]) == [1, 2]
+    assert pipeline_status(env.zk, "check") == []

@@ -520,7 +520,14 @@ class PipelineManager:
         (a burst of changes gets its votes in a few, not one each)."""
         finished, self._finished = self._finished, []
         batch = []
+        changes = set()
         for item in finished:
+            # Two items of one change (its vote is one versioned write) go in
+            # two transactions: the other one is reported in the next pass.
+            change = (item.change.connection, item.change.number, item.change.newrev)
+            if change in changes:
+                continue
+            changes.add(change)
             if self._queued(item) and self._may_report(item):
                 try:
                     batch.append((item, self.reporter.prepare(item)))
