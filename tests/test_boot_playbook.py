@@ -79,6 +79,14 @@ def test_a_boot_failure_counts_unless_the_base_fails_too(tmp_path, node, merger)
     assert "make bzImage\n" in script and "echo ZUUL-LITE-BOOT-OK\n" in script
     assert "-kernel arch/x86/boot/bzImage -initrd" in script
     assert subprocess.run(["sh", "-n", "-c", script]).returncode == 0
-    outcome, output, found, _ = boot(tmp_path / "again", node, merger, None)
+    # No baseline: the job builds the base's kernel itself; this tree has none.
+    outcome, output, found, base = boot(tmp_path / "again", node, merger, None)
     assert outcome == Outcome.FAILED
-    assert "no boot of the base commit is recorded, so it counts." in output
+    assert f"Booting base {base} here: building its kernel" in output
+    assert f"base {base}'s kernel could not be built here" in output
+    assert found == Findings(boot="failed")
+    assert (
+        extract_summary(read_results_of(tmp_path / "again"))
+        .splitlines()[1]
+        .startswith("ERROR: the kernel did not boot: QEMU exited with 1 before ZUUL-LITE-BOOT-OK")
+    )
