@@ -283,6 +283,8 @@ def test_a_series_that_breaks_the_boot_of_a_booting_base_gets_minus_one(kernel_c
         assert f"base {ci.base[:12]}'s kernel, built and booted here, booted" in output
         assert "ZUUL-LITE-BOOT-OK" in (build / "console" / "serial-base.log").read_text()
         assert "broken by the series" in (build / "console" / "serial.log").read_text()
+        reproduce = (build / "artifacts" / "reproduce.sh").read_text()  # the change's
+        assert f"base={ci.base}\n" in reproduce and "git am" in reproduce
 
 
 def test_a_boot_failing_on_base_too_keeps_plus_one_without_a_baseline(kernel_ci) -> None:
