@@ -25,16 +25,22 @@ def read_results_of(tmp_path) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-def boot(tmp_path, node, merger, on_base: str | None):
+def boot(tmp_path, node, merger, on_base: str | None, tree: dict | None = None, job_vars=None):
     repo, _ = merger
-    base = commit(repo, "Base", {"BOOT": f"base, {on_base}\n"})
+    base = commit(repo, "Base", {"BOOT": f"base, {on_base}\n", **(tree or {})})
     commit(repo, "The change", {"BOOT": f"changed, {on_base}\n"})
     baseline = None
     if on_base is not None:
         findings = Findings(boot=on_base)
         baseline = Baseline("tiny", base, "kernel-boot-qemu", "p1", "http://logs/p1/", findings)
     outcome, output = run_job(
-        tmp_path, node, repo, base, "kernel-boot-qemu", {}, baseline and baseline.to_dict()
+        tmp_path,
+        node,
+        repo,
+        base,
+        "kernel-boot-qemu",
+        job_vars or {},
+        baseline and baseline.to_dict(),
     )
     found = Findings.from_json((node.home / "artifacts" / "findings.json").read_bytes())
     return outcome, output, found, base[:12]
@@ -79,6 +85,20 @@ def test_a_boot_failure_counts_unless_the_base_fails_too(tmp_path, node, merger)
     assert "make bzImage\n" in script and "echo ZUUL-LITE-BOOT-OK\n" in script
     assert "-kernel arch/x86/boot/bzImage -initrd" in script
     assert subprocess.run(["sh", "-n", "-c", script]).returncode == 0
-    outcome, output, found, _ = boot(tmp_path / "again", node, merger, None)
+    # No baseline: the job builds the base's kernel itself; this tree's build
+    # outlasts boot_base_build_timeout.
+    makefile = "all:\n\tsleep 60\n%config:\n\techo CONFIG_TINY=y > .config\n"
+    slow = {"kernel_config": "allnoconfig", "boot_base_build_timeout": 2}
+    outcome, output, found, base = boot(
+        tmp_path / "again", node, merger, None, {"Makefile": makefile}, slow
+    )
     assert outcome == Outcome.FAILED
-    assert "no boot of the base commit is recorded, so it counts." in output
+    assert f"Booting base {base} here: building its kernel" in output
+    assert "make did not finish within 2 s and was stopped." in output
+    assert f"base {base}'s kernel could not be built here" in output
+    assert found == Findings(boot="failed")
+    assert (
+        extract_summary(read_results_of(tmp_path / "again"))
+        .splitlines()[1]
+        .startswith("ERROR: the kernel did not boot: QEMU exited with 1 before ZUUL-LITE-BOOT-OK")
+    )

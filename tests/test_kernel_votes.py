@@ -13,6 +13,14 @@ already failing on the base commit (+1, said why), a test that fails once
 and then passes on a fresh node (+1, reported flaky, counted), a series
 that adds a W=1 warning (-1, the warning named) and one that only moves
 lines around a warning the base has (+1).
+
+For kernel-boot-qemu the tree's "kernel" is a few lines of assembly that
+real QEMU boots (multiboot: it prints a line on the serial port and resets,
+which -no-reboot turns into QEMU's exit), built by the real kernel-build and
+kernel-tools configure and build tasks through a stand-in Makefile: a series
+that breaks the boot of a base that boots (-1, its console quoted) and a boot
+that fails on the base as well with no baseline recorded (+1, said why: the
+job built and booted the base itself).
 """
 
 from __future__ import annotations
@@ -81,6 +89,57 @@ WARNINGS_LAYOUT = {
     **LAYOUT,
     "projects": [{"name": "tiny", "check": {"jobs": ["kernel-build-warnings-tiny"]}}],
 }
+BOOT_LAYOUT = {
+    **LAYOUT,
+    "projects": [{"name": "tiny", "check": {"jobs": ["kernel-build", "kernel-boot-qemu"]}}],
+}
+# A multiboot "kernel": prints its line to the serial port, then resets (a
+# triple fault: an empty IDT).
+BOOT_S = """\
+.code32
+.text
+.globl _start
+.align 4
+  .long 0x1BADB002, 0, -0x1BADB002
+_start:
+  mov $msg, %esi
+1: lodsb
+  test %al, %al
+  jz 2f
+  mov $0x3f8, %dx
+  out %al, %dx
+  jmp 1b
+2: lidt idt
+  int $3
+.data
+msg: .asciz "\\r\\n{line}\\r\\n"
+idt: .word 0
+  .long 0
+"""
+BOOT_TREE = {
+    ".gitignore": ".config\n*.o\n/arch/\n",
+    # configure.yaml's tiny-bootable: make tinyconfig, scripts/config, make olddefconfig.
+    "scripts/config": "#!/bin/sh\n",
+    "Makefile": """\
+.SUFFIXES:
+all: arch/x86/boot/bzImage
+arch/x86/boot/bzImage: boot.S
+\t@mkdir -p arch/x86/boot
+\tas --32 -o boot.o boot.S
+\tld -m elf_i386 -Ttext=0x100000 -o $@ boot.o
+%config:
+\t@echo CONFIG_TINY=y > .config
+""",
+}
+
+
+def boot_tree(line: str) -> dict[str, str]:
+    return {**BOOT_TREE, "boot.S": BOOT_S.format(line=line)}
+
+
+def boot_builds(ci: KernelCI) -> list[Path]:
+    """The log directories of the change's kernel-boot-qemu builds."""
+    return sorted((ci.tmp / "logs").glob("*/*/check/kernel-boot-qemu/*/"))
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +169,8 @@ class KernelCI:
         for name, text in {"README": "tiny\n", **tree}.items():
             (self.src / name).parent.mkdir(parents=True, exist_ok=True)
             (self.src / name).write_text(text)
+            if name.startswith("scripts/"):
+                (self.src / name).chmod(0o755)
         run_git(self.src, "add", "-A")
         run_git(self.src, "commit", "-qm", "Base with tests")
         self.base = run_git(self.src, "rev-parse", "HEAD").strip()
@@ -204,3 +265,38 @@ def test_a_series_that_moves_a_warning_of_the_base_keeps_plus_one(kernel_ci) -> 
     vote = ci.submit("move-warning", moved, path="kernel/a.c")
     assert vote["value"] == 1, vote["message"]
     assert "- kernel-build-warnings-tiny http://logs.example/logs/" in vote["message"]
+
+
+def test_a_series_that_breaks_the_boot_of_a_booting_base_gets_minus_one(kernel_ci) -> None:
+    ci = kernel_ci(BOOT_LAYOUT, boot_tree("ZUUL-LITE-BOOT-OK"))
+    broken = BOOT_S.format(line="Kernel panic - not syncing: broken by the series")
+    vote = ci.submit("break-boot", broken, path="boot.S")
+    message = vote["message"]
+    assert vote["value"] == -1, message
+    assert "- kernel-build http://logs.example/logs/" in message
+    assert "- kernel-boot-qemu http://logs.example/logs/" in message
+    assert "ERROR: the kernel did not boot" in message
+    assert "Kernel panic - not syncing: broken by the series" in message
+    assert "already failing" not in message
+    for build in boot_builds(ci):  # the first run and the rerun: each booted the base
+        output = (build / "job-output.txt").read_text()
+        assert f"base {ci.base[:12]}'s kernel, built and booted here, booted" in output
+        assert "ZUUL-LITE-BOOT-OK" in (build / "console" / "serial-base.log").read_text()
+        assert "broken by the series" in (build / "console" / "serial.log").read_text()
+        reproduce = (build / "artifacts" / "reproduce.sh").read_text()  # the change's
+        assert f"base={ci.base}\n" in reproduce and "git am" in reproduce
+
+
+def test_a_boot_failing_on_base_too_keeps_plus_one_without_a_baseline(kernel_ci) -> None:
+    ci = kernel_ci(BOOT_LAYOUT, boot_tree("Kernel panic - not syncing: broken on base"))
+    other = BOOT_S.format(line="Kernel panic - not syncing: still broken")
+    vote = ci.submit("still-broken", other, path="boot.S")
+    message = vote["message"]
+    assert vote["value"] == 1, message
+    assert "- kernel-boot-qemu http://logs.example/logs/" in message
+    assert f"(already failing on base {ci.base[:12]}: boot)" in message
+    [build] = boot_builds(ci)
+    assert "broken on base" in (build / "console" / "serial-base.log").read_text()
+    assert (
+        "built and booted here (console/serial-base.log)" in (build / "job-output.txt").read_text()
+    )
