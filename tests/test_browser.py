@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -105,7 +106,11 @@ def test_status_page_with_a_running_and_a_finished_build_then_its_console(
         text_shows(browser, "#pipelines", "Fix 5")
         assert "Live" in browser.find_element(By.ID, "updated").text
 
-        browser.find_element(By.LINK_TEXT, "console").click()
+        # The live page re-renders the list: a link found may be replaced
+        # before the click lands (stale); find it again until a click does.
+        WebDriverWait(browser, WAIT, ignored_exceptions=(StaleElementReferenceException,)).until(
+            lambda d: d.find_element(By.LINK_TEXT, "console").click() or True
+        )
         text_shows(browser, "#console", "PLAYBOOK [run] kernel-build.yaml")
         output.write("  CC      kernel/fork.o")
         text_shows(browser, "#console", "kernel/fork.o")
