@@ -83,6 +83,12 @@ class WorkCounter:
         )
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds process `pid` has used (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class CpuCounter:
     """CPU seconds spent by this process (scheduler, merger, stand-in
     launchers, the bench), by the git processes it waited for, and by the
@@ -91,13 +97,11 @@ class CpuCounter:
     second of wall time."""
 
     def __init__(self, zk_pid: int) -> None:
-        self.zk_stat = Path(f"/proc/{zk_pid}/stat")
+        self.zk_pid = zk_pid
 
     def snapshot(self) -> tuple[float, float, float]:
         t = os.times()
-        fields = self.zk_stat.read_text().rsplit(")", 1)[1].split()
-        zk = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return t.user + t.system, t.children_user + t.children_system, zk
+        return t.user + t.system, t.children_user + t.children_system, cpu_seconds(self.zk_pid)
 
     def since(self, before: tuple[float, float, float]) -> tuple[float, float, float]:
         return tuple(now - then for now, then in zip(self.snapshot(), before, strict=True))

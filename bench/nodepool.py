@@ -50,6 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # tests/ holds the node image and nodepool helpers
     sys.path.insert(0, str(ROOT))
 
+from _zuul_env import cpu_seconds  # noqa: E402
+
 from nodepool_lite import config as npconfig  # noqa: E402
 from nodepool_lite.drivers import registry  # noqa: E402
 from nodepool_lite.launcher import NodePool  # noqa: E402
@@ -212,11 +214,10 @@ def idle(zk_hosts: str, work: Path, seconds: float) -> tuple[float, float]:
     try:
         wait_for(lambda: spares(zk, STATIC_LABEL), 60, "the launcher's spare")
         time.sleep(1.0)  # let start-up work finish before measuring
-        ticks = os.sysconf("SC_CLK_TCK")
-        before = cpu_ticks(daemon.pid)
+        before = cpu_seconds(daemon.pid)
         start = time.monotonic()
         time.sleep(seconds)
-        used = (cpu_ticks(daemon.pid) - before) / ticks
+        used = cpu_seconds(daemon.pid) - before
         wall = time.monotonic() - start
         rss = rss_mib(daemon.pid)
     finally:
@@ -255,11 +256,6 @@ def destroy_leftovers(work: Path, drivers: list[str]) -> None:
         provider = registry.get_driver(spec.driver).provider(spec, cfg.state_dir, None)
         for node_id in provider.leaked_node_ids():
             provider.cleanup_node(node_id)
-
-
-def cpu_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
 
 
 def rss_mib(pid: int) -> float:
