@@ -23,6 +23,7 @@ import fcntl
 import importlib.util
 import logging
 import os
+import selectors
 import shutil
 import socket
 import subprocess
@@ -32,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import BinaryIO
 
 from prometheus_client import CollectorRegistry
 
@@ -201,12 +203,50 @@ class BuildRun:
             )
             if self.cancelled.is_set():
                 self.cancel()
-            assert self.process.stdout is not None
-            for line in self.process.stdout:
-                out.write(line)
-                if progress is not None:
-                    progress(line.decode(errors="replace").rstrip("\n"))
+            self._copy_output(out, progress)
             return self.process.wait()
+
+    def _copy_output(self, out: BinaryIO, progress: Progress | None) -> None:
+        """Copy dib's output until it exits and every process it left holding
+        the pipe is killed: a child forked as dib was killed (cancel), or one
+        it left running, must not keep the build from ending."""
+        assert self.process is not None and self.process.stdout is not None
+        assert self.build_dir is not None
+        pipe = self.process.stdout.fileno()
+        pidfd = os.pidfd_open(self.process.pid)
+        pending = b""
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(pipe, selectors.EVENT_READ)
+                selector.register(pidfd, selectors.EVENT_READ)
+                drain_until = None
+                while True:
+                    wait = None if drain_until is None else drain_until - time.monotonic()
+                    ready = selector.select(wait) if wait is None or wait > 0 else []
+                    if not ready:
+                        return  # a writer outlived the kill (stuck): stop waiting for it
+                    for key, _ in ready:
+                        if key.fd == pidfd:
+                            selector.unregister(pidfd)
+                            dib_orphans.kill_build(self.build_dir)
+                            drain_until = time.monotonic() + 10
+                            continue
+                        data = os.read(pipe, 65536)
+                        if not data:
+                            if pending:
+                                self._emit(out, progress, pending)
+                            return
+                        *lines, pending = (pending + data).split(b"\n")
+                        for line in lines:
+                            self._emit(out, progress, line + b"\n")
+        finally:
+            os.close(pidfd)
+
+    @staticmethod
+    def _emit(out: BinaryIO, progress: Progress | None, line: bytes) -> None:
+        out.write(line)
+        if progress is not None:
+            progress(line.decode(errors="replace").rstrip("\n"))
 
 
 def extract(tarball: Path, rootfs: Path) -> None:

@@ -5,9 +5,11 @@ outlive the builder), mounts (tmpfs build dirs, the chroot's /proc, /dev,
 
 The builder points dib's TMP_DIR at `<build dir>/tmp`, so everything of one
 build is found from its build dir alone, with no pid file to get out of
-step: processes whose command line names the build dir or whose root or
-working directory lies under it (the chroot's), with all their descendants;
-mounts below it; loop devices backed by a file below it.
+step: processes whose command line names the build dir, whose environment
+holds its TMP_DIR (inherited across fork and exec, so a child forked just as
+its parent was killed, now an orphan of init, is still found) or whose root
+or working directory lies under it (the chroot's), with all their
+descendants; mounts below it; loop devices backed by a file below it.
 """
 
 from __future__ import annotations
@@ -54,10 +56,18 @@ def _parents() -> dict[int, int]:
     return out
 
 
+def _has_env(pid: int, entry: bytes) -> bool:
+    try:
+        return entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
 def build_processes(build_dir: Path) -> set[int]:
     """Every process of the build in `build_dir`, and their descendants."""
     top = str(build_dir)
     mark = os.fsencode(top)
+    env = b"TMP_DIR=" + os.fsencode(tmp_dir(build_dir))
     found = {
         pid
         for pid, argv in process_argvs()
@@ -66,6 +76,7 @@ def build_processes(build_dir: Path) -> set[int]:
             any(arg == mark or arg.startswith(mark + b"/") for arg in argv)
             or _under(_link(pid, "root"), top)
             or _under(_link(pid, "cwd"), top)
+            or _has_env(pid, env)
         )
     }
     parents = _parents()

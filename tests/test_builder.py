@@ -6,17 +6,20 @@ without minutes of apt."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from nodepool_lite import builder
+from nodepool_lite import builder, dib_orphans
 from nodepool_lite.builder import (
+    BuildRun,
     BuildWorker,
     NodePoolBuilder,
     build_image,
@@ -211,7 +214,7 @@ def test_daemon_builds_on_request_and_stops_a_running_build(zk, tmp_path, fake_d
 # `nodepool builder` with FAKE_DIB, as a process of its own to kill with -9.
 BUILDER_WITH_FAKE_DIB = """
 import sys, threading
-from nodepool_lite import builder
+from nodepool_lite import builder, dib_orphans
 from nodepool_lite.config import load
 from nodepool_lite.zk import ZooKeeper
 conf, hosts, script = sys.argv[1:4]
@@ -222,6 +225,46 @@ zk.connect()
 builder.NodePoolBuilder(load(conf), zk, interval=3600).start()
 threading.Event().wait()
 """
+
+
+def test_a_process_left_holding_dibs_output_does_not_keep_the_build_running(tmp_path):
+    """A child forked just as dib died (a cancel's kill), or left running by
+    it, keeps dib's stdout open in its own session, with a command line and
+    working directory that name nothing of the build: the run still ends,
+    and the child is killed (it carries the build's TMP_DIR)."""
+    build_dir = tmp_path / "build"
+    tmp = dib_orphans.tmp_dir(build_dir)
+    tmp.mkdir(parents=True)
+    pids = tmp_path / "pids"
+    script = (
+        "import subprocess, sys\n"
+        "child = subprocess.Popen(['sleep', '600'], start_new_session=True, cwd='/')\n"
+        f"open({str(pids)!r}, 'w').write(str(child.pid))\n"
+        "print('dib output', flush=True)\n"
+        "sys.exit(3)\n"
+    )
+    cmd = [sys.executable, "-c", script, "-o", str(build_dir / "image")]
+    env = {**os.environ, "TMP_DIR": str(tmp)}
+    lines: list[str] = []
+    result: list[int] = []
+    runner = threading.Thread(
+        target=lambda: result.append(
+            BuildRun().run(cmd, env, build_dir, tmp_path / "build.log", lines.append)
+        ),
+        daemon=True,
+    )
+    runner.start()
+    runner.join(60)
+    assert result == [3], "the run waited for the child holding its output"
+    assert lines == ["dib output"]
+    try:
+        pidfd = os.pidfd_open(int(pids.read_text()))
+    except ProcessLookupError:
+        return  # killed and reaped
+    try:
+        assert select.select([pidfd], [], [], 30)[0], "the child left running was not killed"
+    finally:
+        os.close(pidfd)
 
 
 def fake_dib_loop(build_dir: Path) -> bool:
