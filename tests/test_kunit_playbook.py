@@ -8,20 +8,22 @@ counted. Run as the launcher runs a build (see test_checkpatch_playbook)."""
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 from launcher.ansible import Outcome
 from tests import test_checkpatch_playbook as playbook_harness
 from zuul_lite.baseline import Baseline, Findings
 
 # The tiny repository, the host sshd standing in for the node, and running a job.
-commit, run_job = playbook_harness.commit, playbook_harness.run_job
+commit, run_job, git = playbook_harness.commit, playbook_harness.run_job, playbook_harness.git
 merger, node, ssh_host = playbook_harness.merger, playbook_harness.node, playbook_harness.ssh_host
 
 KUNIT = """\
 #!/usr/bin/env python3
 # Stand-in for kunit.py run: the tree's kunit-tests.txt lists "test ok|fail".
-import sys
+import os, sys
 print("kunit.py", *sys.argv[1:])
+print("[00:00:00] in", os.getcwd())
 print("[00:00:01] Starting KUnit Kernel (1/1)...")
 tests = [line.split() for line in open("kunit-tests.txt") if line.strip()]
 print("KTAP version 1")
@@ -41,17 +43,26 @@ print(f"{'not ok' if failed else 'ok'} 1 tiny")
 """
 
 
-def kunit(tmp_path, node, merger, base_tests: str, change: dict[str, str], on_base=None):
+def kunit(
+    tmp_path, node, merger, base_tests: str, change: dict[str, str], on_base=None, prebuilt=False
+):
     """Run kernel-kunit on a base whose tests are `base_tests` and a change
     writing `change` (with the baseline of the base saying `on_base`: test
-    statuses); return the outcome, the output and the base sha."""
+    statuses); return the outcome, the output and the base sha. `prebuilt`:
+    the node holds what an image built with DIB_KERNEL_TREE_KUNIT holds."""
     repo, _ = merger
     base = commit(
         repo,
         "Base with tests",
-        {"tools/testing/kunit/kunit.py": KUNIT, "kunit-tests.txt": base_tests},
+        {
+            "tools/testing/kunit/kunit.py": KUNIT,
+            "kunit-tests.txt": base_tests,
+            ".gitignore": ".config\n",
+        },
     )
     commit(repo, "The change", change)
+    if prebuilt:
+        image_tree(node.home / "src" / "tiny", repo, base)
     baseline = None
     if on_base is not None:
         findings = Findings(tests=on_base)
@@ -68,6 +79,18 @@ def kunit(tmp_path, node, merger, base_tests: str, change: dict[str, str], on_ba
         ),
         base,
     )
+
+
+def image_tree(tree, repo, base: str) -> None:
+    """As elements/kernel-tree-cache leaves it: the branch at the base with
+    an in-tree build, and a second work tree holding KUnit's build."""
+    git(repo, "clone", "--quiet", "--no-hardlinks", str(repo), str(tree))
+    git(tree, "checkout", "--quiet", "-B", "master", base)
+    git(tree, "remote", "remove", "origin")
+    (tree / ".config").write_text("CONFIG_TINY=y\n")
+    (tree / ".git" / "info" / "exclude").write_text("/.kunit/\n")
+    git(tree, "worktree", "add", "--quiet", "--detach", f"{tree}-kunit", "HEAD")
+    Path(f"{tree}-kunit", ".kunit").mkdir()
 
 
 def findings_of(node) -> Findings:
@@ -142,3 +165,22 @@ def test_a_failure_the_baseline_does_not_have_fails_without_a_base_run(tmp_path,
     assert "FAIL tiny.tiny_sub_test\n" in output and "already failing" not in output
     assert f"Comparing with base {base[:12]}: running" not in output
     assert findings_of(node).failed_tests() == ["tiny.tiny_sub_test"]
+
+
+def test_the_images_kunit_work_tree_is_moved_to_the_change_and_run_there(tmp_path, node, merger):
+    """The in-tree build stays (no mrproper), and kunit.py runs in the work
+    tree holding KUnit's build, at the change, then at the base and back."""
+    tests = "tiny_add_test ok\ntiny_sub_test ok\n"
+    broken = {"kunit-tests.txt": tests.replace("add_test ok", "add_test fail")}
+    outcome, output, base = kunit(tmp_path, node, merger, tests, broken, prebuilt=True)
+    assert outcome == Outcome.FAILED
+    assert "FAIL tiny.tiny_add_test\n" in output
+    assert "checkout kept: src/tiny" in output
+    kunit_tree = node.home / "src" / "tiny-kunit"
+    log = (node.home / "artifacts" / "kunit" / "kunit.log").read_text()
+    assert f"[00:00:00] in {kunit_tree}\n" in log
+    assert f"Comparing with base {base[:12]}: running" in output
+    assert "make mrproper" not in output
+    assert (node.home / "src" / "tiny" / ".config").exists()
+    change = git(node.home / "src" / "tiny", "rev-parse", "HEAD")
+    assert git(kunit_tree, "rev-parse", "HEAD") == change != base
