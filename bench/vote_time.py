@@ -98,7 +98,13 @@ def make_series(work: Path, count: int) -> list[Path]:
 
 
 def add_kunit(etc: Path) -> None:
-    """kernel-kunit in the check pipeline of a copy of etc/layout.yaml."""
+    """kernel-kunit in the check pipeline of a copy of etc/layout.yaml, and
+    KUnit prebuilt in the node image (DIB_KERNEL_TREE_KUNIT), as
+    etc/nodepool.yaml tells an operator to do for it."""
+    nodepool = yaml.safe_load((etc / "nodepool.yaml").read_text())
+    for diskimage in nodepool["diskimages"]:
+        diskimage["env-vars"]["DIB_KERNEL_TREE_KUNIT"] = "1"
+    (etc / "nodepool.yaml").write_text(yaml.safe_dump(nodepool, sort_keys=False))
     layout = yaml.safe_load((ROOT / "etc" / "layout.yaml").read_text())
     for project in layout["projects"]:
         project["check"]["jobs"].append("kernel-kunit")
@@ -171,7 +177,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=5, help="one-patch series, one after the other")
     parser.add_argument(
-        "--kunit", action="store_true", help="kernel-kunit in check too (a cold UML build)"
+        "--kunit", action="store_true", help="kernel-kunit in check, KUnit prebuilt in the image"
     )
     parser.add_argument("--keep", action="store_true", help="keep the state dir")
     args = parser.parse_args()
