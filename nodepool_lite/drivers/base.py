@@ -8,7 +8,7 @@ else about it:
   validated entry into its `ProviderConfig`;
 - `Provider`: turns a Node record into a running machine and back into
   nothing, and says what it runs (for reconciliation after a crash; what
-  is not ours, the Driver lists without a running provider);
+  ZooKeeper knows no node of, the Driver lists without a running provider);
 - `ImageUploader` (optional): how the builder uploads image builds to it;
 - `RequestHandler`: one per pool, what the pool worker asks before and while
   serving a request (does the pool offer the labels, are they ready, is there
