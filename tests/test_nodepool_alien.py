@@ -16,7 +16,8 @@ import pytest
 
 from nodepool_lite import config as nodepool_config
 from nodepool_lite.cmd.nodepoolcmd import main
-from nodepool_lite.drivers.qemu.provider import QEMU
+from nodepool_lite.drivers.nspawn.provider import NspawnProvider
+from nodepool_lite.drivers.qemu.provider import QEMU, QemuProvider
 from nodepool_lite.model import Node
 from tests.nodepool_env import write_config
 from tests.qemu_env import PROVIDER, write_qemu_config
@@ -76,6 +77,9 @@ def test_qemu_alien_list(tmp_path, zk_hosts, zk, capsys):
         # Listed, never touched.
         assert all(proc.poll() is None for proc in procs)
         assert {p.name for p in nodes.iterdir()} == {known, ORPHAN, LEFT}
+        # What a launcher's leak cleanup sees, through the same discovery.
+        launcher_side = QemuProvider(provider, tmp_path / "state", zk)
+        assert launcher_side.leaked_node_ids() == sorted([known, ORPHAN, LEFT])
 
 
 def start_nspawn(root: Path) -> subprocess.Popen:
@@ -107,3 +111,6 @@ def test_nspawn_alien_list(tmp_path, zk_hosts, zk, capsys):
         assert rows == [["local", ORPHAN, f"np-{ORPHAN}"], ["local", LEFT, str(nodes / LEFT)]]
         assert all(proc.poll() is None for proc in procs)
         assert {p.name for p in nodes.iterdir()} == {known, ORPHAN, LEFT, ".trash"}
+        [provider] = nodepool_config.load(conf).providers
+        launcher_side = NspawnProvider(provider, tmp_path / "state", zk)
+        assert launcher_side.leaked_node_ids() == sorted([known, ORPHAN, LEFT])
