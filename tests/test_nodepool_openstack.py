@@ -224,10 +224,20 @@ def test_leaked_server_deleted_alien_left_alone(nodepool, cloud, zk, capsys):
     np = nodepool()  # start() reconciles: one cleanup pass has run
     assert cloud.deleted == [leaked]
     capsys.readouterr()
+    # Ours, but leaked after that pass: listed until the next pass deletes it.
+    later = cloud.add_server("later", {**meta, "nodepool_node_id": "0000000098"})
     assert main(["-c", str(np.config.path), "alien-list"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
-    assert sorted(rows) == sorted([["cloud", alien, "alien"], ["cloud", other, "other-provider"]])
-    assert set(cloud.servers) == {alien, other}
+    assert sorted(rows) == sorted(
+        [["cloud", alien, "alien"], ["cloud", other, "other-provider"], ["cloud", later, "later"]]
+    )
+    assert set(cloud.servers) == {alien, other, later}
+    cloud.down = True
+    assert main(["-c", str(np.config.path), "alien-list"]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines()[1:] == []
+    assert err.startswith("nodepool: provider cloud: Cloud fake: cannot list servers (")
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
 
 
 def test_node_of_a_dead_launcher_is_adopted_while_its_server_runs(nodepool, cloud, zk):

@@ -285,18 +285,29 @@ class Commands:
         print(f"Image build requests: {', '.join(self.zk.get_image_build_requests()) or 'none'}")
         return 0
 
+    def alien_list(self) -> int:
+        """What each provider runs that ZooKeeper knows no node of (Nodepool's
+        alien-list), never touched. A provider that cannot be asked gets its
+        sentence on stderr and exit status 1; the others are still listed."""
+        from nodepool_lite.drivers import registry
 
-def alien_list(config: npconfig.Config) -> int:
-    """What each provider runs that nodepool did not start (never touched)."""
-    from nodepool_lite.drivers import registry
-
-    rows = []
-    for provider in config.providers:
-        driver = registry.get_driver(provider.driver)
-        for server_id, name in driver.alien_servers(provider) if driver else []:
-            rows.append([provider.name, server_id, name])
-    print(_table(["Provider", "Server id", "Name"], rows))
-    return 0
+        # Read before the providers are asked, as Nodepool does: a node
+        # launched meanwhile may show up in this one listing.
+        known = {n.id for n in self.zk.nodes() if n.id}
+        rows, failures = [], []
+        for provider in self.config.providers:
+            driver = registry.get_driver(provider.driver)
+            assert driver is not None  # config.load refused unknown drivers
+            try:
+                found = driver.alien_servers(provider, self.config.state_dir, known)
+            except NodepoolError as error:
+                failures.append(f"nodepool: provider {provider.name}: {error}")
+                continue
+            rows.extend([provider.name, server_id, name] for server_id, name in found)
+        print(_table(["Provider", "Server id", "Name"], rows))
+        for failure in failures:
+            print(failure, file=sys.stderr)
+        return 1 if failures else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", required=True)
     sub.add_parser("request-list", help="node requests and which pools declined them")
     sub.add_parser("info", help="launchers, node requests, node counts")
-    sub.add_parser("alien-list", help="servers providers run that are not ours")
+    sub.add_parser("alien-list", help="what providers run that ZooKeeper knows no node of")
     return parser
 
 
@@ -332,8 +343,6 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args)
     commands = None
     try:
-        if args.command == "alien-list":  # asks the providers, not ZooKeeper
-            return alien_list(npconfig.load(args.config))
         commands = Commands(args)
         return getattr(commands, args.command.replace("-", "_"))()
     except NodepoolError as error:

@@ -8,7 +8,7 @@ else about it:
   validated entry into its `ProviderConfig`;
 - `Provider`: turns a Node record into a running machine and back into
   nothing, and says what it runs (for reconciliation after a crash; what
-  is not ours, the Driver lists without a running provider);
+  ZooKeeper knows no node of, the Driver lists without a running provider);
 - `ImageUploader` (optional): how the builder uploads image builds to it;
 - `RequestHandler`: one per pool, what the pool worker asks before and while
   serving a request (does the pool offer the labels, are they ready, is there
@@ -18,12 +18,14 @@ else about it:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import voluptuous as v
 
+from nodepool_lite.exceptions import NodepoolError
 from nodepool_lite.model import Node
 from nodepool_lite.zk import ZooKeeper
 
@@ -94,16 +96,48 @@ class Driver(ABC):
     def provider(self, config: ProviderConfig, state_dir: Path, zk: ZooKeeper) -> Provider:
         """The running provider for `config`."""
 
-    def alien_servers(self, config: ProviderConfig) -> list[tuple[str, str]]:
-        """(id, name) of what the provider runs that is not ours: listed for
-        the operator (`nodepool alien-list`), never touched. Raises
-        NodepoolError (one sentence) when the provider cannot be asked."""
+    def alien_servers(
+        self, config: ProviderConfig, state_dir: Path, known: set[str]
+    ) -> list[tuple[str, str]]:
+        """(id, name) of what the provider runs that ZooKeeper does not know
+        as one of its nodes, as Nodepool's alien-list: `known` holds the id of
+        every node record, `state_dir` is the one `provider()` gets. Listed
+        for the operator (`nodepool alien-list`), never touched: this is
+        asked without a running provider, maybe beside a running launcher.
+        Raises NodepoolError (one sentence) when the provider cannot be asked."""
         return []
 
     def uploader(self, config: ProviderConfig) -> ImageUploader | None:
         """How the builder puts image builds into this provider; None for
         drivers that boot from the builds on the local disk."""
         return None
+
+
+def node_dirs(nodes_dir: Path) -> dict[str, list[int]]:
+    """Node id -> [] for each node directory `<nodes_dir>/<id>` (dot names are
+    the driver's own); a driver adds the pids it finds running each node."""
+    if not nodes_dir.is_dir():
+        return {}
+    return {p.name: [] for p in nodes_dir.iterdir() if p.is_dir() and not p.name.startswith(".")}
+
+
+def local_aliens(
+    find: Callable[[Path], dict[str, list[int]]], nodes_dir: Path, known: set[str]
+) -> list[tuple[str, str]]:
+    """alien_servers() of a driver whose node `<id>` is `<nodes_dir>/<id>` and
+    what runs from it on this host, found by `find` (the discovery its
+    provider's leak cleanup uses): those ZooKeeper has no record of, named
+    `np-<id>` (the machine name the driver gives) while something runs, else
+    by the directory left."""
+    try:
+        found = find(nodes_dir)
+    except OSError as error:
+        raise NodepoolError(f"Cannot list the nodes of {nodes_dir}: {error.strerror}.") from None
+    return [
+        (node_id, f"np-{node_id}" if pids else str(nodes_dir / node_id))
+        for node_id, pids in sorted(found.items())
+        if node_id not in known
+    ]
 
 
 class ImageUploader(ABC):

@@ -7,7 +7,7 @@ from typing import Any
 
 import voluptuous as v
 
-from nodepool_lite.drivers.base import Driver, Provider, ProviderConfig
+from nodepool_lite.drivers.base import Driver, Provider, ProviderConfig, local_aliens
 from nodepool_lite.drivers.nspawn import config
 from nodepool_lite.zk import ZooKeeper
 
@@ -25,3 +25,17 @@ class NspawnDriver(Driver):
         from nodepool_lite.drivers.nspawn.provider import NspawnProvider
 
         return NspawnProvider(cfg, state_dir, zk)
+
+    def alien_servers(
+        self, cfg: ProviderConfig, state_dir: Path, known: set[str]
+    ) -> list[tuple[str, str]]:
+        """Containers (running, or a directory left) under `<state>/nodes/`
+        whose node id ZooKeeper has no record of: left by a launcher whose
+        node record was deleted, or started by hand in our naming. A running
+        launcher destroys these as leaked (its cleanup uses the same
+        discovery); this only lists them. Every nspawn provider of one
+        state-dir shares `<state>/nodes/` (a node's id is all that names it),
+        so a node known to ZooKeeper under any provider is not alien."""
+        from nodepool_lite.drivers.nspawn.provider import node_containers
+
+        return local_aliens(node_containers, Path(state_dir) / "nodes", known)

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from nodepool_lite.drivers import ensure_keypair, process_argvs
-from nodepool_lite.drivers.base import Provider, ProviderConfig, RequestHandler
+from nodepool_lite.drivers.base import Provider, ProviderConfig, RequestHandler, node_dirs
 from nodepool_lite.drivers.netns import forward_pids, start_forward
 from nodepool_lite.drivers.nspawn.config import NspawnPool
 from nodepool_lite.drivers.nspawn.limits import NodeCgroup, NodeDisk, is_mounted
@@ -91,6 +91,18 @@ def nspawn_roots() -> dict[int, Path]:
         for pid, argv in process_argvs()
         if argv[0].endswith(b"systemd-nspawn") and b"-D" in argv[:-1]
     }
+
+
+def node_containers(nodes_dir: Path) -> dict[str, list[int]]:
+    """Node id -> pids of the systemd-nspawn running it, for every node with
+    a directory under `nodes_dir` ([] if only that is left) or a container
+    rooted there: what a restarted launcher adopts or destroys as leaked, and
+    what `nodepool alien-list` lists when ZooKeeper knows no such node."""
+    found = node_dirs(nodes_dir)
+    for pid, root in nspawn_roots().items():
+        if root.parent.parent == nodes_dir:
+            found.setdefault(root.parent.name, []).append(pid)
+    return found
 
 
 def _node_user(root: Path) -> tuple[int, int, str]:
@@ -351,11 +363,7 @@ class NspawnProvider(Provider):
         return bool(node.id and container_pids(self.node_dir(node.id) / "root"))
 
     def leaked_node_ids(self) -> list[str]:
-        ids = {p.name for p in self.nodes_dir.iterdir() if p.is_dir() and p.name != ".trash"}
-        ids |= {
-            r.parent.name for r in nspawn_roots().values() if r.parent.parent == self.nodes_dir
-        }
-        return sorted(ids)
+        return sorted(node_containers(self.nodes_dir))
 
     def cleanup_node(self, node_id: str) -> None:
         node_dir = self.node_dir(node_id)

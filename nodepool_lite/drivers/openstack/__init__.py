@@ -34,12 +34,26 @@ class OpenStackDriver(Driver):
         assert isinstance(cfg, config.OpenStackProviderConfig)
         return GlanceUploader(cfg)
 
-    def alien_servers(self, cfg: ProviderConfig) -> list[tuple[str, str]]:
-        from nodepool_lite.drivers.openstack.provider import CLOUD_ERRORS, connect, is_ours
+    def alien_servers(
+        self, cfg: ProviderConfig, state_dir: Path, known: set[str]
+    ) -> list[tuple[str, str]]:
+        """Servers of the cloud without this provider's metadata (other users',
+        another provider's), and ours whose node ZooKeeper has no record of
+        (leaked: the cleanup worker of a running launcher deletes those)."""
+        from nodepool_lite.drivers.openstack.provider import (
+            CLOUD_ERRORS,
+            META_NODE,
+            connect,
+            is_ours,
+        )
 
         assert isinstance(cfg, config.OpenStackProviderConfig)
         try:
             servers = list(connect(cfg).compute.servers(details=True))
         except CLOUD_ERRORS as error:
             raise NodepoolError(f"Cloud {cfg.cloud}: cannot list servers ({error}).") from None
-        return [(s.id, s.name) for s in servers if not is_ours(s, cfg.name)]
+        return [
+            (s.id, s.name)
+            for s in servers
+            if not is_ours(s, cfg.name) or s.metadata[META_NODE] not in known
+        ]

@@ -8,7 +8,13 @@ from typing import Any
 
 import voluptuous as v
 
-from nodepool_lite.drivers.base import Driver, ImageUploader, Provider, ProviderConfig
+from nodepool_lite.drivers.base import (
+    Driver,
+    ImageUploader,
+    Provider,
+    ProviderConfig,
+    local_aliens,
+)
 from nodepool_lite.drivers.qemu import config
 from nodepool_lite.zk import ZooKeeper
 
@@ -33,3 +39,17 @@ class QemuDriver(Driver):
 
         assert isinstance(cfg, config.QemuProviderConfig)
         return ImageStore(cfg.base_dir / "images")
+
+    def alien_servers(
+        self, cfg: ProviderConfig, state_dir: Path, known: set[str]
+    ) -> list[tuple[str, str]]:
+        """VMs of this provider (a QEMU booting an overlay under
+        `<base>/nodes/`, or the overlay's directory left) whose node id
+        ZooKeeper has no record of: left by a launcher whose node record was
+        deleted, or started by hand in our naming. A running launcher
+        destroys these as leaked (its cleanup uses the same discovery); this
+        only lists them. Other QEMUs of the host are not this provider's."""
+        from nodepool_lite.drivers.qemu.provider import qemu_nodes
+
+        assert isinstance(cfg, config.QemuProviderConfig)
+        return local_aliens(qemu_nodes, cfg.base_dir / "nodes", known)

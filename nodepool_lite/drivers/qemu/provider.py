@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from nodepool_lite.dib_orphans import wait_exited
 from nodepool_lite.drivers import ensure_keypair, process_argvs
-from nodepool_lite.drivers.base import Provider, RequestHandler
+from nodepool_lite.drivers.base import Provider, RequestHandler, node_dirs
 from nodepool_lite.drivers.qemu.config import QemuLabel, QemuPool, QemuProviderConfig
 from nodepool_lite.drivers.qemu.images import ImageStore, StoredImage
 from nodepool_lite.exceptions import LaunchError
@@ -156,6 +156,17 @@ def qemu_pids(nodes_dir: Path) -> dict[str, list[int]]:
             if arg.startswith(prefix):
                 node_id = os.fsdecode(arg[len(prefix) :]).split("/", 1)[0]
                 found.setdefault(node_id, []).append(pid)
+    return found
+
+
+def qemu_nodes(nodes_dir: Path) -> dict[str, list[int]]:
+    """Node id -> pids of its QEMU, for every node with a directory (overlay,
+    keys) under `nodes_dir` ([] if only that is left) or a QEMU booting an
+    overlay there: what a restarted launcher adopts or destroys as leaked,
+    and what `nodepool alien-list` lists when ZooKeeper knows no such node."""
+    found = node_dirs(nodes_dir)
+    for node_id, pids in qemu_pids(nodes_dir).items():
+        found[node_id] = pids
     return found
 
 
@@ -378,8 +389,7 @@ class QemuProvider(Provider):
         return bool(node.id and self.qemu_pids().get(node.id))
 
     def leaked_node_ids(self) -> list[str]:
-        ids = {p.name for p in self.nodes_dir.iterdir() if p.is_dir()}
-        return sorted(ids | set(self.qemu_pids()))
+        return sorted(qemu_nodes(self.nodes_dir))
 
     def cleanup_node(self, node_id: str) -> None:
         """Kill its QEMU (ours or a predecessor's), then delete its overlay and keys."""
