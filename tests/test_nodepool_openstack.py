@@ -183,6 +183,7 @@ def test_boot_errors_fail_the_request_with_the_fault(nodepool, cloud, zk):
     wait_for(lambda: not cloud.servers and not zk.nodes(), 30, "errored servers deleted")
 
 
+@pytest.mark.parametrize("cloud", ["mock", "http"], indirect=True)  # both transports
 def test_cloud_down_fails_the_request_with_a_sentence(nodepool, cloud, zk):
     cloud.down = True
     np = nodepool(provider={"launch-retries": 1})  # starts: the leak scan only warns
@@ -263,6 +264,7 @@ def ready_build(zk, tmp_path: Path) -> ImageBuild:
     return build
 
 
+@pytest.mark.parametrize("cloud", ["mock", "http"], indirect=True)  # both transports
 def test_builds_uploaded_to_glance_and_booted(nodepool, cloud, zk, tmp_path, capsys):
     build = ready_build(zk, tmp_path)
     np = nodepool(label={"cloud-image": None, "diskimage": IMAGE})
