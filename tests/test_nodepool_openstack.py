@@ -1,12 +1,16 @@
 """The openstack driver against openstacksdk's real code, the cloud answered
-at the HTTP level (tests/fake_openstack.py), with a real ZooKeeper and a real
-sshd standing in for the servers' (their address is 127.0.0.1)."""
+at the HTTP level (tests/fake_openstack.py: through requests-mock, or served
+on loopback for a launcher in its own process), with a real ZooKeeper and a
+real sshd standing in for the servers' (their address is 127.0.0.1)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import subprocess
-import threading
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +21,7 @@ from nodepool_lite import config
 from nodepool_lite.builder import cleanup
 from nodepool_lite.cmd.nodepoolcmd import main
 from nodepool_lite.drivers.openstack.provider import OpenStackProvider
-from nodepool_lite.exceptions import ConfigError, LaunchError
-from nodepool_lite.launcher import NodePool
+from nodepool_lite.exceptions import ConfigError
 from nodepool_lite.model import (
     BuildState,
     ImageBuild,
@@ -29,20 +32,27 @@ from nodepool_lite.model import (
 )
 from nodepool_lite.uploader import reconcile_uploads, upload_pass, uploaders
 from tests.fake_openstack import FakeCloud, clouds_yaml, image_json
-from tests.nodepool_env import launchers, release, request, take_nodes, wait_for
+from tests.nodepool_env import REPO, launchers, release, request, take_nodes, wait_for
 
 LABEL = "cloud-debian"
 IMAGE = "kernel-ci-debian"
 
 
 @pytest.fixture
-def cloud(tmp_path, monkeypatch):
-    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(clouds_yaml(tmp_path / "clouds.yaml")))
+def cloud(request, tmp_path, monkeypatch):
+    """The fake cloud through requests-mock, or served over HTTP on loopback
+    (`indirect` param "http") for a launcher in another process."""
     monkeypatch.setattr(OpenStackProvider, "poll_interval", 0.05)
     fake = FakeCloud()
     fake.images["debian"] = image_json("debian-12")
-    with requests_mock.Mocker() as mocker:
-        fake.install(mocker)
+    with contextlib.ExitStack() as stack:
+        if getattr(request, "param", "mock") == "http":
+            fake.serve()
+            stack.callback(fake.stop)
+        else:
+            fake.install(stack.enter_context(requests_mock.Mocker()))
+        clouds = clouds_yaml(tmp_path / "clouds.yaml", fake.base)
+        monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(clouds))
         yield fake
     assert not fake.unknown, fake.unknown
 
@@ -173,6 +183,7 @@ def test_boot_errors_fail_the_request_with_the_fault(nodepool, cloud, zk):
     wait_for(lambda: not cloud.servers and not zk.nodes(), 30, "errored servers deleted")
 
 
+@pytest.mark.parametrize("cloud", ["mock", "http"], indirect=True)  # both transports
 def test_cloud_down_fails_the_request_with_a_sentence(nodepool, cloud, zk):
     cloud.down = True
     np = nodepool(provider={"launch-retries": 1})  # starts: the leak scan only warns
@@ -263,6 +274,7 @@ def ready_build(zk, tmp_path: Path) -> ImageBuild:
     return build
 
 
+@pytest.mark.parametrize("cloud", ["mock", "http"], indirect=True)  # both transports
 def test_builds_uploaded_to_glance_and_booted(nodepool, cloud, zk, tmp_path, capsys):
     build = ready_build(zk, tmp_path)
     np = nodepool(label={"cloud-image": None, "diskimage": IMAGE})
@@ -440,32 +452,37 @@ def test_broken_clouds_yaml_is_one_sentence(tmp_path, monkeypatch):
     assert str(error.value) == f"{path}: providers[0].cloud: {clouds}: invalid YAML at line 2"
 
 
-def test_launcher_killed_mid_boot_then_restart(nodepool, cloud, zk, zk_hosts, tmp_path, sshd):
-    """A launcher dies while its server boots: the restarted one deletes that
-    server, serves the request with a new one, and leaves nothing behind.
-    The fake cloud lives in this process, so instead of kill -9 the dead
-    launcher's session is closed (its registrations and locks go at once)
-    and its launch thread hangs for good."""
-    frozen = threading.Event()
-
-    def hang(*args) -> None:
-        frozen.wait()
-        raise LaunchError("the test ended")
-
-    dead = NodePool(write_config(tmp_path, zk_hosts, sshd[0]))
-    dead.start()
-    dead.providers["cloud"]._boot = hang  # type: ignore[method-assign]
+@pytest.mark.parametrize("cloud", ["http"], indirect=True)
+def test_kill_9_launcher_mid_boot_then_restart(cloud, nodepool, zk, zk_hosts, tmp_path, sshd):
+    """`nodepool launcher` killed with -9 while its server is in BUILD: once
+    its session expires, the restarted launcher deletes that server (its node
+    was building, so nothing adopts it), serves the request with a new one,
+    and after release leaves nothing in the cloud or ZooKeeper."""
+    cloud.boot_held = True
+    conf = write_config(tmp_path, zk_hosts, sshd[0])
+    with open(tmp_path / "launcher.log", "wb") as log:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "nodepool_lite.cmd.nodepoolcmd", "-c", str(conf), "launcher"],
+            env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
         req, done, _ = request(zk, LABEL)
-        [half] = wait_for(lambda: [n for n in zk.nodes() if n.external_id], 30, "a server")
-        assert half.state == NodeState.BUILDING and half.external_id in cloud.servers
-        dead.stop_event.set()
-        dead.zk.client.stop()
+        assert cloud.build_polled.wait(60), (tmp_path / "launcher.log").read_text()
+        [half] = cloud.servers
+        os.killpg(daemon.pid, signal.SIGKILL)
+        daemon.wait()
+        [building] = zk.nodes()
+        assert building.state == NodeState.BUILDING and building.external_id == half
+        cloud.boot_held = False
         nodepool()
-        assert done.wait(30)
+        assert done.wait(60)
         [node] = take_nodes(zk, req)
-        assert list(cloud.servers) == [node.external_id] != [half.external_id]
+        assert list(cloud.servers) == [node.external_id] and half in cloud.deleted
         release(zk, [node])
         wait_for(lambda: not cloud.servers and not zk.nodes(), 30, "server and node deleted")
+        assert zk.get_node_request(req.id) is None
     finally:
-        frozen.set()
+        if daemon.poll() is None:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait()
