@@ -296,8 +296,9 @@ def test_kill_9_builder_mid_build_then_restart(zk, zk_hosts, tmp_path, fake_dib)
     )  # fmt: skip
     restarted = None
     try:
-        [orphan] = wait_for(lambda: zk.get_image_builds("slow", [BuildState.BUILDING]), 30,
-                            "the build to start")  # fmt: skip
+        # Its record gets its path in a second write, once the first named its id.
+        [orphan] = wait_for(lambda: [b for b in zk.get_image_builds("slow", [BuildState.BUILDING])
+                                     if b.path], 30, "the build to start")  # fmt: skip
         pids_file = Path(orphan.path) / "pids"
         pids = wait_for(lambda: pids_file.exists() and pids_file.read_text().split(), 30, "dib")
         pids = [int(pid) for pid in pids]
