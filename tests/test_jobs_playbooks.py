@@ -63,6 +63,7 @@ class KernelNode:
         self.work = work
         self.src = work / "linux"
         self.base_ref = ""
+        self.saved_builds: set[str] = set()
         self.known_hosts = work / "known_hosts"
         self.known_hosts.write_text(
             "".join(f"[127.0.0.1]:{node.connection_port} {k}\n" for k in node.host_keys)
@@ -87,6 +88,8 @@ class KernelNode:
             check=True,
             capture_output=True,
             text=True,
+            # One series applied twice gives the same commits (see built()).
+            env={**os.environ, "GIT_COMMITTER_DATE": "2000-01-01T00:00:00Z"},
         ).stdout.strip()
 
     def checkout(self, series: str) -> None:
@@ -96,6 +99,22 @@ class KernelNode:
         self.git("am", "--quiet", *map(str, sorted((PATCHES / series).glob("*.patch"))))
         self.base_ref = self.git("rev-parse", "master")
         self.ssh("rm -rf artifacts console deps && mkdir artifacts console deps")
+
+    def built(self, series: str) -> None:
+        """`series` checked out, and kernel-build's artifacts of it in
+        ~/deps/kernel-build as a dependent job gets them. The build runs once
+        per module and series: the same commits build the same kernel, and
+        each boot test would otherwise spend ~25 s making it again."""
+        self.checkout(series)
+        saved = self._saved_build()
+        if saved in self.saved_builds:
+            self.ssh(f"mkdir -p deps/kernel-build && cp -a {saved} deps/kernel-build/artifacts")
+        else:
+            assert self.run("kernel-build").returncode == 0
+            self.pass_artifacts("kernel-build")
+
+    def _saved_build(self) -> str:
+        return f"builds/{self.git('rev-parse', 'HEAD')}"
 
     def push(self, checkout: bool) -> None:
         """The tested commit to the node as the launcher's setup pushes it: to
@@ -158,8 +177,13 @@ class KernelNode:
         return result
 
     def pass_artifacts(self, job: str) -> None:
-        """What the launcher does for a dependent job: copy artifacts/ to ~/deps/<job>/."""
+        """What the launcher does for a dependent job: copy artifacts/ to
+        ~/deps/<job>/. A kernel-build's are also kept for built()."""
         self.ssh(f"rm -rf deps/{job} && mkdir -p deps/{job} && cp -a artifacts deps/{job}/")
+        if job == "kernel-build":
+            saved = self._saved_build()
+            self.ssh(f"mkdir -p builds && rm -rf {saved} && cp -a artifacts {saved}")
+            self.saved_builds.add(saved)
 
 
 @pytest.fixture(scope="module")
@@ -260,9 +284,7 @@ def test_build_and_boot(node, series):
 def test_kselftest_runs_in_the_guest(node):
     """The size target, built on the node, runs in the QEMU guest; its KTAP
     comes back from the serial console as per-test results."""
-    node.checkout("good")
-    assert node.run("kernel-build").returncode == 0
-    node.pass_artifacts("kernel-build")
+    node.built("good")
     result = node.run("kernel-kselftest")
     assert result.returncode == 0
     artifacts = node.home / "artifacts"
@@ -313,9 +335,7 @@ def test_boot_fails_when_init_cannot_run(node):
     recorded, so the job builds the base's kernel in the node's prebuilt tree
     (incremental) and boots it the same way: the base panics too, so the job
     passes, already failing on base."""
-    node.checkout("good")
-    assert node.run("kernel-build").returncode == 0
-    node.pass_artifacts("kernel-build")
+    node.built("good")
     boot = node.run(
         "kernel-boot-qemu", kernel_cmdline="console=ttyS0 panic=-1 rdinit=/nope init=/nope"
     )
@@ -332,9 +352,7 @@ def test_boot_fails_when_init_cannot_run(node):
 def test_boot_times_out(node):
     """A kernel that hangs (panic=0 waits forever) is killed after boot_timeout.
     (boot_base off: the base would hang the same way, another 15 s.)"""
-    node.checkout("good")
-    assert node.run("kernel-build").returncode == 0
-    node.pass_artifacts("kernel-build")
+    node.built("good")
     boot = node.run(
         "kernel-boot-qemu",
         boot_timeout=15,
