@@ -44,6 +44,7 @@ from nodepool_lite.drivers.userns import shift_rootfs
 from nodepool_lite.metrics import BuilderMetrics, MetricsServer, StateCollector
 from nodepool_lite.model import BuildState, ImageBuild
 from nodepool_lite.uploader import UploadWorker, uploaders
+from nodepool_lite.worker import BaseWorker
 from nodepool_lite.zk import IMAGE_BUILD_REQUEST_ROOT, IMAGE_ROOT, ZooKeeper
 
 log = logging.getLogger("nodepool_lite.builder")
@@ -454,45 +455,35 @@ def build_due(config: Config, zk: ZooKeeper, image_name: str, now: float) -> boo
     return not ready or now - ready[-1].created_time > diskimage.rebuild_age
 
 
-class BuildWorker(threading.Thread):
+class BuildWorker(BaseWorker):
     """Builds requested images at once (ZK watch on the request path) and stale
     ones on a tick; one build at a time, like Nodepool's BuildWorker."""
 
     def __init__(self, config: Config, zk: ZooKeeper, interval: float = 60.0):
-        super().__init__(name="nodepool-builder-build", daemon=True)
+        super().__init__(
+            "nodepool-builder-build", threading.Event(), log, interval, first_pass_at_once=True
+        )
         self.config = config
         self.zk = zk
-        self.interval = interval
-        self.wake = threading.Event()
-        self.stop_event = threading.Event()
         self.current: BuildRun | None = None
         self.on_built: Callable[[], None] | None = None  # wakes the upload worker
         self.on_finished: Callable[[ImageBuild], None] | None = None  # counts it (metrics)
 
     def stop(self) -> None:
-        self.stop_event.set()
-        self.wake.set()
+        super().stop()
         if self.current is not None:
             self.current.cancel()
 
     def run(self) -> None:
         self.zk.watch_children(IMAGE_BUILD_REQUEST_ROOT, self._on_requests)
-        while not self.stop_event.is_set():
-            self.wake.clear()
-            try:
-                self._work()
-            except exc.ConfigError as error:
-                log.error("Not building: %s", error)  # until the config is fixed
-            except exc.NodepoolError:
-                log.exception("Build worker pass failed")
-            self.wake.wait(self.interval)
+        super().run()
 
     def _on_requests(self, children: list[str]) -> bool:
         if children:
-            self.wake.set()
+            self.wake()
         return not self.stop_event.is_set()
 
-    def _work(self) -> None:
+    def run_once(self) -> None:
         requested = self.zk.get_image_build_requests()
         for name in requested:
             if self.config.diskimage(name) is None:
@@ -536,33 +527,25 @@ class BuildWorker(threading.Thread):
     def _wake_when_unlocked(self, name: str) -> None:
         def on_holders(holders: list[str]) -> bool | None:
             if not holders or self.stop_event.is_set():
-                self.wake.set()
+                self.wake()
                 return False
             return None
 
         self.zk.watch_children(f"{IMAGE_ROOT}/{name}/lock", on_holders)
 
 
-class CleanupWorker(threading.Thread):
+class CleanupWorker(BaseWorker):
     """Runs `cleanup()` every `interval` seconds."""
 
     def __init__(self, config: Config, zk: ZooKeeper, interval: float = 60.0):
-        super().__init__(name="nodepool-builder-cleanup", daemon=True)
+        super().__init__(
+            "nodepool-builder-cleanup", threading.Event(), log, interval, first_pass_at_once=True
+        )
         self.config = config
         self.zk = zk
-        self.interval = interval
-        self.stop_event = threading.Event()
 
-    def stop(self) -> None:
-        self.stop_event.set()
-
-    def run(self) -> None:
-        while not self.stop_event.is_set():
-            try:
-                cleanup(self.config, self.zk)
-            except (exc.NodepoolError, OSError):
-                log.exception("Cleanup pass failed")
-            self.stop_event.wait(self.interval)
+    def run_once(self) -> None:
+        cleanup(self.config, self.zk)
 
 
 class NodePoolBuilder:
@@ -574,7 +557,7 @@ class NodePoolBuilder:
         self.build_worker = BuildWorker(config, zk, interval)
         self.cleanup_worker = CleanupWorker(config, zk, interval)
         self.upload_worker = UploadWorker(config, zk, interval)
-        self.build_worker.on_built = self.upload_worker.wake.set
+        self.build_worker.on_built = self.upload_worker.wake
         self.metrics: MetricsServer | None = None
         if config.metrics_builder_port is not None:
             registry = CollectorRegistry()
@@ -604,8 +587,8 @@ class NodePoolBuilder:
         self.config = config
         self.build_worker.config = self.cleanup_worker.config = config
         self.upload_worker.targets = uploaders(config)
-        self.build_worker.wake.set()
-        self.upload_worker.wake.set()
+        self.build_worker.wake()
+        self.upload_worker.wake()
         log.info("Builder reconfigured for images %s", ", ".join(image_names(config)))
 
     def stop(self) -> None:

@@ -21,6 +21,7 @@ from nodepool_lite.config import Config
 from nodepool_lite.drivers import registry
 from nodepool_lite.drivers.base import ImageUploader, ProviderConfig
 from nodepool_lite.model import BuildState, ImageBuild, ImageUpload, UploadState
+from nodepool_lite.worker import BaseWorker
 from nodepool_lite.zk import ZooKeeper
 
 log = logging.getLogger("nodepool_lite.uploader")
@@ -141,30 +142,23 @@ def reconcile_uploads(
             log.warning("%s", error)
 
 
-class UploadWorker(threading.Thread):
-    """Runs `upload_pass()` on every change of the image builds and on a tick."""
+class UploadWorker(BaseWorker):
+    """Runs `upload_pass()` on every change of the image builds and on a tick;
+    first reconciles what a killed builder left uploading."""
 
     def __init__(self, config: Config, zk: ZooKeeper, interval: float = 60.0):
-        super().__init__(name="nodepool-builder-upload", daemon=True)
+        super().__init__(
+            "nodepool-builder-upload", threading.Event(), log, interval, first_pass_at_once=True
+        )
         self.zk = zk
         self.targets = uploaders(config)
-        self.interval = interval
-        self.wake = threading.Event()
-        self.stop_event = threading.Event()
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.wake.set()
 
     def run(self) -> None:
         try:
             reconcile_uploads(self.zk, self.targets)
         except exc.NodepoolError:
             log.exception("Reconciling uploads failed")
-        while not self.stop_event.is_set():
-            self.wake.clear()
-            try:
-                upload_pass(self.zk, self.targets)
-            except exc.NodepoolError:
-                log.exception("Upload pass failed")
-            self.wake.wait(self.interval)
+        super().run()
+
+    def run_once(self) -> None:
+        upload_pass(self.zk, self.targets)

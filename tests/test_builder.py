@@ -483,7 +483,7 @@ def test_an_image_that_cannot_be_built_does_not_stop_the_others(
             raise ConfigError("diskimages[0].elements[0]: unknown element 'base'.")
 
     monkeypatch.setattr(builder, "check_elements", check_elements)
-    BuildWorker(config, zk)._work()
+    BuildWorker(config, zk).run_once()
     assert zk.get_image_builds("bad") == []
     assert [b.state for b in zk.get_image_builds("good")] == [BuildState.READY]
     assert "Not building bad: diskimages[0].elements[0]: unknown element 'base'." in caplog.text
