@@ -20,8 +20,11 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -177,3 +180,35 @@ def ensure_node_image(
     build = ImageBuild.from_dict(data)
     zk.store_image_build(image_name, build)
     return build
+
+
+def prebuild(zk: ZooKeeper, images: list[str], state_dir: Path) -> None:
+    """Fill the cache with `images` (each built only if cold), one after the other."""
+    from tests.qemu_env import VM_IMAGE, write_qemu_config
+
+    for name in images:
+        if name == VM_IMAGE:
+            config = nodepool_config.load(write_qemu_config(state_dir, zk.hosts))
+        else:
+            config = node_config(state_dir)
+        ensure_node_image(zk, config, name)
+
+
+def main() -> None:
+    """`python -m tests.images ZK_HOSTS STATE_DIR IMAGE...`: the session's
+    prebuild (tests/conftest.py). SIGTERM ends it as a failed build does: dib's
+    processes killed, its mounts released, the half-built slot left for the
+    next caller to clear."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    hosts, state_dir, *images = sys.argv[1:]
+    zk = ZooKeeper(hosts)
+    zk.connect()
+    try:
+        prebuild(zk, images, Path(state_dir))
+    finally:
+        zk.disconnect()
+
+
+if __name__ == "__main__":
+    main()

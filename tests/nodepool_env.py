@@ -98,6 +98,9 @@ def register_node_image(zk: ZooKeeper, image: str = IMAGE) -> ImageBuild:
 
     diskimage = node_config(Path("/tmp")).diskimage(image)
     marker = cache_root() / "images" / f"{image}-{image_key(diskimage)}" / MARKER
+    marker.parent.parent.mkdir(parents=True, exist_ok=True)
+    with open(marker.parent.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)  # a build under way (the session's prebuild) ends first
     if marker.exists():
         data = json.loads(marker.read_text())
         data.pop("id", None)

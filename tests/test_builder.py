@@ -346,6 +346,10 @@ def node_image(zk, tmp_path) -> ImageBuild:
     return ensure_node_image(zk, node_config(tmp_path))
 
 
+real_image = pytest.mark.node_image("kernel-ci-debian")
+
+
+@real_image
 def test_real_image_build(node_image, zk):
     stored = zk.get_image_build("kernel-ci-debian", node_image.id)
     assert stored.state == BuildState.READY
@@ -374,6 +378,7 @@ def test_real_image_build(node_image, zk):
     assert "gcc-aarch64-linux-gnu" in (root / "var/lib/dpkg/status").read_text()
 
 
+@real_image
 def test_real_image_accepts_zuul_over_ssh(node_image, tmp_path):
     """The nspawn driver's way of booting a node, by hand: overlay, nspawn, sshd."""
     merger = tmp_path / "merger"
@@ -434,6 +439,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@real_image
 def test_ensure_node_image_reuses_the_cached_build(node_image, zk, tmp_path):
     again = ensure_node_image(zk, node_config(tmp_path))
     assert again.id != node_image.id

@@ -28,7 +28,11 @@ from zuul_lite.state import ZuulState
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.timeout(3600),
+    pytest.mark.node_image("kernel-ci-debian"),
+]
 
 
 def write_configs(root: Path) -> tuple[Path, int]:

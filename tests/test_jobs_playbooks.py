@@ -47,6 +47,7 @@ JOBS = load_jobs(REPO / "jobs")
 
 pytestmark = [
     pytest.mark.e2e,
+    pytest.mark.node_image("kernel-ci-debian"),
     pytest.mark.skipif(not kerneltree.TARBALL.is_file(), reason="linux-source-6.1 missing"),
     pytest.mark.skipif(shutil.which("systemd-nspawn") is None, reason="no systemd-nspawn"),
 ]

@@ -24,7 +24,10 @@ from tests.images import ensure_node_image, node_config
 from tests.nodepool_env import IMAGE, LABEL, wait_for, write_config
 from tests.test_launcher_build import BuildClient, build_args, git_repo, merger_git  # noqa: F401
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="nspawn nodes need root")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="nspawn nodes need root"),
+    pytest.mark.node_image("kernel-ci-debian"),
+]
 
 
 def test_build_on_a_real_nspawn_node(tmp_path, zk, zk_hosts, gear_server, merger_git):  # noqa: F811

@@ -39,6 +39,7 @@ def test_bad_config_is_one_sentence(tmp_path, capsys):
     assert rc == 1 and "cannot read" in err and "Traceback" not in err
 
 
+@pytest.mark.node_image("kernel-ci-debian")
 def test_image_commands(conf, zk, capsys):
     rc, out, err = run(capsys, "-c", conf, "image-build", "nope")
     assert rc == 1 and err == "nodepool: Unknown image 'nope': no such entry under diskimages.\n"
@@ -56,6 +57,7 @@ def test_image_commands(conf, zk, capsys):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="nspawn nodes need root")
+@pytest.mark.node_image("kernel-ci-debian")
 def test_node_commands(conf, zk, capsys):
     register_node_image(zk)
     nodepool = NodePool(conf)

@@ -40,7 +40,10 @@ from tests.nodepool_env import (
     write_config,
 )
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="nspawn nodes need root")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="nspawn nodes need root"),
+    pytest.mark.node_image("kernel-ci-debian"),
+]
 
 
 @pytest.fixture

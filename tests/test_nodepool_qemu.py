@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 BOOT = 300  # seconds a request may take: one TCG boot on a loaded host
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="dib builds and VMs need root")
+vm_image = pytest.mark.node_image("vm-debian")
 
 
 def ssh(nodepool: NodePool, node: Node, command: str) -> tuple[int, str]:
@@ -75,6 +76,7 @@ def assert_nothing_left(nodepool: NodePool) -> None:
 
 
 @needs_root
+@vm_image
 def test_request_boots_a_vm_ssh_works_and_delete_leaves_nothing(tmp_path, zk, zk_hosts):
     conf = write_qemu_config(tmp_path, zk_hosts)
     ready_vm_image(zk, conf)
@@ -112,6 +114,7 @@ def test_request_boots_a_vm_ssh_works_and_delete_leaves_nothing(tmp_path, zk, zk
 
 
 @needs_root
+@vm_image
 def test_kill_9_launcher_mid_boot_adopts_running_vm_and_deletes_orphan(tmp_path, zk, zk_hosts):
     """A launcher killed while it boots a VM: on restart the VM of the in-use
     node runs on (same QEMU, ssh still works), the VM it was booting, whose
