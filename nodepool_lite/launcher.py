@@ -270,6 +270,8 @@ class PoolWorker(BaseWorker):
                 self.log.info("Request %s lost its launcher; requeueing it", req.id)
                 req.state = RequestState.REQUESTED
                 self.zk.store_node_request(req)
+        except exc.NoNodeError:
+            self.log.info("Request %s vanished before it was requeued", req.id)
         finally:
             self.zk.unlock_node_request(req)
 

@@ -42,12 +42,14 @@ def is_spare(node: Node) -> bool:
 
 def release_nodes(zk: ZooKeeper, req: NodeRequest, nodes: list[Node]) -> None:
     """A fulfilled min-ready request: its (locked) nodes become spares, then
-    the request goes."""
+    the request goes, before its lock: a pool worker that saw it `pending`
+    must never find it unlocked, take it for one whose launcher died and
+    hand it back."""
     for node in nodes:
         node.allocated_to = None
         zk.store_node(node)
-    zk.unlock_node_request(req)
     zk.delete_node_request(req)
+    zk.unlock_node_request(req)
 
 
 class MinReadyWorker(BaseWorker):

@@ -13,8 +13,9 @@ import pytest
 
 from nodepool_lite.cmd.nodepoolcmd import main
 from nodepool_lite.launcher import NodePool
-from nodepool_lite.min_ready import REQUESTOR, is_spare
-from nodepool_lite.model import NodeState, RequestState
+from nodepool_lite.min_ready import PRIORITY, REQUESTOR, is_spare, release_nodes
+from nodepool_lite.model import NodeRequest, NodeState, RequestState
+from nodepool_lite.zk_nodepool import REQUEST_LOCK_ROOT
 from tests.nodepool_env import (
     STATIC_LABEL,
     STATIC_OTHER,
@@ -118,6 +119,29 @@ def test_min_ready_spare_handed_out_at_once_and_replaced(nodepool, zk, capsys):
     assert not any(
         (r := zk.get_node_request(i)) and r.requestor == REQUESTOR for i in zk.node_request_ids()
     )
+
+
+def test_a_min_ready_request_goes_before_its_lock(zk):
+    """Once its spares are ready, the min-ready request is deleted while still
+    locked: a pool worker that saw it `pending` and found it unlocked would
+    take it for one whose launcher died and requeue it (the bench saw that
+    race as failed passes)."""
+    req = NodeRequest(node_types=[LABEL], requestor=REQUESTOR)
+    zk.submit_node_request(req, priority=PRIORITY)
+    zk.lock_node_request(req)
+    req.state = RequestState.PENDING
+    zk.store_node_request(req)
+    at_release = []
+    release_lock = req.lock.release
+
+    def release_watched() -> None:
+        at_release.append(zk.get_node_request(req.id))
+        release_lock()
+
+    req.lock.release = release_watched
+    release_nodes(zk, req, [])
+    assert at_release == [None]
+    assert not zk.exists(f"{REQUEST_LOCK_ROOT}/{req.id}")
 
 
 def test_min_ready_of_a_label_no_pool_offers_is_one_sentence(tmp_path, zk_hosts, capsys):
