@@ -356,7 +356,7 @@ def launcher_env(tmp_path, zk, zk_hosts, gear_server, ssh_host, merger_git):
     def start(**overrides) -> LauncherServer:
         for key, value in overrides.items():
             setattr(config, key, value)
-        server = LauncherServer(config, ZooKeeper(zk_hosts))
+        server = LauncherServer(config)
         server.start()
         server.worker.waitForServer()
         env["servers"].append(server)

@@ -19,7 +19,6 @@ import yaml
 from launcher.config import LauncherConfig
 from launcher.server import EXECUTE, LauncherServer
 from nodepool_lite.launcher import NodePool
-from nodepool_lite.zk import ZooKeeper
 from tests.images import ensure_node_image, node_config
 from tests.nodepool_env import IMAGE, LABEL, wait_for, write_config
 from tests.test_launcher_build import BuildClient, build_args, git_repo, merger_git  # noqa: F401
@@ -50,7 +49,7 @@ def test_build_on_a_real_nspawn_node(tmp_path, zk, zk_hosts, gear_server, merger
         jobs_dir=jobs, private_key=nodepool.config.state_dir / "keys" / "id_ed25519",
         name="nspawn-test", max_builds=1, attempts=1, node_timeout=120,
     )  # fmt: skip
-    server = LauncherServer(config, ZooKeeper(zk_hosts))
+    server = LauncherServer(config)
     server.start()
     client = BuildClient()
     client.addServer("127.0.0.1", gear_server.port)

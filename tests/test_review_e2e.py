@@ -23,7 +23,6 @@ import yaml
 from launcher.config import LauncherConfig
 from launcher.server import LauncherServer
 from nodepool_lite.launcher import NodePool
-from nodepool_lite.zk import ZooKeeper
 from tests.fake_patchwork import FakePatchwork
 from tests.harness import FIXTURES, SshHost, run_git, wait_until
 from tests.test_gerrit import Env as GerritEnv
@@ -120,7 +119,7 @@ class RealCI:
             node_timeout=120,
             connect_timeout=60,
         )
-        self.launcher = LauncherServer(config, ZooKeeper(zk_hosts))
+        self.launcher = LauncherServer(config)
         self.launcher.start()
         self.launcher.worker.waitForServer()
 
