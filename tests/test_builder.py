@@ -5,6 +5,7 @@ without minutes of apt."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -493,3 +494,94 @@ def test_an_image_that_cannot_be_built_does_not_stop_the_others(
     assert zk.get_image_builds("bad") == []
     assert [b.state for b in zk.get_image_builds("good")] == [BuildState.READY]
     assert "Not building bad: diskimages[0].elements[0]: unknown element 'base'." in caplog.text
+
+
+def _mounts_under(top: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as mounts:
+        points = [line.split()[4] for line in mounts]
+    return [p for p in points if p == str(top) or p.startswith(f"{top}/")]
+
+
+def _loops_under(top: Path) -> list[str]:
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        with contextlib.suppress(OSError):
+            if backing.read_text().strip().startswith(f"{top}/"):
+                found.append(backing.parent.parent.name)
+    return found
+
+
+def _dib_pids(build_dir: Path) -> set[int]:
+    """Processes carrying the build's TMP_DIR (what dib and its children inherit)."""
+    entry = f"TMP_DIR={dib_orphans.tmp_dir(build_dir)}".encode() + b"\0"
+    found = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if entry in (proc / "environ").read_bytes() and _alive(int(proc.name)):
+                found.add(int(proc.name))
+    return found
+
+
+@pytest.mark.node_image("vm-debian")  # after the prebuild: its dib caches are warm
+@pytest.mark.skipif(os.geteuid() != 0, reason="disk-image-create needs root")
+def test_kill_9_of_nodepool_builder_during_a_real_dib_build(zk, zk_hosts, tmp_path):
+    """The real `nodepool builder` killed with -9 while the real
+    disk-image-create works in its chroot: dib, its mounts (tmpfs, the
+    chroot's /proc, /sys, /dev) and loop devices outlive it; the restarted
+    builder removes them all before a fresh build starts, and that build's
+    own dib goes with its builder's stop."""
+    hosts, _, chroot = zk_hosts.partition("/")
+    host, port = hosts.split(":")
+    conf = tmp_path / "nodepool.yaml"
+    conf.write_text(
+        f"zookeeper-servers: [{{host: '{host}', port: {port}, chroot: '/{chroot}'}}]\n"
+        f"state-dir: {tmp_path / 'state'}\n"
+        "diskimages:\n"
+        "  - {name: real, elements: [debian-minimal, zuul-user], rebuild-age: 1000000000}\n"
+    )
+    with open(tmp_path / "builder.log", "wb") as log:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "nodepool_lite.cmd.nodepoolcmd", "-c", str(conf), "builder"],
+            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    restarted = None
+
+    def started(but: str | None = None) -> list[ImageBuild]:
+        # A build's record gets its path in a second write.
+        building = zk.get_image_builds("real", [BuildState.BUILDING])
+        return [b for b in building if b.path and b.id != but]
+
+    try:
+        [orphan] = wait_for(started, 60, "the build to start")
+        build_dir = Path(orphan.path)
+        # In the chroot: dib has mounted /proc into the image it builds.
+        wait_for(lambda: [p for p in _mounts_under(build_dir) if p.endswith("/proc")], 600,
+                 "dib to work in its chroot")  # fmt: skip
+        pids = _dib_pids(build_dir)
+        assert pids
+        os.kill(daemon.pid, signal.SIGKILL)  # the daemon alone, as `kill -9 <pid>`
+        daemon.wait()
+        assert any(_alive(pid) for pid in pids) and _mounts_under(build_dir)
+
+        restarted = NodePoolBuilder(load(conf), zk, interval=3600)
+        restarted.start()  # reconciles before its build worker runs
+        assert not any(_alive(pid) for pid in pids) and not _dib_pids(build_dir)
+        assert not _mounts_under(build_dir) and not _loops_under(build_dir)
+        assert zk.get_image_build("real", orphan.id).state == BuildState.FAILED
+        assert "the builder died" in (build_dir / "build.log").read_text()
+        [fresh] = wait_for(lambda: started(but=orphan.id), 60, "a new build")
+        wait_for(lambda: _dib_pids(Path(fresh.path)), 60, "the fresh build's dib")
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        if restarted is not None:
+            restarted.stop()
+            restarted.join(60)
+        for build_dir in (tmp_path / "state" / "images").glob("*"):  # a failed assertion's
+            dib_orphans.kill_build(build_dir)
+            dib_orphans.release_mounts(build_dir)
+    fresh_dir = Path(fresh.path)
+    assert not _dib_pids(fresh_dir) and not _mounts_under(fresh_dir)
+    assert not _loops_under(fresh_dir)
+    assert zk.get_image_build("real", fresh.id).state == BuildState.FAILED
