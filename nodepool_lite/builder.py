@@ -299,9 +299,10 @@ def build_image(
     try:
         tmp = dib_orphans.tmp_dir(build_dir)
         tmp.mkdir(parents=True)
-        # Everything dib makes (its build dirs, the chroot and its mounts)
+        # Everything dib makes (its build dirs, the chroot and its mounts,
+        # the temporary files of its scripts: TMPDIR, which mktemp reads)
         # lies under the build dir, where a restarted builder finds it.
-        env = {**dib_env(diskimage), "TMP_DIR": str(tmp)}
+        env = {**dib_env(diskimage), "TMP_DIR": str(tmp), "TMPDIR": str(tmp)}
         cmd = dib_command(diskimage, build_dir / image_name)
         with machine_lock():
             try:

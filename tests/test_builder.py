@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -545,6 +546,7 @@ def test_kill_9_of_nodepool_builder_during_a_real_dib_build(zk, zk_hosts, tmp_pa
             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     restarted = None
+    profiles = set(Path(tempfile.gettempdir()).glob("profiledir.*"))  # dib-run-parts's
 
     def started(but: str | None = None) -> list[ImageBuild]:
         # A build's record gets its path in a second write.
@@ -585,3 +587,4 @@ def test_kill_9_of_nodepool_builder_during_a_real_dib_build(zk, zk_hosts, tmp_pa
     assert not _dib_pids(fresh_dir) and not _mounts_under(fresh_dir)
     assert not _loops_under(fresh_dir)
     assert zk.get_image_build("real", fresh.id).state == BuildState.FAILED
+    assert set(Path(tempfile.gettempdir()).glob("profiledir.*")) <= profiles

@@ -220,14 +220,17 @@ def test_a_series_cannot_change_the_checkpatch_it_is_checked_with(tmp_path, node
     )
     clone = tmp_path / "clone"
     git(tmp_path, "clone", "--quiet", str(repo), str(clone))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
     again = subprocess.run(
         ["sh", str(node.home / "artifacts" / "reproduce.sh"), str(clone)],
         capture_output=True,
         text=True,
         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "GIT_COMMITTER_NAME": "me",
-             "GIT_COMMITTER_EMAIL": "me@example.invalid"},
+             "GIT_COMMITTER_EMAIL": "me@example.invalid", "TMPDIR": str(scratch)},
     )  # fmt: skip
     assert again.returncode == 1, again.stderr
+    assert not list(scratch.iterdir())  # its copy of checkpatch.pl and the patches went
     assert again.stdout.count("ERROR: trailing whitespace") == 1, again.stdout
     copy = node.home / "checkpatch-base" / "scripts"
     assert (copy / "checkpatch.pl").read_text() == CHECKPATCH
