@@ -173,11 +173,18 @@ def test_playbooks_must_stay_inside_the_jobs_dir(tmp_path):
             resolve_playbooks(request(playbooks={"run": [bad]}), jobs)
 
 
-def test_ansible_dir_layout(tmp_path):
+@pytest.fixture
+def jobdir(tmp_path):
+    """A job dir; its ssh control dir lies outside tmp_path, in the system's."""
+    jobdir = JobDir(tmp_path / "work", "abc")
+    yield jobdir
+    jobdir.cleanup()
+
+
+def test_ansible_dir_layout(tmp_path, jobdir):
     jobs = tmp_path / "jobs"
     (jobs / "playbooks").mkdir(parents=True)
     (jobs / "playbooks" / "build.yaml").write_text("- hosts: node\n  tasks: []\n")
-    jobdir = JobDir(tmp_path / "work", "abc")
     req = request(
         vars={"arch": "x86_64", "make_flags": ["-j{{ ansible_processor_nproc }}"]},
         playbooks={"run": ["playbooks/build.yaml"]},
@@ -270,8 +277,7 @@ def test_ansible_dir_layout(tmp_path):
     ]
 
 
-def test_publish_leaves_out_tmp_and_keys(tmp_path):
-    jobdir = JobDir(tmp_path / "work", "abc")
+def test_publish_leaves_out_tmp_and_keys(tmp_path, jobdir):
     jobdir.prepare()
     (jobdir.artifacts / "bzImage").write_text("x\n")
     jobdir.inventory.write_text("all: {}\n")
@@ -286,8 +292,7 @@ def test_publish_leaves_out_tmp_and_keys(tmp_path):
         logs.log_dir(tmp_path / "logs", "../escape")
 
 
-def test_node_logs_cannot_escape_the_log_dir(tmp_path):
-    jobdir = JobDir(tmp_path / "work", "abc")
+def test_node_logs_cannot_escape_the_log_dir(tmp_path, jobdir):
     jobdir.prepare()
     with tarfile.open(jobdir.node_logs_archive, "w:gz") as tar:
         for name, data in (

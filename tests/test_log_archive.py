@@ -36,10 +36,11 @@ def archive(*entries: bytes) -> bytes:
 
 
 @pytest.fixture
-def jobdir(tmp_path) -> JobDir:
+def jobdir(tmp_path):
     jobdir = JobDir(tmp_path / "work", "abc")
     jobdir.prepare()
-    return jobdir
+    yield jobdir
+    jobdir.cleanup()  # its ssh control dir lies outside tmp_path
 
 
 @pytest.fixture
