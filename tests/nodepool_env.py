@@ -120,6 +120,13 @@ def example_diskimage() -> dict:
     return next(d for d in example["diskimages"] if d["name"] == IMAGE)
 
 
+def zookeeper_servers(zk_hosts: str) -> list[dict]:
+    """nodepool.yaml's zookeeper-servers for a kazoo string `host:port/chroot`."""
+    hosts, _, chroot = zk_hosts.partition("/")
+    host, port = hosts.split(":")
+    return [{"host": host, "port": int(port), "chroot": chroot}]
+
+
 def write_config(
     directory: Path,
     zk_hosts: str,
@@ -136,10 +143,8 @@ def write_config(
     does: read-only but on TRUSTED_LABEL. `min_ready` applies to LABEL."""
     shared = ccache or directory / "ccache"
     ccache_bind = [{"host": str(shared), "node": "/var/cache/ccache"}]
-    hosts, _, chroot = zk_hosts.partition("/")
-    host, port = hosts.split(":")
     data = {
-        "zookeeper-servers": [{"host": host, "port": int(port), "chroot": chroot}],
+        "zookeeper-servers": zookeeper_servers(zk_hosts),
         "state-dir": str(directory / "state"),
         "labels": [
             {"name": label, "min-ready": min_ready if label == LABEL else 0} for label in labels
@@ -235,11 +240,13 @@ def launchers() -> Iterator[Callable[[Path], object]]:
             np.join()
 
 
-def launcher_process(conf: Path) -> subprocess.Popen:
-    """`nodepool launcher` as its own process (session), to be killed with -9."""
+def nodepool_process(conf: Path, command: str = "launcher", log=None) -> subprocess.Popen:
+    """`nodepool <command>` as its own process (session), to be killed with -9;
+    its output to `log` (an open file), else the test's."""
     return subprocess.Popen(
-        [sys.executable, "-m", "nodepool_lite.cmd.nodepoolcmd", "-c", str(conf), "launcher"],
+        [sys.executable, "-m", "nodepool_lite.cmd.nodepoolcmd", "-c", str(conf), command],
         env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT if log else None,
     )  # fmt: skip
 
 
@@ -254,10 +261,8 @@ def static_host(name: str, port: int, labels: list[str], key: bool = True) -> di
 
 def static_config(directory: Path, zk_hosts: str, providers: dict[str, list[dict]], **top) -> Path:
     """One static provider (pool `main`) per entry: name -> its hosts."""
-    hosts, _, chroot = zk_hosts.partition("/")
-    zk_host, port = hosts.split(":")
     data = {
-        "zookeeper-servers": [{"host": zk_host, "port": int(port), "chroot": chroot}],
+        "zookeeper-servers": zookeeper_servers(zk_hosts),
         "state-dir": str(directory / "state"),
         "labels": top.pop("labels", [{"name": STATIC_LABEL}, {"name": STATIC_OTHER}]),
         "providers": [

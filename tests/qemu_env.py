@@ -18,6 +18,7 @@ from nodepool_lite.model import ImageBuild
 from nodepool_lite.uploader import upload_pass, uploaders
 from nodepool_lite.zk import ZooKeeper
 from tests.images import ensure_node_image
+from tests.nodepool_env import zookeeper_servers
 
 VM_IMAGE = "vm-debian"
 VM_LABEL = "vm"
@@ -31,10 +32,8 @@ def write_qemu_config(
     directory: Path, zk_hosts: str, max_servers: int = 2, accel: str = "auto"
 ) -> Path:
     """`accel: auto` tries KVM first (20 s here, where it runs no guest)."""
-    hosts, _, chroot = zk_hosts.partition("/")
-    host, port = hosts.split(":")
     data = {
-        "zookeeper-servers": [{"host": host, "port": int(port), "chroot": chroot}],
+        "zookeeper-servers": zookeeper_servers(zk_hosts),
         "state-dir": str(directory / "state"),
         "labels": [{"name": VM_LABEL}],
         "diskimages": [

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from nodepool_lite import builder, dib_orphans
 from nodepool_lite.builder import (
@@ -35,7 +36,7 @@ from nodepool_lite.drivers.userns import NODE_UID_BASE, NODE_UID_COUNT, host_id
 from nodepool_lite.exceptions import ConfigError
 from nodepool_lite.model import BuildState, ImageBuild, Node
 from tests.images import MARKER, ensure_node_image, node_config, prune_stale
-from tests.nodepool_env import REPO, wait_for
+from tests.nodepool_env import REPO, nodepool_process, wait_for, zookeeper_servers
 
 FAKE_DIB = """
 import sys, tarfile, io, time
@@ -531,20 +532,15 @@ def test_kill_9_of_nodepool_builder_during_a_real_dib_build(zk, zk_hosts, tmp_pa
     chroot's /proc, /sys, /dev) and loop devices outlive it; the restarted
     builder removes them all before a fresh build starts, and that build's
     own dib goes with its builder's stop."""
-    hosts, _, chroot = zk_hosts.partition("/")
-    host, port = hosts.split(":")
     conf = tmp_path / "nodepool.yaml"
-    conf.write_text(
-        f"zookeeper-servers: [{{host: '{host}', port: {port}, chroot: '/{chroot}'}}]\n"
-        f"state-dir: {tmp_path / 'state'}\n"
-        "diskimages:\n"
-        "  - {name: real, elements: [debian-minimal, zuul-user], rebuild-age: 1000000000}\n"
-    )
+    conf.write_text(yaml.safe_dump({
+        "zookeeper-servers": zookeeper_servers(zk_hosts),
+        "state-dir": str(tmp_path / "state"),
+        "diskimages": [{"name": "real", "elements": ["debian-minimal", "zuul-user"],
+                        "rebuild-age": 10**9}],
+    }))  # fmt: skip
     with open(tmp_path / "builder.log", "wb") as log:
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "nodepool_lite.cmd.nodepoolcmd", "-c", str(conf), "builder"],
-            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        daemon = nodepool_process(conf, "builder", log)
     restarted = None
     profiles = set(Path(tempfile.gettempdir()).glob("profiledir.*"))  # dib-run-parts's
 

@@ -31,7 +31,7 @@ from tests.nodepool_env import (
     IMAGE,
     LABEL,
     TRUSTED_LABEL,
-    launcher_process,
+    nodepool_process,
     register_node_image,
     release,
     request,
@@ -363,7 +363,7 @@ def test_kill_9_launcher_then_restart(tmp_path, zk, zk_hosts):
     the node it was booting is destroyed and its request served again."""
     register_node_image(zk)
     conf = write_config(tmp_path, zk_hosts)
-    daemon = launcher_process(conf)
+    daemon = nodepool_process(conf)
     nodepool = None
     try:
         first, first_done, _ = request(zk, LABEL)

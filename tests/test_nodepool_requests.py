@@ -19,8 +19,8 @@ from nodepool_lite.zk_nodepool import REQUEST_LOCK_ROOT
 from tests.nodepool_env import (
     STATIC_LABEL,
     STATIC_OTHER,
-    launcher_process,
     launchers,
+    nodepool_process,
     release,
     request,
     static_config,
@@ -165,7 +165,7 @@ def test_kill_9_launcher_mid_launch_then_restart(tmp_path, zk, zk_hosts):
     conf = static_config(
         tmp_path, zk_hosts, {"s": [static_host("127.0.0.1", port, [LABEL], key=False)]}
     )
-    daemon = launcher_process(conf)
+    daemon = nodepool_process(conf)
     nodepool = None
     try:
         req, done, _ = request(zk, LABEL)
